@@ -1,0 +1,328 @@
+// DeepGEMM-style FP8 (e4m3) GEMM "NT" for sm_90a:
+//   out[m, n] = sum_k a[m, k] * b[n, k] * sa[k/128, m] * sb[n/128, k/128]
+//               (+ bias[n]) (+ c[m, n])
+// a: [M, K] row-major, b: [N, K] row-major (both K-major), fp32 accumulation
+// with per-128-K-block promotion on CUDA cores.
+//
+// Structure:
+//   * persistent CTAs (grid = min(#tiles, #SMs)) walking a static tile
+//     schedule with grouped (L2-friendly) rasterization;
+//   * warp specialisation: BLOCK_M/64 math warpgroups + 1 TMA producer
+//     warpgroup (last); setmaxnreg rebalances registers between them;
+//   * STAGES-deep shared-memory ring guarded by full/empty mbarriers; the
+//     k-iteration counter (stage, phase) runs across tiles.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "../common/ptx.cuh"
+
+namespace jax_deepgemm {
+
+constexpr int kBlockK = 128;            // one 128-byte swizzle atom of e4m3
+constexpr int kScaleBlock = 128;        // scale granularity along N and K
+constexpr int kGroupM = 8;              // M-blocks per rasterization group
+constexpr int kMaxSmemPerBlock = 232448;  // 227 KiB opt-in limit on sm_90
+constexpr int kSmemAlignPad = 1024;     // we align the dynamic smem base
+
+template <int BLOCK_M, int BLOCK_N, int STAGES>
+struct Fp8GemmLayout {
+  static constexpr int kNumMathWG = BLOCK_M / 64;
+  static constexpr int kNumMathThreads = kNumMathWG * 128;
+  static constexpr int kNumThreads = kNumMathThreads + 128;  // + producer WG
+  static constexpr int kNumMathWarps = kNumMathThreads / 32;
+
+  static constexpr int kBytesA = BLOCK_M * kBlockK;    // fp8, per stage
+  static constexpr int kBytesB = BLOCK_N * kBlockK;    // fp8, per stage
+  static constexpr int kBytesSA = BLOCK_M * 4;         // f32, per stage
+  static constexpr uint32_t kTxBytes = kBytesA + kBytesB + kBytesSA;
+
+  // Offsets from the 1024-byte-aligned base.
+  static constexpr int kOffA = 0;
+  static constexpr int kOffB = kOffA + STAGES * kBytesA;
+  static constexpr int kOffSA = kOffB + STAGES * kBytesB;
+  static constexpr int kOffBar = kOffSA + STAGES * kBytesSA;
+  static constexpr int kBytes = kOffBar + 2 * STAGES * 8;
+  static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
+
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+  static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
+  static_assert(kScaleBlock % BLOCK_N == 0,
+                "a tile must lie inside one 128-wide scale block of B");
+  static_assert(kBytesA % 1024 == 0 && kBytesB % 1024 == 0,
+                "stage buffers must stay 1024B aligned (128B swizzle)");
+  static_assert(kBytesSA % 128 == 0, "scale stage must stay 128B aligned");
+  static_assert(kOffBar % 8 == 0, "mbarriers need 8B alignment");
+  static_assert(kDynamicSmem <= kMaxSmemPerBlock, "too many stages");
+  static_assert(BLOCK_M <= 256 && BLOCK_N <= 256, "TMA box dims <= 256");
+};
+
+// Largest number of stages that fits in shared memory.
+constexpr int fp8_gemm_max_stages(int block_m, int block_n) {
+  return (kMaxSmemPerBlock - kSmemAlignPad) /
+         (block_m * kBlockK + block_n * kBlockK + block_m * 4 + 16);
+}
+
+// Static persistent schedule: tile -> (m_block, n_block). Consecutive tiles
+// sweep kGroupM M-blocks first, then move along N, so the CTAs that run
+// concurrently share a few A row-panels and B column-panels in L2.
+__device__ __forceinline__ void fp8_gemm_tile_coords(int tile, int num_m_blocks,
+                                                     int num_n_blocks,
+                                                     int& m_block,
+                                                     int& n_block) {
+  const int tiles_per_group = kGroupM * num_n_blocks;
+  const int group = tile / tiles_per_group;
+  const int first_m = group * kGroupM;
+  const int group_m = min(num_m_blocks - first_m, kGroupM);
+  const int in_group = tile - group * tiles_per_group;
+  m_block = first_m + in_group % group_m;
+  n_block = in_group / group_m;
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* p, float v0, float v1);
+
+template <>
+__device__ __forceinline__ void store_pair<float>(float* p, float v0, float v1) {
+  *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+}
+
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p,
+                                                          float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_one(OutT* p, float v);
+
+template <>
+__device__ __forceinline__ void store_one<float>(float* p, float v) { *p = v; }
+
+template <>
+__device__ __forceinline__ void store_one<__nv_bfloat16>(__nv_bfloat16* p,
+                                                         float v) {
+  *p = __float2bfloat16_rn(v);
+}
+
+// Kernel arguments:
+//   tmap_a : a  [M, K]  uint8 view, box [BLOCK_M, 128], 128B swizzle
+//   tmap_b : b  [N, K]  uint8 view, box [BLOCK_N, 128], 128B swizzle
+//   tmap_sa: sa [KB, MP] f32,        box [1, BLOCK_M],   no swizzle
+//   sb     : [NB, KB] f32 (global loads)
+//   bias   : [N] f32 or nullptr
+//   c      : [M, N] f32 or nullptr; may alias `out` (each element is read
+//            and then written by the same thread)
+//   out    : [M, N] OutT
+template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT>
+__global__ void __launch_bounds__(Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES>::kNumThreads, 1)
+fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
+                   const __grid_constant__ CUtensorMap tmap_b,
+                   const __grid_constant__ CUtensorMap tmap_sa,
+                   const float* __restrict__ sb,
+                   const float* __restrict__ bias,
+                   const float* c,
+                   OutT* out,
+                   int M, int N, int K) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES>;
+  using Mma = ptx::WgmmaFp8<BLOCK_N>;
+  constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
+  constexpr int kTmaRegs = 40;
+  constexpr int kMathRegs = L::kNumMathWG == 2 ? 232 : 240;
+
+  extern __shared__ uint8_t smem_raw[];
+  // 128B-swizzled TMA destinations / wgmma operands need 1024B alignment.
+  uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint8_t* smem_a = smem + L::kOffA;
+  uint8_t* smem_b = smem + L::kOffB;
+  float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
+  uint64_t* empty_bar = full_bar + STAGES;
+
+  const int thread = static_cast<int>(threadIdx.x);
+  const int warp = __shfl_sync(0xffffffffu, thread / 32, 0);  // warp-uniform
+  const int lane = thread & 31;
+  const int wg = warp / 4;
+
+  if (thread == L::kNumMathThreads) {
+    ptx::prefetch_tma_descriptor(&tmap_a);
+    ptx::prefetch_tma_descriptor(&tmap_b);
+    ptx::prefetch_tma_descriptor(&tmap_sa);
+  }
+  if (thread == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);  // producer's arrive_expect_tx
+      ptx::mbarrier_init(&empty_bar[s], L::kNumMathWarps);  // 1 per math warp
+    }
+    ptx::fence_barrier_init();
+    ptx::fence_proxy_async();
+  }
+  __syncthreads();  // last CTA-wide barrier: producer threads exit early
+
+  const int num_m_blocks = (M + BLOCK_M - 1) / BLOCK_M;
+  const int num_n_blocks = (N + BLOCK_N - 1) / BLOCK_N;
+  const int num_k_blocks = (K + kBlockK - 1) / kBlockK;
+  const int num_tiles = num_m_blocks * num_n_blocks;
+
+  if (wg == L::kNumMathWG) {
+    // ------------------------------------------------------------------
+    // Producer warpgroup: one thread issues all TMA loads.
+    // ------------------------------------------------------------------
+    ptx::setmaxnreg_dec<kTmaRegs>();
+    if (thread == L::kNumMathThreads) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        int m_block, n_block;
+        fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
+        const int m0 = m_block * BLOCK_M;
+        const int n0 = n_block * BLOCK_N;
+        for (int kb = 0; kb < num_k_blocks; ++kb) {
+          // Wait until the math warps released this slot (trivially true in
+          // the first pass over the ring: parity 1 of a fresh barrier).
+          ptx::mbarrier_wait(&empty_bar[stage], phase ^ 1u);
+          // Full box bytes are always delivered (OOB elements zero-filled).
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes);
+          ptx::tma_load_2d(&tmap_a, &full_bar[stage], smem_a + stage * L::kBytesA,
+                           kb * kBlockK, m0);
+          ptx::tma_load_2d(&tmap_b, &full_bar[stage], smem_b + stage * L::kBytesB,
+                           kb * kBlockK, n0);
+          ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * BLOCK_M,
+                           m0, kb);
+          if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+      }
+    }
+  } else {
+    // ------------------------------------------------------------------
+    // Math warpgroups: warpgroup `wg` owns tile rows [wg*64, wg*64+64).
+    // ------------------------------------------------------------------
+    ptx::setmaxnreg_inc<kMathRegs>();
+    const int warp_in_wg = warp % 4;
+    const int r_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and +8
+    const int a_wg_offset = wg * 64 * kBlockK;  // bytes; multiple of 1024
+
+    float acc[kNumAccum];
+    float tmp[kNumAccum];
+    int stage = 0;
+    uint32_t phase = 0;
+
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      int m_block, n_block;
+      fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
+      const float* sb_row = sb + static_cast<int64_t>((n_block * BLOCK_N) / kScaleBlock) * num_k_blocks;
+
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
+
+      float sb_next = __ldg(sb_row);
+      for (int kb = 0; kb < num_k_blocks; ++kb) {
+        const float sb_val = sb_next;
+        // Prefetch next k-block's B scale before blocking on the barrier.
+        if (kb + 1 < num_k_blocks) sb_next = __ldg(sb_row + kb + 1);
+
+        ptx::mbarrier_wait(&full_bar[stage], phase);
+
+        const float* sa_stage = smem_sa + stage * BLOCK_M;
+        const float sa0 = sa_stage[r_local];
+        const float sa1 = sa_stage[r_local + 8];
+
+        const uint64_t desc_a =
+            ptx::make_smem_desc_k_sw128(smem_a + stage * L::kBytesA + a_wg_offset);
+        const uint64_t desc_b =
+            ptx::make_smem_desc_k_sw128(smem_b + stage * L::kBytesB);
+
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 32; ++kk) {
+          // +32 bytes along K inside the swizzle atom = +2 in the >>4 field.
+          Mma::mma(tmp, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<0>();
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
+
+        // All smem reads of this stage (wgmma operands and sa) are done:
+        // release the slot, one arrival per warp.
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[stage]);
+
+        const float s0 = sa0 * sb_val;
+        const float s1 = sa1 * sb_val;
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) {
+          acc[i] = fmaf(tmp[i], (i & 2) ? s1 : s0, acc[i]);
+        }
+
+        if (++stage == STAGES) {
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+
+      // ---------------- epilogue: registers -> global ----------------
+      const int col_base = n_block * BLOCK_N + (lane % 4) * 2;
+      const bool n_even = (N % 2) == 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m_block * BLOCK_M + r_local + h * 8;
+        if (row < M) {
+          OutT* out_row = out + static_cast<int64_t>(row) * N;
+          const float* c_row = c != nullptr ? c + static_cast<int64_t>(row) * N : nullptr;
+#pragma unroll
+          for (int j = 0; j < BLOCK_N / 8; ++j) {
+            const int col = col_base + j * 8;
+            float v0 = acc[j * 4 + h * 2];
+            float v1 = acc[j * 4 + h * 2 + 1];
+            if (n_even) {
+              // col is even and N is even: col < N implies col + 1 < N, and
+              // the pair is 2-element aligned.
+              if (col < N) {
+                if (bias != nullptr) {
+                  const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col));
+                  v0 += bv.x;
+                  v1 += bv.y;
+                }
+                if (c_row != nullptr) {
+                  const float2 cv = *reinterpret_cast<const float2*>(c_row + col);
+                  v0 += cv.x;
+                  v1 += cv.y;
+                }
+                store_pair<OutT>(out_row + col, v0, v1);
+              }
+            } else {
+              if (col < N) {
+                if (bias != nullptr) v0 += __ldg(bias + col);
+                if (c_row != nullptr) v0 += c_row[col];
+                store_one<OutT>(out_row + col, v0);
+              }
+              if (col + 1 < N) {
+                if (bias != nullptr) v1 += __ldg(bias + col + 1);
+                if (c_row != nullptr) v1 += c_row[col + 1];
+                store_one<OutT>(out_row + col + 1, v1);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#else
+  // Only sm_90a is supported.
+  __trap();
+#endif
+}
+
+}  // namespace jax_deepgemm

@@ -1,0 +1,17 @@
+"""jax_deepgemm: DeepSeek-style FP8 GEMMs (1x128 / 128x128 scales) for JAX on Hopper."""
+from jax_deepgemm._ffi import extension_built, gemm_config, use_kernels
+from jax_deepgemm.gemm import fp8_gemm_nt
+from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+from jax_deepgemm.grouped_masked import m_grouped_fp8_gemm_nt_masked
+from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
+from jax_deepgemm.quant import (dequantize_per_block, dequantize_per_token,
+                                per_block_cast_to_fp8, per_token_cast_to_fp8)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "per_token_cast_to_fp8", "per_block_cast_to_fp8", "dequantize_per_token",
+    "dequantize_per_block", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked", "k_grouped_fp8_gemm_tn_contiguous", "extension_built",
+    "use_kernels", "gemm_config",
+]

@@ -1,0 +1,67 @@
+"""Trace-time validation shared by the ops: every message names the op and the operand."""
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+from jax_deepgemm.quant import FP8_DTYPE, ceil_div
+
+OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def dtype(op, name, x, *allowed):
+  allowed = [jnp.dtype(a) for a in allowed]
+  if jnp.dtype(x.dtype) not in allowed:
+    want = " or ".join(str(a) for a in allowed)
+    raise TypeError(f"{op}: {name} must be {want}, got {x.dtype}")
+
+
+def fp8(op, name, x):
+  dtype(op, name, x, FP8_DTYPE)
+
+
+def shape(op, name, x, expected, hint=""):
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(x.shape)}"
+                     + (f" ({hint})" if hint else ""))
+
+
+def ndim(op, name, x, n, layout):
+  if x.ndim != n:
+    raise ValueError(f"{op}: {name} must be {n}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def out_dtype(op, d):
+  d = jnp.dtype(d)
+  if d not in OUT_DTYPES:
+    raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {d}")
+  return d
+
+
+def group_sizes(op, name, g, groups):
+  if g.ndim != 1 or g.shape[0] != groups:
+    raise ValueError(f"{op}: {name} must have shape ({groups},) (one entry per group), "
+                     f"got {tuple(g.shape)}")
+  if not jnp.issubdtype(g.dtype, jnp.integer):
+    raise TypeError(f"{op}: {name} must be an integer array (int32), got {g.dtype}")
+
+
+def token_scales(op, name, s, rows, k):
+  """1x128 scales of an activation ``[rows, k]``: ``[rows, ceil(k/128)]`` float32."""
+  dtype(op, name, s, jnp.float32)
+  shape(op, name, s, (rows, ceil_div(k, 128)), "one float32 scale per 1x128 group")
+
+
+def block_scales(op, name, s, lead, n, k):
+  """128x128 scales of a weight ``[*lead, n, k]``: ``[*lead, ceil(n/128), ceil(k/128)]``."""
+  dtype(op, name, s, jnp.float32)
+  shape(op, name, s, tuple(lead) + (ceil_div(n, 128), ceil_div(k, 128)),
+        "one float32 scale per 128x128 block")
+
+
+def concrete_int(op, name, v):
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"{op}: {name} must be a Python int (static), got {type(v).__name__}")
+  if v < 0:
+    raise ValueError(f"{op}: {name} must be >= 0, got {v}")
+  return int(v)

@@ -1,0 +1,63 @@
+"""Loads the CUDA extension (if it was built) and registers its XLA FFI targets.
+
+Without the extension, or without a Hopper GPU, every op lowers to its pure-JAX
+reference implementation; we say so once, at the first lowering that needs it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import jax
+
+logger = logging.getLogger("jax_deepgemm")
+
+try:  # Built only when a CUDA toolkit was found at install time.
+  _C = importlib.import_module("jax_deepgemm._C")
+except ImportError as e:  # pragma: no cover - depends on the build
+  _C = None
+  _IMPORT_ERROR = str(e)
+else:
+  _IMPORT_ERROR = None
+  for _name, _capsule in _C.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA", api_version=1)
+
+
+def extension_built() -> bool:
+  """True when the package was installed with its CUDA kernels."""
+  return _C is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_present() -> bool:
+  try:
+    gpus = jax.local_devices(backend="gpu")
+  except RuntimeError:
+    return False
+  return bool(gpus) and all(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
+
+
+@functools.lru_cache(maxsize=None)
+def use_kernels() -> bool:
+  """True when CUDA lowerings should call our kernels (extension built, Hopper GPU).
+
+  ``JAX_DEEPGEMM_FORCE_REFERENCE=1`` forces the reference lowering everywhere.
+  """
+  if os.environ.get("JAX_DEEPGEMM_FORCE_REFERENCE", "0") not in ("", "0"):
+    logger.warning("jax_deepgemm: JAX_DEEPGEMM_FORCE_REFERENCE is set; using the reference path.")
+    return False
+  if _C is None:
+    logger.warning("jax_deepgemm: CUDA extension not built (%s); GPU ops use the pure-JAX "
+                   "reference path.", _IMPORT_ERROR)
+    return False
+  if not _hopper_present():
+    logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")
+    return False
+  return True
+
+
+def gemm_config(m: int, n: int, k: int) -> str:
+  """The kernel config the dense GEMM picks for this shape (for benchmarks and tuning)."""
+  return _C.gemm_config(m, n, k) if _C is not None else "reference"

@@ -1,0 +1,59 @@
+"""The little machinery every op module shares to define a primitive with all its rules."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_deepgemm import _ffi
+
+
+def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primitive:
+  """Creates primitive ``name``.
+
+  ``reference(*args, **params)`` is plain JAX and lowers the op on every platform;
+  ``cuda(*args, **params)`` (plain JAX around ``jax.ffi.ffi_call``) lowers it on CUDA
+  when our kernels can run there (see ``_ffi.use_kernels``).
+  """
+  prim = Primitive(name)
+
+  @functools.lru_cache(maxsize=None)
+  def _jitted(params):
+    return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+  prim.def_impl(lambda *args, **params: _jitted(tuple(sorted(params.items())))(*args))
+  prim.def_abstract_eval(abstract_eval)
+  ref_rule = mlir.lower_fun(reference, multiple_results=False)
+  cuda_rule = mlir.lower_fun(cuda, multiple_results=False)
+  mlir.register_lowering(prim, ref_rule)
+  mlir.register_lowering(
+      prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
+      platform="cuda")
+  batching.primitive_batchers[prim] = batching_rule
+  return prim
+
+
+def batch_size(args, dims) -> int:
+  return next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+
+
+def at_front(x, d, size):
+  """Moves batch axis ``d`` of ``x`` to the front, broadcasting unbatched operands."""
+  if d is None:
+    return jnp.broadcast_to(x, (size,) + x.shape)
+  return jnp.moveaxis(x, d, 0)
+
+
+def map_rule(prim: Primitive):
+  """A batching rule correct for any combination of batched operands: a loop over the batch.
+
+  Ops install faster rules for the natural cases and fall back to this one.
+  """
+  def rule(args, dims, **params):
+    size = batch_size(args, dims)
+    args = [at_front(x, d, size) for x, d in zip(args, dims)]
+    return jax.lax.map(lambda xs: prim.bind(*xs, **params), args), 0
+  return rule

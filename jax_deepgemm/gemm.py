@@ -1,0 +1,134 @@
+"""``fp8_gemm_nt``: the dense FP8 GEMM ``D = A·Bᵀ (+ bias) (+ C)``.
+
+Layouts (all row-major, as JAX keeps them):
+  a    e4m3 ``[M, K]``    sa  float32 ``[M, ceil(K/128)]``            (1x128 groups)
+  b    e4m3 ``[N, K]``    sb  float32 ``[ceil(N/128), ceil(K/128)]``  (128x128 blocks)
+  bias ``[N]`` (bf16 or f32), c float32 ``[M, N]`` → D ``[M, N]`` in ``out_dtype``.
+Any M, N, K ≥ 1. On Hopper the kernel needs K % 16 == 0 (TMA row pitch); other K are
+zero-padded inside the op. The MN-major scale layout the kernel reads is made here too.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+
+from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
+
+OP = "fp8_gemm_nt"
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _split(args, has_bias, has_c):
+  a, sa, b, sb, *rest = args
+  bias = rest.pop(0) if has_bias else None
+  c = rest.pop(0) if has_c else None
+  return a, sa, b, sb, bias, c
+
+
+def _abstract_eval(*args, out_dtype, has_bias, has_c):
+  a, sa, b, sb, bias, c = _split(args, has_bias, has_c)
+  _checks.fp8(OP, "a", a)
+  _checks.fp8(OP, "b", b)
+  _checks.ndim(OP, "a", a, 2, "[M, K]")
+  _checks.ndim(OP, "b", b, 2, "[N, K]")
+  (m, k), (n, kb) = a.shape, b.shape
+  if k != kb:
+    raise ValueError(f"{OP}: a is [M, K] = {a.shape} and b is [N, K] = {b.shape}: K differs")
+  _checks.token_scales(OP, "sa", sa, m, k)
+  _checks.block_scales(OP, "sb", sb, (), n, k)
+  if bias is not None:
+    _checks.dtype(OP, "bias", bias, jnp.float32, jnp.bfloat16)
+    _checks.shape(OP, "bias", bias, (n,))
+  if c is not None:
+    _checks.dtype(OP, "c", c, jnp.float32)
+    _checks.shape(OP, "c", c, (m, n))
+  return ShapedArray((m, n), out_dtype)
+
+
+def _reference(*args, out_dtype, has_bias, has_c):
+  a, sa, b, sb, bias, c = _split(args, has_bias, has_c)
+  d = jnp.dot(dequantize_per_token(a, sa), dequantize_per_block(b, sb).T,
+              precision=_HI, preferred_element_type=jnp.float32)
+  if bias is not None:
+    d = d + bias.astype(jnp.float32)
+  if c is not None:
+    d = d + c
+  return d.astype(out_dtype)
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _cuda(*args, out_dtype, has_bias, has_c):
+  a, sa, b, sb, bias, c = _split(args, has_bias, has_c)
+  (m, k), n = a.shape, b.shape[0]
+  if m == 0 or n == 0 or k == 0:
+    return _reference(*args, out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)
+  if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
+    a = jnp.pad(a, ((0, 0), (0, _round_up(k, 16) - k)))
+    b = jnp.pad(b, ((0, 0), (0, _round_up(k, 16) - k)))
+  # The kernel loads A's scales with TMA, BLOCK_M at a time: MN-major, M padded to 4.
+  sa_t = jnp.pad(sa.T, ((0, 0), (0, _round_up(m, 4) - m)))
+  empty = jnp.zeros((0,), jnp.float32)
+  bias = empty if bias is None else bias.astype(jnp.float32)
+  call = jax.ffi.ffi_call(
+      "jax_deepgemm_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
+      input_output_aliases={5: 0} if c is not None else None)
+  return call(a, sa_t, b, sb, bias, empty if c is None else c)
+
+
+def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
+  a, sa, b, sb, bias, c = _split(args, has_bias, has_c)
+  da, dsa, db, dsb, dbias, dc = _split(dims, has_bias, has_c)
+  size = _primitive.batch_size(args, dims)
+  if db is None and dsb is None and dbias is None:
+    # Only activations batched: fold the batch into M, one bigger GEMM.
+    def fold(x, d):
+      y = _primitive.at_front(x, d, size)
+      return y.reshape(-1, y.shape[-1])
+    a2, sa2 = fold(a, da), fold(sa, dsa)
+    c2 = None if c is None else fold(c, dc)
+    out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
+    return out.reshape(size, -1, out.shape[-1]), 0
+  if not has_bias and not has_c:
+    # Batched weights: one M-grouped GEMM with a group per batch element.
+    from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+    a3, sa3, b3, sb3 = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
+    m = a3.shape[1]
+    out = m_grouped_fp8_gemm_nt_contiguous(
+        a3.reshape(size * m, -1), sa3.reshape(size * m, -1), b3, sb3,
+        jnp.full((size,), m, jnp.int32), out_dtype=out_dtype)
+    return out.reshape(size, m, -1), 0
+  return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
+                                            has_bias=has_bias, has_c=has_c)
+
+
+fp8_gemm_nt_p = _primitive.define(
+    "jax_deepgemm_fp8_gemm_nt", abstract_eval=_abstract_eval, reference=_reference,
+    cuda=_cuda, batching_rule=_batching_rule)
+
+
+def fp8_gemm_nt(a, sa, b, sb, *, bias=None, c=None, out_dtype=None):
+  """FP8 GEMM ``D = A·Bᵀ (+ bias) (+ C)`` with DeepSeek-V3 fine-grained scales.
+
+  Args:
+    a: e4m3 ``[M, K]``, with ``sa`` float32 ``[M, ceil(K/128)]`` from ``per_token_cast_to_fp8``.
+    b: e4m3 ``[N, K]``, with ``sb`` float32 ``[ceil(N/128), ceil(K/128)]`` from ``per_block_cast_to_fp8``.
+    bias: optional ``[N]`` (bf16 or float32), added to every row in FP32.
+    c: optional float32 ``[M, N]``: ``D = C + A·Bᵀ`` in FP32 (the dense weight-gradient
+      form; on GPU ``c``'s buffer is reused for ``D`` when XLA can donate it).
+    out_dtype: ``bfloat16`` (default) or ``float32`` (default and required when ``c`` is given).
+  Returns:
+    ``D [M, N]``.
+  """
+  if c is not None:
+    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
+      raise TypeError(f"{OP}: accumulating into c produces float32; got out_dtype={out_dtype}")
+    out_dtype = jnp.float32
+  out_dtype = _checks.out_dtype(OP, jnp.bfloat16 if out_dtype is None else out_dtype)
+  args = [a, sa, b, sb] + ([bias] if bias is not None else []) + ([c] if c is not None else [])
+  return fp8_gemm_nt_p.bind(*map(jnp.asarray, args), out_dtype=out_dtype,
+                            has_bias=bias is not None, has_c=c is not None)

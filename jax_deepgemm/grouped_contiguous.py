@@ -1,0 +1,72 @@
+"""``m_grouped_fp8_gemm_nt_contiguous``: the MoE forward GEMM over experts' sorted tokens.
+
+Layouts: a e4m3 ``[M, K]`` (rows sorted by expert), sa float32 ``[M, ceil(K/128)]``;
+b e4m3 ``[G, N, K]``, sb float32 ``[G, ceil(N/128), ceil(K/128)]``; group_sizes int32
+``[G]`` on device (``jax.lax.ragged_dot``'s convention) → D ``[M, N]``.
+Rows ``[offset_g, offset_g + group_sizes[g])`` use expert g's weights. Sizes may be 0 or
+any other value: negative sizes count as 0, and sizes are clipped so that the groups end
+at row M at the latest. Rows past the last group are zero.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+
+from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
+
+OP = "m_grouped_fp8_gemm_nt_contiguous"
+
+
+def _abstract_eval(a, sa, b, sb, group_sizes, *, out_dtype):
+  _checks.fp8(OP, "a", a)
+  _checks.fp8(OP, "b", b)
+  _checks.ndim(OP, "a", a, 2, "[M, K]")
+  _checks.ndim(OP, "b", b, 3, "[G, N, K]")
+  (m, k), (g, n, kb) = a.shape, b.shape
+  if k != kb:
+    raise ValueError(f"{OP}: a is [M, K] = {a.shape} and b is [G, N, K] = {b.shape}: K differs")
+  _checks.token_scales(OP, "sa", sa, m, k)
+  _checks.block_scales(OP, "sb", sb, (g,), n, k)
+  _checks.group_sizes(OP, "group_sizes", group_sizes, g)
+  return ShapedArray((m, n), out_dtype)
+
+
+def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
+  d = jax.lax.ragged_dot(dequantize_per_token(a, sa),
+                         jnp.swapaxes(dequantize_per_block(b, sb), 1, 2),
+                         group_sizes.astype(jnp.int32), precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+  return d.astype(out_dtype)
+
+
+m_grouped_contiguous_p = _primitive.define(
+    "jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous", abstract_eval=_abstract_eval,
+    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the grouped-GEMM issue
+    batching_rule=lambda args, dims, **p: _primitive.map_rule(m_grouped_contiguous_p)(args, dims, **p))
+
+
+def sanitize_group_sizes(group_sizes, m):
+  """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
+  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+  return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp.bfloat16):
+  """For each expert g: ``D[rows of g] = A[rows of g] · B[g]ᵀ`` (a drop-in for ``ragged_dot``).
+
+  Args:
+    a: e4m3 ``[M, K]`` sorted by expert, ``sa`` float32 ``[M, ceil(K/128)]``.
+    b: e4m3 ``[G, N, K]``, ``sb`` float32 ``[G, ceil(N/128), ceil(K/128)]``.
+    group_sizes: int32 ``[G]`` device array; zeros (empty experts) and sizes that are not
+      multiples of 128 are fine. Rows past ``sum(group_sizes)`` come out zero.
+    out_dtype: ``bfloat16`` (default) or ``float32``.
+  """
+  a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))
+  out_dtype = _checks.out_dtype(OP, out_dtype)
+  if b.ndim == 3:
+    _checks.group_sizes(OP, "group_sizes", group_sizes, b.shape[0])
+  if a.ndim == 2:
+    group_sizes = sanitize_group_sizes(group_sizes, a.shape[0])
+  return m_grouped_contiguous_p.bind(a, sa, b, sb, group_sizes, out_dtype=out_dtype)

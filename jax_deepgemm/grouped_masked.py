@@ -1,0 +1,78 @@
+"""``m_grouped_fp8_gemm_nt_masked``: the MoE decode GEMM over a fixed ``[G, M_max]`` layout.
+
+Layouts: a e4m3 ``[G, M_max, K]``, sa float32 ``[G, M_max, ceil(K/128)]``; b e4m3
+``[G, N, K]``, sb float32 ``[G, ceil(N/128), ceil(K/128)]``; masked_m int32 ``[G]`` on
+device → D ``[G, M_max, N]``. Only rows ``< masked_m[g]`` of group g are computed; the
+rest come out zero. ``expected_m`` (static) only steers the kernel config.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+
+from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
+
+OP = "m_grouped_fp8_gemm_nt_masked"
+
+
+def _abstract_eval(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+  _checks.fp8(OP, "a", a)
+  _checks.fp8(OP, "b", b)
+  _checks.ndim(OP, "a", a, 3, "[G, M_max, K]")
+  _checks.ndim(OP, "b", b, 3, "[G, N, K]")
+  (g, m, k), (gb, n, kb) = a.shape, b.shape
+  if (g, k) != (gb, kb):
+    raise ValueError(f"{OP}: a is [G, M_max, K] = {a.shape} and b is [G, N, K] = {b.shape}: "
+                     "G or K differs")
+  _checks.dtype(OP, "sa", sa, jnp.float32)
+  _checks.shape(OP, "sa", sa, (g, m, -(-k // 128)), "one float32 scale per 1x128 group")
+  _checks.block_scales(OP, "sb", sb, (g,), n, k)
+  _checks.group_sizes(OP, "masked_m", masked_m, g)
+  return ShapedArray((g, m, n), out_dtype)
+
+
+def _reference(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+  d = jnp.einsum("gmk,gnk->gmn", dequantize_per_token(a, sa), dequantize_per_block(b, sb),
+                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  rows = jnp.arange(a.shape[1], dtype=jnp.int32)
+  d = jnp.where(rows[None, :, None] < masked_m.astype(jnp.int32)[:, None, None], d, 0.0)
+  return d.astype(out_dtype)
+
+
+def _batching_rule(args, dims, *, expected_m, out_dtype):
+  # Every batch element is G more groups: fold the batch into G.
+  size = _primitive.batch_size(args, dims)
+  a, sa, b, sb, masked_m = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
+                      expected_m=expected_m, out_dtype=out_dtype)
+  return out.reshape((size, -1) + out.shape[1:]), 0
+
+
+masked_p = _primitive.define(
+    "jax_deepgemm_m_grouped_fp8_gemm_nt_masked", abstract_eval=_abstract_eval,
+    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the grouped-GEMM issue
+    batching_rule=_batching_rule)
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
+                                 out_dtype=jnp.bfloat16):
+  """For each group g: ``D[g, :masked_m[g]] = A[g, :masked_m[g]] · B[g]ᵀ``; other rows zero.
+
+  Args:
+    a: e4m3 ``[G, M_max, K]``, ``sa`` float32 ``[G, M_max, ceil(K/128)]``.
+    b: e4m3 ``[G, N, K]``, ``sb`` float32 ``[G, ceil(N/128), ceil(K/128)]``.
+    masked_m: int32 ``[G]`` device array, valid rows per group (clipped to ``[0, M_max]``).
+    expected_m: static int, the typical ``masked_m`` (a config hint); default ``M_max``.
+    out_dtype: ``bfloat16`` (default) or ``float32``.
+  """
+  a, sa, b, sb, masked_m = map(jnp.asarray, (a, sa, b, sb, masked_m))
+  out_dtype = _checks.out_dtype(OP, out_dtype)
+  if a.ndim == 3:
+    expected_m = a.shape[1] if expected_m is None else expected_m
+    _checks.concrete_int(OP, "expected_m", expected_m)
+    if jnp.issubdtype(masked_m.dtype, jnp.integer):
+      masked_m = jnp.clip(masked_m.astype(jnp.int32), 0, a.shape[1])
+  return masked_p.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)

@@ -1,0 +1,76 @@
+"""``k_grouped_fp8_gemm_tn_contiguous``: the MoE weight-gradient GEMM, contracting over tokens.
+
+Layouts: a e4m3 ``[T, N]``, sa float32 ``[ceil(T/128), N]``; b e4m3 ``[T, K]``, sb float32
+``[ceil(T/128), K]`` (both quantized along the token axis: ``per_token_cast_to_fp8(x, axis=0)``);
+group_sizes int32 ``[G]`` on device; optional c float32 ``[G, N, K]`` → D float32 ``[G, N, K]``
+with ``D[g] = (c[g] +) A_gᵀ·B_g`` over the tokens of group g. Empty groups give zeros (or c).
+Group sizes follow ``m_grouped_fp8_gemm_nt_contiguous``'s rules (clipped to T).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+
+from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.grouped_contiguous import sanitize_group_sizes
+from jax_deepgemm.quant import ceil_div, dequantize_per_token
+
+OP = "k_grouped_fp8_gemm_tn_contiguous"
+
+
+def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c):
+  _checks.fp8(OP, "a", a)
+  _checks.fp8(OP, "b", b)
+  _checks.ndim(OP, "a", a, 2, "[T, N]")
+  _checks.ndim(OP, "b", b, 2, "[T, K]")
+  (t, n), (tb, k) = a.shape, b.shape
+  if t != tb:
+    raise ValueError(f"{OP}: a is [T, N] = {a.shape} and b is [T, K] = {b.shape}: T differs")
+  for name, s, cols in (("sa", sa, n), ("sb", sb, k)):
+    _checks.dtype(OP, name, s, jnp.float32)
+    _checks.shape(OP, name, s, (ceil_div(t, 128), cols),
+                  "one float32 scale per 128 tokens and column: per_token_cast_to_fp8(x, axis=0)")
+  if group_sizes.ndim != 1:
+    raise ValueError(f"{OP}: group_sizes must be 1-D [G], got shape {group_sizes.shape}")
+  _checks.group_sizes(OP, "group_sizes", group_sizes, group_sizes.shape[0])
+  g = group_sizes.shape[0]
+  if has_c:
+    _checks.dtype(OP, "c", c[0], jnp.float32)
+    _checks.shape(OP, "c", c[0], (g, n, k))
+  return ShapedArray((g, n, k), jnp.float32)
+
+
+def _reference(a, sa, b, sb, group_sizes, *c, has_c):
+  dn = jax.lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+      rhs_group_dimensions=[])
+  d = jax.lax.ragged_dot_general(
+      dequantize_per_token(a, sa, axis=0), dequantize_per_token(b, sb, axis=0),
+      group_sizes.astype(jnp.int32), dn, precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+  return d + c[0] if has_c else d
+
+
+k_grouped_p = _primitive.define(
+    "jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous", abstract_eval=_abstract_eval,
+    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the training-path issue
+    batching_rule=lambda args, dims, **p: _primitive.map_rule(k_grouped_p)(args, dims, **p))
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None):
+  """For each group g: ``D[g] = (c[g] +) A_gᵀ·B_g``, contracting over the group's tokens.
+
+  Args:
+    a: e4m3 ``[T, N]`` and ``sa`` float32 ``[ceil(T/128), N]``, quantized along tokens.
+    b: e4m3 ``[T, K]`` and ``sb`` float32 ``[ceil(T/128), K]``, quantized along tokens.
+    group_sizes: int32 ``[G]`` device array (tokens per group, in order; zeros allowed).
+    c: optional float32 ``[G, N, K]`` to accumulate into.
+  Returns:
+    float32 ``[G, N, K]``.
+  """
+  a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))
+  if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    group_sizes = sanitize_group_sizes(group_sizes, a.shape[0])
+  extra = () if c is None else (jnp.asarray(c),)
+  return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None)

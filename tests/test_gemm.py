@@ -1,0 +1,116 @@
+"""fp8_gemm_nt on the default backend (the reference on CPU, the kernel on Hopper)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_deepgemm as jd
+import oracle
+from helpers import quant_act, quant_w, randn
+
+SHAPES = [(1, 128, 128), (7, 130, 300), (127, 256, 16), (128, 1, 384), (64, 200, 130),
+          (300, 512, 1000)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_matches_float64(rng, m, n, k, out_dtype):
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, n, k)
+  d = jax.jit(jd.fp8_gemm_nt, static_argnames="out_dtype")(a, sa, b, sb, out_dtype=out_dtype)
+  assert d.shape == (m, n) and d.dtype == out_dtype
+  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb)) < 1e-5
+
+
+@pytest.mark.parametrize("bias_dtype", [jnp.float32, jnp.bfloat16])
+def test_bias(rng, bias_dtype):
+  a, sa = quant_act(rng, 33, 256)
+  b, sb = quant_w(rng, 190, 256)
+  bias = randn(rng, (190,), bias_dtype, scale=10.0)
+  d = jd.fp8_gemm_nt(a, sa, b, sb, bias=bias)
+  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb, bias=bias)) < 1e-5
+
+
+def test_accumulate_into_c(rng):
+  a, sa = quant_act(rng, 65, 384)
+  b, sb = quant_w(rng, 129, 384)
+  c = randn(rng, (65, 129), scale=50.0)
+  f = jax.jit(lambda c, *x: jd.fp8_gemm_nt(*x, c=c), donate_argnums=0)
+  want = oracle.gemm_nt(a, sa, b, sb, c=c)
+  d = f(c, a, sa, b, sb)
+  assert d.dtype == jnp.float32
+  assert oracle.calc_diff(d, want) < 1e-5
+  # Accumulation must really add: without c the answer differs.
+  assert oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32), want) > 1e-3
+
+
+def test_bias_and_c_together(rng):
+  a, sa = quant_act(rng, 9, 128)
+  b, sb = quant_w(rng, 140, 128)
+  bias, c = randn(rng, (140,)), randn(rng, (9, 140))
+  d = jd.fp8_gemm_nt(a, sa, b, sb, bias=bias, c=c)
+  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb, bias=bias, c=c)) < 1e-5
+
+
+def test_vmap_over_activations_folds_into_m(rng):
+  a, sa = quant_act(rng, 3 * 20, 256)
+  b, sb = quant_w(rng, 130, 256)
+  a3, sa3 = a.reshape(3, 20, 256), sa.reshape(3, 20, 2)
+  d = jax.vmap(jd.fp8_gemm_nt, in_axes=(0, 0, None, None))(a3, sa3, b, sb)
+  assert oracle.calc_diff(d.reshape(60, 130), oracle.gemm_nt(a, sa, b, sb)) < 1e-5
+  jaxpr = str(jax.make_jaxpr(jax.vmap(jd.fp8_gemm_nt, in_axes=(0, 0, None, None)))(a3, sa3, b, sb))
+  assert "scan" not in jaxpr  # one folded GEMM, not a loop
+
+
+def test_vmap_over_both_operands(rng):
+  xs = [quant_act(rng, 17, 256) for _ in range(3)]
+  ws = [quant_w(rng, 70, 256) for _ in range(3)]
+  a, sa = (jnp.stack(t) for t in zip(*xs))
+  b, sb = (jnp.stack(t) for t in zip(*ws))
+  d = jax.jit(jax.vmap(jd.fp8_gemm_nt))(a, sa, b, sb)
+  for i in range(3):
+    assert oracle.calc_diff(d[i], oracle.gemm_nt(*xs[i], *ws[i])) < 1e-5
+
+
+def test_vmap_weights_only_with_bias_axis1(rng):
+  a, sa = quant_act(rng, 5, 128)
+  ws = [quant_w(rng, 40, 128) for _ in range(2)]
+  b, sb = (jnp.stack(t, axis=1) for t in zip(*ws))  # batch on axis 1
+  bias = randn(rng, (40,))
+  d = jax.vmap(lambda b, sb: jd.fp8_gemm_nt(a, sa, b, sb, bias=bias), in_axes=(1, 1))(b, sb)
+  for i in range(2):
+    assert oracle.calc_diff(d[i], oracle.gemm_nt(a, sa, *ws[i], bias=bias)) < 1e-5
+
+
+def test_nested_vmap(rng):
+  a, sa = quant_act(rng, 2 * 3 * 4, 128)
+  b, sb = quant_w(rng, 8, 128)
+  f = jax.vmap(jax.vmap(jd.fp8_gemm_nt, in_axes=(0, 0, None, None)), in_axes=(0, 0, None, None))
+  d = f(a.reshape(2, 3, 4, 128), sa.reshape(2, 3, 4, 1), b, sb)
+  assert oracle.calc_diff(d.reshape(24, 8), oracle.gemm_nt(a, sa, b, sb)) < 1e-5
+
+
+def test_errors_at_trace_time(rng):
+  a, sa = quant_act(rng, 8, 256)
+  b, sb = quant_w(rng, 16, 256)
+  f = jax.jit(jd.fp8_gemm_nt)
+  with pytest.raises(TypeError, match="a must be float8_e4m3fn"):
+    f(a.astype(jnp.bfloat16), sa, b, sb)
+  with pytest.raises(TypeError, match="sb must be float32"):
+    f(a, sa, b, sb.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="K differs"):
+    f(a, sa, b[:, :128], sb)
+  with pytest.raises(ValueError, match=r"sa must have shape \(8, 2\)"):
+    f(a, sa[:, :1], b, sb)
+  with pytest.raises(ValueError, match=r"sb must have shape \(1, 2\)"):
+    f(a, sa, b, sb.T)
+  with pytest.raises(ValueError, match="a must be 2-D"):
+    f(a[None], sa, b, sb)
+  with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+    jd.fp8_gemm_nt(a, sa, b, sb, bias=jnp.zeros((15,)))
+  with pytest.raises(TypeError, match="c must be float32"):
+    jd.fp8_gemm_nt(a, sa, b, sb, c=jnp.zeros((8, 16), jnp.bfloat16))
+  with pytest.raises(TypeError, match="produces float32"):
+    jd.fp8_gemm_nt(a, sa, b, sb, c=jnp.zeros((8, 16)), out_dtype=jnp.bfloat16)
+  with pytest.raises(TypeError, match="out_dtype"):
+    jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float16)

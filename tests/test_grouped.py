@@ -1,0 +1,115 @@
+"""M-grouped GEMMs (contiguous and masked) on the default backend."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_deepgemm as jd
+import oracle
+from helpers import quant_act, quant_w
+
+ROUTINGS = {
+    "skewed": [1, 0, 130, 7, 0, 20],
+    "one_expert": [0, 0, 158, 0, 0, 0],
+    "all_empty": [0, 0, 0, 0, 0, 0],
+    "partial": [5, 3, 0, 9, 0, 1],  # sums to less than M: trailing rows are zero
+    "overflow": [100, 100, 100, 0, 0, 0],  # sums past M: clipped
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_contiguous_matches_float64(rng, routing):
+  m, n, k, g = 158, 136, 384, 6
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, g, n, k)
+  gs = jnp.asarray(ROUTINGS[routing], jnp.int32)
+  d = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)(a, sa, b, sb, gs)
+  want = oracle.grouped_contiguous(a, sa, b, sb, ROUTINGS[routing])
+  assert d.shape == (m, n) and d.dtype == jnp.bfloat16
+  if routing == "all_empty":
+    assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
+  else:
+    assert oracle.calc_diff(d, want) < 1e-5
+  _, ends = oracle.offsets(ROUTINGS[routing], m)
+  assert float(jnp.abs(d[int(ends[-1]):].astype(jnp.float32)).max(initial=0.0)) == 0.0
+
+
+def test_contiguous_random_routing_f32(rng):
+  m, n, k, g = 301, 64, 256, 8
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, g, n, k)
+  gs = np.bincount(rng.integers(0, g, size=m), minlength=g).astype(np.int32)
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=jnp.float32)
+  assert d.dtype == jnp.float32
+  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, gs)) < 1e-5
+
+
+def test_contiguous_vmap(rng):
+  m, n, k, g = 40, 32, 128, 3
+  a, sa = zip(*[quant_act(rng, m, k) for _ in range(2)])
+  b, sb = quant_w(rng, g, n, k)
+  gs = jnp.asarray([[10, 0, 30], [1, 2, 3]], jnp.int32)
+  d = jax.vmap(jd.m_grouped_fp8_gemm_nt_contiguous, in_axes=(0, 0, None, None, 0))(
+      jnp.stack(a), jnp.stack(sa), b, sb, gs)
+  for i in range(2):
+    want = oracle.grouped_contiguous(a[i], sa[i], b, sb, np.asarray(gs[i]))
+    assert oracle.calc_diff(d[i], want) < 1e-5
+
+
+def test_contiguous_errors(rng):
+  a, sa = quant_act(rng, 16, 128)
+  b, sb = quant_w(rng, 2, 32, 128)
+  f = jd.m_grouped_fp8_gemm_nt_contiguous
+  with pytest.raises(ValueError, match=r"group_sizes must have shape \(2,\)"):
+    f(a, sa, b, sb, jnp.zeros((3,), jnp.int32))
+  with pytest.raises(TypeError, match="group_sizes must be an integer"):
+    f(a, sa, b, sb, jnp.zeros((2,), jnp.float32))
+  with pytest.raises(ValueError, match="b must be 3-D"):
+    f(a, sa, b[0], sb[0], jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r"sb must have shape \(2, 1, 1\)"):
+    f(a, sa, b, sb[:1], jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("masked", [[0, 5, 64, 1], [64, 64, 64, 64], [0, 0, 0, 0], [3, 70, -1, 2]])
+def test_masked_matches_float64(rng, masked):
+  g, m_max, n, k = 4, 64, 72, 256
+  a, sa = quant_act(rng, g * m_max, k)
+  a, sa = a.reshape(g, m_max, k), sa.reshape(g, m_max, 2)
+  b, sb = quant_w(rng, g, n, k)
+  mm = jnp.asarray(masked, jnp.int32)
+  d = jax.jit(jd.m_grouped_fp8_gemm_nt_masked, static_argnames="expected_m")(
+      a, sa, b, sb, mm, expected_m=8)
+  want = oracle.grouped_masked(a, sa, b, sb, np.clip(masked, 0, m_max))
+  assert d.shape == (g, m_max, n)
+  if max(masked) <= 0:
+    assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
+  else:
+    assert oracle.calc_diff(d, want) < 1e-5
+    for gi, mi in enumerate(masked):
+      assert float(jnp.abs(d[gi, max(mi, 0):].astype(jnp.float32)).max(initial=0.0)) == 0.0
+
+
+def test_masked_vmap_folds_into_groups(rng):
+  g, m_max, n, k = 2, 16, 40, 128
+  a, sa = quant_act(rng, 3 * g * m_max, k)
+  a, sa = a.reshape(3, g, m_max, k), sa.reshape(3, g, m_max, 1)
+  b, sb = quant_w(rng, g, n, k)
+  mm = jnp.asarray([[1, 16], [0, 7], [16, 16]], jnp.int32)
+  f = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked, in_axes=(0, 0, None, None, 0))
+  d = f(a, sa, b, sb, mm)
+  assert "scan" not in str(jax.make_jaxpr(f)(a, sa, b, sb, mm))
+  for i in range(3):
+    assert oracle.calc_diff(d[i], oracle.grouped_masked(a[i], sa[i], b, sb, mm[i])) < 1e-5
+
+
+def test_masked_errors(rng):
+  a, sa = quant_act(rng, 32, 128)
+  a, sa = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)
+  b, sb = quant_w(rng, 2, 32, 128)
+  f = jd.m_grouped_fp8_gemm_nt_masked
+  with pytest.raises(ValueError, match="G or K differs"):
+    f(a, sa, b[:1], sb[:1], jnp.zeros((2,), jnp.int32))
+  with pytest.raises(TypeError, match="expected_m must be a Python int"):
+    f(a, sa, b, sb, jnp.zeros((2,), jnp.int32), expected_m=2.5)
+  with pytest.raises(ValueError, match="a must be 3-D"):
+    f(a[0], sa[0], b, sb, jnp.zeros((2,), jnp.int32))

@@ -58,25 +58,35 @@ struct LaunchArgs {
 using LaunchFn = ffi::Error (*)(const LaunchArgs&, cudaStream_t, int device,
                                 int num_sms);
 
+// Raises the kernel's dynamic shared-memory limit on `device` (the current
+// device), once. Not allowed while a stream is being captured into a CUDA
+// graph, so InitializeDevices() does it for every device ahead of time.
+template <int BM, int BN, int ST, typename OutT>
+ffi::Error ConfigureFp8GemmNt(int device) {
+  using L = Fp8GemmLayout<BM, BN, ST>;
+  static std::atomic<uint64_t> configured{0};
+  const uint64_t bit = device < kMaxDevices ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (configured.load(std::memory_order_acquire) & bit) != 0) {
+    return ffi::Error::Success();
+  }
+  const cudaError_t err = cudaFuncSetAttribute(
+      &fp8_gemm_nt_kernel<BM, BN, ST, OutT>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamicSmem);
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_deepgemm: cudaFuncSetAttribute failed: ") +
+                          cudaGetErrorString(err));
+  }
+  configured.fetch_or(bit, std::memory_order_acq_rel);
+  return ffi::Error::Success();
+}
+
 template <int BM, int BN, int ST, typename OutT>
 ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                            int device, int num_sms) {
   using L = Fp8GemmLayout<BM, BN, ST>;
   auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT>;
-
-  // Opt in to large dynamic shared memory once per device.
-  static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = device < kMaxDevices ? (uint64_t{1} << device) : 0;
-  if (bit == 0 || (configured.load(std::memory_order_acquire) & bit) == 0) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamicSmem);
-    if (err != cudaSuccess) {
-      return ffi::Error(ffi::ErrorCode::kInternal,
-                        std::string("jax_deepgemm: cudaFuncSetAttribute failed: ") +
-                            cudaGetErrorString(err));
-    }
-    configured.fetch_or(bit, std::memory_order_acq_rel);
-  }
+  if (ffi::Error e = ConfigureFp8GemmNt<BM, BN, ST, OutT>(device); e.failure()) return e;
 
   CUtensorMap tmap_a, tmap_b, tmap_sa;
   CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
@@ -118,16 +128,22 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   return ffi::Error::Success();
 }
 
+using ConfigureFn = ffi::Error (*)(int device);
+
 struct KernelEntry {
   int block_m, block_n, stages;
   LaunchFn bf16;
   LaunchFn f32;
+  ConfigureFn configure_bf16;
+  ConfigureFn configure_f32;
 };
 
 #define JAX_DEEPGEMM_ENTRY(BM, BN, ST)                                   \
   KernelEntry {                                                          \
     BM, BN, ST, &LaunchFp8GemmNt<BM, BN, ST, __nv_bfloat16>,             \
-        &LaunchFp8GemmNt<BM, BN, ST, float>                              \
+        &LaunchFp8GemmNt<BM, BN, ST, float>,                             \
+        &ConfigureFp8GemmNt<BM, BN, ST, __nv_bfloat16>,                  \
+        &ConfigureFp8GemmNt<BM, BN, ST, float>                           \
   }
 
 constexpr int kMaxStagesM64 = fp8_gemm_max_stages(64, 128);
@@ -328,7 +344,7 @@ class ScopedDevice {
   bool switched_ = false;
 };
 
-ffi::Error Fp8GemmNtImpl(cudaStream_t stream, ffi::AnyBuffer a,
+ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer a,
                          ffi::AnyBuffer sa, ffi::AnyBuffer b,
                          ffi::AnyBuffer sb, ffi::AnyBuffer bias,
                          ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> out) {
@@ -411,14 +427,8 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, ffi::AnyBuffer a,
   }
 
   // ---- device ----
-  int device = -1;
-  if (cudaStreamGetDevice(stream, &device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    if (cudaGetDevice(&device) != cudaSuccess) {
-      return ffi::Error(ffi::ErrorCode::kInternal,
-                        "jax_deepgemm: cannot determine the CUDA device");
-    }
-  }
+  // From XLA, not cudaStreamGetDevice: stream queries invalidate a CUDA-graph capture.
+  const int device = static_cast<int>(device_ordinal);
   ScopedDevice scoped(device);
   if (!scoped.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
@@ -451,6 +461,38 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, ffi::AnyBuffer a,
 
 }  // namespace
 
+bool InitializeDevices(std::string* error) {
+  if (tma::get_encode_tiled() == nullptr) {
+    *error = "jax_deepgemm: the CUDA driver has no cuTensorMapEncodeTiled";
+    return false;
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    *error = "jax_deepgemm: cudaGetDeviceCount failed";
+    return false;
+  }
+  for (int d = 0; d < count && d < kMaxDevices; ++d) {
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess || prop.major != 9) continue;
+    ScopedDevice scoped(d);
+    cudaError_t cerr = cudaSuccess;
+    if (!scoped.ok() || GetNumSms(d, &cerr) <= 0) {
+      *error = "jax_deepgemm: cannot set up device " + std::to_string(d);
+      return false;
+    }
+    for (const KernelEntry& e : kKernels) {
+      for (ConfigureFn fn : {e.configure_bf16, e.configure_f32}) {
+        if (ffi::Error err = fn(d); err.failure()) {
+          *error = err.message();
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
                       std::string* error) {
   if (m < 1 || n < 1 || k < 1) {
@@ -471,6 +513,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     Fp8GemmNt, jax_deepgemm::Fp8GemmNtImpl,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // a
         .Arg<xla::ffi::AnyBuffer>()  // sa
         .Arg<xla::ffi::AnyBuffer>()  // b

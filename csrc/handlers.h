@@ -16,6 +16,11 @@ namespace jax_deepgemm {
 // formatted as "block_m=128,block_n=128,stages=6". Honors the environment
 // variable JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the
 // problem or the forced configuration is invalid.
+// One-time host setup for every Hopper device (shared-memory limits, driver
+// entry points, SM counts). Call before the first launch: these calls are not
+// allowed while XLA captures a command buffer (CUDA graph).
+bool InitializeDevices(std::string* error);
+
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
                       std::string* error);
 

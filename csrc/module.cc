@@ -36,6 +36,14 @@ NB_MODULE(_C, m) {
       "'block_m=128,block_n=128,stages=6' (honors JAX_DEEPGEMM_GEMM_CONFIG).");
 
   m.def(
+      "initialize",
+      []() {
+        std::string error;
+        if (!jax_deepgemm::InitializeDevices(&error)) throw nb::value_error(error.c_str());
+      },
+      "One-time setup of every Hopper device; call before the first kernel runs.");
+
+  m.def(
       "built_for", []() { return std::string("sm_90a"); },
       "CUDA architecture the kernels were compiled for.");
 }

@@ -55,6 +55,8 @@ def use_kernels() -> bool:
   if not _hopper_present():
     logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")
     return False
+  # Host-side setup now, at trace time: it is not allowed inside a CUDA-graph capture.
+  _C.initialize()
   return True
 
 

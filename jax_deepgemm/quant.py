@@ -32,8 +32,11 @@ def _scale_from_amax(amax, use_ue8m0):
   scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
   if use_ue8m0:
     # Power-of-two scales (what UE8M0 hardware scales can represent), rounded up so
-    # the quantized values never overflow 448.
-    scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+    # the quantized values never overflow 448. Done on the bits: GPU exp2/log2 are inexact.
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    exp = bits & jnp.uint32(0x7F800000)
+    bits = jnp.where((bits & jnp.uint32(0x007FFFFF)) != 0, exp + jnp.uint32(0x00800000), exp)
+    scale = jax.lax.bitcast_convert_type(bits, jnp.float32)
   return scale
 
 

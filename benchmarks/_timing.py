@@ -1,0 +1,281 @@
+"""Shared timing, result-file and table helpers for the jax_deepgemm benchmarks.
+
+Timing method (``bench``)
+-------------------------
+We want the device time of one call of an op whose operands come from HBM, not from L2
+(H100: 50 MB, H200: 60 MB) and not from a cache warmed by the previous call.
+
+1. ``make_inputs(key)`` builds one input set (random data, made on the device). We build
+   ``n_rot`` independent sets, enough that together they hold at least ``rotate_bytes``
+   (default 512 MiB, several times L2) and at least 2 of them.
+2. One jitted function runs the op once on every set, as an unrolled Python loop over
+   distinct arguments, and returns every output. Nothing is stacked, sliced or scanned,
+   so XLA compiles each op exactly as it would alone; returning the full outputs keeps
+   XLA from narrowing the work (no slicing of results). Between two uses of one set the
+   device touches all the other sets, so every op reads its operands from HBM.
+   XLA runs these independent ops one after another on its single compute stream.
+3. After compilation and ``warmup`` calls we time, with ``time.perf_counter``, a burst of
+   ``inner`` back-to-back calls ended by ``jax.block_until_ready``. Dispatch is
+   asynchronous, so host overhead overlaps device work as long as one call's device time
+   (at least the time to read ``rotate_bytes`` from HBM, ~0.1 ms) exceeds the host's
+   per-call dispatch cost. ``inner`` is picked so that ``iters`` bursts take about
+   ``min_time_s`` in total.
+4. Per-op time = burst time / (inner * n_rot). We report the median over the ``iters``
+   bursts (plus min/max). The only non-device time left in a burst is one launch latency
+   and one synchronisation, spread over inner * n_rot ops.
+
+We check for host-bound runs: if dispatching a few calls takes nearly as long as
+executing them, the device was waiting on Python, and we double ``n_rot`` (up to
+``max_rot``) and measure again; if it is still host bound the result says so
+(``Timing.host_bound``), and a warning is printed.
+
+Result files (``write_results``)
+--------------------------------
+``benchmarks/results/<name>.json`` is a JSON list of flat records. Writing replaces the
+records of the devices being written and keeps the others, so results of an H100 and an
+H200 live side by side. Record keys: ``op, impl, m, n, k, groups, device, run_id,
+time_us, tflops, gbps`` plus free-form extras (``config``, ``ratio_vs_xla_fp8``,
+``ratio_vs_xla_bf16``, ``diff``, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_ROTATE_BYTES = 512 << 20  # > 8x the L2 of an H100 (50 MB) or an H200 (60 MB)
+DEFAULT_MAX_ROT = 64
+
+RECORD_KEYS = ("op", "impl", "m", "n", "k", "groups", "device", "run_id", "time_us", "tflops",
+               "gbps")
+
+
+# --------------------------------------------------------------------------- device info
+
+def device_name() -> str:
+  """``jax.devices()[0].device_kind``, e.g. ``"NVIDIA H100 80GB HBM3"``."""
+  return jax.devices()[0].device_kind
+
+
+@functools.lru_cache(maxsize=None)
+def run_id() -> str:
+  """A UTC timestamp, made once per process, that tags every record of this run."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+# --------------------------------------------------------------------------- timing
+
+@dataclasses.dataclass
+class Timing:
+  """Per-call device time of one op. ``float(t)`` is the median in microseconds."""
+  time_us: float          # median over bursts
+  min_us: float
+  max_us: float
+  n_rot: int              # independent input sets rotated through
+  inner: int              # calls per timed burst
+  iters: int              # timed bursts
+  set_bytes: int          # bytes of one input set
+  host_bound: bool        # dispatch could not keep the device busy
+
+  def __float__(self) -> float:
+    return self.time_us
+
+  def extras(self) -> dict:
+    """Fields worth keeping in a result record."""
+    return {"min_us": self.min_us, "n_rot": self.n_rot, "host_bound": self.host_bound}
+
+
+def tree_nbytes(tree) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _burst(call, sets, inner: int) -> tuple[float, float]:
+  """Runs ``inner`` calls back to back; returns (dispatch seconds, total seconds)."""
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(inner):
+    out = call(sets)
+  t1 = time.perf_counter()
+  jax.block_until_ready(out)
+  return t1 - t0, time.perf_counter() - t0
+
+
+def bench(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
+          warmup: int = 3, iters: int = 25, min_time_s: float = 1.0,
+          rotate_bytes: int = DEFAULT_ROTATE_BYTES, max_rot: int = DEFAULT_MAX_ROT,
+          n_rot: int | None = None, seed: int = 0) -> Timing:
+  """Median per-call device time of ``fn(*make_inputs(key))`` (see the module docstring).
+
+  Args:
+    fn: the op, called as ``fn(*inputs)``; traced inside one ``jax.jit``.
+    make_inputs: ``key -> tuple of arrays``: one independent random input set.
+    warmup: untimed calls after compilation.
+    iters: timed bursts; the median over them is reported.
+    min_time_s: about how long all timed bursts take together.
+    rotate_bytes: input sets are added until together they hold this many bytes.
+    max_rot: most input sets; ``n_rot`` forces a count.
+    seed: base PRNG seed; set ``i`` uses ``fold_in(key(seed), i)``.
+  """
+  base = jax.random.PRNGKey(seed)
+  sets = [tuple(make_inputs(jax.random.fold_in(base, 0)))]
+  jax.block_until_ready(sets)
+  set_bytes = max(1, tree_nbytes(sets[0]))
+  adaptive = n_rot is None
+  if adaptive:
+    n_rot = min(max(2, math.ceil(rotate_bytes / set_bytes)), max(2, max_rot))
+
+  while True:
+    while len(sets) < n_rot:
+      sets.append(tuple(make_inputs(jax.random.fold_in(base, len(sets)))))
+    jax.block_until_ready(sets)
+
+    call = jax.jit(lambda s: [fn(*args) for args in s])
+    jax.block_until_ready(call(sets))  # compile
+    for _ in range(warmup):
+      jax.block_until_ready(call(sets))
+
+    # Calibrate, and detect host-bound dispatch with a short burst (fewer calls than the
+    # runtime lets be in flight, so dispatch itself never waits on the device here).
+    probe = 8
+    disp, total = _burst(call, sets, probe)
+    per_call = total / probe
+    # (On the CPU backend the "device" is the host itself: nothing to detect.)
+    host_bound = jax.devices()[0].platform != "cpu" and disp > 0.8 * total
+    if host_bound and adaptive and n_rot < max_rot:
+      n_rot = min(max_rot, 2 * n_rot)  # more device work per call; measure again
+      continue
+    break
+
+  inner = max(1, min(10_000, math.ceil(min_time_s / max(iters, 1) / max(per_call, 1e-9))))
+  times = []
+  for _ in range(iters):
+    _, total = _burst(call, sets, inner)
+    times.append(total / (inner * n_rot) * 1e6)
+  if host_bound:
+    print(f"warning: host-bound timing ({n_rot} input sets of {set_bytes / 1e6:.1f} MB): the "
+          "device time is probably lower than reported", file=sys.stderr)
+  return Timing(time_us=statistics.median(times), min_us=min(times), max_us=max(times),
+                n_rot=n_rot, inner=inner, iters=iters, set_bytes=set_bytes,
+                host_bound=host_bound)
+
+
+def tflops(flops: float, time_us: float) -> float:
+  return flops / (time_us * 1e-6) / 1e12 if time_us > 0 else float("nan")
+
+
+def gbps(nbytes: float, time_us: float) -> float:
+  return nbytes / (time_us * 1e-6) / 1e9 if time_us > 0 else float("nan")
+
+
+def compiled_hlo(fn: Callable, *args) -> str:
+  """The optimized HLO text XLA compiles ``jax.jit(fn)(*args)`` to."""
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+# --------------------------------------------------------------------------- results
+
+def make_record(*, op: str, impl: str, m: int, n: int, k: int, groups: int | None = None,
+                time_us: float, flops: float, nbytes: float, **extras) -> dict:
+  rec = {"op": op, "impl": impl, "m": m, "n": n, "k": k, "groups": groups,
+         "device": device_name(), "run_id": run_id(), "time_us": time_us,
+         "tflops": tflops(flops, time_us), "gbps": gbps(nbytes, time_us)}
+  rec.update(extras)
+  return rec
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy / jax scalars
+    return _json_safe(x.item())
+  return x
+
+
+def write_results(name: str, records: Iterable[dict]) -> Path:
+  """Writes ``benchmarks/results/<name>.json``; keeps records of other devices already there."""
+  records = [_json_safe(dict(r)) for r in records]
+  path = RESULTS_DIR / f"{name}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  old = []
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+      if not isinstance(old, list):
+        raise ValueError("not a JSON list")
+    except (ValueError, OSError) as e:
+      backup = path.with_suffix(f".json.bad-{run_id()}")
+      print(f"warning: {path} unreadable ({e}); moved to {backup}", file=sys.stderr)
+      os.replace(path, backup)
+      old = []
+  devices = {r.get("device") for r in records}
+  merged = [r for r in old if isinstance(r, dict) and r.get("device") not in devices]
+  merged += records
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(merged, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+# --------------------------------------------------------------------------- tables
+
+def fmt(x, digits: int = 1) -> str:
+  """Short cell text: '-' for missing, fixed digits for floats, scientific for tiny ones."""
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    if not math.isfinite(x):
+      return "-"
+    if x != 0 and abs(x) < 10 ** -(digits + 1):
+      return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+  return str(x)
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *,
+                title: str | None = None, file=None) -> None:
+  """Prints ``rows`` (cells already formatted or formatted with ``fmt``) as aligned columns.
+
+  Text columns are left-aligned, the others right-aligned.
+  """
+  file = file or sys.stdout
+  cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+  def is_num(c):
+    if not isinstance(c, str):
+      return True
+    try:
+      float(c)
+      return True
+    except ValueError:
+      return c == "-"
+  numeric = [bool(rows) and all(is_num(row[i]) for row in rows) for i in range(len(headers))]
+  widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+  def line(vals):
+    return "  ".join(v.rjust(w) if num else v.ljust(w)
+                     for v, w, num in zip(vals, widths, numeric)).rstrip()
+
+  if title:
+    print(title, file=file)
+  print(line(headers), file=file)
+  print("  ".join("-" * w for w in widths), file=file)
+  for r in cells:
+    print(line(r), file=file)
+  file.flush()

@@ -1,0 +1,369 @@
+"""Dense FP8 GEMM benchmark: jax_deepgemm ``fp8_gemm_nt`` vs XLA's FP8 and BF16 dots.
+
+For every shape (M, N, K), in one process:
+  jax_deepgemm   ``fp8_gemm_nt(a, sa, b, sb)`` on pre-quantized inputs (1x128 activation
+                 scales, 128x128 weight scales) -> bf16. Quantization is not timed.
+  xla_fp8_dot    what XLA gives for an e4m3 GEMM with per-tensor scales (cuBLASLt FP8,
+                 ``__cublas$lt$matmul$f8``, or a Triton GEMM if XLA's autotuner prefers
+                 it), -> bf16. Two spellings are tried (``--xla-fp8-pattern``):
+                   direct:  ``lax.dot_general(a_f8, b_f8, preferred_element_type=bf16)``;
+                            per-tensor scales are scalar operands of the cuBLASLt call and
+                            cost nothing, so this unscaled dot times the same GEMM;
+                   dequant: ``dot(a_f8.astype(bf16) * sa, b_f8.astype(bf16) * sb)``, the
+                            quantize-dequantize pattern XLA's GemmRewriter folds into an
+                            FP8 cuBLASLt call with ``sa``/``sb`` as its scales;
+                   dequant_f32: the same in f32 (f32 dot, then -> bf16), the exact form of
+                            XLA's own FP8 rewrite tests.
+                 With the default ``best`` all are timed and the fastest is recorded; the
+                 record's ``config`` says which, and which backend XLA compiled it to.
+  xla_bf16_dot   ``a_bf16 · b_bf16ᵀ`` -> bf16 (cuBLAS).
+
+TFLOPS = 2·M·N·K / t. GB/s = bytes / t with bytes = M·K + N·K + scales + 2·M·N (ours),
+M·K + N·K + 2·M·N (XLA FP8), 2·(M·K + N·K + M·N) (BF16). ``ratio_vs_xla_*`` = t_xla / t_ours
+(> 1: ours is faster). ``diff`` = 1 - 2Σxy / Σ(x² + y²) (DeepGEMM's measure) of our output
+against an f32 HIGHEST-precision dot of the dequantized inputs; > 1e-5 prints a warning.
+Timing method: see ``_timing.py``.
+
+  python benchmarks/bench_gemm.py                 # the default shapes, writes results/gemm.json
+  python benchmarks/bench_gemm.py --check-hlo     # also show what XLA compiled each dot to
+  python benchmarks/bench_gemm.py --quick --no-write   # CPU smoke run
+  python benchmarks/bench_gemm.py --shapes 128x2112x7168,4096x7168x2048
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+  sys.path.insert(0, str(_HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+try:
+  import jax_deepgemm as jd  # noqa: E402
+except ImportError:  # running from a source checkout without PYTHONPATH
+  sys.path.insert(0, str(_HERE.parent))
+  import jax_deepgemm as jd  # noqa: E402
+
+import _timing as T  # noqa: E402
+
+OP = "fp8_gemm_nt"
+NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
+DEFAULT_SHAPES = [(m, n, k) for m in (128, 4096) for n, k in NK] + [(8192, 8192, 8192)]
+QUICK_SHAPES = [(128, 256, 512), (200, 384, 320)]
+DIFF_WARN = 1e-5
+FP8 = jnp.float8_e4m3fn
+BF16 = jnp.bfloat16
+NT = (((1,), (1,)), ((), ()))  # contract K of a [M, K] with K of b [N, K]
+
+
+def ceil_div(a, b):
+  return -(-a // b)
+
+
+# ------------------------------------------------------------------ the implementations
+
+def ours(a, sa, b, sb):
+  return jd.fp8_gemm_nt(a, sa, b, sb)
+
+
+def xla_fp8_direct(a, b, sa, sb):
+  del sa, sb  # per-tensor scales: free scalar operands of the cuBLASLt call
+  return jax.lax.dot_general(a, b, NT, preferred_element_type=BF16)
+
+
+def xla_fp8_dequant(a, b, sa, sb):
+  a16 = a.astype(BF16) * sa.astype(BF16)
+  b16 = b.astype(BF16) * sb.astype(BF16)
+  return jax.lax.dot_general(a16, b16, NT, preferred_element_type=BF16)
+
+
+def xla_fp8_dequant_f32(a, b, sa, sb):
+  # The exact form of XLA's GemmRewriter FP8 tests (f32 dequantize, f32 dot), then -> bf16.
+  a32 = a.astype(jnp.float32) * sa
+  b32 = b.astype(jnp.float32) * sb
+  return jax.lax.dot_general(a32, b32, NT, preferred_element_type=jnp.float32).astype(BF16)
+
+
+XLA_FP8_PATTERNS = {"direct": xla_fp8_direct, "dequant": xla_fp8_dequant,
+                    "dequant_f32": xla_fp8_dequant_f32}
+
+
+def xla_bf16(a, b):
+  return jax.lax.dot_general(a, b, NT, preferred_element_type=BF16)
+
+
+# ------------------------------------------------------------------ inputs
+
+def ours_inputs(m, n, k):
+  @jax.jit
+  def make(key):
+    ka, kb = jax.random.split(key)
+    a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (m, k), BF16))
+    b, sb = jd.per_block_cast_to_fp8(jax.random.normal(kb, (n, k), BF16))
+    return a, sa, b, sb
+  return make
+
+
+def fp8_inputs(m, n, k):
+  @jax.jit
+  def make(key):
+    ka, kb, ks = jax.random.split(key, 3)
+    a = jax.random.normal(ka, (m, k), jnp.float32).astype(FP8)
+    b = jax.random.normal(kb, (n, k), jnp.float32).astype(FP8)
+    sa, sb = jax.random.uniform(ks, (2,), jnp.float32, 0.5, 1.5)
+    return a, b, sa, sb
+  return make
+
+
+def bf16_inputs(m, n, k):
+  @jax.jit
+  def make(key):
+    ka, kb = jax.random.split(key)
+    return jax.random.normal(ka, (m, k), BF16), jax.random.normal(kb, (n, k), BF16)
+  return make
+
+
+@jax.jit
+def calc_diff(a, sa, b, sb):
+  """DeepGEMM's ``1 - 2Σxy / Σ(x²+y²)``, written as ``Σ(x-y)² / Σ(x²+y²)`` (same value)."""
+  x = jd.fp8_gemm_nt(a, sa, b, sb).astype(jnp.float32)
+  y = jnp.dot(jd.dequantize_per_token(a, sa), jd.dequantize_per_block(b, sb).T,
+              precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.sum(jnp.square(x - y)) / jnp.maximum(jnp.sum(x * x + y * y), 1e-30)
+
+
+# ------------------------------------------------------------------ HLO inspection
+
+def hlo_backend(hlo: str) -> str:
+  """Names what a compiled GEMM became, from the optimized HLO text."""
+  if "__cublas$lt$matmul$f8" in hlo:
+    return "cublaslt_f8"
+  if re.search(r'custom_call_target="jax_deepgemm_', hlo):
+    return "ffi_kernel"
+  if "__triton_gemm" in hlo or "__triton_nested_gemm_fusion" in hlo:
+    return "triton"
+  if "__cudnn$fusion" in hlo:
+    return "cudnn"
+  if "__cublas$lt$matmul" in hlo:
+    return "cublaslt"
+  if "__cublas$gemm" in hlo:
+    return "cublas"
+  if re.search(r"\bdot\(", hlo):
+    return "dot"  # e.g. the CPU backend
+  return "other"
+
+
+def hlo_gemm_lines(hlo: str, limit: int = 8) -> list[str]:
+  """The custom-call / GEMM-fusion lines of an HLO text, shortened (for --check-hlo)."""
+  keys = ("custom-call", "__triton", "__cudnn", " dot(")
+  out = []
+  for line in hlo.splitlines():
+    if any(k in line for k in keys):
+      line = line.strip()
+      out.append(line if len(line) <= 240 else line[:237] + "...")
+  return out[:limit]
+
+
+def _f8_operands(hlo: str) -> bool:
+  """True when the GEMM of an HLO reads f8 operands (not upcast copies)."""
+  for line in hlo.splitlines():
+    if ("custom-call(" in line or " dot(" in line or "__triton" in line) and "f8e4m3fn" in line:
+      return True
+  return False
+
+
+# ------------------------------------------------------------------ main
+
+def parse_shapes(text: str):
+  shapes = []
+  for item in text.replace(";", ",").split(","):
+    item = item.strip().lower()
+    if not item:
+      continue
+    parts = item.replace("*", "x").split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+      raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected MxNxK")
+    shapes.append(tuple(int(p) for p in parts))
+  if not shapes:
+    raise argparse.ArgumentTypeError("no shapes given")
+  return shapes
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shapes", type=parse_shapes, default=None,
+                 help="comma-separated MxNxK list (default: the DeepSeek-V3 set + 8192^3)")
+  p.add_argument("--quick", action="store_true", help="two small shapes, short timing (CPU smoke)")
+  p.add_argument("--out", default="gemm", help="results/<OUT>.json (default: gemm)")
+  p.add_argument("--no-write", action="store_true", help="do not write the results file")
+  p.add_argument("--check-hlo", action="store_true",
+                 help="print what XLA compiled each GEMM to (look for __cublas$lt$matmul$f8)")
+  p.add_argument("--xla-fp8-pattern", choices=("best", *XLA_FP8_PATTERNS), default="best",
+                 help="how the XLA FP8 baseline is written (default: time all, keep the fastest)")
+  p.add_argument("--skip-xla", action="store_true", help="time jax_deepgemm only")
+  p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken)")
+  p.add_argument("--min-time", type=float, default=None, help="seconds of timing per impl")
+  p.add_argument("--rotate-mb", type=float, default=None,
+                 help="MB of rotating input sets per impl (default 512; must exceed L2)")
+  args = p.parse_args(argv)
+
+  shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+  timing = dict(warmup=3, iters=25, min_time_s=1.0, rotate_bytes=T.DEFAULT_ROTATE_BYTES,
+                max_rot=T.DEFAULT_MAX_ROT)
+  if args.quick:
+    timing.update(warmup=1, iters=3, min_time_s=0.05, rotate_bytes=0, max_rot=2)
+  if args.iters is not None:
+    timing["iters"] = max(1, args.iters)
+  if args.min_time is not None:
+    timing["min_time_s"] = args.min_time
+  if args.rotate_mb is not None:
+    timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
+  patterns = list(XLA_FP8_PATTERNS) if args.xla_fp8_pattern == "best" else [args.xla_fp8_pattern]
+
+  dev = jax.devices()[0]
+  kernels = jd.use_kernels()
+  print(f"device: {T.device_name()} ({dev.platform})  jax {jax.__version__}  run {T.run_id()}")
+  print(f"jax_deepgemm: {Path(jd.__file__).parent}  extension_built={jd.extension_built()}  "
+        f"use_kernels={kernels}")
+  if os.environ.get("XLA_FLAGS"):
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  if dev.platform in ("gpu", "cuda") and not kernels:
+    print("WARNING: jax_deepgemm is on its reference path: the 'jax_deepgemm' timings are an "
+          "XLA f32 dot of dequantized inputs, not the Hopper kernel.", file=sys.stderr)
+  sys.stdout.flush()
+
+  records, rows, failures = [], [], 0
+  for m, n, k in shapes:
+    flops = 2.0 * m * n * k
+    kb = ceil_div(k, 128)
+    bytes_ours = m * k + n * k + 4 * m * kb + 4 * ceil_div(n, 128) * kb + 2 * m * n
+    bytes_fp8 = m * k + n * k + 2 * m * n
+    bytes_bf16 = 2 * (m * k + n * k + m * n)
+    common = dict(op=OP, m=m, n=n, k=k, groups=1, flops=flops)
+    shape = f"{m}x{n}x{k}"
+    config = jd.gemm_config(m, n, k) if kernels else "reference"
+    print(f"[{shape}] config={config}", flush=True)
+
+    def attempt(what, f):
+      nonlocal failures
+      try:
+        return f()
+      except Exception:  # keep going: one failing impl should not lose the other results
+        failures += 1
+        print(f"[{shape}] {what} FAILED:", file=sys.stderr)
+        traceback.print_exc()
+        return None
+
+    # Correctness of our output, once per shape.
+    def _diff():
+      a, sa, b, sb = ours_inputs(m, n, k)(jax.random.PRNGKey(1234))
+      return float(calc_diff(a, sa, b, sb))
+    diff = attempt("diff", _diff)
+    if diff is not None and not diff <= DIFF_WARN:
+      print(f"WARNING [{shape}]: diff {diff:.3e} > {DIFF_WARN:g}", file=sys.stderr)
+
+    if args.check_hlo:
+      def _check():
+        a, sa, b, sb = ours_inputs(m, n, k)(jax.random.PRNGKey(0))
+        hlo = T.compiled_hlo(ours, a, sa, b, sb)
+        print(f"  [check-hlo] jax_deepgemm: {hlo_backend(hlo)}")
+        for line in hlo_gemm_lines(hlo):
+          print(f"      {line}")
+      attempt("check-hlo jax_deepgemm", _check)
+
+    t_ours = attempt("jax_deepgemm", lambda: T.bench(ours, ours_inputs(m, n, k), **timing))
+    gc.collect()
+
+    t_fp8, fp8_cfg, pattern_us = None, None, {}
+    t_bf16, bf16_cfg = None, None
+    if not args.skip_xla:
+      for name in patterns:
+        fn = XLA_FP8_PATTERNS[name]
+
+        def _hlo(fn=fn):
+          inputs = fp8_inputs(m, n, k)(jax.random.PRNGKey(0))
+          return T.compiled_hlo(fn, *inputs)
+        hlo = attempt(f"xla_fp8_dot[{name}] compile", _hlo) or ""
+        backend = hlo_backend(hlo) if hlo else "?"
+        if args.check_hlo and hlo:
+          print(f"  [check-hlo] xla_fp8_dot[{name}]: {backend}  "
+                f"(f8 cuBLASLt custom call: {'__cublas$lt$matmul$f8' in hlo}, "
+                f"f8 operands reach the GEMM: {_f8_operands(hlo)})")
+          for line in hlo_gemm_lines(hlo):
+            print(f"      {line}")
+        if dev.platform in ("gpu", "cuda") and hlo and backend not in ("cublaslt_f8", "triton", "cudnn"):
+          print(f"WARNING [{shape}]: xla_fp8_dot[{name}] compiled to '{backend}', not an FP8 "
+                "GEMM; this baseline is then slower than cuBLASLt FP8 could be.",
+                file=sys.stderr)
+        t = attempt(f"xla_fp8_dot[{name}]",
+                    lambda fn=fn: T.bench(fn, fp8_inputs(m, n, k), **timing))
+        gc.collect()
+        if t is None:
+          continue
+        pattern_us[name] = t.time_us
+        if t_fp8 is None or t.time_us < t_fp8.time_us:
+          t_fp8, fp8_cfg = t, f"{name}:{backend}"
+
+      def _bf16_hlo():
+        return hlo_backend(T.compiled_hlo(xla_bf16, *bf16_inputs(m, n, k)(jax.random.PRNGKey(0))))
+      bf16_cfg = attempt("xla_bf16_dot compile", _bf16_hlo)
+      if args.check_hlo:
+        print(f"  [check-hlo] xla_bf16_dot: {bf16_cfg}")
+      t_bf16 = attempt("xla_bf16_dot", lambda: T.bench(xla_bf16, bf16_inputs(m, n, k), **timing))
+      gc.collect()
+
+    r_fp8 = t_fp8.time_us / t_ours.time_us if t_ours and t_fp8 else None
+    r_bf16 = t_bf16.time_us / t_ours.time_us if t_ours and t_bf16 else None
+    if t_ours:
+      records.append(T.make_record(impl="jax_deepgemm", time_us=t_ours.time_us, nbytes=bytes_ours,
+                                   config=config, ratio_vs_xla_fp8=r_fp8,
+                                   ratio_vs_xla_bf16=r_bf16, diff=diff, **t_ours.extras(),
+                                   **common))
+    if t_fp8:
+      records.append(T.make_record(impl="xla_fp8_dot", time_us=t_fp8.time_us, nbytes=bytes_fp8,
+                                   config=fp8_cfg, pattern_time_us=pattern_us,
+                                   **t_fp8.extras(), **common))
+    if t_bf16:
+      records.append(T.make_record(impl="xla_bf16_dot", time_us=t_bf16.time_us,
+                                   nbytes=bytes_bf16, config=bf16_cfg, **t_bf16.extras(),
+                                   **common))
+
+    def tf(t):
+      return T.tflops(flops, t.time_us) if t else None
+    row = [shape, config,
+           t_ours.time_us if t_ours else None, tf(t_ours),
+           T.gbps(bytes_ours, t_ours.time_us) if t_ours else None,
+           tf(t_fp8), fp8_cfg or "-", tf(t_bf16),
+           r_fp8, r_bf16, T.fmt(diff, 2) if diff is not None else "-"]
+    rows.append(row)
+    print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
+          f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]}", flush=True)
+
+  print()
+  T.print_table(
+      [[r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],
+        T.fmt(r[8], 2) if r[8] is not None else "-", T.fmt(r[9], 2) if r[9] is not None else "-",
+        r[10]] for r in rows],
+      ["shape MxNxK", "config", "ours us", "ours TFLOPS", "ours GB/s", "xla_fp8 TFLOPS",
+       "xla_fp8 via", "xla_bf16 TFLOPS", "x vs fp8", "x vs bf16", "diff"],
+      title=f"fp8_gemm_nt on {T.device_name()} (x vs ...: t_xla / t_ours, > 1 = ours faster)")
+
+  if not args.no_write and records:
+    path = T.write_results(args.out, records)
+    print(f"wrote {len(records)} records to {path}")
+  if failures:
+    print(f"{failures} step(s) failed; see the messages above", file=sys.stderr)
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

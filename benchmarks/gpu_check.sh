@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
+#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [bench] [ARGS for pytest via PYTEST_ARGS]
+# With no stage named, runs all. The build carries CUTLASS from .gpu/ (no network there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jdg_out}; mkdir -p "$OUT"
+stages=${*:-build test sanitize bench}
+has() { [[ " $stages " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+# The image's default g++ links libstdc++ statically (gpu.md): build host code with g++-13.
+if command -v g++-13 >/dev/null; then export CXX=g++-13 CUDAHOSTCXX=g++-13; fi
+export PATH=/usr/local/cuda/bin:$PATH
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+
+if has build; then
+  CUTLASS_ARGS=()
+  if ls .gpu/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+    rm -rf /tmp/cutlass && mkdir -p /tmp/cutlass
+    python3 -m zipfile -e .gpu/nvidia_cutlass-*.whl /tmp/cutlass >/dev/null
+    CUTLASS_ARGS=(-Ccmake.define.CUTLASS_INCLUDE_DIR=/tmp/cutlass/cutlass_library/source/include)
+  fi
+  t0=$(date +%s)
+  if ! python3 -m pip install --no-build-isolation --no-deps -v . "${CUTLASS_ARGS[@]}" \
+       > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s"
+  so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
+  echo "QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
+  nm -D --defined-only "$so" | grep -c ' T ' | xargs echo "exported text symbols:"
+fi
+
+python3 -P -c "import jax, jax_deepgemm as jd; print(jax.__version__, jax.devices(), 'kernels:', jd.use_kernels())"
+
+if has test; then
+  python3 -P -m pytest -q -x --durations=8 ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+
+if has sanitize; then
+  # One cudaMalloc per buffer, so memcheck sees our kernel's out-of-bounds accesses.
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    compute-sanitizer --tool memcheck --print-limit 20 python3 tests/sanitize_case.py \
+    > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|sanitize case" "$OUT/memcheck.log"
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    compute-sanitizer --tool racecheck --print-limit 20 python3 tests/sanitize_case.py \
+    > "$OUT/racecheck.log" 2>&1
+  echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$OUT/racecheck.log"
+fi
+
+if has bench; then
+  python3 benchmarks/bench_gemm.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30
+  cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+fi

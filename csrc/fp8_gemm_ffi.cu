@@ -146,20 +146,19 @@ struct KernelEntry {
         &ConfigureFp8GemmNt<BM, BN, ST, float>                           \
   }
 
-constexpr int kMaxStagesM64 = fp8_gemm_max_stages(64, 128);
-constexpr int kMaxStagesM128 = fp8_gemm_max_stages(128, 128);
-static_assert(kMaxStagesM64 == 9 && kMaxStagesM128 == 6,
-              "update the kernel table / docs");
+// Every config is built with the most stages that fit; the heuristic below
+// picks among them (JAX_DEEPGEMM_GEMM_CONFIG may force one).
+#define JAX_DEEPGEMM_MAX_STAGES(BM, BN) JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN))
 
-// Everything instantiated. The heuristic always picks the max-stage entries;
-// the 4-stage ones exist only for JAX_DEEPGEMM_GEMM_CONFIG experiments.
 const KernelEntry kKernels[] = {
-    JAX_DEEPGEMM_ENTRY(64, 128, kMaxStagesM64),
-    JAX_DEEPGEMM_ENTRY(64, 128, 4),
-    JAX_DEEPGEMM_ENTRY(128, 128, kMaxStagesM128),
+    JAX_DEEPGEMM_MAX_STAGES(64, 64),   JAX_DEEPGEMM_MAX_STAGES(64, 128),
+    JAX_DEEPGEMM_MAX_STAGES(64, 192),  JAX_DEEPGEMM_MAX_STAGES(128, 64),
+    JAX_DEEPGEMM_MAX_STAGES(128, 96),  JAX_DEEPGEMM_MAX_STAGES(128, 128),
+    JAX_DEEPGEMM_MAX_STAGES(128, 160), JAX_DEEPGEMM_MAX_STAGES(128, 192),
     JAX_DEEPGEMM_ENTRY(128, 128, 4),
 };
 
+#undef JAX_DEEPGEMM_MAX_STAGES
 #undef JAX_DEEPGEMM_ENTRY
 
 const KernelEntry* FindKernel(int bm, int bn, int stages) {
@@ -244,10 +243,41 @@ struct GemmConfig {
   int block_m, block_n, stages;
 };
 
-bool SelectConfig(int64_t m, int64_t /*n*/, int64_t /*k*/, GemmConfig* cfg,
+// Picks (block_m, block_n). Problems that fill the GPU in several waves use
+// 128x128 tiles: measured fastest on H200 (BLOCK_N 160/192 lose 4-12% with
+// this kernel's serial wgmma -> promotion loop). Problems of one wave or less
+// (small M, decode) pick by a small cost model per 128-wide K step: a tile
+// needs max(tensor-core time ~ BM*BN/32 clocks, load time ~ 4*(BM+BN) clocks)
+// and more, smaller tiles keep more SMs pulling from HBM.
+void HeuristicTile(int64_t m, int64_t n, int num_sms, int* bm_out, int* bn_out) {
+  const int64_t tiles_128 = ((m + 127) / 128) * ((n + 127) / 128);
+  if (m > 64 && tiles_128 > num_sms) {
+    *bm_out = *bn_out = 128;
+    return;
+  }
+  double best = 1e300;
+  for (const KernelEntry& e : kKernels) {
+    if (e.stages != fp8_gemm_max_stages(e.block_m, e.block_n)) continue;
+    if (m <= 64 && e.block_m != 64) continue;  // don't waste half of every tile
+    const int64_t tiles = ((m + e.block_m - 1) / e.block_m) * ((n + e.block_n - 1) / e.block_n);
+    const int64_t waves = (tiles + num_sms - 1) / num_sms;
+    // One math warpgroup can't hide its promotion behind the other's wgmma.
+    const double math = e.block_m * e.block_n / 32.0 * (e.block_m == 64 ? 1.4 : 1.0);
+    const double load = 4.0 * (e.block_m + e.block_n);
+    const double cost = static_cast<double>(waves) * (math > load ? math : load);
+    // Ties go to the larger tile (fewer bytes per FLOP).
+    if (cost < best * 0.999 || (cost <= best * 1.001 && e.block_m * e.block_n > *bm_out * *bn_out)) {
+      best = cost < best ? cost : best;
+      *bm_out = e.block_m;
+      *bn_out = e.block_n;
+    }
+  }
+}
+
+bool SelectConfig(int64_t m, int64_t n, int64_t /*k*/, int num_sms, GemmConfig* cfg,
                   const KernelEntry** entry, std::string* error) {
-  int bm = m <= 64 ? 64 : 128;
-  int bn = 128;
+  int bm = 0, bn = 0;
+  HeuristicTile(m, n, num_sms, &bm, &bn);
   int stages = 0;
   const EnvOverride& env = GetEnvOverride();
   if (env.present) {
@@ -418,14 +448,6 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
     return InvalidArg("operand buffers are insufficiently aligned");
   }
 
-  // ---- config ----
-  GemmConfig cfg;
-  const KernelEntry* entry = nullptr;
-  std::string error;
-  if (!SelectConfig(m, n, k, &cfg, &entry, &error)) {
-    return InvalidArg(error);
-  }
-
   // ---- device ----
   // From XLA, not cudaStreamGetDevice: stream queries invalidate a CUDA-graph capture.
   const int device = static_cast<int>(device_ordinal);
@@ -439,6 +461,13 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("jax_deepgemm: cannot query SM count: ") +
                           cudaGetErrorString(cerr));
+  }
+
+  GemmConfig cfg;
+  const KernelEntry* entry = nullptr;
+  std::string error;
+  if (!SelectConfig(m, n, k, num_sms, &cfg, &entry, &error)) {
+    return InvalidArg(error);
   }
 
   LaunchArgs args;
@@ -460,6 +489,8 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
 }
 
 }  // namespace
+
+std::string SupportedGemmConfigs() { return SupportedConfigs(); }
 
 bool InitializeDevices(std::string* error) {
   if (tma::get_encode_tiled() == nullptr) {
@@ -499,8 +530,16 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
     *error = "jax_deepgemm: gemm_config needs M, N, K >= 1";
     return false;
   }
+  // The config for the current device (132 SMs on H100/H200 SXM if unknown).
+  int device = 0, num_sms = 0;
+  cudaError_t cerr = cudaGetDevice(&device);
+  if (cerr == cudaSuccess) num_sms = GetNumSms(device, &cerr);
+  if (num_sms <= 0) {
+    (void)cudaGetLastError();
+    num_sms = 132;
+  }
   GemmConfig cfg;
-  if (!SelectConfig(m, n, k, &cfg, nullptr, error)) return false;
+  if (!SelectConfig(m, n, k, num_sms, &cfg, nullptr, error)) return false;
   *config = "block_m=" + std::to_string(cfg.block_m) +
             ",block_n=" + std::to_string(cfg.block_n) +
             ",stages=" + std::to_string(cfg.stages);

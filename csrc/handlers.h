@@ -21,6 +21,9 @@ namespace jax_deepgemm {
 // allowed while XLA captures a command buffer (CUDA graph).
 bool InitializeDevices(std::string* error);
 
+// "block_m=..,block_n=..,stages=..; ..." for every dense config that is built.
+std::string SupportedGemmConfigs();
+
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
                       std::string* error);
 

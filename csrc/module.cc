@@ -44,6 +44,10 @@ NB_MODULE(_C, m) {
       "One-time setup of every Hopper device; call before the first kernel runs.");
 
   m.def(
+      "supported_gemm_configs", []() { return jax_deepgemm::SupportedGemmConfigs(); },
+      "Every dense-GEMM config that is built, '; '-separated (JAX_DEEPGEMM_GEMM_CONFIG values).");
+
+  m.def(
       "built_for", []() { return std::string("sm_90a"); },
       "CUDA architecture the kernels were compiled for.");
 }

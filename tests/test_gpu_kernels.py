@@ -69,3 +69,34 @@ def test_large_k_stays_accurate(rng):
   # Promotion every 128 K keeps FP32 accuracy where tensor-core-only accumulation drifts.
   d, want = _run(256, 256, 65536, rng)
   assert oracle.calc_diff(d, want) < 1e-5
+
+
+_CONFIG_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd, oracle
+from helpers import quant_act, quant_w
+rng = np.random.default_rng(1)
+worst = 0.0
+for m, n, k in [(200, 1000, 640), (65, 300, 400), (1, 96, 7168), (300, 2112, 128), (130, 161, 16)]:
+  a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, n, k)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  worst = max(worst, oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, bias=bias),
+                                      oracle.gemm_nt(a, sa, b, sb, bias=bias)))
+print("WORST", worst)
+"""
+
+
+def test_every_built_config():
+  # The env override is read once per process: one subprocess per config.
+  import subprocess
+  import sys
+  from jax_deepgemm import _C
+  configs = _C.supported_gemm_configs().split("; ")
+  assert len(configs) >= 5
+  here = os.path.dirname(__file__)
+  for cfg in configs:
+    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=here)
+    r = subprocess.run([sys.executable, "-P", "-c", _CONFIG_SCRIPT], env=env, cwd=here,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (cfg, r.stderr[-2000:])
+    worst = float(r.stdout.split("WORST")[-1])
+    assert worst < 1e-5, (cfg, worst)

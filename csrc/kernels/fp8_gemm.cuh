@@ -50,9 +50,12 @@ struct Fp8GemmLayout {
   static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
-  static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
-  static_assert(kScaleBlock % BLOCK_N == 0,
-                "a tile must lie inside one 128-wide scale block of B");
+  static_assert(BLOCK_N % 32 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
+  // A tile starts at a multiple of gcd(BLOCK_N, 128) inside a 128-wide scale
+  // block of B, so it touches at most two of them (the kernel's lo/hi scales).
+  static constexpr int kNAlign = BLOCK_N % 128 == 0 ? 128 : BLOCK_N % 64 == 0 ? 64 : 32;
+  static_assert(kScaleBlock - kNAlign + BLOCK_N <= 2 * kScaleBlock,
+                "a tile may span at most two 128-wide scale blocks of B");
   static_assert(kBytesA % 1024 == 0 && kBytesB % 1024 == 0,
                 "stage buffers must stay 1024B aligned (128B swizzle)");
   static_assert(kBytesSA % 128 == 0, "scale stage must stay 128B aligned");
@@ -219,16 +222,26 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       int m_block, n_block;
       fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
-      const float* sb_row = sb + static_cast<int64_t>((n_block * BLOCK_N) / kScaleBlock) * num_k_blocks;
+      // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
+      // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
+      const int n0 = n_block * BLOCK_N;
+      const int nb_lo = n0 / kScaleBlock;
+      const int nb_hi = min(nb_lo + 1, (N + kScaleBlock - 1) / kScaleBlock - 1);
+      const int j_hi = (kScaleBlock - n0 % kScaleBlock) / 8;  // first n8 chunk in "hi"
+      const float* sb_lo = sb + static_cast<int64_t>(nb_lo) * num_k_blocks;
+      const float* sb_hi = sb + static_cast<int64_t>(nb_hi) * num_k_blocks;
 
 #pragma unroll
       for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
 
-      float sb_next = __ldg(sb_row);
+      float sb_lo_next = __ldg(sb_lo), sb_hi_next = __ldg(sb_hi);
       for (int kb = 0; kb < num_k_blocks; ++kb) {
-        const float sb_val = sb_next;
-        // Prefetch next k-block's B scale before blocking on the barrier.
-        if (kb + 1 < num_k_blocks) sb_next = __ldg(sb_row + kb + 1);
+        const float sb_lo_val = sb_lo_next, sb_hi_val = sb_hi_next;
+        // Prefetch next k-block's B scales before blocking on the barrier.
+        if (kb + 1 < num_k_blocks) {
+          sb_lo_next = __ldg(sb_lo + kb + 1);
+          sb_hi_next = __ldg(sb_hi + kb + 1);
+        }
 
         ptx::mbarrier_wait(&full_bar[stage], phase);
 
@@ -259,11 +272,13 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         __syncwarp();
         if (lane == 0) ptx::mbarrier_arrive(&empty_bar[stage]);
 
-        const float s0 = sa0 * sb_val;
-        const float s1 = sa1 * sb_val;
+        const float s_lo0 = sa0 * sb_lo_val, s_lo1 = sa1 * sb_lo_val;
+        const float s_hi0 = sa0 * sb_hi_val, s_hi1 = sa1 * sb_hi_val;
 #pragma unroll
         for (int i = 0; i < kNumAccum; ++i) {
-          acc[i] = fmaf(tmp[i], (i & 2) ? s1 : s0, acc[i]);
+          const bool hi = i / 4 >= j_hi;
+          const float s = (i & 2) ? (hi ? s_hi1 : s_lo1) : (hi ? s_hi0 : s_lo0);
+          acc[i] = fmaf(tmp[i], s, acc[i]);
         }
 
         if (++stage == STAGES) {

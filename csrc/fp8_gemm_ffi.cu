@@ -243,7 +243,7 @@ struct GemmConfig {
   int block_m, block_n, stages;
 };
 
-// Picks (block_m, block_n). Problems that fill the GPU in several waves use
+// Picks (block_m, block_n). Problems that fill the GPU in over two waves use
 // 128x128 tiles: measured fastest on H200 (BLOCK_N 160/192 lose 4-12% with
 // this kernel's serial wgmma -> promotion loop). Problems of one wave or less
 // (small M, decode) pick by a small cost model per 128-wide K step: a tile
@@ -251,7 +251,7 @@ struct GemmConfig {
 // and more, smaller tiles keep more SMs pulling from HBM.
 void HeuristicTile(int64_t m, int64_t n, int num_sms, int* bm_out, int* bn_out) {
   const int64_t tiles_128 = ((m + 127) / 128) * ((n + 127) / 128);
-  if (m > 64 && tiles_128 > num_sms) {
+  if (m > 64 && tiles_128 > 2 * num_sms) {
     *bm_out = *bn_out = 128;
     return;
   }

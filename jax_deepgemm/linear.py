@@ -1,0 +1,138 @@
+"""Differentiable FP8 layers with DeepSeek-V3's recipe, as ``jax.custom_vjp`` rules.
+
+``fp8_linear(x, w, bias)`` is a drop-in for ``x @ w (+ bias)`` (``w [K, N]``, flax.nnx.Linear's
+layout) and ``fp8_grouped_linear(x, w, group_sizes)`` for ``jax.lax.ragged_dot(x, w, group_sizes)``
+(``w [G, K, N]``). Forward: x per 1x128, w per 128x128, FP8 GEMM. Backward: dgrad ``dY·Wᵀ`` with
+the FP8 GEMM (W's 128x128 blocks transpose exactly, so its scales are reused), wgrad ``Xᵀ·dY``
+with both operands quantized along the token axis and the (K-grouped) wgrad GEMM. Gradients
+come back in the dtypes of the inputs. Every piece lowers to the kernels on Hopper and to the
+reference elsewhere, so these layers also train on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_deepgemm.gemm import fp8_gemm_nt
+from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
+from jax_deepgemm.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
+
+
+def _gemm_dtype(dtype):
+  # The GEMM writes bf16 or f32; f32 inputs keep f32 results.
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
+
+
+def _check_float(op, name, x):
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float8_e4m3fn:
+    raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
+
+
+# ----------------------------------------------------------------------------- dense
+@jax.custom_vjp
+def _linear(x2, w, bias):
+  xq, xs = per_token_cast_to_fp8(x2)
+  wq, ws = per_block_cast_to_fp8(w.T)  # [N, K]
+  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias, out_dtype=_gemm_dtype(x2.dtype))
+  return y.astype(x2.dtype)
+
+
+def _linear_fwd(x2, w, bias):
+  return _linear(x2, w, bias), (x2, w, bias)
+
+
+def _linear_bwd(res, dy):
+  x2, w, bias = res
+  # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] directly.
+  dyq, dys = per_token_cast_to_fp8(dy)
+  wq, ws = per_block_cast_to_fp8(w)
+  dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(x2.dtype)).astype(x2.dtype)
+  # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
+  xt, xts = per_token_cast_to_fp8(x2, axis=0)
+  dyt, dyts = per_token_cast_to_fp8(dy, axis=0)
+  m = jnp.full((1,), x2.shape[0], jnp.int32)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m)[0].astype(w.dtype)
+  db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
+  return dx, dw, db
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def fp8_linear(x, w, bias=None):
+  """``x @ w (+ bias)`` in FP8 with DeepSeek-V3's fine-grained scales, differentiable.
+
+  Args:
+    x: ``[..., K]`` bf16/f32 activations.
+    w: ``[K, N]`` weights (flax.nnx.Linear's kernel layout).
+    bias: optional ``[N]``.
+  Returns:
+    ``[..., N]`` in ``x.dtype``.
+  """
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  _check_float("fp8_linear", "x", x)
+  _check_float("fp8_linear", "w", w)
+  if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"fp8_linear: x [..., K] and w [K, N] disagree: {x.shape}, {w.shape}")
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.shape != (w.shape[1],):
+      raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
+  y = _linear(x.reshape(-1, x.shape[-1]), w, bias)
+  return y.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+# ----------------------------------------------------------------------------- grouped
+@jax.custom_vjp
+def _grouped(x, w, group_sizes):
+  xq, xs = per_token_cast_to_fp8(x)
+  wq, ws = per_block_cast_to_fp8(jnp.swapaxes(w, 1, 2))  # [G, N, K]
+  y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, group_sizes,
+                                       out_dtype=_gemm_dtype(x.dtype))
+  return y.astype(x.dtype)
+
+
+def _grouped_fwd(x, w, group_sizes):
+  return _grouped(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _grouped_bwd(res, dy):
+  x, w, group_sizes = res
+  # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
+  dyq, dys = per_token_cast_to_fp8(dy)
+  wq, ws = per_block_cast_to_fp8(w)
+  dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
+                                        out_dtype=_gemm_dtype(x.dtype)).astype(x.dtype)
+  # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM).
+  xt, xts = per_token_cast_to_fp8(x, axis=0)
+  dyt, dyts = per_token_cast_to_fp8(dy, axis=0)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes).astype(w.dtype)
+  return dx, dw, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def fp8_grouped_linear(x, w, group_sizes):
+  """FP8 drop-in for ``jax.lax.ragged_dot(x, w, group_sizes)``, differentiable in x and w.
+
+  Args:
+    x: ``[M, K]`` bf16/f32, rows sorted by group.
+    w: ``[G, K, N]``.
+    group_sizes: int32 ``[G]`` device array (empty groups fine; rows past the sum give 0).
+  Returns:
+    ``[M, N]`` in ``x.dtype``.
+  """
+  x, w, group_sizes = jnp.asarray(x), jnp.asarray(w), jnp.asarray(group_sizes)
+  _check_float("fp8_grouped_linear", "x", x)
+  _check_float("fp8_grouped_linear", "w", w)
+  if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+    raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
+                     f"{x.shape}, {w.shape}")
+  if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"fp8_grouped_linear: group_sizes must be int [{w.shape[0]}], got "
+                     f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  return _grouped(x, w, group_sizes.astype(jnp.int32))

@@ -1,0 +1,106 @@
+"""fp8_linear / fp8_grouped_linear: values and gradients against float64 autodiff."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_deepgemm as jd
+import oracle
+from helpers import randn
+
+
+def f64(x):
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("m,k,n", [(7, 300, 130), (128, 256, 256)])
+def test_linear_value_and_grads(rng, dtype, m, k, n):
+  x = randn(rng, (m, k), dtype)
+  w = randn(rng, (k, n), dtype, scale=k ** -0.5)
+  b = randn(rng, (n,), dtype)
+  r = randn(rng, (m, n), jnp.float32)  # cotangent
+  loss = lambda x, w, b: jnp.sum(jd.fp8_linear(x, w, b).astype(jnp.float32) * r)
+  y = jax.jit(jd.fp8_linear)(x, w, b)
+  assert y.dtype == dtype and y.shape == (m, n)
+  assert oracle.calc_diff(y, f64(x) @ f64(w) + f64(b)) < 1e-3
+  dx, dw, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
+  assert (dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
+  rr = f64(r)
+  assert oracle.calc_diff(dx, rr @ f64(w).T) < 2e-3
+  assert oracle.calc_diff(dw, f64(x).T @ rr) < 2e-3
+  assert oracle.calc_diff(db, rr.sum(0)) < 1e-4
+
+
+def test_linear_leading_dims_vmap_checkpoint(rng):
+  x = randn(rng, (2, 3, 5, 128), jnp.bfloat16)
+  w = randn(rng, (128, 64), jnp.bfloat16, scale=0.1)
+  y = jd.fp8_linear(x, w)
+  assert y.shape == (2, 3, 5, 64)
+  yv = jax.vmap(jd.fp8_linear, in_axes=(0, None))(x, w)
+  np.testing.assert_array_equal(f64(yv), f64(y))
+  g1 = jax.grad(lambda w: jnp.sum(jd.fp8_linear(x, w).astype(jnp.float32) ** 2))(w)
+  g2 = jax.grad(lambda w: jnp.sum(jax.checkpoint(jd.fp8_linear)(x, w).astype(jnp.float32) ** 2))(w)
+  np.testing.assert_array_equal(f64(g1), f64(g2))
+
+
+ROUTING = [30, 0, 1, 129, 0, 40]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_grouped_value_and_grads(rng, dtype):
+  g, k, n = len(ROUTING), 256, 136
+  m = sum(ROUTING) + 5  # 5 trailing rows outside every group
+  x = randn(rng, (m, k), dtype)
+  w = randn(rng, (g, k, n), dtype, scale=k ** -0.5)
+  gs = jnp.asarray(ROUTING, jnp.int32)
+  r = randn(rng, (m, n), jnp.float32)
+  loss = lambda x, w: jnp.sum(jd.fp8_grouped_linear(x, w, gs).astype(jnp.float32) * r)
+  y = jax.jit(jd.fp8_grouped_linear)(x, w, gs)
+  want = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), gs,
+                            precision=jax.lax.Precision.HIGHEST)
+  assert y.dtype == dtype and oracle.calc_diff(y, want) < 1e-3
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  xx, ww, rr = f64(x), f64(w), f64(r)
+  dx_ref, dw_ref = np.zeros_like(xx), np.zeros_like(ww)
+  start = 0
+  for i, s in enumerate(ROUTING):
+    dx_ref[start:start + s] = rr[start:start + s] @ ww[i].T
+    dw_ref[i] = xx[start:start + s].T @ rr[start:start + s]
+    start += s
+  assert oracle.calc_diff(dx, dx_ref) < 2e-3
+  assert oracle.calc_diff(dw, dw_ref) < 2e-3
+  assert float(jnp.abs(dw[1].astype(jnp.float32)).max()) == 0.0  # empty expert
+  assert float(jnp.abs(dx[start:].astype(jnp.float32)).max()) == 0.0  # rows in no group
+
+
+def test_two_layer_network_trains_under_jit(rng):
+  x = randn(rng, (64, 128), jnp.float32)
+  target = randn(rng, (64, 32), jnp.float32)
+  params = {"w1": randn(rng, (128, 256), jnp.float32, scale=128 ** -0.5),
+            "w2": randn(rng, (4, 256, 32), jnp.float32, scale=256 ** -0.5)}
+  gs = jnp.asarray([10, 20, 0, 34], jnp.int32)
+
+  def loss(p):
+    h = jax.nn.gelu(jd.fp8_linear(x, p["w1"]))
+    return jnp.mean((jd.fp8_grouped_linear(h, p["w2"], gs) - target) ** 2)
+
+  @jax.jit
+  def step(p):
+    l, g = jax.value_and_grad(loss)(p)
+    return jax.tree.map(lambda a, b: a - 0.05 * b, p, g), l
+
+  losses = []
+  for _ in range(20):
+    params, l = step(params)
+    losses.append(float(l))
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="fp8_linear"):
+    jd.fp8_linear(jnp.ones((4, 128)), jnp.ones((64, 32)))
+  with pytest.raises(TypeError, match="fp8_linear"):
+    jd.fp8_linear(jnp.ones((4, 128), jnp.int32), jnp.ones((128, 32)))
+  with pytest.raises(ValueError, match="group_sizes"):
+    jd.fp8_grouped_linear(jnp.ones((4, 128)), jnp.ones((2, 128, 32)), jnp.ones((3,), jnp.int32))

@@ -56,7 +56,13 @@ def use_kernels() -> bool:
     logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")
     return False
   # Host-side setup now, at trace time: it is not allowed inside a CUDA-graph capture.
-  _C.initialize()
+  # Only this process's GPUs: touching others would open CUDA contexts on them.
+  try:
+    _C.initialize([d.local_hardware_id for d in jax.local_devices(backend="gpu")])
+  except Exception as e:  # pylint: disable=broad-except
+    logger.warning("jax_deepgemm: kernel setup failed (%s); GPU ops use the pure-JAX reference "
+                   "path.", e)
+    return False
   return True
 
 

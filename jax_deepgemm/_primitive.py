@@ -24,7 +24,12 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primi
   def _jitted(params):
     return jax.jit(functools.partial(prim.bind, **dict(params)))
 
-  prim.def_impl(lambda *args, **params: _jitted(tuple(sorted(params.items())))(*args))
+  def _impl(*args, **params):
+    # Eager calls run the jitted op; under jax.disable_jit, jit would call bind again.
+    with jax.disable_jit(False):
+      return _jitted(tuple(sorted(params.items())))(*args)
+
+  prim.def_impl(_impl)
   prim.def_abstract_eval(abstract_eval)
   ref_rule = mlir.lower_fun(reference, multiple_results=False)
   cuda_rule = mlir.lower_fun(cuda, multiple_results=False)
@@ -53,7 +58,12 @@ def map_rule(prim: Primitive):
   Ops install faster rules for the natural cases and fall back to this one.
   """
   def rule(args, dims, **params):
-    size = batch_size(args, dims)
-    args = [at_front(x, d, size) for x, d in zip(args, dims)]
-    return jax.lax.map(lambda xs: prim.bind(*xs, **params), args), 0
+    mapped = [jnp.moveaxis(x, d, 0) for x, d in zip(args, dims) if d is not None]
+
+    def one(xs):
+      # Unbatched operands (weights, typically) pass through: never copied per element.
+      it = iter(xs)
+      return prim.bind(*[next(it) if d is not None else x for x, d in zip(args, dims)], **params)
+
+    return jax.lax.map(one, mapped), 0
   return rule

@@ -88,20 +88,21 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     # Only activations batched: fold the batch into M, one bigger GEMM.
     def fold(x, d):
       y = _primitive.at_front(x, d, size)
-      return y.reshape(-1, y.shape[-1])
+      return y.reshape(y.shape[0] * y.shape[1], y.shape[2])
     a2, sa2 = fold(a, da), fold(sa, dsa)
     c2 = None if c is None else fold(c, dc)
+    m = a.shape[1] if da == 0 else a.shape[0]  # a is [M, K] with the batch axis somewhere
     out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
-    return out.reshape(size, -1, out.shape[-1]), 0
+    return out.reshape(size, m, out.shape[-1]), 0
   if not has_bias and not has_c:
     # Batched weights: one M-grouped GEMM with a group per batch element.
     from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
     a3, sa3, b3, sb3 = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
     m = a3.shape[1]
     out = m_grouped_fp8_gemm_nt_contiguous(
-        a3.reshape(size * m, -1), sa3.reshape(size * m, -1), b3, sb3,
+        a3.reshape(size * m, a3.shape[2]), sa3.reshape(size * m, sa3.shape[2]), b3, sb3,
         jnp.full((size,), m, jnp.int32), out_dtype=out_dtype)
-    return out.reshape(size, m, -1), 0
+    return out.reshape(size, m, b3.shape[1]), 0
   return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
                                             has_bias=has_bias, has_c=has_c)
 

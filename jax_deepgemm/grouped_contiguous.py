@@ -49,7 +49,13 @@ m_grouped_contiguous_p = _primitive.define(
 
 def sanitize_group_sizes(group_sizes, m):
   """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
-  ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
+  g = group_sizes
+  if jnp.issubdtype(g.dtype, jnp.signedinteger):
+    g = jnp.maximum(g, 0)
+  # Clip in the input's own type first (huge sizes must not wrap), then a saturating
+  # running sum so no prefix overflows int32.
+  g = jnp.minimum(g, m).astype(jnp.int32)
+  ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x + y, m), g)
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 
 

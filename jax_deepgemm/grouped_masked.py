@@ -42,13 +42,16 @@ def _reference(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
 
 
 def _batching_rule(args, dims, *, expected_m, out_dtype):
+  if dims[2] is None or dims[3] is None:
+    # Shared weights: folding would copy them per batch element; loop instead.
+    return _primitive.map_rule(masked_p)(args, dims, expected_m=expected_m, out_dtype=out_dtype)
   # Every batch element is G more groups: fold the batch into G.
   size = _primitive.batch_size(args, dims)
   a, sa, b, sb, masked_m = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
                       expected_m=expected_m, out_dtype=out_dtype)
-  return out.reshape((size, -1) + out.shape[1:]), 0
+  return out.reshape((size, a.shape[1]) + out.shape[1:]), 0
 
 
 masked_p = _primitive.define(

@@ -3,10 +3,10 @@
 ``fp8_linear(x, w, bias)`` is a drop-in for ``x @ w (+ bias)`` (``w [K, N]``, flax.nnx.Linear's
 layout) and ``fp8_grouped_linear(x, w, group_sizes)`` for ``jax.lax.ragged_dot(x, w, group_sizes)``
 (``w [G, K, N]``). Forward: x per 1x128, w per 128x128, FP8 GEMM. Backward: dgrad ``dY·Wᵀ`` with
-the FP8 GEMM (W's 128x128 blocks transpose exactly, so its scales are reused), wgrad ``Xᵀ·dY``
-with both operands quantized along the token axis and the (K-grouped) wgrad GEMM. Gradients
-come back in the dtypes of the inputs. Every piece lowers to the kernels on Hopper and to the
-reference elsewhere, so these layers also train on CPU.
+the FP8 GEMM (W's 128x128 blocks transpose exactly), wgrad ``Xᵀ·dY`` with both operands
+quantized along the token axis and the (K-grouped) wgrad GEMM. Gradients come back in the dtypes
+of the inputs. The layers are built on the ops, so they run wherever the ops do (today only the
+dense GEMM has a Hopper kernel; the grouped and wgrad ops use their reference lowering).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from jax_deepgemm.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
 
 
 def _gemm_dtype(dtype):
-  # The GEMM writes bf16 or f32; f32 inputs keep f32 results.
-  return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
+  # The GEMM writes bf16 or f32: bf16 stays bf16, anything else goes through f32.
+  return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
 
 
 def _check_float(op, name, x):
@@ -36,7 +36,8 @@ def _check_float(op, name, x):
 def _linear(x2, w, bias):
   xq, xs = per_token_cast_to_fp8(x2)
   wq, ws = per_block_cast_to_fp8(w.T)  # [N, K]
-  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias, out_dtype=_gemm_dtype(x2.dtype))
+  bias32 = None if bias is None else bias.astype(jnp.float32)
+  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias32, out_dtype=_gemm_dtype(x2.dtype))
   return y.astype(x2.dtype)
 
 

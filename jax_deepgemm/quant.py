@@ -51,6 +51,8 @@ def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
   x = _check_float("per_token_cast_to_fp8", x)
   if x.ndim == 0:
     raise ValueError("per_token_cast_to_fp8: expected an array with at least one axis")
+  if not -x.ndim <= axis < x.ndim:
+    raise ValueError(f"per_token_cast_to_fp8: axis {axis} is out of range for shape {x.shape}")
   axis = axis % x.ndim
   xm = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
   n = xm.shape[-1]
@@ -85,6 +87,8 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False):
 
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   """Inverse of ``per_token_cast_to_fp8`` (float32 result)."""
+  if not -x_fp8.ndim <= axis < x_fp8.ndim:
+    raise ValueError(f"dequantize_per_token: axis {axis} is out of range for shape {x_fp8.shape}")
   axis = axis % x_fp8.ndim
   n = x_fp8.shape[axis]
   s = jnp.repeat(scale, BLOCK, axis=axis, total_repeat_length=scale.shape[axis] * BLOCK)

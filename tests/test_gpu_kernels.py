@@ -79,8 +79,11 @@ worst = 0.0
 for m, n, k in [(200, 1000, 640), (65, 300, 400), (1, 96, 7168), (300, 2112, 128), (130, 161, 16)]:
   a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, n, k)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((m, n)) * 10, jnp.float32)
   worst = max(worst, oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, bias=bias),
-                                      oracle.gemm_nt(a, sa, b, sb, bias=bias)))
+                                      oracle.gemm_nt(a, sa, b, sb, bias=bias)),
+              oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, c=c),
+                               oracle.gemm_nt(a, sa, b, sb, c=c)))
 print("WORST", worst)
 """
 
@@ -94,8 +97,9 @@ def test_every_built_config():
   assert len(configs) >= 5
   here = os.path.dirname(__file__)
   for cfg in configs:
-    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=here)
-    r = subprocess.run([sys.executable, "-P", "-c", _CONFIG_SCRIPT], env=env, cwd=here,
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=path)
+    r = subprocess.run([sys.executable, "-c", _CONFIG_SCRIPT], env=env, cwd=here,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (cfg, r.stderr[-2000:])
     worst = float(r.stdout.split("WORST")[-1])

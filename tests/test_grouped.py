@@ -95,11 +95,15 @@ def test_masked_vmap_folds_into_groups(rng):
   a, sa = a.reshape(3, g, m_max, k), sa.reshape(3, g, m_max, 1)
   b, sb = quant_w(rng, g, n, k)
   mm = jnp.asarray([[1, 16], [0, 7], [16, 16]], jnp.int32)
-  f = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked, in_axes=(0, 0, None, None, 0))
-  d = f(a, sa, b, sb, mm)
-  assert "scan" not in str(jax.make_jaxpr(f)(a, sa, b, sb, mm))
+  b3, sb3 = jnp.stack([b] * 3), jnp.stack([sb] * 3)
+  f = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked)
+  d = f(a, sa, b3, sb3, mm)
+  assert "scan" not in str(jax.make_jaxpr(f)(a, sa, b3, sb3, mm))  # batched weights: folded
+  # Shared weights: a loop over the batch, without copying the weights.
+  d2 = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked, in_axes=(0, 0, None, None, 0))(a, sa, b, sb, mm)
   for i in range(3):
-    assert oracle.calc_diff(d[i], oracle.grouped_masked(a[i], sa[i], b, sb, mm[i])) < 1e-5
+    want = oracle.grouped_masked(a[i], sa[i], b, sb, mm[i])
+    assert oracle.calc_diff(d[i], want) < 1e-5 and oracle.calc_diff(d2[i], want) < 1e-5
 
 
 def test_masked_errors(rng):
@@ -113,3 +117,30 @@ def test_masked_errors(rng):
     f(a, sa, b, sb, jnp.zeros((2,), jnp.int32), expected_m=2.5)
   with pytest.raises(ValueError, match="a must be 3-D"):
     f(a[0], sa[0], b, sb, jnp.zeros((2,), jnp.int32))
+
+
+def test_huge_group_sizes_saturate(rng):
+  a, sa = quant_act(rng, 10, 128)
+  b, sb = quant_w(rng, 3, 16, 128)
+  gs = jnp.asarray([2**31 - 1, 2**31 - 1, 3], jnp.int32)
+  from jax_deepgemm.grouped_contiguous import sanitize_group_sizes
+  np.testing.assert_array_equal(np.asarray(sanitize_group_sizes(gs, 10)), [10, 0, 0])
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, [10, 0, 0])) < 1e-5
+
+
+def test_vmap_does_not_copy_shared_weights(rng):
+  a, sa = quant_act(rng, 4 * 32, 128)
+  b, sb = quant_w(rng, 2, 64, 128)
+  gs = jnp.asarray([[16, 16]] * 4, jnp.int32)
+  f = jax.vmap(jd.m_grouped_fp8_gemm_nt_contiguous, in_axes=(0, 0, None, None, 0))
+  hlo = jax.jit(f).lower(a.reshape(4, 32, 128), sa.reshape(4, 32, 1), b, sb, gs).as_text()
+  assert "4x2x64x128" not in hlo  # no per-element broadcast of b
+
+
+def test_ops_under_disable_jit(rng):
+  a, sa = quant_act(rng, 8, 128)
+  b, sb = quant_w(rng, 16, 128)
+  with jax.disable_jit():
+    d = jd.fp8_gemm_nt(a, sa, b, sb)
+  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb)) < 1e-5

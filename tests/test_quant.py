@@ -74,3 +74,8 @@ def test_jit_and_bad_input():
     jd.per_token_cast_to_fp8(jnp.ones((4, 128), jnp.int32))
   with pytest.raises(ValueError, match="per_block_cast_to_fp8"):
     jd.per_block_cast_to_fp8(jnp.ones((128,)))
+
+
+def test_axis_out_of_range():
+  with pytest.raises(ValueError, match="out of range"):
+    jd.per_token_cast_to_fp8(jnp.ones((4, 128)), axis=2)

@@ -1,0 +1,235 @@
+"""A DeepSeek-style mixture-of-experts layer for ``flax.nnx`` on top of the FP8 grouped GEMM.
+
+``MoE(hidden, expert_width, num_experts, top_k, rngs=...)`` maps ``x [..., hidden]`` to
+``(y [..., hidden], aux_loss)``. Each token is routed to ``top_k`` of ``num_experts`` SwiGLU
+experts (``down(silu(gate(x)) * up(x))``); their outputs are mixed with the router's weights and,
+optionally, added to a dense shared-expert SwiGLU MLP (DeepSeek-V2/V3's "shared experts").
+
+Layout (no capacity factor, no token dropping, static shapes throughout)::
+
+  x [T, H] --router (f32)--> scores [T, E] --top_k--> ids, weights [T, k]
+  token-choices [T*k] sorted by expert id (stable) --gather--> x_sorted [T*k, H]
+  group_sizes = bincount(ids) [E]            (a device array: nothing syncs with the host)
+  x_sorted --grouped GEMMs (gate, up, down)--> y_sorted [T*k, H]
+  y_sorted --inverse gather--> [T, k, H] --weighted sum over k (f32)--> + shared --> y [T, H]
+
+Parameters: ``router [H, E]``, ``w_gate [E, H, W]``, ``w_up [E, H, W]``, ``w_down [E, W, H]``
+(the ``jax.lax.ragged_dot`` weight layout ``[G, K, N]``), and, with ``num_shared_experts > 0``,
+``shared_gate [H, S]``, ``shared_up [H, S]``, ``shared_down [S, H]`` with ``S =
+num_shared_experts * expert_width``.
+
+Two expert implementations, same parameters, same routing:
+
+* ``experts_impl="fp8"``: :func:`jax_deepgemm.fp8_grouped_linear` (DeepSeek-V3's FP8 recipe: 1x128
+  activation scales, 128x128 weight scales, FP8 dgrad and K-grouped FP8 wgrad) for the experts
+  and :func:`jax_deepgemm.fp8_linear` for the shared experts.
+* ``experts_impl="bf16"``: ``jax.lax.ragged_dot`` / ``jnp.dot`` in the compute ``dtype`` with f32
+  accumulation: the baseline to compare FP8 against (with ``dtype=jnp.float32`` it is exact
+  enough to check against a dense reference).
+
+The auxiliary load-balancing loss is Switch/DeepSeek's ``E * Σ_e f_e P_e`` (``f_e``: the fraction
+of token-choices routed to ``e``, no gradient; ``P_e``: the mean router probability of ``e``),
+scaled by ``aux_loss_coef``; it is 1 * coef for perfectly balanced routing.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
+
+_SCORES = ("softmax", "sigmoid")
+_IMPLS = ("fp8", "bf16")
+
+
+# ----------------------------------------------------------------------------- permutation
+# Both directions are plain row gathers. Autodiff of a gather would produce a scatter-add (and
+# of the unpermute a scatter into a [T*k, H] zero buffer); since ``order`` is a permutation we
+# know its inverse, so each backward is again just a gather.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x, order, inverse, k):
+  """``x [T, H]`` -> ``[T*k, H]``: row ``i`` is token ``order[i] // k``."""
+  return x[order // k]
+
+
+def _dispatch_fwd(x, order, inverse, k):
+  return _dispatch(x, order, inverse, k), (order, inverse)
+
+
+def _dispatch_bwd(k, res, dy):
+  order, inverse = res
+  # Back to token-choice order, then each token sums the cotangents of its k copies.
+  dx = dy[inverse].reshape(-1, k, dy.shape[-1])
+  dx = jnp.sum(dx.astype(jnp.float32), axis=1).astype(dy.dtype)
+  return dx, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _combine_gather(y_sorted, order, inverse):
+  """``y_sorted [T*k, H]`` (expert order) -> ``[T*k, H]`` in token-choice order."""
+  return y_sorted[inverse]
+
+
+def _combine_gather_fwd(y_sorted, order, inverse):
+  return _combine_gather(y_sorted, order, inverse), (order, inverse)
+
+
+def _combine_gather_bwd(res, dy):
+  order, _ = res
+  return dy[order], None, None
+
+
+_combine_gather.defvjp(_combine_gather_fwd, _combine_gather_bwd)
+
+
+def _silu_glu(gate, up):
+  return jax.nn.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- module
+class MoE(nnx.Module):
+  """Top-k routed SwiGLU experts (+ optional shared experts) with FP8 or bf16 grouped GEMMs.
+
+  Args:
+    hidden: model width ``H`` (input and output features).
+    expert_width: intermediate width ``W`` of each routed expert.
+    num_experts: number of routed experts ``E``.
+    top_k: experts per token ``k`` (``1 <= k <= E``).
+    rngs: ``nnx.Rngs`` for the initializers.
+    score: ``"softmax"`` or ``"sigmoid"`` router scores.
+    normalize_topk: renormalize the k chosen scores to sum to 1 (always done for sigmoid).
+    num_shared_experts: if > 0, a dense SwiGLU of width ``num_shared_experts * expert_width``
+      applied to every token and added to the routed output.
+    experts_impl: ``"fp8"`` (jax_deepgemm's FP8 GEMMs) or ``"bf16"`` (``ragged_dot`` in ``dtype``).
+    dtype: compute dtype of the expert GEMMs (the router and the combine always run in f32).
+    param_dtype: dtype of the parameters.
+    aux_loss_coef: scale of the load-balancing loss returned next to the output.
+  """
+
+  def __init__(self, hidden: int, expert_width: int, num_experts: int, top_k: int, *,
+               rngs: nnx.Rngs, score: str = "softmax", normalize_topk: bool = True,
+               num_shared_experts: int = 0, experts_impl: str = "fp8",
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, aux_loss_coef: float = 1e-2):
+    for name, v in (("hidden", hidden), ("expert_width", expert_width),
+                    ("num_experts", num_experts), ("top_k", top_k)):
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
+    if top_k > num_experts:
+      raise ValueError(f"MoE: top_k ({top_k}) must be <= num_experts ({num_experts})")
+    if (not isinstance(num_shared_experts, int) or isinstance(num_shared_experts, bool)
+        or num_shared_experts < 0):
+      raise ValueError(f"MoE: num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+    if score not in _SCORES:
+      raise ValueError(f"MoE: score must be one of {_SCORES}, got {score!r}")
+    if experts_impl not in _IMPLS:
+      raise ValueError(f"MoE: experts_impl must be one of {_IMPLS}, got {experts_impl!r}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+      raise ValueError(f"MoE: dtype must be a floating dtype, got {dtype!r}")
+    if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
+      raise ValueError(f"MoE: param_dtype must be a floating dtype, got {param_dtype!r}")
+
+    self.hidden, self.expert_width = hidden, expert_width
+    self.num_experts, self.top_k = num_experts, top_k
+    self.score, self.experts_impl = score, experts_impl
+    # Sigmoid scores don't sum to 1 over the experts, so the chosen ones are always normalized
+    # (DeepSeek-V3).
+    self.normalize_topk = bool(normalize_topk) or score == "sigmoid"
+    self.num_shared_experts = num_shared_experts
+    self.dtype, self.param_dtype = dtype, param_dtype
+    self.aux_loss_coef = float(aux_loss_coef)
+
+    # Router: small init so the initial routing is close to uniform.
+    self.router = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (hidden, num_experts), param_dtype))
+    # Experts: lecun-normal per expert (fan-in = the contracted axis; axis 0 is the expert).
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    e, w = num_experts, expert_width
+    self.w_gate = nnx.Param(init(rngs.params(), (e, hidden, w), param_dtype))
+    self.w_up = nnx.Param(init(rngs.params(), (e, hidden, w), param_dtype))
+    self.w_down = nnx.Param(init(rngs.params(), (e, w, hidden), param_dtype))
+    if num_shared_experts:
+      s = num_shared_experts * expert_width
+      dense = nnx.initializers.lecun_normal()
+      self.shared_gate = nnx.Param(dense(rngs.params(), (hidden, s), param_dtype))
+      self.shared_up = nnx.Param(dense(rngs.params(), (hidden, s), param_dtype))
+      self.shared_down = nnx.Param(dense(rngs.params(), (s, hidden), param_dtype))
+    else:
+      self.shared_gate = self.shared_up = self.shared_down = None
+
+  # --------------------------------------------------------------------------- GEMMs
+  def _grouped(self, x, w, group_sizes):
+    w = w.astype(self.dtype)
+    if self.experts_impl == "fp8":
+      return fp8_grouped_linear(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes,
+                              preferred_element_type=jnp.float32).astype(self.dtype)
+
+  def _dense(self, x, w):
+    w = w.astype(self.dtype)
+    if self.experts_impl == "fp8":
+      return fp8_linear(x, w)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(self.dtype)
+
+  # --------------------------------------------------------------------------- routing
+  def _route(self, x2):
+    """f32 router: returns (probs [T, E] for the aux loss, ids [T, k], weights [T, k])."""
+    # Routing decisions are discrete and sensitive to small logit changes, so the router runs
+    # in f32 at full precision (no TF32 / bf16 passes) whatever the compute dtype.
+    logits = jnp.dot(x2.astype(jnp.float32), self.router[...].astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    if self.score == "softmax":
+      scores = jax.nn.softmax(logits, axis=-1)
+      probs = scores
+    else:
+      scores = jax.nn.sigmoid(logits)
+      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    weights, ids = jax.lax.top_k(scores, self.top_k)
+    if self.normalize_topk:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, ids, weights
+
+  def __call__(self, x):
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != self.hidden:
+      raise ValueError(f"MoE: x must be [..., {self.hidden}], got {x.shape}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, self.hidden)
+    t, k, e = x2.shape[0], self.top_k, self.num_experts
+
+    probs, ids, weights = self._route(x2)
+
+    # Sort the T*k token-choices by expert. The stable sort keeps tokens in order within each
+    # expert; `inverse` maps each token-choice to its row in the sorted layout.
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+    group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
+
+    xc = x2.astype(self.dtype)  # cast before the gather: k copies of fewer bytes
+    x_sorted = _dispatch(xc, order, inverse, k)
+    h = _silu_glu(self._grouped(x_sorted, self.w_gate[...], group_sizes),
+                  self._grouped(x_sorted, self.w_up[...], group_sizes))
+    y_sorted = self._grouped(h, self.w_down[...], group_sizes)
+
+    # Back to [T, k, H]; the weighted sum over the k choices accumulates in f32 (elementwise,
+    # not a dot, so no TF32/bf16 matmul precision applies to it on GPU).
+    y_tk = _combine_gather(y_sorted, order, inverse).reshape(t, k, self.hidden)
+    y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
+
+    if self.num_shared_experts:
+      hs = _silu_glu(self._dense(xc, self.shared_gate[...]), self._dense(xc, self.shared_up[...]))
+      y = y + self._dense(hs, self.shared_down[...]).astype(jnp.float32)
+
+    # Load balance: f_e counts routed choices (no gradient), P_e carries the router gradient.
+    # (max(.., 1): an empty batch gives aux = 0, not NaN.)
+    f = jax.lax.stop_gradient(group_sizes.astype(jnp.float32) / max(t * k, 1))
+    p = jnp.sum(probs, axis=0) / max(t, 1)
+    aux = self.aux_loss_coef * e * jnp.sum(f * p)
+
+    return y.astype(x.dtype).reshape(lead + (self.hidden,)), aux.astype(jnp.float32)

@@ -21,7 +21,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -290,18 +289,6 @@ bool SelectConfig(int64_t m, int64_t n, int64_t /*k*/, int num_sms, GemmConfig* 
     if (env.block_m) bm = env.block_m;
     if (env.block_n) bn = env.block_n;
     if (env.stages) stages = env.stages;
-    // Keys left out fall back to a built entry that matches the forced ones.
-    if (FindKernel(bm, bn, stages ? stages : fp8_gemm_max_stages(bm, bn)) == nullptr) {
-      for (const KernelEntry& e : kKernels) {
-        if ((!env.block_m || e.block_m == env.block_m) &&
-            (!env.block_n || e.block_n == env.block_n) && (!env.stages || e.stages == env.stages)) {
-          bm = e.block_m;
-          bn = e.block_n;
-          stages = e.stages;
-          break;
-        }
-      }
-    }
   }
   if (stages == 0) stages = fp8_gemm_max_stages(bm, bn);
   const KernelEntry* e = FindKernel(bm, bn, stages);
@@ -505,30 +492,24 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
 
 std::string SupportedGemmConfigs() { return SupportedConfigs(); }
 
-bool InitializeDevices(const std::vector<int>& devices, std::string* error) {
+bool InitializeDevices(std::string* error) {
   if (tma::get_encode_tiled() == nullptr) {
     *error = "jax_deepgemm: the CUDA driver has no cuTensorMapEncodeTiled";
     return false;
   }
-  // Only the given devices (this process's): cudaSetDevice on any other one
-  // would create a CUDA context there.
-  int original = -1;
-  if (cudaGetDevice(&original) != cudaSuccess) (void)cudaGetLastError();
-  for (int d : devices) {
-    if (d < 0 || d >= kMaxDevices) continue;
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    *error = "jax_deepgemm: cudaGetDeviceCount failed";
+    return false;
+  }
+  for (int d = 0; d < count && d < kMaxDevices; ++d) {
     cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess) {
-      (void)cudaGetLastError();
-      continue;
-    }
-    if (prop.major != 9) continue;
-    if (cudaSetDevice(d) != cudaSuccess) {
-      *error = "jax_deepgemm: cannot set up device " + std::to_string(d);
-      return false;
-    }
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess || prop.major != 9) continue;
+    ScopedDevice scoped(d);
     cudaError_t cerr = cudaSuccess;
-    if (GetNumSms(d, &cerr) <= 0) {
-      *error = "jax_deepgemm: cannot query device " + std::to_string(d);
+    if (!scoped.ok() || GetNumSms(d, &cerr) <= 0) {
+      *error = "jax_deepgemm: cannot set up device " + std::to_string(d);
       return false;
     }
     for (const KernelEntry& e : kKernels) {
@@ -540,12 +521,9 @@ bool InitializeDevices(const std::vector<int>& devices, std::string* error) {
       }
     }
   }
-  // Back to the thread's device if it is one of ours (it already has a context).
-  for (int d : devices) {
-    if (d == original) (void)cudaSetDevice(original);
-  }
   return true;
 }
+
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
                       std::string* error) {
   if (m < 1 || n < 1 || k < 1) {

@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include "xla/ffi/api/api.h"
 
@@ -17,10 +16,10 @@ namespace jax_deepgemm {
 // formatted as "block_m=128,block_n=128,stages=6". Honors the environment
 // variable JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the
 // problem or the forced configuration is invalid.
-// One-time host setup for each given Hopper device (CUDA ordinals) (shared-memory limits, driver
+// One-time host setup for every Hopper device (shared-memory limits, driver
 // entry points, SM counts). Call before the first launch: these calls are not
 // allowed while XLA captures a command buffer (CUDA graph).
-bool InitializeDevices(const std::vector<int>& devices, std::string* error);
+bool InitializeDevices(std::string* error);
 
 // "block_m=..,block_n=..,stages=..; ..." for every dense config that is built.
 std::string SupportedGemmConfigs();

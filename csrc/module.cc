@@ -4,7 +4,6 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
-#include <nanobind/stl/vector.h>
 
 #include "handlers.h"
 
@@ -38,15 +37,11 @@ NB_MODULE(_C, m) {
 
   m.def(
       "initialize",
-      [](const std::vector<int>& devices) {
+      []() {
         std::string error;
-        if (!jax_deepgemm::InitializeDevices(devices, &error)) {
-          throw nb::value_error(error.c_str());
-        }
+        if (!jax_deepgemm::InitializeDevices(&error)) throw nb::value_error(error.c_str());
       },
-      nb::arg("devices"),
-      "One-time setup of the given Hopper devices (CUDA ordinals); call before the first "
-      "kernel runs, outside any CUDA-graph capture.");
+      "One-time setup of every Hopper device; call before the first kernel runs.");
 
   m.def(
       "supported_gemm_configs", []() { return jax_deepgemm::SupportedGemmConfigs(); },

@@ -56,9 +56,9 @@ def use_kernels() -> bool:
     logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")
     return False
   # Host-side setup now, at trace time: it is not allowed inside a CUDA-graph capture.
-  # Only this process's GPUs: touching others would open CUDA contexts on them.
+  # (It sets up every visible Hopper GPU; limiting it to this process's GPUs is to do.)
   try:
-    _C.initialize([d.local_hardware_id for d in jax.local_devices(backend="gpu")])
+    _C.initialize()
   except Exception as e:  # pylint: disable=broad-except
     logger.warning("jax_deepgemm: kernel setup failed (%s); GPU ops use the pure-JAX reference "
                    "path.", e)

@@ -1,0 +1,617 @@
+"""M-grouped FP8 GEMM benchmark (MoE forward / decode): jax_deepgemm vs XLA's bf16 GEMMs.
+
+For every case, in one process:
+  op "m_grouped_contiguous" (experts' tokens sorted and concatenated, ``ragged_dot``'s layout)
+    jax_deepgemm     ``m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes)`` on
+                     pre-quantized inputs: a e4m3 [M, K] (1x128 scales), b e4m3 [G, N, K]
+                     (128x128 scales), group_sizes int32 [G] on device -> bf16 [M, N].
+    ragged_dot_bf16  ``jax.lax.ragged_dot(x, w, group_sizes)``, x bf16 [M, K], w bf16 [G, K, N]
+                     -> bf16. XLA's GPU compiler either expands it into a dense masked dot
+                     over all G groups (G times the work; ``[G, M, K]`` temporaries, so large G
+                     runs out of memory: recorded as "OOM") or, with
+                     ``XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true`` on a new
+                     enough XLA + cuDNN, hands it to cuDNN's grouped GEMM; the record's
+                     ``config`` says what it compiled to.
+  op "m_grouped_masked" (decode layout [G, M_max, K], masked_m = M_max, expected_m = M_max)
+    jax_deepgemm     ``m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=M_max)``.
+    xla_bf16_einsum  ``einsum("gmk,gnk->gmn")`` in bf16 (a batched cuBLAS GEMM).
+
+Cases (G groups x rows per group, N, K):
+  4x8192 (4096, 7168), 4x8192 (7168, 2048), 8x4096 (7168, 2048), 32x512 (2048, 7168),
+  256x64 (2048, 7168); DeepSeek-V3-like routing, 256 experts top-8 over 4096 and 16384 tokens
+  (M = tokens * 8 rows; group sizes from a Zipf-skewed top-k routing: expert e has weight
+  1/rank(e)^s, ``--zipf-s``, default 0.5, 0 = uniform; each token picks 8 distinct experts by the
+  Gumbel-top-k trick; fixed seed) at (4096, 7168) and (7168, 2048); and an unaligned variant,
+  8 groups of about 4096 rows whose sizes are not multiples of 128 (7168, 2048). Routed sizes
+  are used as they come (not padded to 128 either). Masked: 1x1024, 2x512, 4x256 at (4096, 7168).
+
+Records: m = total rows = sum(group_sizes) (the useful work), n, k, groups. TFLOPS = 2·m·N·K / t
+(useful rows only, whatever the implementation computes). GB/s = bytes / t with bytes =
+M·K + G·N·K + scales + 2·M·N (ours), 2·(M·K + G·N·K + M·N) (bf16). ``ratio_vs_ragged_dot`` /
+``ratio_vs_xla_bf16`` = t_baseline / t_ours (> 1: ours is faster). ``diff`` (DeepGEMM's
+1 - 2Σxy / Σ(x² + y²)) of our output against f32 HIGHEST dots of the dequantized inputs, over up
+to 4 groups (first, largest, middle, last non-empty); > 1e-5 prints a warning. A failed
+implementation gets a record with ``time_us`` null and ``error`` ("OOM" or the message).
+
+jax_deepgemm's ``config`` is "ffi_kernel..." when its Hopper kernel ran and "reference:..." when
+the op took its pure-JAX reference lowering (dequantize + f32 ragged_dot: slow, and as
+memory-hungry as ragged_dot); the latter prints a warning on GPU.
+
+Timing: ``_timing.bench`` (rotating input sets, median of bursts), after one compiled trial call
+per implementation; if bench would take longer than ``--budget`` seconds (default 8) for it (a
+very slow call, e.g. a reference lowering or XLA's dense expansion), the median of a few single
+calls (each reads far more than L2) is recorded instead (``timing: "single_calls"``), and the
+diff check is skipped. Results are written after every case, so a crash keeps what was measured.
+
+  python benchmarks/bench_grouped.py                  # all cases, writes results/grouped.json
+  python benchmarks/bench_grouped.py --quick --no-write   # CPU smoke run
+  python benchmarks/bench_grouped.py --filter route --zipf-s 0   # routing cases, uniform routing
+  python benchmarks/bench_grouped.py --filter masked --skip-baseline
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+  sys.path.insert(0, str(_HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+try:
+  import jax_deepgemm as jd  # noqa: E402
+except ImportError:  # running from a source checkout without PYTHONPATH
+  sys.path.insert(0, str(_HERE.parent))
+  import jax_deepgemm as jd  # noqa: E402
+
+import _timing as T  # noqa: E402
+
+OP_CONTIGUOUS = "m_grouped_contiguous"
+OP_MASKED = "m_grouped_masked"
+DIFF_WARN = 1e-5
+BF16 = jnp.bfloat16
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def ceil_div(a, b):
+  return -(-a // b)
+
+
+# ======================================================================= shared helpers
+# (bench_train.py and bench_moe.py import these)
+
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OUT_OF_MEMORY", "OOM",
+                "Failed to allocate", "MemoryError")
+
+
+def error_kind(e: BaseException) -> str:
+  """``"OOM"`` for an out-of-memory error, else ``"Type: first line of the message"``."""
+  text = f"{type(e).__name__}: {e}"
+  if isinstance(e, MemoryError) or any(s in text for s in _OOM_MARKERS):
+    return "OOM"
+  first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+  return first if len(first) <= 300 else first[:297] + "..."
+
+
+_BACKENDS = (
+    (r"__cublas\$lt\$matmul\$f8", "cublaslt_f8"),
+    (r'custom_call_target="jax_deepgemm_', "ffi_kernel"),
+    (r"__triton_gemm|__triton_nested_gemm_fusion", "triton"),
+    (r"__cudnn\$fusion", "cudnn"),
+    (r'__cublas\$lt\$matmul"', "cublaslt"),
+    (r"__cublas\$gemm", "cublas"),
+)
+
+
+def hlo_backends(hlo: str) -> str:
+  """What the GEMMs of a compiled HLO became, e.g. ``"ffi_kernel+cublas"`` (or ``"dot"`` on CPU)."""
+  found = [name for pat, name in _BACKENDS if re.search(pat, hlo)]
+  if not found:
+    found = ["dot"] if re.search(r"\bdot\(", hlo) else ["other"]
+  return "+".join(dict.fromkeys(found))
+
+
+def ours_config(backends: str | None) -> str | None:
+  """Our ops' lowering as seen in the HLO: the FFI kernel, or the reference (pure-JAX) path."""
+  if backends is None:
+    return None
+  return backends if "ffi_kernel" in backends else f"reference:{backends}"
+
+
+def timing_config(args) -> dict:
+  """``_timing.bench`` keyword arguments from the common flags (modest defaults, --quick tiny)."""
+  timing = dict(warmup=2, iters=10, min_time_s=0.3, rotate_bytes=T.DEFAULT_ROTATE_BYTES,
+                max_rot=T.DEFAULT_MAX_ROT)
+  if args.quick:
+    timing.update(warmup=1, iters=3, min_time_s=0.05, rotate_bytes=0, max_rot=2)
+  if args.iters is not None:
+    timing["iters"] = max(1, args.iters)
+  if args.min_time is not None:
+    timing["min_time_s"] = args.min_time
+  if args.rotate_mb is not None:
+    timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
+  return timing
+
+
+def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
+  p.add_argument("--quick", action="store_true", help="tiny shapes, short timing (CPU smoke)")
+  p.add_argument("--out", default=default_out,
+                 help=f"results/<OUT>.json (default: {default_out})")
+  p.add_argument("--no-write", action="store_true", help="do not write the results file")
+  p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken; default 10)")
+  p.add_argument("--min-time", type=float, default=None,
+                 help="seconds of timing per implementation (default 0.3)")
+  p.add_argument("--rotate-mb", type=float, default=None,
+                 help="MB of rotating input sets per implementation (default 512; must exceed L2)")
+  p.add_argument("--budget", type=float, default=8.0,
+                 help="seconds one implementation's timing may take before falling back to a few "
+                      "single calls (default 8)")
+
+
+def print_header() -> None:
+  dev = jax.devices()[0]
+  kernels = jd.use_kernels()
+  print(f"device: {T.device_name()} ({dev.platform})  jax {jax.__version__}  run {T.run_id()}")
+  print(f"jax_deepgemm: {Path(jd.__file__).parent}  extension_built={jd.extension_built()}  "
+        f"use_kernels={kernels}")
+  if os.environ.get("XLA_FLAGS"):
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  if dev.platform in ("gpu", "cuda") and not kernels:
+    print("WARNING: jax_deepgemm is on its reference path: its timings are XLA dots of "
+          "dequantized inputs, not the Hopper kernels.", file=sys.stderr)
+  sys.stdout.flush()
+
+
+def measure(fn, make_inputs, timing: dict, budget_s: float):
+  """Times ``fn(*make_inputs(key))``; returns ``(Timing, backends of the compiled HLO)``.
+
+  One trial call first (compiled ahead of time, so its HLO names the GEMM backends, and an
+  out-of-memory shape fails here before several input sets exist). If ``_timing.bench`` would
+  then need more than ``budget_s`` seconds, the median of a few single calls (at most 5, within
+  about ``budget_s``) is returned instead (``Timing.mode == "single_calls"``); a first call
+  slower than ``budget_s`` is the only sample.
+  """
+  inputs = tuple(make_inputs(jax.random.fold_in(jax.random.PRNGKey(0), 0)))
+  jax.block_until_ready(inputs)
+  compiled = jax.jit(fn).lower(*inputs).compile()
+  try:
+    backends = hlo_backends(compiled.as_text())
+  except Exception:  # pylint: disable=broad-except  (as_text is informational only)
+    backends = "?"
+  set_bytes = max(1, T.tree_nbytes(inputs))
+
+  def one_call():
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*inputs))
+    return time.perf_counter() - t0
+
+  def single_calls(times):
+    print(f"  (slow call, {times[-1]:.2f} s: timed {len(times)} single call(s) instead of "
+          "bench's rotation)", flush=True)
+    us = [x * 1e6 for x in times]
+    t = T.Timing(time_us=statistics.median(us), min_us=min(us), max_us=max(us), n_rot=1,
+                 inner=1, iters=len(us), set_bytes=set_bytes, host_bound=False)
+    t.mode = "single_calls"
+    return t, backends
+
+  t_first = one_call()
+  if t_first > budget_s:
+    return single_calls([t_first])
+  t1 = one_call()
+
+  rotate = timing.get("rotate_bytes", T.DEFAULT_ROTATE_BYTES)
+  max_rot = timing.get("max_rot", T.DEFAULT_MAX_ROT)
+  n_rot = min(max(2, math.ceil(rotate / set_bytes)), max(2, max_rot))
+  calls = 1 + timing.get("warmup", 3) + 8  # compile run, warmup, bench's calibration probe
+  estimate = calls * n_rot * t1 + max(timing.get("min_time_s", 1.0),
+                                      timing.get("iters", 25) * n_rot * t1)
+  if estimate <= budget_s:
+    del inputs, compiled
+    gc.collect()
+    t = T.bench(fn, make_inputs, **timing)
+    t.mode = "bench"
+    return t, backends
+
+  times = [t1]
+  reps = max(1, min(5, int((budget_s - t_first) / max(t1, 1e-9))))
+  while len(times) < reps:
+    times.append(one_call())
+  return single_calls(times)
+
+
+def slow(t, budget_s: float) -> bool:
+  """True when one call took more than half the budget (skip optional extra checks then)."""
+  return t is not None and t.time_us * 1e-6 > budget_s / 2
+
+
+class Runner:
+  """Runs one implementation at a time; an OOM is recorded, any other error also counts as a
+  failure (exit status 1). Nothing stops the run."""
+
+  def __init__(self):
+    self.failures = 0
+
+  def attempt(self, label: str, f):
+    """``(value, None)``, or ``(None, error_kind)`` if ``f()`` raised."""
+    try:
+      return f(), None
+    except Exception as e:  # pylint: disable=broad-except
+      kind = error_kind(e)
+      if kind == "OOM":
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]
+        print(f"[{label}] OOM ({msg})", file=sys.stderr, flush=True)
+      else:
+        self.failures += 1
+        print(f"[{label}] FAILED:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+      return None, kind
+    finally:
+      gc.collect()
+
+  def time_impl(self, label, fn, make_inputs, timing, budget_s):
+    """``(Timing | None, backends | None, error | None)``."""
+    res, err = self.attempt(label, lambda: measure(fn, make_inputs, timing, budget_s))
+    if res is None:
+      return None, None, err
+    return res[0], res[1], None
+
+
+def impl_record(*, op, impl, m, n, k, groups, timing, error, flops, nbytes, **extras) -> dict:
+  """A result record; a failed implementation (``timing`` None) gets null times and ``error``.
+  ``nbytes`` None: no meaningful byte count, ``gbps`` null."""
+  if timing is not None:
+    rec = T.make_record(op=op, impl=impl, m=m, n=n, k=k, groups=groups, time_us=timing.time_us,
+                        flops=flops, nbytes=nbytes or 0, timing=getattr(timing, "mode", "bench"),
+                        **timing.extras(), **extras)
+    if nbytes is None:
+      rec["gbps"] = None
+    return rec
+  rec = {"op": op, "impl": impl, "m": m, "n": n, "k": k, "groups": groups,
+         "device": T.device_name(), "run_id": T.run_id(), "time_us": None, "tflops": None,
+         "gbps": None, "error": error or "error"}
+  rec.update(extras)
+  return rec
+
+
+def cell(t, value, err):
+  """Table cell: the value, or the error kind (OOM / error) when the implementation failed."""
+  if t is not None:
+    return value
+  if err is None:
+    return "-"
+  return "OOM" if err == "OOM" else "error"
+
+
+def ratio(t_base, t_ours):
+  return t_base.time_us / t_ours.time_us if t_base is not None and t_ours is not None else None
+
+
+# ======================================================================= cases
+
+@dataclasses.dataclass(frozen=True)
+class Contiguous:
+  name: str
+  sizes: tuple  # rows per group (host ints)
+  n: int
+  k: int
+  routing: str  # "uniform" | "zipf(s=..)" | "unaligned"
+
+  @property
+  def groups(self):
+    return len(self.sizes)
+
+  @property
+  def m(self):
+    return int(sum(self.sizes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Masked:
+  name: str
+  groups: int
+  m_max: int
+  n: int
+  k: int
+
+  @property
+  def m(self):
+    return self.groups * self.m_max
+
+
+def routed_sizes(tokens: int, experts: int, top_k: int, zipf_s: float, seed: int = 0):
+  """Tokens per expert of a top-k routing: each token picks ``top_k`` distinct experts with
+  probabilities ∝ 1/rank^s (Gumbel-top-k; experts' ranks shuffled). Sums to tokens*top_k."""
+  rng = np.random.default_rng(seed)
+  weights = 1.0 / np.arange(1, experts + 1, dtype=np.float64) ** zipf_s
+  logw = np.log(weights[rng.permutation(experts)])
+  counts = np.zeros(experts, np.int64)
+  for lo in range(0, tokens, 4096):  # chunks: [chunk, experts] floats at a time
+    hi = min(tokens, lo + 4096)
+    g = logw[None, :] + rng.gumbel(size=(hi - lo, experts))
+    ids = np.argpartition(-g, top_k - 1, axis=1)[:, :top_k]
+    counts += np.bincount(ids.ravel(), minlength=experts)
+  return tuple(int(c) for c in counts)
+
+
+def unaligned_sizes(groups: int, per_group: int, seed: int = 0):
+  """``groups`` sizes near ``per_group``, none a multiple of 128, summing to groups*per_group."""
+  rng = np.random.default_rng(seed)
+  while True:
+    d = rng.integers(1, 128, groups - 1) * rng.choice([-1, 1], groups - 1)
+    sizes = [per_group + int(x) for x in d]
+    sizes.append(groups * per_group - sum(sizes))
+    if all(s > 0 and s % 128 for s in sizes):
+      return tuple(sizes)
+
+
+def default_cases(zipf_s: float):
+  """All cases, in run order: the ones most likely to run out of memory last."""
+  zipf = f"zipf(s={zipf_s:g})" if zipf_s else "uniform_random"
+  cases = [
+      Contiguous("4x8192", (8192,) * 4, 4096, 7168, "uniform"),
+      Contiguous("4x8192", (8192,) * 4, 7168, 2048, "uniform"),
+      Contiguous("8x4096", (4096,) * 8, 7168, 2048, "uniform"),
+      Contiguous("unaligned 8x~4096", unaligned_sizes(8, 4096), 7168, 2048, "unaligned"),
+      Contiguous("32x512", (512,) * 32, 2048, 7168, "uniform"),
+  ]
+  cases += [Masked(f"{g}x{m}", g, m, 4096, 7168) for g, m in ((1, 1024), (2, 512), (4, 256))]
+  cases.append(Contiguous("256x64", (64,) * 256, 2048, 7168, "uniform"))
+  for tokens in (4096, 16384):
+    sizes = routed_sizes(tokens, 256, 8, zipf_s)
+    for n, k in ((4096, 7168), (7168, 2048)):
+      cases.append(Contiguous(f"route256top8 t{tokens}", sizes, n, k, zipf))
+  return cases
+
+
+def quick_cases(zipf_s: float):
+  zipf = f"zipf(s={zipf_s:g})" if zipf_s else "uniform_random"
+  return [
+      Contiguous("4x128", (128,) * 4, 256, 512, "uniform"),
+      Contiguous("unaligned 4x~200", unaligned_sizes(4, 200), 256, 320, "unaligned"),
+      Masked("2x64", 2, 64, 256, 512),
+      Contiguous("16x32", (32,) * 16, 128, 256, "uniform"),
+      Contiguous("route16top4 t64", routed_sizes(64, 16, 4, zipf_s), 256, 384, zipf),
+  ]
+
+
+# ======================================================================= implementations
+
+def ours_contiguous(a, sa, b, sb, group_sizes):
+  return jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes)
+
+
+def ragged_dot_bf16(x, w, group_sizes):
+  return jax.lax.ragged_dot(x, w, group_sizes)  # bf16 x bf16 -> bf16 (f32 accumulation inside)
+
+
+def ours_masked(a, sa, b, sb, masked_m, *, expected_m):
+  return jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=expected_m)
+
+
+def xla_bf16_einsum(x, w):
+  return jnp.einsum("gmk,gnk->gmn", x, w)
+
+
+def contiguous_fp8_inputs(case: Contiguous):
+  m, n, k, g = case.m, case.n, case.k, case.groups
+  sizes = np.asarray(case.sizes, np.int32)
+
+  @jax.jit
+  def make(key):
+    ka, kb = jax.random.split(key)
+    a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (m, k), BF16))
+    # One expert at a time: no [G, N, K] random-bit or f32 temporaries (256 x 4096 x 7168).
+    b, sb = jax.lax.map(lambda kk: jd.per_block_cast_to_fp8(jax.random.normal(kk, (n, k), BF16)),
+                        jax.random.split(kb, g))
+    return a, sa, b, sb, jnp.asarray(sizes)
+  return make
+
+
+def contiguous_bf16_inputs(case: Contiguous):
+  m, n, k, g = case.m, case.n, case.k, case.groups
+  sizes = np.asarray(case.sizes, np.int32)
+
+  @jax.jit
+  def make(key):
+    kx, kw = jax.random.split(key)
+    w = jax.lax.map(lambda kk: jax.random.normal(kk, (k, n), BF16), jax.random.split(kw, g))
+    return jax.random.normal(kx, (m, k), BF16), w, jnp.asarray(sizes)
+  return make
+
+
+def masked_fp8_inputs(case: Masked):
+  g, mm, n, k = case.groups, case.m_max, case.n, case.k
+
+  @jax.jit
+  def make(key):
+    ka, kb = jax.random.split(key)
+    a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (g, mm, k), BF16))
+    b, sb = jd.per_block_cast_to_fp8(jax.random.normal(kb, (g, n, k), BF16))
+    return a, sa, b, sb, jnp.full((g,), mm, jnp.int32)
+  return make
+
+
+def masked_bf16_inputs(case: Masked):
+  g, mm, n, k = case.groups, case.m_max, case.n, case.k
+
+  @jax.jit
+  def make(key):
+    kx, kw = jax.random.split(key)
+    return jax.random.normal(kx, (g, mm, k), BF16), jax.random.normal(kw, (g, n, k), BF16)
+  return make
+
+
+def check_groups(sizes) -> list[int]:
+  """Up to 4 non-empty groups to check: first, largest, middle, last."""
+  nonempty = [i for i, s in enumerate(sizes) if s > 0]
+  if not nonempty:
+    return []
+  pick = [nonempty[0], max(nonempty, key=lambda i: sizes[i]), nonempty[len(nonempty) // 2],
+          nonempty[-1]]
+  return sorted(dict.fromkeys(pick))
+
+
+def contiguous_diff(case: Contiguous) -> float:
+  a, sa, b, sb, gs = contiguous_fp8_inputs(case)(jax.random.PRNGKey(1234))
+  offsets = np.concatenate([[0], np.cumsum(case.sizes)]).astype(int)
+  groups = check_groups(case.sizes)
+
+  @jax.jit
+  def diff(a, sa, b, sb, gs):
+    d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs).astype(F32)
+    num = den = jnp.zeros((), F32)
+    for g in groups:
+      lo, hi = int(offsets[g]), int(offsets[g + 1])
+      x = jd.dequantize_per_token(a[lo:hi], sa[lo:hi])
+      w = jd.dequantize_per_block(b[g], sb[g])
+      y = jnp.dot(x, w.T, precision=HIGHEST, preferred_element_type=F32)
+      num = num + jnp.sum(jnp.square(d[lo:hi] - y))
+      den = den + jnp.sum(d[lo:hi] ** 2 + y * y)
+    return num / jnp.maximum(den, 1e-30)
+  return float(diff(a, sa, b, sb, gs))
+
+
+def masked_diff(case: Masked) -> float:
+  a, sa, b, sb, mm = masked_fp8_inputs(case)(jax.random.PRNGKey(1234))
+
+  @jax.jit
+  def diff(a, sa, b, sb, mm):
+    d = jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, expected_m=case.m_max).astype(F32)
+    y = jnp.einsum("gmk,gnk->gmn", jd.dequantize_per_token(a, sa), jd.dequantize_per_block(b, sb),
+                   precision=HIGHEST, preferred_element_type=F32)
+    return jnp.sum(jnp.square(d - y)) / jnp.maximum(jnp.sum(d * d + y * y), 1e-30)
+  return float(diff(a, sa, b, sb, mm))
+
+
+# ======================================================================= main
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_common_args(p, "grouped")
+  p.add_argument("--zipf-s", type=float, default=0.5,
+                 help="routing skew: expert weight 1/rank^s (default 0.5; 0 = uniform random)")
+  p.add_argument("--filter", default=None,
+                 help="only cases whose op or name contains this text, e.g. route, masked, 8x4096")
+  p.add_argument("--skip-baseline", action="store_true", help="time jax_deepgemm only")
+  p.add_argument("--no-diff", action="store_true", help="skip the accuracy check")
+  args = p.parse_args(argv)
+
+  timing = timing_config(args)
+  cases = (quick_cases if args.quick else default_cases)(args.zipf_s)
+  if args.filter:
+    cases = [c for c in cases
+             if args.filter in c.name
+             or args.filter in (OP_CONTIGUOUS if isinstance(c, Contiguous) else OP_MASKED)]
+
+  print_header()
+  is_gpu = jax.devices()[0].platform in ("gpu", "cuda")
+  runner = Runner()
+  records, rows = [], []
+
+  for case in cases:
+    m, n, k = case.m, case.n, case.k
+    g = case.groups
+    name = f"{case.name} n{n} k{k}"
+    kb, nb = ceil_div(k, 128), ceil_div(n, 128)
+    flops = 2.0 * m * n * k
+    bytes_ours = m * k + g * n * k + 4 * m * kb + 4 * g * nb * kb + 2 * m * n
+    bytes_bf16 = 2 * (m * k + g * k * n + m * n)
+    if isinstance(case, Contiguous):
+      op, base_impl, ratio_key = OP_CONTIGUOUS, "ragged_dot_bf16", "ratio_vs_ragged_dot"
+      sizes = np.asarray(case.sizes)
+      extras = dict(routing=case.routing, size_min=int(sizes.min()), size_max=int(sizes.max()),
+                    imbalance=float(sizes.max() / max(sizes.mean(), 1e-9)),
+                    aligned=bool(np.all(sizes % 128 == 0)))
+      if g <= 32:
+        extras["group_sizes"] = [int(s) for s in case.sizes]
+      print(f"[{op} {name}] G={g} M={m} group sizes min/mean/max {sizes.min()}/"
+            f"{sizes.mean():.0f}/{sizes.max()} ({case.routing})", flush=True)
+      ours_fn, ours_inputs = ours_contiguous, contiguous_fp8_inputs(case)
+      base_fn, base_inputs = ragged_dot_bf16, contiguous_bf16_inputs(case)
+      diff_fn = lambda case=case: contiguous_diff(case)  # noqa: E731
+    else:
+      op, base_impl, ratio_key = OP_MASKED, "xla_bf16_einsum", "ratio_vs_xla_bf16"
+      extras = dict(m_max=case.m_max, masked_m=case.m_max, expected_m=case.m_max)
+      print(f"[{op} {name}] G={g} M_max={case.m_max}", flush=True)
+      ours_fn = functools.partial(ours_masked, expected_m=case.m_max)
+      ours_inputs = masked_fp8_inputs(case)
+      base_fn, base_inputs = xla_bf16_einsum, masked_bf16_inputs(case)
+      diff_fn = lambda case=case: masked_diff(case)  # noqa: E731
+
+    t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours_fn, ours_inputs,
+                                                timing, args.budget)
+    t_base = via_base = e_base = None
+    if not args.skip_baseline:
+      t_base, via_base, e_base = runner.time_impl(f"{name}] [{base_impl}", base_fn, base_inputs,
+                                                  timing, args.budget)
+    diff = None
+    if t_ours is not None and not args.no_diff and slow(t_ours, args.budget):
+      print(f"[{name}] diff skipped (slow call)", flush=True)
+    elif t_ours is not None and not args.no_diff:
+      diff, _ = runner.attempt(f"{name}] [diff", diff_fn)
+      if diff is not None and not diff <= DIFF_WARN:
+        print(f"WARNING [{name}]: diff {diff:.3e} > {DIFF_WARN:g}", file=sys.stderr)
+
+    r = ratio(t_base, t_ours)
+    cfg = ours_config(via_ours)
+    if is_gpu and cfg is not None and cfg.startswith("reference"):
+      print(f"WARNING [{name}]: jax_deepgemm ran its reference lowering ({cfg}), not a kernel",
+            file=sys.stderr)
+    common = dict(op=op, m=m, n=n, k=k, groups=g, flops=flops, **extras)
+    records.append(impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
+                               nbytes=bytes_ours, config=cfg, diff=diff, **{ratio_key: r},
+                               **common))
+    if not args.skip_baseline:
+      records.append(impl_record(impl=base_impl, timing=t_base, error=e_base, nbytes=bytes_bf16,
+                                 config=via_base, **common))
+
+    tf = lambda t: T.tflops(flops, t.time_us) if t else None  # noqa: E731
+    row = [op.replace("m_grouped_", ""), name, g, m,
+           cell(t_ours, t_ours and t_ours.time_us, e_ours), cell(t_ours, tf(t_ours), e_ours),
+           cell(t_ours, t_ours and T.gbps(bytes_ours, t_ours.time_us), e_ours), cfg or "-",
+           base_impl, cell(t_base, t_base and t_base.time_us, e_base),
+           cell(t_base, tf(t_base), e_base), via_base or "-",
+           T.fmt(r, 2) if r is not None else "-", T.fmt(diff, 2) if diff is not None else "-"]
+    rows.append(row)
+    show = lambda x: x if isinstance(x, str) else T.fmt(x)  # noqa: E731
+    print(f"[{name}] ours {show(row[4])} us {show(row[5])} TFLOPS ({row[7]}) | {base_impl} "
+          f"{show(row[9])} us {show(row[10])} TFLOPS ({row[11]}) | x {row[12]} | diff {row[13]}",
+          flush=True)
+    if not args.no_write:  # after every case: a crash later on keeps what was measured
+      T.write_results(args.out, records)
+
+  print()
+  T.print_table(rows, ["op", "case", "G", "M rows", "ours us", "ours TFLOPS", "ours GB/s",
+                       "ours via", "baseline", "base us", "base TFLOPS", "base via", "x vs base",
+                       "diff"],
+                title=f"m-grouped GEMMs on {T.device_name()} (TFLOPS of useful rows; x vs base: "
+                      "t_base / t_ours, > 1 = ours faster)")
+
+  if not args.no_write and records:
+    path = T.write_results(args.out, records)
+    print(f"wrote {len(records)} records to {path}")
+  if runner.failures:
+    print(f"{runner.failures} step(s) failed (not counting OOMs); see the messages above",
+          file=sys.stderr)
+  return 1 if runner.failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,230 @@
+"""MoE layer benchmark: one ``jax_deepgemm.flax.MoE`` forward + backward, FP8 vs bf16 experts.
+
+For every token count, in one process, the time of one jitted step
+``jax.value_and_grad(params -> sum(y * cotangent) + aux)(params)`` of
+``MoE(hidden, expert_width, num_experts, top_k, experts_impl=..., dtype=bf16, param_dtype=bf16)``
+(router, top-k, sort/dispatch, the gate/up/down grouped GEMMs, SwiGLU, combine, aux loss and
+all their gradients w.r.t. every parameter), for
+  jax_deepgemm  ``experts_impl="fp8"``: jax_deepgemm.fp8_grouped_linear for the expert GEMMs
+  bf16          ``experts_impl="bf16"``: jax.lax.ragged_dot (bf16 operands, f32 result) -- which
+                XLA's GPU compiler expands into dense masked dots over all experts (the f32
+                result keeps it off cuDNN's ragged-dot fusion), so large shapes may run out of
+                memory: recorded as "OOM", as is any implementation that does.
+Both share the same parameters (one init, ``nnx.Rngs(0)``) and the same inputs (x [T, hidden]
+bf16 normal, cotangent [T, hidden] bf16 normal).
+
+Defaults (DeepSeek-V3-like): hidden 7168, expert width 2048, 64 experts (``--experts``), top-8,
+tokens 8192 and 16384 (``--tokens``). Parameters are bf16 (``param_dtype``): 64 x 3 x 7168 x 2048
+x 2 B = 5.6 GB, plus as much again for the gradients.
+
+Records: op "moe_layer_fwd_bwd", m = tokens, n = hidden, k = expert width, groups = experts;
+``step_ms``, ``tokens_per_s``, ``ratio_vs_bf16`` = t_bf16 / t_fp8 (> 1: FP8 is faster).
+TFLOPS = (18·T·top_k·hidden·width + 6·T·hidden·experts) / t: the three expert GEMMs and the
+router, forward and both backward GEMMs each, useful rows only. ``grad_diff``: DeepGEMM's
+1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight gradients (the largest over
+w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
+the parameters are shared by all rotated input sets (only x and the cotangent rotate).
+
+  python benchmarks/bench_moe.py                 # writes results/moe.json
+  python benchmarks/bench_moe.py --experts 256 --tokens 4096
+  python benchmarks/bench_moe.py --quick --no-write   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+  sys.path.insert(0, str(_HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+try:
+  from jax_deepgemm.flax import MoE  # noqa: E402
+except ImportError:  # running from a source checkout without PYTHONPATH
+  sys.path.insert(0, str(_HERE.parent))
+  from jax_deepgemm.flax import MoE  # noqa: E402
+
+import _timing as T  # noqa: E402
+import bench_grouped as BG  # noqa: E402  (shared helpers: measure, Runner, records)
+
+OP = "moe_layer_fwd_bwd"
+BF16 = jnp.bfloat16
+F32 = jnp.float32
+IMPLS = {"jax_deepgemm": "fp8", "bf16": "bf16"}  # record impl -> MoE experts_impl
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def int_list(text: str):
+  try:
+    vals = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"bad integer list {text!r}") from e
+  if not vals or min(vals) < 1:
+    raise argparse.ArgumentTypeError(f"bad integer list {text!r}")
+  return vals
+
+
+def make_moe(cfg, experts_impl, abstract=False):
+  def build():
+    return MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=nnx.Rngs(0),
+               experts_impl=experts_impl, dtype=BF16, param_dtype=BF16)
+  return nnx.eval_shape(build) if abstract else build()
+
+
+def make_step(graphdef, rest):
+  """``(params, x, ct) -> (loss, grads)``: the layer's forward and backward."""
+  def step(params, x, ct):
+    def loss(params):
+      y, aux = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(y.astype(F32) * ct.astype(F32)) + aux
+    return jax.value_and_grad(loss)(params)
+  return step
+
+
+def make_inputs_fn(params, tokens, hidden):
+  @jax.jit
+  def data(key):
+    kx, kc = jax.random.split(key)
+    return jax.random.normal(kx, (tokens, hidden), BF16), jax.random.normal(kc, (tokens, hidden),
+                                                                            BF16)
+
+  def make(key):
+    x, ct = data(key)
+    return params, x, ct  # the same parameter buffers in every input set
+  return make
+
+
+def grad_diff(steps, make) -> float:
+  """Largest DeepGEMM diff between the FP8 and bf16 gradients of the expert weights."""
+  params, x, ct = make(jax.random.PRNGKey(1234))
+
+  @jax.jit
+  def d(a, b):
+    a, b = a.astype(F32), b.astype(F32)
+    return jnp.sum(jnp.square(a - b)) / jnp.maximum(jnp.sum(a * a + b * b), 1e-30)
+
+  _, g1 = jax.jit(steps["jax_deepgemm"])(params, x, ct)
+  g1 = {name: g1[name][...] for name in EXPERT_WEIGHTS}
+  gc.collect()
+  _, g2 = jax.jit(steps["bf16"])(params, x, ct)
+  return max(float(d(g1[name], g2[name][...])) for name in EXPERT_WEIGHTS)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  BG.add_common_args(p, "moe")
+  p.add_argument("--tokens", type=int_list, default=None,
+                 help="comma-separated token counts (default 8192,16384)")
+  p.add_argument("--experts", type=int, default=None, help="routed experts (default 64)")
+  p.add_argument("--hidden", type=int, default=None, help="model width (default 7168)")
+  p.add_argument("--expert-width", type=int, default=None, help="expert width (default 2048)")
+  p.add_argument("--top-k", type=int, default=None, help="experts per token (default 8)")
+  p.add_argument("--skip-baseline", action="store_true", help="time the FP8 layer only")
+  p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
+  args = p.parse_args(argv)
+
+  defaults = (dict(tokens=[64, 128], experts=8, hidden=256, expert_width=128, top_k=2)
+              if args.quick else
+              dict(tokens=[8192, 16384], experts=64, hidden=7168, expert_width=2048, top_k=8))
+  for key, val in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, val)
+  if not 1 <= args.top_k <= args.experts:
+    p.error(f"--top-k must be in [1, --experts], got {args.top_k}")
+
+  timing = BG.timing_config(args)
+  BG.print_header()
+  h, w, e, k = args.hidden, args.expert_width, args.experts, args.top_k
+  param_gb = (3 * e * h * w + h * e) * 2 / 1e9
+  print(f"MoE: hidden {h}, expert width {w}, {e} experts, top-{k}, bf16 params "
+        f"({param_gb:.1f} GB; as much again for the gradients)", flush=True)
+
+  runner = BG.Runner()
+  records, rows = [], []
+
+  # One set of parameters for both implementations: the FP8 module's; the bf16 module is only
+  # traced abstractly for its graph definition (no second copy of the weights).
+  built, err = runner.attempt("init", lambda: nnx.split(make_moe(args, "fp8"), nnx.Param, ...))
+  if built is None:
+    print(f"could not build the MoE layer ({err})", file=sys.stderr)
+    return 1
+  graphdef_fp8, params, rest = built
+  steps = {"jax_deepgemm": make_step(graphdef_fp8, rest)}
+  if not args.skip_baseline:
+    graphdef_bf16, _, rest_bf16 = nnx.split(make_moe(args, "bf16", abstract=True), nnx.Param, ...)
+    steps["bf16"] = make_step(graphdef_bf16, rest_bf16)
+
+  for tokens in args.tokens:
+    name = f"T{tokens} H{h} W{w} E{e} top{k}"
+    flops = 18.0 * tokens * k * h * w + 6.0 * tokens * h * e
+    print(f"[{OP} {name}]", flush=True)
+    make = make_inputs_fn(params, tokens, h)
+    results = {impl: runner.time_impl(f"{name}] [{impl}", step, make, timing, args.budget)
+               for impl, step in steps.items()}
+    t_fp8, via_fp8, e_fp8 = results["jax_deepgemm"]
+    t_bf16, via_bf16, e_bf16 = results.get("bf16", (None, None, None))
+
+    diff = None
+    if t_fp8 is not None and t_bf16 is not None and not args.no_diff:
+      if BG.slow(t_fp8, args.budget) or BG.slow(t_bf16, args.budget):
+        print(f"[{name}] grad_diff skipped (slow calls)", flush=True)
+      else:
+        diff, _ = runner.attempt(f"{name}] [grad_diff", lambda: grad_diff(steps, make))
+
+    r = BG.ratio(t_bf16, t_fp8)
+    common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
+                  param_dtype="bfloat16", dtype="bfloat16")
+
+    def perf(t):
+      return dict(step_ms=t.time_us / 1e3, tokens_per_s=tokens / (t.time_us * 1e-6)) if t else {}
+    records.append(BG.impl_record(impl="jax_deepgemm", timing=t_fp8, error=e_fp8, nbytes=None,
+                                  config=BG.ours_config(via_fp8), ratio_vs_bf16=r,
+                                  grad_diff=diff, **perf(t_fp8), **common))
+    if not args.skip_baseline:
+      records.append(BG.impl_record(impl="bf16", timing=t_bf16, error=e_bf16, nbytes=None,
+                                    config=via_bf16, **perf(t_bf16), **common))
+
+    def tok_s(t):
+      return tokens / (t.time_us * 1e-6) if t else None
+    row = [name,
+           BG.cell(t_fp8, t_fp8 and t_fp8.time_us / 1e3, e_fp8),
+           BG.cell(t_fp8, tok_s(t_fp8), e_fp8),
+           BG.cell(t_fp8, t_fp8 and T.tflops(flops, t_fp8.time_us), e_fp8),
+           BG.ours_config(via_fp8) or "-",
+           BG.cell(t_bf16, t_bf16 and t_bf16.time_us / 1e3, e_bf16),
+           BG.cell(t_bf16, tok_s(t_bf16), e_bf16),
+           BG.cell(t_bf16, t_bf16 and T.tflops(flops, t_bf16.time_us), e_bf16),
+           via_bf16 or "-", T.fmt(r, 2) if r is not None else "-",
+           f"{diff:.1e}" if diff is not None else "-"]
+    rows.append(row)
+    show = lambda x: x if isinstance(x, str) else T.fmt(x)  # noqa: E731
+    print(f"[{name}] fp8 {show(row[1])} ms {show(row[2])} tok/s ({row[4]}) | bf16 "
+          f"{show(row[5])} ms {show(row[6])} tok/s ({row[8]}) | x {row[9]} | grad_diff {row[10]}",
+          flush=True)
+    if not args.no_write:  # after every token count: a crash later on keeps what was measured
+      T.write_results(args.out, records)
+
+  print()
+  T.print_table(rows, ["shape", "fp8 ms", "fp8 tok/s", "fp8 TFLOPS", "fp8 via", "bf16 ms",
+                       "bf16 tok/s", "bf16 TFLOPS", "bf16 via", "x vs bf16", "grad_diff"],
+                title=f"MoE layer forward+backward on {T.device_name()} "
+                      "(x vs bf16: t_bf16 / t_fp8, > 1 = FP8 faster)")
+
+  if not args.no_write and records:
+    path = T.write_results(args.out, records)
+    print(f"wrote {len(records)} records to {path}")
+  if runner.failures:
+    print(f"{runner.failures} step(s) failed (not counting OOMs); see the messages above",
+          file=sys.stderr)
+  return 1 if runner.failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

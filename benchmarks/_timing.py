@@ -54,6 +54,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
+# Every benchmark imports this module first: from a source checkout without the package
+# installed, fall back to the repository's jax_deepgemm.
+try:
+  import jax_deepgemm  # noqa: F401
+except ImportError:
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_ROTATE_BYTES = 512 << 20  # > 8x the L2 of an H100 (50 MB) or an H200 (60 MB)
 DEFAULT_MAX_ROT = 64

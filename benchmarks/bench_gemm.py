@@ -39,20 +39,11 @@ import sys
 import traceback
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-  sys.path.insert(0, str(_HERE))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-try:
-  import jax_deepgemm as jd  # noqa: E402
-except ImportError:  # running from a source checkout without PYTHONPATH
-  sys.path.insert(0, str(_HERE.parent))
-  import jax_deepgemm as jd  # noqa: E402
-
-import _timing as T  # noqa: E402
+import _timing as T  # first: it makes a source checkout importable
+import jax_deepgemm as jd
 
 OP = "fp8_gemm_nt"
 NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]

@@ -65,20 +65,11 @@ from pathlib import Path
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-  sys.path.insert(0, str(_HERE))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-try:
-  import jax_deepgemm as jd  # noqa: E402
-except ImportError:  # running from a source checkout without PYTHONPATH
-  sys.path.insert(0, str(_HERE.parent))
-  import jax_deepgemm as jd  # noqa: E402
-
-import _timing as T  # noqa: E402
+import _timing as T  # first: it makes a source checkout importable
+import jax_deepgemm as jd
 
 OP_CONTIGUOUS = "m_grouped_contiguous"
 OP_MASKED = "m_grouped_masked"

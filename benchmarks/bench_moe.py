@@ -34,24 +34,14 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-  sys.path.insert(0, str(_HERE))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-try:
-  from jax_deepgemm.flax import MoE  # noqa: E402
-except ImportError:  # running from a source checkout without PYTHONPATH
-  sys.path.insert(0, str(_HERE.parent))
-  from jax_deepgemm.flax import MoE  # noqa: E402
-
-import _timing as T  # noqa: E402
-import bench_grouped as BG  # noqa: E402  (shared helpers: measure, Runner, records)
+import _timing as T  # first: it makes a source checkout importable
+import bench_grouped as BG  # shared helpers: measure, Runner, records
+from jax_deepgemm.flax import MoE
 
 OP = "moe_layer_fwd_bwd"
 BF16 = jnp.bfloat16

@@ -32,23 +32,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-  sys.path.insert(0, str(_HERE))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-try:
-  import jax_deepgemm as jd  # noqa: E402
-except ImportError:  # running from a source checkout without PYTHONPATH
-  sys.path.insert(0, str(_HERE.parent))
-  import jax_deepgemm as jd  # noqa: E402
-
-import _timing as T  # noqa: E402
-import bench_grouped as BG  # noqa: E402  (shared helpers: measure, Runner, records)
+import _timing as T  # first: it makes a source checkout importable
+import jax_deepgemm as jd
+import bench_grouped as BG  # shared helpers: measure, Runner, records
 
 OP_GROUPED = "fp8_grouped_linear_fwd_bwd"
 OP_DENSE = "fp8_linear_fwd_bwd"

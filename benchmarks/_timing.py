@@ -286,3 +286,29 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *,
   for r in cells:
     print(line(r), file=file)
   file.flush()
+
+
+def print_header() -> None:
+  """Device, jax and jax_deepgemm paths; warns when the kernels are not in use."""
+  import jax_deepgemm
+  dev = jax.devices()[0]
+  kernels = jax_deepgemm.use_kernels()
+  print(f"device: {device_name()} ({dev.platform})  jax {jax.__version__}  run {run_id()}")
+  print(f"jax_deepgemm: {Path(jax_deepgemm.__file__).parent}  "
+        f"extension_built={jax_deepgemm.extension_built()}  use_kernels={kernels}")
+  if os.environ.get("XLA_FLAGS"):
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  if dev.platform in ("gpu", "cuda") and not kernels:
+    print("WARNING: jax_deepgemm is on its reference path: its timings are XLA dots of "
+          "dequantized inputs, not the Hopper kernels.", file=sys.stderr)
+  sys.stdout.flush()
+
+
+def finish(out: str, no_write: bool, records: list, failures: int, what: str = "") -> int:
+  """Writes the results (unless ``no_write``), reports failures; returns the exit code."""
+  if not no_write and records:
+    path = write_results(out, records)
+    print(f"wrote {len(records)} records to {path}")
+  if failures:
+    print(f"{failures} step(s) failed{what}; see the messages above", file=sys.stderr)
+  return 1 if failures else 0

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import re
 import sys
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -220,17 +218,9 @@ def main(argv=None) -> int:
     timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
   patterns = list(XLA_FP8_PATTERNS) if args.xla_fp8_pattern == "best" else [args.xla_fp8_pattern]
 
+  T.print_header()
   dev = jax.devices()[0]
   kernels = jd.use_kernels()
-  print(f"device: {T.device_name()} ({dev.platform})  jax {jax.__version__}  run {T.run_id()}")
-  print(f"jax_deepgemm: {Path(jd.__file__).parent}  extension_built={jd.extension_built()}  "
-        f"use_kernels={kernels}")
-  if os.environ.get("XLA_FLAGS"):
-    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
-  if dev.platform in ("gpu", "cuda") and not kernels:
-    print("WARNING: jax_deepgemm is on its reference path: the 'jax_deepgemm' timings are an "
-          "XLA f32 dot of dequantized inputs, not the Hopper kernel.", file=sys.stderr)
-  sys.stdout.flush()
 
   records, rows, failures = [], [], 0
   for m, n, k in shapes:
@@ -348,12 +338,7 @@ def main(argv=None) -> int:
        "xla_fp8 via", "xla_bf16 TFLOPS", "x vs fp8", "x vs bf16", "diff"],
       title=f"fp8_gemm_nt on {T.device_name()} (x vs ...: t_xla / t_ours, > 1 = ours faster)")
 
-  if not args.no_write and records:
-    path = T.write_results(args.out, records)
-    print(f"wrote {len(records)} records to {path}")
-  if failures:
-    print(f"{failures} step(s) failed; see the messages above", file=sys.stderr)
-  return 1 if failures else 0
+  return T.finish(args.out, args.no_write, records, failures)
 
 
 if __name__ == "__main__":

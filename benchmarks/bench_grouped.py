@@ -55,13 +55,11 @@ import dataclasses
 import functools
 import gc
 import math
-import os
 import re
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
@@ -152,20 +150,6 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
   p.add_argument("--budget", type=float, default=8.0,
                  help="seconds one implementation's timing may take before falling back to a few "
                       "single calls (default 8)")
-
-
-def print_header() -> None:
-  dev = jax.devices()[0]
-  kernels = jd.use_kernels()
-  print(f"device: {T.device_name()} ({dev.platform})  jax {jax.__version__}  run {T.run_id()}")
-  print(f"jax_deepgemm: {Path(jd.__file__).parent}  extension_built={jd.extension_built()}  "
-        f"use_kernels={kernels}")
-  if os.environ.get("XLA_FLAGS"):
-    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
-  if dev.platform in ("gpu", "cuda") and not kernels:
-    print("WARNING: jax_deepgemm is on its reference path: its timings are XLA dots of "
-          "dequantized inputs, not the Hopper kernels.", file=sys.stderr)
-  sys.stdout.flush()
 
 
 def measure(fn, make_inputs, timing: dict, budget_s: float):
@@ -511,7 +495,7 @@ def main(argv=None) -> int:
              if args.filter in c.name
              or args.filter in (OP_CONTIGUOUS if isinstance(c, Contiguous) else OP_MASKED)]
 
-  print_header()
+  T.print_header()
   is_gpu = jax.devices()[0].platform in ("gpu", "cuda")
   runner = Runner()
   records, rows = [], []
@@ -595,13 +579,7 @@ def main(argv=None) -> int:
                 title=f"m-grouped GEMMs on {T.device_name()} (TFLOPS of useful rows; x vs base: "
                       "t_base / t_ours, > 1 = ours faster)")
 
-  if not args.no_write and records:
-    path = T.write_results(args.out, records)
-    print(f"wrote {len(records)} records to {path}")
-  if runner.failures:
-    print(f"{runner.failures} step(s) failed (not counting OOMs); see the messages above",
-          file=sys.stderr)
-  return 1 if runner.failures else 0
+  return T.finish(args.out, args.no_write, records, runner.failures, " (not counting OOMs)")
 
 
 if __name__ == "__main__":

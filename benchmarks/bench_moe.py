@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     p.error(f"--top-k must be in [1, --experts], got {args.top_k}")
 
   timing = BG.timing_config(args)
-  BG.print_header()
+  T.print_header()
   h, w, e, k = args.hidden, args.expert_width, args.experts, args.top_k
   param_gb = (3 * e * h * w + h * e) * 2 / 1e9
   print(f"MoE: hidden {h}, expert width {w}, {e} experts, top-{k}, bf16 params "
@@ -207,13 +207,7 @@ def main(argv=None) -> int:
                 title=f"MoE layer forward+backward on {T.device_name()} "
                       "(x vs bf16: t_bf16 / t_fp8, > 1 = FP8 faster)")
 
-  if not args.no_write and records:
-    path = T.write_results(args.out, records)
-    print(f"wrote {len(records)} records to {path}")
-  if runner.failures:
-    print(f"{runner.failures} step(s) failed (not counting OOMs); see the messages above",
-          file=sys.stderr)
-  return 1 if runner.failures else 0
+  return T.finish(args.out, args.no_write, records, runner.failures, " (not counting OOMs)")
 
 
 if __name__ == "__main__":

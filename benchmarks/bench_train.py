@@ -131,7 +131,7 @@ def main(argv=None) -> int:
   cases = ([(OP_GROUPED, (g, rows, n, k)) for g, rows, n, k in grouped]
            + [(OP_DENSE, (m, n, k)) for m, n, k in dense])
 
-  BG.print_header()
+  T.print_header()
   runner = BG.Runner()
   records, rows = [], []
 
@@ -198,13 +198,7 @@ def main(argv=None) -> int:
                 title=f"forward+backward on {T.device_name()} (TFLOPS = 3·2MNK / t; x vs base: "
                       "t_base / t_ours, > 1 = ours faster)")
 
-  if not args.no_write and records:
-    path = T.write_results(args.out, records)
-    print(f"wrote {len(records)} records to {path}")
-  if runner.failures:
-    print(f"{runner.failures} step(s) failed (not counting OOMs); see the messages above",
-          file=sys.stderr)
-  return 1 if runner.failures else 0
+  return T.finish(args.out, args.no_write, records, runner.failures, " (not counting OOMs)")
 
 
 if __name__ == "__main__":

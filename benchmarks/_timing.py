@@ -216,6 +216,8 @@ def _json_safe(x):
 
 def write_results(name: str, records: Iterable[dict]) -> Path:
   """Writes ``benchmarks/results/<name>.json``; keeps records of other devices already there."""
+  if not name or Path(name).name != name:
+    raise ValueError(f"results name must be a plain file name (no folders), got {name!r}")
   records = [_json_safe(dict(r)) for r in records]
   path = RESULTS_DIR / f"{name}.json"
   path.parent.mkdir(parents=True, exist_ok=True)

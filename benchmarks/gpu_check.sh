@@ -47,9 +47,20 @@ if has sanitize; then
     compute-sanitizer --tool racecheck --print-limit 20 python3 tests/sanitize_case.py \
     > "$OUT/racecheck.log" 2>&1
   echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$OUT/racecheck.log"
+  # Extra forced configs under memcheck, e.g. SANITIZE_CONFIGS="block_n=96 block_n=192".
+  for cfg in ${SANITIZE_CONFIGS:-}; do
+    JAX_DEEPGEMM_GEMM_CONFIG=$cfg XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck --print-limit 20 \
+      python3 tests/sanitize_case.py > "$OUT/memcheck_$cfg.log" 2>&1
+    echo "memcheck $cfg rc=$?"; grep -E "ERROR SUMMARY" "$OUT/memcheck_$cfg.log"
+  done
 fi
 
 if has bench; then
-  python3 benchmarks/bench_gemm.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30
+  # BENCHES="gemm grouped ..." picks scripts; BENCH_ARGS_<name> passes arguments to one.
+  for b in ${BENCHES:-gemm}; do
+    args_var="BENCH_ARGS_$b"
+    python3 benchmarks/bench_$b.py ${!args_var:-${BENCH_ARGS:-}} 2>&1 | tee "$OUT/bench_$b.log" | tail -30
+  done
   cp benchmarks/results/*.json "$OUT/" 2>/dev/null
 fi

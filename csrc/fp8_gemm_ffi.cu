@@ -14,13 +14,24 @@
 // Result:
 //   out  BF16 or F32 [M, N]
 //   out = (a*sa) @ (b*sb)^T (+ bias[None, :]) (+ c)
+//
+// Custom call target: "jax_deepgemm_m_grouped_fp8_gemm_nt" (the MoE forward):
+//   a, sa as above (rows of all groups), b F8E4M3FN [G, N, K],
+//   sb F32 [G, NB, KB], sizes S32 [G] (on device), attributes
+//   masked_stride (i64; 0 = contiguous layout, else rows per group of the
+//   masked layout, M = G * masked_stride) and expected_m (i64; rows per group
+//   the caller expects, only steers the config). Result out [M, N]; rows in no
+//   group are zero. See kernels/fp8_gemm.cuh for how sizes are clipped.
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -50,6 +61,7 @@ struct LaunchArgs {
   const float* bias;  // nullable
   const float* c;     // nullable
   void* out;
+  GroupArgs grp;  // sizes == nullptr for the dense GEMM
   int m, n, k;
   int mp;  // padded row count of sa's inner dim
   int kb;  // number of 128-wide K blocks
@@ -61,16 +73,16 @@ using LaunchFn = ffi::Error (*)(const LaunchArgs&, cudaStream_t, int device,
 // Raises the kernel's dynamic shared-memory limit on `device` (the current
 // device), once. Not allowed while a stream is being captured into a CUDA
 // graph, so InitializeDevices() does it for every device ahead of time.
-template <int BM, int BN, int ST, typename OutT>
+template <int BM, int BN, int ST, typename OutT, bool kGrouped>
 ffi::Error ConfigureFp8GemmNt(int device) {
-  using L = Fp8GemmLayout<BM, BN, ST>;
+  using L = Fp8GemmLayout<BM, BN, ST, kGrouped>;
   static std::atomic<uint64_t> configured{0};
   const uint64_t bit = device < kMaxDevices ? (uint64_t{1} << device) : 0;
   if (bit != 0 && (configured.load(std::memory_order_acquire) & bit) != 0) {
     return ffi::Error::Success();
   }
   const cudaError_t err = cudaFuncSetAttribute(
-      &fp8_gemm_nt_kernel<BM, BN, ST, OutT>,
+      &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped>,
       cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamicSmem);
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -81,12 +93,14 @@ ffi::Error ConfigureFp8GemmNt(int device) {
   return ffi::Error::Success();
 }
 
-template <int BM, int BN, int ST, typename OutT>
+template <int BM, int BN, int ST, typename OutT, bool kGrouped>
 ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                            int device, int num_sms) {
-  using L = Fp8GemmLayout<BM, BN, ST>;
-  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT>;
-  if (ffi::Error e = ConfigureFp8GemmNt<BM, BN, ST, OutT>(device); e.failure()) return e;
+  using L = Fp8GemmLayout<BM, BN, ST, kGrouped>;
+  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped>;
+  if (ffi::Error e = ConfigureFp8GemmNt<BM, BN, ST, OutT, kGrouped>(device); e.failure()) {
+    return e;
+  }
 
   CUtensorMap tmap_a, tmap_b, tmap_sa;
   CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
@@ -94,7 +108,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                                     CU_TENSOR_MAP_SWIZZLE_128B);
   if (res == CUDA_SUCCESS) {
     res = tma::make_2d_tiled(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.b,
-                             args.n, args.k, BN, kBlockK,
+                             static_cast<int64_t>(args.grp.num_groups) * args.n, args.k, BN, kBlockK,
                              CU_TENSOR_MAP_SWIZZLE_128B);
   }
   if (res == CUDA_SUCCESS) {
@@ -108,8 +122,10 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                           std::to_string(static_cast<int>(res)) + ")");
   }
 
-  const int64_t num_tiles = static_cast<int64_t>((args.m + BM - 1) / BM) *
-                            ((args.n + BN - 1) / BN);
+  // Grouped: an upper bound (each group adds at most one partial m-block).
+  const int64_t num_tiles =
+      (static_cast<int64_t>((args.m + BM - 1) / BM) + (kGrouped ? args.grp.num_groups : 0)) *
+      ((args.n + BN - 1) / BN);
   if (num_tiles > INT32_MAX) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "jax_deepgemm: problem too large (tile count overflows int32)");
@@ -118,7 +134,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
 
   kernel<<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
       tmap_a, tmap_b, tmap_sa, args.sb, args.bias, args.c,
-      static_cast<OutT*>(args.out), args.m, args.n, args.k);
+      static_cast<OutT*>(args.out), args.m, args.n, args.k, args.grp);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -138,39 +154,53 @@ struct KernelEntry {
   ConfigureFn configure_f32;
 };
 
-#define JAX_DEEPGEMM_ENTRY(BM, BN, ST)                                   \
+#define JAX_DEEPGEMM_ENTRY(BM, BN, ST, G)                                \
   KernelEntry {                                                          \
-    BM, BN, ST, &LaunchFp8GemmNt<BM, BN, ST, __nv_bfloat16>,             \
-        &LaunchFp8GemmNt<BM, BN, ST, float>,                             \
-        &ConfigureFp8GemmNt<BM, BN, ST, __nv_bfloat16>,                  \
-        &ConfigureFp8GemmNt<BM, BN, ST, float>                           \
+    BM, BN, ST, &LaunchFp8GemmNt<BM, BN, ST, __nv_bfloat16, G>,          \
+        &LaunchFp8GemmNt<BM, BN, ST, float, G>,                          \
+        &ConfigureFp8GemmNt<BM, BN, ST, __nv_bfloat16, G>,               \
+        &ConfigureFp8GemmNt<BM, BN, ST, float, G>                        \
   }
 
 // Every config is built with the most stages that fit; the heuristic below
 // picks among them (JAX_DEEPGEMM_GEMM_CONFIG may force one).
-#define JAX_DEEPGEMM_MAX_STAGES(BM, BN) JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN))
+#define JAX_DEEPGEMM_MAX_STAGES(BM, BN) \
+  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN), false)
+#define JAX_DEEPGEMM_GROUPED(BM, BN) \
+  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN, true), true)
 
 const KernelEntry kKernels[] = {
     JAX_DEEPGEMM_MAX_STAGES(64, 64),   JAX_DEEPGEMM_MAX_STAGES(64, 128),
     JAX_DEEPGEMM_MAX_STAGES(64, 192),  JAX_DEEPGEMM_MAX_STAGES(128, 64),
     JAX_DEEPGEMM_MAX_STAGES(128, 96),  JAX_DEEPGEMM_MAX_STAGES(128, 128),
     JAX_DEEPGEMM_MAX_STAGES(128, 160), JAX_DEEPGEMM_MAX_STAGES(128, 192),
-    JAX_DEEPGEMM_ENTRY(128, 128, 4),
+    JAX_DEEPGEMM_ENTRY(128, 128, 4, false),
 };
 
+// The M-grouped kernels (a smaller set: each costs two instantiations).
+const KernelEntry kGroupedKernels[] = {
+    JAX_DEEPGEMM_GROUPED(64, 64),   JAX_DEEPGEMM_GROUPED(64, 128),
+    JAX_DEEPGEMM_GROUPED(128, 64),  JAX_DEEPGEMM_GROUPED(128, 128),
+    JAX_DEEPGEMM_GROUPED(128, 192),
+};
+
+#undef JAX_DEEPGEMM_GROUPED
 #undef JAX_DEEPGEMM_MAX_STAGES
 #undef JAX_DEEPGEMM_ENTRY
 
-const KernelEntry* FindKernel(int bm, int bn, int stages) {
-  for (const KernelEntry& e : kKernels) {
-    if (e.block_m == bm && e.block_n == bn && e.stages == stages) return &e;
-  }
-  return nullptr;
-}
+struct KernelTable {
+  const KernelEntry* begin_;
+  const KernelEntry* end_;
+  bool grouped;
+  const KernelEntry* begin() const { return begin_; }
+  const KernelEntry* end() const { return end_; }
+};
+constexpr KernelTable kDenseTable{std::begin(kKernels), std::end(kKernels), false};
+constexpr KernelTable kGroupedTable{std::begin(kGroupedKernels), std::end(kGroupedKernels), true};
 
-std::string SupportedConfigs() {
+std::string SupportedConfigs(const KernelTable& table) {
   std::string s;
-  for (const KernelEntry& e : kKernels) {
+  for (const KernelEntry& e : table) {
     if (!s.empty()) s += "; ";
     s += "block_m=" + std::to_string(e.block_m) +
          ",block_n=" + std::to_string(e.block_n) +
@@ -243,64 +273,72 @@ struct GemmConfig {
   int block_m, block_n, stages;
 };
 
-// Picks (block_m, block_n). Problems that fill the GPU in over two waves use
-// 128x128 tiles: measured fastest on H200 (BLOCK_N 160/192 lose 4-12% with
-// this kernel's serial wgmma -> promotion loop). Problems of one wave or less
-// (small M, decode) pick by a small cost model per 128-wide K step: a tile
-// needs max(tensor-core time ~ BM*BN/32 clocks, load time ~ 4*(BM+BN) clocks)
-// and more, smaller tiles keep more SMs pulling from HBM.
-void HeuristicTile(int64_t m, int64_t n, int num_sms, int* bm_out, int* bn_out) {
-  const int64_t tiles_128 = ((m + 127) / 128) * ((n + 127) / 128);
-  if (m > 64 && tiles_128 > 2 * num_sms) {
-    *bm_out = *bn_out = 128;
-    return;
-  }
+// True when `e` agrees with every key JAX_DEEPGEMM_GEMM_CONFIG sets; without
+// a forced stage count only the deepest build of a tile shape is a candidate.
+bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped) {
+  if (env.block_m && e.block_m != env.block_m) return false;
+  if (env.block_n && e.block_n != env.block_n) return false;
+  if (env.stages) return e.stages == env.stages;
+  return e.stages == fp8_gemm_max_stages(e.block_m, e.block_n, grouped);
+}
+
+// Picks a kernel among the allowed entries. Problems that fill the GPU in over
+// two waves use 128x128 tiles: measured fastest on H200 (BLOCK_N 160/192 lose
+// 4-12% with this kernel's serial wgmma -> promotion loop). Problems of one
+// wave or less (small M, decode) pick by a small cost model per 128-wide K
+// step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
+// 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
+// For grouped problems `m` is the total row count and `groups` adds one
+// partial m-block per group.
+const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t groups, int num_sms,
+                                   const KernelTable& table, const EnvOverride& env) {
+  const int64_t tiles_128 = ((m + 127) / 128 + (groups > 1 ? groups / 2 : 0)) * ((n + 127) / 128);
+  const KernelEntry* best_entry = nullptr;
   double best = 1e300;
-  for (const KernelEntry& e : kKernels) {
-    if (e.stages != fp8_gemm_max_stages(e.block_m, e.block_n)) continue;
-    if (m <= 64 && e.block_m != 64) continue;  // don't waste half of every tile
-    const int64_t tiles = ((m + e.block_m - 1) / e.block_m) * ((n + e.block_n - 1) / e.block_n);
+  for (const KernelEntry& e : table) {
+    if (!Allowed(e, env, table.grouped)) continue;
+    if (m > 64 && tiles_128 > 2 * num_sms && e.block_m == 128 && e.block_n == 128) return &e;
+  }
+  for (const KernelEntry& e : table) {
+    if (!Allowed(e, env, table.grouped)) continue;
+    // Don't waste half of every tile (unless nothing else is allowed).
+    const bool wasteful = m <= 64 * groups && e.block_m != 64;
+    const int64_t m_blocks = (m + e.block_m - 1) / e.block_m + (groups > 1 ? groups / 2 : 0);
+    const int64_t tiles = m_blocks * ((n + e.block_n - 1) / e.block_n);
     const int64_t waves = (tiles + num_sms - 1) / num_sms;
     // One math warpgroup can't hide its promotion behind the other's wgmma.
     const double math = e.block_m * e.block_n / 32.0 * (e.block_m == 64 ? 1.4 : 1.0);
     const double load = 4.0 * (e.block_m + e.block_n);
-    const double cost = static_cast<double>(waves) * (math > load ? math : load);
+    const double cost = static_cast<double>(waves) * (math > load ? math : load) *
+                        (wasteful ? 2.0 : 1.0);
     // Ties go to the larger tile (fewer bytes per FLOP).
-    if (cost < best * 0.999 || (cost <= best * 1.001 && e.block_m * e.block_n > *bm_out * *bn_out)) {
+    if (best_entry == nullptr || cost < best * 0.999 ||
+        (cost <= best * 1.001 &&
+         e.block_m * e.block_n > best_entry->block_m * best_entry->block_n)) {
       best = cost < best ? cost : best;
-      *bm_out = e.block_m;
-      *bn_out = e.block_n;
+      best_entry = &e;
     }
   }
+  return best_entry;
 }
 
-bool SelectConfig(int64_t m, int64_t n, int64_t /*k*/, int num_sms, GemmConfig* cfg,
-                  const KernelEntry** entry, std::string* error) {
-  int bm = 0, bn = 0;
-  HeuristicTile(m, n, num_sms, &bm, &bn);
-  int stages = 0;
+bool SelectConfig(int64_t m, int64_t n, int64_t groups, int num_sms, const KernelTable& table,
+                  GemmConfig* cfg, const KernelEntry** entry, std::string* error) {
+  static const EnvOverride kNoOverride;
   const EnvOverride& env = GetEnvOverride();
-  if (env.present) {
-    if (!env.error.empty()) {
-      *error = "jax_deepgemm: invalid JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw +
-               "': " + env.error;
-      return false;
-    }
-    if (env.block_m) bm = env.block_m;
-    if (env.block_n) bn = env.block_n;
-    if (env.stages) stages = env.stages;
-  }
-  if (stages == 0) stages = fp8_gemm_max_stages(bm, bn);
-  const KernelEntry* e = FindKernel(bm, bn, stages);
-  if (e == nullptr) {
-    *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw +
-             "' selects block_m=" + std::to_string(bm) +
-             ",block_n=" + std::to_string(bn) +
-             ",stages=" + std::to_string(stages) +
-             ", which is not built; supported: " + SupportedConfigs();
+  if (env.present && !env.error.empty()) {
+    *error = "jax_deepgemm: invalid JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "': " + env.error;
     return false;
   }
-  *cfg = GemmConfig{bm, bn, stages};
+  const KernelEntry* e =
+      HeuristicKernel(m, n, groups, num_sms, table, env.present ? env : kNoOverride);
+  if (e == nullptr) {
+    *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
+             (table.grouped ? "grouped" : "dense") + " kernel that is built; supported: " +
+             SupportedConfigs(table);
+    return false;
+  }
+  *cfg = GemmConfig{e->block_m, e->block_n, e->stages};
   if (entry != nullptr) *entry = e;
   return true;
 }
@@ -374,6 +412,78 @@ class ScopedDevice {
   bool switched_ = false;
 };
 
+// Device and SM count for a launch (from XLA, not cudaStreamGetDevice: stream
+// queries invalidate a CUDA-graph capture).
+ffi::Error DeviceSms(int device, int* num_sms) {
+  cudaError_t cerr = cudaSuccess;
+  *num_sms = GetNumSms(device, &cerr);
+  if (*num_sms <= 0) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_deepgemm: cannot query SM count: ") +
+                          cudaGetErrorString(cerr));
+  }
+  return ffi::Error::Success();
+}
+
+// Checks shared by the dense and grouped handlers: a [M, K], sa [KB, MP],
+// b [G*N, K] viewed as `b_rows` rows, out [M, N].
+ffi::Error CheckCommon(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
+                       const ffi::AnyBuffer& b, int64_t n, const ffi::AnyBuffer& out,
+                       const std::string& op) {
+  auto invalid = [&](const std::string& msg) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, op + ": " + msg);
+  };
+  const int64_t m = a.dimensions()[0];
+  const int64_t k = a.dimensions()[1];
+  if (m < 1 || n < 1) return invalid("M and N must be >= 1");
+  if (k < 16 || k % 16 != 0) {
+    return invalid("K must be >= 16 and a multiple of 16, got " + std::to_string(k));
+  }
+  if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) {
+    return invalid("M, N, K must each be < 2^31");
+  }
+  const int64_t kb = (k + 127) / 128;
+  const int64_t mp = (m + 3) / 4 * 4;
+  if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
+      sa.dimensions()[0] != kb || sa.dimensions()[1] != mp) {
+    return invalid("sa must be float32 [ceil(K/128), round_up(M, 4)] = [" +
+                   std::to_string(kb) + ", " + std::to_string(mp) + "], got " +
+                   DimsToString(sa));
+  }
+  const ffi::DataType out_type = out.element_type();
+  if ((out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F32) ||
+      out.dimensions().size() != 2 || out.dimensions()[0] != m || out.dimensions()[1] != n) {
+    return invalid("out must be bfloat16 or float32 [M, N], got " + DimsToString(out));
+  }
+  // TMA needs 16-byte aligned global addresses; the epilogue uses 8-byte (and
+  // the zero fill 16-byte, after a scalar head) accesses. XLA buffers are far
+  // more aligned than this.
+  if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
+      !Aligned(sa.untyped_data(), 16) || !Aligned(out.untyped_data(), 8)) {
+    return invalid("operand buffers are insufficiently aligned");
+  }
+  return ffi::Error::Success();
+}
+
+LaunchArgs MakeArgs(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa, const ffi::AnyBuffer& b,
+                    const ffi::AnyBuffer& sb, int64_t n, ffi::AnyBuffer& out) {
+  LaunchArgs args;
+  args.a = a.untyped_data();
+  args.sa = static_cast<const float*>(sa.untyped_data());
+  args.b = b.untyped_data();
+  args.sb = static_cast<const float*>(sb.untyped_data());
+  args.bias = nullptr;
+  args.c = nullptr;
+  args.out = out.untyped_data();
+  args.grp = GroupArgs{nullptr, 1, 0};
+  args.m = static_cast<int>(a.dimensions()[0]);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(a.dimensions()[1]);
+  args.mp = static_cast<int>((args.m + 3) / 4 * 4);
+  args.kb = (args.k + 127) / 128;
+  return args;
+}
+
 ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer a,
                          ffi::AnyBuffer sa, ffi::AnyBuffer b,
                          ffi::AnyBuffer sb, ffi::AnyBuffer bias,
@@ -394,23 +504,11 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
     return InvalidArg("a " + DimsToString(a) + " and b " + DimsToString(b) +
                       " disagree on K");
   }
-  if (m < 1 || n < 1) return InvalidArg("M and N must be >= 1");
-  if (k < 16 || k % 16 != 0) {
-    return InvalidArg("K must be >= 16 and a multiple of 16, got " + std::to_string(k));
-  }
-  if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) {
-    return InvalidArg("M, N, K must each be < 2^31");
+  if (ffi::Error e = CheckCommon(a, sa, b, n, *out, "jax_deepgemm_fp8_gemm_nt"); e.failure()) {
+    return e;
   }
   const int64_t kb = (k + 127) / 128;
   const int64_t nb = (n + 127) / 128;
-  const int64_t mp = (m + 3) / 4 * 4;
-
-  if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
-      sa.dimensions()[0] != kb || sa.dimensions()[1] != mp) {
-    return InvalidArg("sa must be float32 [ceil(K/128), round_up(M, 4)] = [" +
-                      std::to_string(kb) + ", " + std::to_string(mp) + "], got " +
-                      DimsToString(sa));
-  }
   if (sb.element_type() != ffi::DataType::F32 || sb.dimensions().size() != 2 ||
       sb.dimensions()[0] != nb || sb.dimensions()[1] != kb) {
     return InvalidArg("sb must be float32 [ceil(N/128), ceil(K/128)] = [" +
@@ -429,70 +527,122 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
     return InvalidArg("c must be float32 [M, N] or [0], got " + DimsToString(c));
   }
   const ffi::DataType out_type = out->element_type();
-  if ((out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F32) ||
-      out->dimensions().size() != 2 || out->dimensions()[0] != m ||
-      out->dimensions()[1] != n) {
-    return InvalidArg("out must be bfloat16 or float32 [M, N], got " +
-                      DimsToString(*out));
-  }
   if (has_c && out_type != ffi::DataType::F32) {
     return InvalidArg("out must be float32 when c is given");
   }
-  // TMA needs 16-byte aligned global addresses; the epilogue uses 8-byte
-  // vector accesses. XLA buffers are far more aligned than this.
-  if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
-      !Aligned(sa.untyped_data(), 16) || !Aligned(sb.untyped_data(), 4) ||
-      (has_bias && !Aligned(bias.untyped_data(), 8)) ||
-      (has_c && !Aligned(c.untyped_data(), 8)) ||
-      !Aligned(out->untyped_data(), 8)) {
+  if (!Aligned(sb.untyped_data(), 4) || (has_bias && !Aligned(bias.untyped_data(), 8)) ||
+      (has_c && !Aligned(c.untyped_data(), 8))) {
     return InvalidArg("operand buffers are insufficiently aligned");
   }
 
-  // ---- device ----
-  // From XLA, not cudaStreamGetDevice: stream queries invalidate a CUDA-graph capture.
   const int device = static_cast<int>(device_ordinal);
   ScopedDevice scoped(device);
   if (!scoped.ok()) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
   }
-  cudaError_t cerr = cudaSuccess;
-  const int num_sms = GetNumSms(device, &cerr);
-  if (num_sms <= 0) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("jax_deepgemm: cannot query SM count: ") +
-                          cudaGetErrorString(cerr));
-  }
+  int num_sms = 0;
+  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
 
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(m, n, k, num_sms, &cfg, &entry, &error)) {
+  if (!SelectConfig(m, n, 1, num_sms, kDenseTable, &cfg, &entry, &error)) {
     return InvalidArg(error);
   }
 
-  LaunchArgs args;
-  args.a = a.untyped_data();
-  args.sa = static_cast<const float*>(sa.untyped_data());
-  args.b = b.untyped_data();
-  args.sb = static_cast<const float*>(sb.untyped_data());
+  LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
   args.bias = has_bias ? static_cast<const float*>(bias.untyped_data()) : nullptr;
   args.c = has_c ? static_cast<const float*>(c.untyped_data()) : nullptr;
-  args.out = out->untyped_data();
-  args.m = static_cast<int>(m);
-  args.n = static_cast<int>(n);
-  args.k = static_cast<int>(k);
-  args.mp = static_cast<int>(mp);
-  args.kb = static_cast<int>(kb);
-
   const LaunchFn fn = out_type == ffi::DataType::BF16 ? entry->bf16 : entry->f32;
+  return fn(args, stream, device, num_sms);
+}
+
+ffi::Error GroupedInvalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "jax_deepgemm_m_grouped_fp8_gemm_nt: " + msg);
+}
+
+ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
+                                 ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
+                                 ffi::AnyBuffer sb, ffi::AnyBuffer sizes,
+                                 ffi::Result<ffi::AnyBuffer> out, int64_t masked_stride,
+                                 int64_t expected_m) {
+  if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
+    return GroupedInvalid("a must be a rank-2 float8_e4m3fn array, got shape " +
+                          DimsToString(a));
+  }
+  if (b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 3) {
+    return GroupedInvalid("b must be a rank-3 float8_e4m3fn array [G, N, K], got shape " +
+                          DimsToString(b));
+  }
+  const int64_t m = a.dimensions()[0];
+  const int64_t k = a.dimensions()[1];
+  const int64_t g = b.dimensions()[0];
+  const int64_t n = b.dimensions()[1];
+  if (b.dimensions()[2] != k) {
+    return GroupedInvalid("a " + DimsToString(a) + " and b " + DimsToString(b) +
+                          " disagree on K");
+  }
+  if (g < 1 || g > kMaxGroups) {
+    return GroupedInvalid("the number of groups must be in [1, " + std::to_string(kMaxGroups) +
+                          "], got " + std::to_string(g));
+  }
+  if (g * n > INT32_MAX) return GroupedInvalid("G * N must be < 2^31");
+  if (ffi::Error e = CheckCommon(a, sa, b, n, *out, "jax_deepgemm_m_grouped_fp8_gemm_nt");
+      e.failure()) {
+    return e;
+  }
+  const int64_t kb = (k + 127) / 128;
+  const int64_t nb = (n + 127) / 128;
+  if (sb.element_type() != ffi::DataType::F32 || sb.dimensions().size() != 3 ||
+      sb.dimensions()[0] != g || sb.dimensions()[1] != nb || sb.dimensions()[2] != kb) {
+    return GroupedInvalid("sb must be float32 [G, ceil(N/128), ceil(K/128)] = [" +
+                          std::to_string(g) + ", " + std::to_string(nb) + ", " +
+                          std::to_string(kb) + "], got " + DimsToString(sb));
+  }
+  if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1 ||
+      sizes.dimensions()[0] != g) {
+    return GroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
+  }
+  if (masked_stride < 0 || (masked_stride > 0 && masked_stride * g != m)) {
+    return GroupedInvalid("masked_stride must be 0 (contiguous) or M / G, got " +
+                          std::to_string(masked_stride));
+  }
+  if (!Aligned(sb.untyped_data(), 4) || !Aligned(sizes.untyped_data(), 4)) {
+    return GroupedInvalid("operand buffers are insufficiently aligned");
+  }
+
+  const int device = static_cast<int>(device_ordinal);
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
+  }
+  int num_sms = 0;
+  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
+
+  // The config follows the rows the caller expects to be valid, not the buffer.
+  const int64_t rows = masked_stride > 0 && expected_m > 0
+                           ? std::min(expected_m, masked_stride) * g : m;
+  GemmConfig cfg;
+  const KernelEntry* entry = nullptr;
+  std::string error;
+  if (!SelectConfig(rows, n, g, num_sms, kGroupedTable, &cfg, &entry, &error)) {
+    return GroupedInvalid(error);
+  }
+  LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
+  args.grp = GroupArgs{static_cast<const int*>(sizes.untyped_data()), static_cast<int>(g),
+                       static_cast<int>(masked_stride)};
+  const LaunchFn fn = out->element_type() == ffi::DataType::BF16 ? entry->bf16 : entry->f32;
   return fn(args, stream, device, num_sms);
 }
 
 }  // namespace
 
-std::string SupportedGemmConfigs() { return SupportedConfigs(); }
+std::string SupportedGemmConfigs() { return SupportedConfigs(kDenseTable); }
 
-bool InitializeDevices(std::string* error) {
+std::string SupportedGroupedGemmConfigs() { return SupportedConfigs(kGroupedTable); }
+
+bool InitializeDevices(const std::vector<int>& devices, std::string* error) {
   if (tma::get_encode_tiled() == nullptr) {
     *error = "jax_deepgemm: the CUDA driver has no cuTensorMapEncodeTiled";
     return false;
@@ -503,7 +653,14 @@ bool InitializeDevices(std::string* error) {
     *error = "jax_deepgemm: cudaGetDeviceCount failed";
     return false;
   }
-  for (int d = 0; d < count && d < kMaxDevices; ++d) {
+  // Only the devices this process uses: touching others would open CUDA
+  // contexts on GPUs that belong to other processes.
+  for (int d : devices) {
+    if (d < 0 || d >= count || d >= kMaxDevices) {
+      *error = "jax_deepgemm: no CUDA device " + std::to_string(d) + " (have " +
+               std::to_string(count) + ")";
+      return false;
+    }
     cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, d) != cudaSuccess || prop.major != 9) continue;
     ScopedDevice scoped(d);
@@ -512,11 +669,13 @@ bool InitializeDevices(std::string* error) {
       *error = "jax_deepgemm: cannot set up device " + std::to_string(d);
       return false;
     }
-    for (const KernelEntry& e : kKernels) {
-      for (ConfigureFn fn : {e.configure_bf16, e.configure_f32}) {
-        if (ffi::Error err = fn(d); err.failure()) {
-          *error = err.message();
-          return false;
+    for (const KernelTable& table : {kDenseTable, kGroupedTable}) {
+      for (const KernelEntry& e : table) {
+        for (ConfigureFn fn : {e.configure_bf16, e.configure_f32}) {
+          if (ffi::Error err = fn(d); err.failure()) {
+            *error = err.message();
+            return false;
+          }
         }
       }
     }
@@ -524,10 +683,10 @@ bool InitializeDevices(std::string* error) {
   return true;
 }
 
-bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
+bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::string* config,
                       std::string* error) {
-  if (m < 1 || n < 1 || k < 1) {
-    *error = "jax_deepgemm: gemm_config needs M, N, K >= 1";
+  if (m < 1 || n < 1 || k < 1 || groups < 0) {
+    *error = "jax_deepgemm: gemm_config needs M, N, K >= 1 and groups >= 0";
     return false;
   }
   // The config for the current device (132 SMs on H100/H200 SXM if unknown).
@@ -539,7 +698,10 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
     num_sms = 132;
   }
   GemmConfig cfg;
-  if (!SelectConfig(m, n, k, num_sms, &cfg, nullptr, error)) return false;
+  const KernelTable& table = groups > 0 ? kGroupedTable : kDenseTable;
+  if (!SelectConfig(m, n, groups > 0 ? groups : 1, num_sms, table, &cfg, nullptr, error)) {
+    return false;
+  }
   *config = "block_m=" + std::to_string(cfg.block_m) +
             ",block_n=" + std::to_string(cfg.block_n) +
             ",stages=" + std::to_string(cfg.stages);
@@ -560,4 +722,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // bias
         .Arg<xla::ffi::AnyBuffer>()  // c
         .Ret<xla::ffi::AnyBuffer>(),  // out
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MGroupedFp8GemmNt, jax_deepgemm::MGroupedFp8GemmNtImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // a
+        .Arg<xla::ffi::AnyBuffer>()  // sa
+        .Arg<xla::ffi::AnyBuffer>()  // b
+        .Arg<xla::ffi::AnyBuffer>()  // sb
+        .Arg<xla::ffi::AnyBuffer>()  // group sizes
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Attr<int64_t>("masked_stride")
+        .Attr<int64_t>("expected_m"),
     {xla::ffi::Traits::kCmdBufferCompatible});

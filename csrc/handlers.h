@@ -4,27 +4,33 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/api.h"
 
 // Typed-FFI handler for the custom call target "jax_deepgemm_fp8_gemm_nt".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Fp8GemmNt);
+// "jax_deepgemm_m_grouped_fp8_gemm_nt" (contiguous and masked MoE layouts).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MGroupedFp8GemmNt);
 
 namespace jax_deepgemm {
 
-// Kernel configuration that Fp8GemmNt would use for an (M, N, K) problem,
-// formatted as "block_m=128,block_n=128,stages=6". Honors the environment
-// variable JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the
-// problem or the forced configuration is invalid.
-// One-time host setup for every Hopper device (shared-memory limits, driver
-// entry points, SM counts). Call before the first launch: these calls are not
-// allowed while XLA captures a command buffer (CUDA graph).
-bool InitializeDevices(std::string* error);
+// One-time host setup of the given CUDA devices (shared-memory limits, driver
+// entry points, SM counts); non-Hopper devices are skipped. Call before the
+// first launch: these calls are not allowed while XLA captures a command
+// buffer (CUDA graph).
+bool InitializeDevices(const std::vector<int>& devices, std::string* error);
 
-// "block_m=..,block_n=..,stages=..; ..." for every dense config that is built.
+// "block_m=..,block_n=..,stages=..; ..." for every dense / grouped config that is built.
 std::string SupportedGemmConfigs();
+std::string SupportedGroupedGemmConfigs();
 
-bool GemmConfigString(int64_t m, int64_t n, int64_t k, std::string* config,
+// Kernel configuration that the dense (groups == 0) or M-grouped kernel would
+// use for a problem of M rows in all, formatted as
+// "block_m=128,block_n=128,stages=6". Honors the environment variable
+// JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the problem or
+// the forced configuration is invalid.
+bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::string* config,
                       std::string* error);
 
 }  // namespace jax_deepgemm

@@ -1,9 +1,11 @@
 // nanobind extension module `jax_deepgemm._C` (no CUDA code in this TU).
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "handlers.h"
 
@@ -18,34 +20,45 @@ NB_MODULE(_C, m) {
         nb::dict d;
         d["jax_deepgemm_fp8_gemm_nt"] =
             nb::capsule(reinterpret_cast<void*>(&Fp8GemmNt));
+        d["jax_deepgemm_m_grouped_fp8_gemm_nt"] =
+            nb::capsule(reinterpret_cast<void*>(&MGroupedFp8GemmNt));
         return d;
       },
       "Dict of XLA FFI target name -> handler capsule (platform CUDA).");
 
   m.def(
       "gemm_config",
-      [](int64_t m_, int64_t n_, int64_t k_) {
+      [](int64_t m_, int64_t n_, int64_t k_, int64_t groups) {
         std::string config, error;
-        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, &config, &error)) {
+        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, groups, &config, &error)) {
           throw nb::value_error(error.c_str());
         }
         return config;
       },
-      nb::arg("m"), nb::arg("n"), nb::arg("k"),
-      "Kernel configuration chosen for an (M, N, K) problem, e.g. "
-      "'block_m=128,block_n=128,stages=6' (honors JAX_DEEPGEMM_GEMM_CONFIG).");
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("groups") = 0,
+      "Kernel configuration chosen for an (M, N, K) problem (groups > 0: the M-grouped "
+      "kernel, M rows in all), e.g. 'block_m=128,block_n=128,stages=6' (honors "
+      "JAX_DEEPGEMM_GEMM_CONFIG).");
 
   m.def(
       "initialize",
-      []() {
+      [](const std::vector<int>& devices) {
         std::string error;
-        if (!jax_deepgemm::InitializeDevices(&error)) throw nb::value_error(error.c_str());
+        if (!jax_deepgemm::InitializeDevices(devices, &error)) {
+          throw nb::value_error(error.c_str());
+        }
       },
-      "One-time setup of every Hopper device; call before the first kernel runs.");
+      nb::arg("devices"),
+      "One-time setup of the given CUDA devices (ordinals); call before the first kernel runs.");
 
   m.def(
       "supported_gemm_configs", []() { return jax_deepgemm::SupportedGemmConfigs(); },
       "Every dense-GEMM config that is built, '; '-separated (JAX_DEEPGEMM_GEMM_CONFIG values).");
+
+  m.def(
+      "supported_grouped_gemm_configs",
+      []() { return jax_deepgemm::SupportedGroupedGemmConfigs(); },
+      "Every M-grouped GEMM config that is built, '; '-separated.");
 
   m.def(
       "built_for", []() { return std::string("sm_90a"); },

@@ -56,9 +56,9 @@ def use_kernels() -> bool:
     logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")
     return False
   # Host-side setup now, at trace time: it is not allowed inside a CUDA-graph capture.
-  # (It sets up every visible Hopper GPU; limiting it to this process's GPUs is to do.)
+  # Only this process's GPUs: touching others would open contexts on them.
   try:
-    _C.initialize()
+    _C.initialize([d.local_hardware_id for d in jax.local_devices(backend="gpu")])
   except Exception as e:  # pylint: disable=broad-except
     logger.warning("jax_deepgemm: kernel setup failed (%s); GPU ops use the pure-JAX reference "
                    "path.", e)
@@ -66,6 +66,9 @@ def use_kernels() -> bool:
   return True
 
 
-def gemm_config(m: int, n: int, k: int) -> str:
-  """The kernel config the dense GEMM picks for this shape (for benchmarks and tuning)."""
-  return _C.gemm_config(m, n, k) if _C is not None else "reference"
+def gemm_config(m: int, n: int, k: int, groups: int = 0) -> str:
+  """The kernel config picked for this shape (for benchmarks and tuning).
+
+  ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all.
+  """
+  return _C.gemm_config(m, n, k, groups) if _C is not None else "reference"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
@@ -41,9 +42,42 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
   return d.astype(out_dtype)
 
 
+# The kernel's smem group table holds this many groups.
+MAX_KERNEL_GROUPS = 1024
+
+
+def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_dtype):
+  """The M-grouped kernel on ``a [M, K]`` (rows of all groups) and ``b [G, N, K]``.
+
+  Shared by the contiguous and masked ops (``masked_stride`` 0 or rows per group).
+  """
+  (m, k), (g, n, _) = a.shape, b.shape
+  if g > MAX_KERNEL_GROUPS:
+    raise ValueError(f"m_grouped_fp8_gemm_nt: the Hopper kernel supports at most "
+                     f"{MAX_KERNEL_GROUPS} groups, got {g}")
+  if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
+    pad = -(-k // 16) * 16 - k
+    a = jnp.pad(a, ((0, 0), (0, pad)))
+    b = jnp.pad(b, ((0, 0), (0, 0), (0, pad)))
+  # MN-major A scales, rows padded to 4 (the kernel loads them with TMA).
+  sa_t = jnp.pad(sa.T, ((0, 0), (0, -(-m // 4) * 4 - m)))
+  call = jax.ffi.ffi_call("jax_deepgemm_m_grouped_fp8_gemm_nt",
+                          jax.ShapeDtypeStruct((m, n), out_dtype))
+  return call(a, sa_t, b, sb, sizes.astype(jnp.int32),
+              masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
+
+
+def _cuda(a, sa, b, sb, group_sizes, *, out_dtype):
+  (m, k), (g, n, _) = a.shape, b.shape
+  if m == 0 or n == 0 or k == 0 or g == 0:
+    return _reference(a, sa, b, sb, group_sizes, out_dtype=out_dtype)
+  return grouped_kernel_call(a, sa, b, sb, group_sizes, masked_stride=0,
+                             expected_m=-(-m // g), out_dtype=out_dtype)
+
+
 m_grouped_contiguous_p = _primitive.define(
     "jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous", abstract_eval=_abstract_eval,
-    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the grouped-GEMM issue
+    reference=_reference, cuda=_cuda,
     batching_rule=lambda args, dims, **p: _primitive.map_rule(m_grouped_contiguous_p)(args, dims, **p))
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.grouped_contiguous import grouped_kernel_call
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
 OP = "m_grouped_fp8_gemm_nt_masked"
@@ -54,9 +55,19 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   return out.reshape((size, a.shape[1]) + out.shape[1:]), 0
 
 
+def _cuda(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+  (g, m, k), n = a.shape, b.shape[1]
+  if g == 0 or m == 0 or n == 0 or k == 0:
+    return _reference(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)
+  # The same kernel as the contiguous layout, with group g at rows [g*M_max, ...).
+  out = grouped_kernel_call(a.reshape(g * m, k), sa.reshape(g * m, -1), b, sb, masked_m,
+                            masked_stride=m, expected_m=expected_m, out_dtype=out_dtype)
+  return out.reshape(g, m, n)
+
+
 masked_p = _primitive.define(
     "jax_deepgemm_m_grouped_fp8_gemm_nt_masked", abstract_eval=_abstract_eval,
-    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the grouped-GEMM issue
+    reference=_reference, cuda=_cuda,
     batching_rule=_batching_rule)
 
 

@@ -1,4 +1,6 @@
 """A small run of every kernel, for compute-sanitizer (M = 7 and an aligned case)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,4 +15,18 @@ for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16)]:
   c = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
   jax.block_until_ready(jax.jit(jd.fp8_gemm_nt)(a, sa, b, sb))
   jax.block_until_ready(jax.jit(lambda *x: jd.fp8_gemm_nt(*x, bias=bias, c=c))(a, sa, b, sb))
+# M-grouped: skewed routing with empty experts and unaligned sizes, all-empty, masked.
+# (Skipped when a forced dense config names a tile the grouped kernel is not built with.)
+grouped_cases = [] if os.environ.get("JAX_DEEPGEMM_GEMM_CONFIG") else [(300, 192, 256, [0, 7, 0, 290, 3]), (200, 64, 128, [0, 0, 0]),
+                       (129, 320, 384, [129, 0])]
+for m, n, k, sizes in grouped_cases:
+  g = len(sizes)
+  a, sa = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16))
+  b, sb = jd.per_block_cast_to_fp8(jnp.asarray(rng.standard_normal((g, n, k)), jnp.float32))
+  gs = jnp.asarray(sizes, jnp.int32)
+  jax.block_until_ready(jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)(a, sa, b, sb, gs))
+  mmax = m // g
+  am, sam = a[: g * mmax].reshape(g, mmax, k), sa[: g * mmax].reshape(g, mmax, -1)
+  mm = jnp.asarray([0, mmax, 5][:g] + [1] * max(0, g - 3), jnp.int32)
+  jax.block_until_ready(jax.jit(jd.m_grouped_fp8_gemm_nt_masked)(am, sam, b, sb, mm))
 print("sanitize case done; kernels used:", jd.use_kernels())

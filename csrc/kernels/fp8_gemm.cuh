@@ -11,6 +11,12 @@
 //     warpgroup (last); setmaxnreg rebalances registers between them;
 //   * STAGES-deep shared-memory ring guarded by full/empty mbarriers; the
 //     k-iteration counter (stage, phase) runs across tiles.
+//
+// The same kernel runs the M-grouped (MoE) GEMMs when kGrouped: rows of `a`
+// belong to groups (experts) g, each with its own B[g] = b[g*N : (g+1)*N].
+// Group sizes are read on device (no host sync, CUDA-graph safe) into a
+// shared-memory table at kernel start; tiles never straddle two groups, so a
+// tile only writes rows of its own group, and empty groups get no tiles.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +34,11 @@ constexpr int kScaleBlock = 128;        // scale granularity along N and K
 constexpr int kGroupM = 8;              // M-blocks per rasterization group
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KiB opt-in limit on sm_90
 constexpr int kSmemAlignPad = 1024;     // we align the dynamic smem base
+constexpr int kMaxGroups = 1024;        // grouped kernels: size of the smem group table
+// Group table: m-block prefix [G+1], first row [G], end row [G] (int32 each).
+constexpr int kGroupTableBytes = (3 * kMaxGroups + 1) * 4 + 12;  // padded to 16B
 
-template <int BLOCK_M, int BLOCK_N, int STAGES>
+template <int BLOCK_M, int BLOCK_N, int STAGES, bool kGrouped = false>
 struct Fp8GemmLayout {
   static constexpr int kNumMathWG = BLOCK_M / 64;
   static constexpr int kNumMathThreads = kNumMathWG * 128;
@@ -46,7 +55,8 @@ struct Fp8GemmLayout {
   static constexpr int kOffB = kOffA + STAGES * kBytesA;
   static constexpr int kOffSA = kOffB + STAGES * kBytesB;
   static constexpr int kOffBar = kOffSA + STAGES * kBytesSA;
-  static constexpr int kBytes = kOffBar + 2 * STAGES * 8;
+  static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
+  static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
   static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
@@ -65,8 +75,8 @@ struct Fp8GemmLayout {
 };
 
 // Largest number of stages that fits in shared memory.
-constexpr int fp8_gemm_max_stages(int block_m, int block_n) {
-  return (kMaxSmemPerBlock - kSmemAlignPad) /
+constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
+  return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0)) /
          (block_m * kBlockK + block_n * kBlockK + block_m * 4 + 16);
 }
 
@@ -112,17 +122,118 @@ __device__ __forceinline__ void store_one<__nv_bfloat16>(__nv_bfloat16* p,
   *p = __float2bfloat16_rn(v);
 }
 
+// M-grouped problems: group g owns rows [row_start_g, row_start_g + size_g).
+//   contiguous (masked_stride == 0): groups follow each other from row 0;
+//       sizes are clipped so that the groups end at row M at the latest;
+//   masked (masked_stride > 0): group g starts at row g * masked_stride and
+//       its size is clipped to [0, masked_stride].
+// Rows of `out` that belong to no group are written as zeros.
+struct GroupArgs {
+  const int* sizes;   // [num_groups] int32 on device; nullptr = dense GEMM
+  int num_groups;
+  int masked_stride;
+};
+
+// Fills the smem group table (run by one full warp): mblk[g] = first global
+// m-block of group g (mblk[G] = total), rows [rstart[g], rend[g]).
+template <int BLOCK_M>
+__device__ __forceinline__ void build_group_table(const GroupArgs& grp, int M,
+                                                  int* mblk, int* rstart, int* rend,
+                                                  int lane) {
+  int64_t carry_rows = 0;
+  int carry_mb = 0;
+  if (lane == 0) mblk[0] = 0;
+  for (int base = 0; base < grp.num_groups; base += 32) {
+    const int g = base + lane;
+    const int64_t size = g < grp.num_groups ? max(__ldg(grp.sizes + g), 0) : 0;
+    int64_t start, end;
+    if (grp.masked_stride > 0) {
+      start = static_cast<int64_t>(g) * grp.masked_stride;
+      end = start + min(size, static_cast<int64_t>(grp.masked_stride));
+    } else {
+      int64_t incl = size;  // inclusive prefix sum over the warp (64-bit: no overflow)
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int64_t v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      start = min(carry_rows + incl - size, static_cast<int64_t>(M));
+      end = min(carry_rows + incl, static_cast<int64_t>(M));
+      carry_rows = __shfl_sync(0xffffffffu, carry_rows + incl, 31);
+    }
+    int mb = g < grp.num_groups ? static_cast<int>((end - start + BLOCK_M - 1) / BLOCK_M) : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, mb, d);
+      if (lane >= d) mb += v;
+    }
+    if (g < grp.num_groups) {
+      mblk[g + 1] = carry_mb + mb;
+      rstart[g] = static_cast<int>(start);
+      rend[g] = static_cast<int>(end);
+    }
+    carry_mb += __shfl_sync(0xffffffffu, mb, 31);
+  }
+}
+
+// Where one output tile lives.
+struct TileInfo {
+  int row0;     // first row of a / out
+  int row_end;  // rows >= row_end belong to another group (or are past M)
+  int n0;       // first column of out
+  int group;
+};
+
+template <int BLOCK_M, int BLOCK_N, bool kGrouped>
+__device__ __forceinline__ TileInfo tile_info(int tile, int num_m_blocks, int num_n_blocks,
+                                              int M, int num_groups, const int* mblk,
+                                              const int* rstart, const int* rend) {
+  int m_block, n_block;
+  fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
+  if constexpr (!kGrouped) {
+    return TileInfo{m_block * BLOCK_M, M, n_block * BLOCK_N, 0};
+  } else {
+    // The group whose m-blocks contain m_block: the first g with mblk[g+1] > m_block
+    // (empty groups have mblk[g] == mblk[g+1] and are skipped).
+    int lo = 0, hi = num_groups - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (mblk[mid + 1] > m_block) hi = mid; else lo = mid + 1;
+    }
+    return TileInfo{rstart[lo] + (m_block - mblk[lo]) * BLOCK_M, rend[lo], n_block * BLOCK_N, lo};
+  }
+}
+
+// Writes zeros to out[r0:r1, :] (a contiguous span), spread over `nthreads` threads.
+template <typename OutT>
+__device__ __forceinline__ void zero_rows(OutT* out, int64_t r0, int64_t r1, int N,
+                                          int64_t tid, int64_t nthreads) {
+  if (r1 <= r0) return;
+  OutT* p = out + r0 * N;
+  const int64_t count = (r1 - r0) * N;
+  constexpr int kVec = 16 / sizeof(OutT);
+  const int64_t head = min(count, static_cast<int64_t>(
+      ((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / sizeof(OutT)));
+  const int64_t num_vec = (count - head) / kVec;
+  const OutT zero = static_cast<OutT>(0.0f);
+  for (int64_t i = tid; i < head; i += nthreads) p[i] = zero;
+  uint4* v = reinterpret_cast<uint4*>(p + head);
+  for (int64_t i = tid; i < num_vec; i += nthreads) v[i] = make_uint4(0, 0, 0, 0);
+  for (int64_t i = head + num_vec * kVec + tid; i < count; i += nthreads) p[i] = zero;
+}
+
 // Kernel arguments:
 //   tmap_a : a  [M, K]  uint8 view, box [BLOCK_M, 128], 128B swizzle
-//   tmap_b : b  [N, K]  uint8 view, box [BLOCK_N, 128], 128B swizzle
+//   tmap_b : b  [G*N, K] uint8 view, box [BLOCK_N, 128], 128B swizzle
 //   tmap_sa: sa [KB, MP] f32,        box [1, BLOCK_M],   no swizzle
-//   sb     : [NB, KB] f32 (global loads)
-//   bias   : [N] f32 or nullptr
-//   c      : [M, N] f32 or nullptr; may alias `out` (each element is read
-//            and then written by the same thread)
+//   sb     : [G, NB, KB] f32 (global loads)
+//   bias   : [N] f32 or nullptr (dense only)
+//   c      : [M, N] f32 or nullptr (dense only); may alias `out` (each element
+//            is read and then written by the same thread)
 //   out    : [M, N] OutT
-template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT>
-__global__ void __launch_bounds__(Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES>::kNumThreads, 1)
+//   grp    : group sizes (kGrouped only; G = 1 for the dense GEMM)
+template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT, bool kGrouped>
+__global__ void __launch_bounds__(Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>::kNumThreads, 1)
 fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                    const __grid_constant__ CUtensorMap tmap_b,
                    const __grid_constant__ CUtensorMap tmap_sa,
@@ -130,9 +241,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                    const float* __restrict__ bias,
                    const float* c,
                    OutT* out,
-                   int M, int N, int K) {
+                   int M, int N, int K, GroupArgs grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES>;
+  using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>;
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
   constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
   constexpr int kTmaRegs = 40;
@@ -146,6 +257,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
   uint64_t* empty_bar = full_bar + STAGES;
+  int* grp_mblk = reinterpret_cast<int*>(smem + L::kOffGroups);  // kGrouped only
+  int* grp_rstart = grp_mblk + kMaxGroups + 1;
+  int* grp_rend = grp_rstart + kMaxGroups;
 
   const int thread = static_cast<int>(threadIdx.x);
   const int warp = __shfl_sync(0xffffffffu, thread / 32, 0);  // warp-uniform
@@ -166,11 +280,16 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     ptx::fence_barrier_init();
     ptx::fence_proxy_async();
   }
+  if constexpr (kGrouped) {
+    if (warp == 1) build_group_table<BLOCK_M>(grp, M, grp_mblk, grp_rstart, grp_rend, lane);
+  }
   __syncthreads();  // last CTA-wide barrier: producer threads exit early
 
-  const int num_m_blocks = (M + BLOCK_M - 1) / BLOCK_M;
+  const int num_groups = kGrouped ? grp.num_groups : 1;
+  const int num_m_blocks = kGrouped ? grp_mblk[num_groups] : (M + BLOCK_M - 1) / BLOCK_M;
   const int num_n_blocks = (N + BLOCK_N - 1) / BLOCK_N;
   const int num_k_blocks = (K + kBlockK - 1) / kBlockK;
+  const int num_scale_n = (N + kScaleBlock - 1) / kScaleBlock;
   const int num_tiles = num_m_blocks * num_n_blocks;
 
   if (wg == L::kNumMathWG) {
@@ -182,10 +301,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        int m_block, n_block;
-        fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
-        const int m0 = m_block * BLOCK_M;
-        const int n0 = n_block * BLOCK_N;
+        const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped>(
+            tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend);
+        const int b_row0 = t.group * N + t.n0;
         for (int kb = 0; kb < num_k_blocks; ++kb) {
           // Wait until the math warps released this slot (trivially true in
           // the first pass over the ring: parity 1 of a fresh barrier).
@@ -193,11 +311,11 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           // Full box bytes are always delivered (OOB elements zero-filled).
           ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes);
           ptx::tma_load_2d(&tmap_a, &full_bar[stage], smem_a + stage * L::kBytesA,
-                           kb * kBlockK, m0);
+                           kb * kBlockK, t.row0);
           ptx::tma_load_2d(&tmap_b, &full_bar[stage], smem_b + stage * L::kBytesB,
-                           kb * kBlockK, n0);
+                           kb * kBlockK, b_row0);
           ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * BLOCK_M,
-                           m0, kb);
+                           t.row0, kb);
           if (++stage == STAGES) {
             stage = 0;
             phase ^= 1u;
@@ -220,16 +338,17 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     uint32_t phase = 0;
 
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      int m_block, n_block;
-      fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
+      const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped>(
+          tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend);
       // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
       // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
-      const int n0 = n_block * BLOCK_N;
+      const int n0 = t.n0;
       const int nb_lo = n0 / kScaleBlock;
-      const int nb_hi = min(nb_lo + 1, (N + kScaleBlock - 1) / kScaleBlock - 1);
+      const int nb_hi = min(nb_lo + 1, num_scale_n - 1);
       const int j_hi = (kScaleBlock - n0 % kScaleBlock) / 8;  // first n8 chunk in "hi"
-      const float* sb_lo = sb + static_cast<int64_t>(nb_lo) * num_k_blocks;
-      const float* sb_hi = sb + static_cast<int64_t>(nb_hi) * num_k_blocks;
+      const float* sb_g = sb + static_cast<int64_t>(t.group) * num_scale_n * num_k_blocks;
+      const float* sb_lo = sb_g + static_cast<int64_t>(nb_lo) * num_k_blocks;
+      const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
 
 #pragma unroll
       for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
@@ -288,12 +407,12 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
 
       // ---------------- epilogue: registers -> global ----------------
-      const int col_base = n_block * BLOCK_N + (lane % 4) * 2;
+      const int col_base = n0 + (lane % 4) * 2;
       const bool n_even = (N % 2) == 0;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m_block * BLOCK_M + r_local + h * 8;
-        if (row < M) {
+        const int row = t.row0 + r_local + h * 8;
+        if (row < t.row_end) {
           OutT* out_row = out + static_cast<int64_t>(row) * N;
           const float* c_row = c != nullptr ? c + static_cast<int64_t>(row) * N : nullptr;
 #pragma unroll
@@ -331,6 +450,20 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
             }
           }
         }
+      }
+    }
+
+    if constexpr (kGrouped) {
+      // Rows that belong to no group come out as zeros (like the reference).
+      const int64_t tid = static_cast<int64_t>(blockIdx.x) * L::kNumMathThreads + thread;
+      const int64_t nthreads = static_cast<int64_t>(gridDim.x) * L::kNumMathThreads;
+      if (grp.masked_stride > 0) {
+        for (int g = 0; g < num_groups; ++g) {
+          zero_rows(out, grp_rend[g], static_cast<int64_t>(g + 1) * grp.masked_stride, N,
+                    tid, nthreads);
+        }
+      } else {
+        zero_rows(out, grp_rend[num_groups - 1], M, N, tid, nthreads);
       }
     }
   }

@@ -1,0 +1,163 @@
+"""The Hopper M-grouped kernel (contiguous and masked layouts) against the float64 oracle.
+
+Skips without the CUDA extension and an sm_90 GPU. ``test_grouped.py`` runs the small
+routings through the kernel too when a Hopper GPU is the default device.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_deepgemm as jd
+import oracle
+from helpers import quant_act, quant_w
+
+pytestmark = pytest.mark.skipif(not jd.use_kernels(),
+                                reason="needs the CUDA extension and a Hopper (sm_90) GPU")
+
+HERE = os.path.dirname(__file__)
+
+
+def _routing(rng, m, g, kind):
+  if kind == "uniform":
+    sizes = np.bincount(rng.integers(0, g, size=m), minlength=g)
+  elif kind == "skewed":  # Zipf-like, many empty experts
+    p = 1.0 / np.arange(1, g + 1) ** 1.5
+    sizes = np.bincount(rng.choice(g, size=m, p=p / p.sum()), minlength=g)
+  elif kind == "one_expert":
+    sizes = np.zeros(g, np.int64)
+    sizes[g // 2] = m
+  elif kind == "aligned":
+    sizes = np.full(g, m // g)
+  else:
+    raise ValueError(kind)
+  return sizes.astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_expert", "aligned"])
+@pytest.mark.parametrize("g,m,n,k", [(8, 2048, 512, 1024), (5, 777, 4096, 7168),
+                                     (32, 3000, 256, 128), (3, 300, 96, 1552)])
+def test_contiguous(rng, kind, g, m, n, k):
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, g, n, k)
+  gs = _routing(rng, m, g, kind)
+  d = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, gs)) < 1e-5
+
+
+def test_contiguous_partial_and_f32(rng):
+  # Groups cover only part of M: the rows after them must be exactly zero.
+  m, n, k, g = 1000, 384, 512, 7
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, g, n, k)
+  gs = np.array([0, 129, 1, 0, 300, 7, 0], np.int32)
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=jnp.float32)
+  want = oracle.grouped_contiguous(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, want) < 1e-5
+  assert float(jnp.abs(d[gs.sum():]).max()) == 0.0
+
+
+def test_contiguous_tiles_stay_in_their_group(rng):
+  # A group of 1 row between big groups: every row must use its own expert's weights.
+  m, n, k = 513, 256, 256
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, 3, n, k)
+  gs = np.array([256, 1, 256], np.int32)
+  d = np.asarray(jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=jnp.float32))
+  want = oracle.grouped_contiguous(a, sa, b, sb, gs)
+  for r in (255, 256, 257):
+    assert oracle.calc_diff(d[r], want[r]) < 1e-5, r
+
+
+@pytest.mark.parametrize("masked", ["random", "zeros", "full", "mixed"])
+@pytest.mark.parametrize("g,mmax,n,k", [(4, 256, 4096, 7168), (6, 100, 512, 256), (2, 64, 160, 640)])
+def test_masked(rng, masked, g, mmax, n, k):
+  a, sa = quant_act(rng, g * mmax, k)
+  a, sa = a.reshape(g, mmax, k), sa.reshape(g, mmax, -1)
+  b, sb = quant_w(rng, g, n, k)
+  mm = {"random": rng.integers(0, mmax + 1, size=g), "zeros": np.zeros(g),
+        "full": np.full(g, mmax), "mixed": np.array([0, mmax] * g)[:g]}[masked].astype(np.int32)
+  d = jax.jit(jd.m_grouped_fp8_gemm_nt_masked, static_argnames="expected_m")(
+      a, sa, b, sb, mm, expected_m=max(1, mmax // 2))
+  want = oracle.grouped_masked(a, sa, b, sb, mm)
+  if mm.sum() == 0:
+    assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
+  else:
+    assert oracle.calc_diff(d, want) < 1e-5
+  rows = np.arange(mmax)[None, :] >= mm[:, None]
+  assert float(jnp.abs(d.astype(jnp.float32))[rows].max(initial=0.0)) == 0.0
+
+
+def test_lowers_to_grouped_kernel(rng):
+  a, sa = quant_act(rng, 256, 256)
+  b, sb = quant_w(rng, 2, 128, 256)
+  gs = jnp.array([100, 156], jnp.int32)
+  hlo = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous).lower(a, sa, b, sb, gs).compile().as_text()
+  assert "jax_deepgemm_m_grouped_fp8_gemm_nt" in hlo
+
+
+def test_bitwise_deterministic(rng):
+  a, sa = quant_act(rng, 4096, 2048)
+  b, sb = quant_w(rng, 8, 1024, 2048)
+  gs = _routing(rng, 4096, 8, "skewed")
+  f = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)
+  ref = np.asarray(f(a, sa, b, sb, gs).astype(jnp.float32))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(a, sa, b, sb, gs).astype(jnp.float32)), ref)
+
+
+_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp, jax_deepgemm as jd, oracle
+from helpers import quant_act, quant_w
+rng = np.random.default_rng(7)
+worst = 0.0
+outs = []
+for m, n, k, g in [(700, 256, 512, 6), (64, 192, 256, 3), (2000, 1024, 1024, 4)]:
+  a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, g, n, k)
+  gs = np.bincount(rng.integers(0, g, size=m), minlength=g).astype(np.int32); gs[1] = 0
+  # Steps in a scan so that XLA puts the custom call into a command buffer.
+  def body(c, x):
+    return c, jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs + x, out_dtype=jnp.float32)
+  _, d = jax.jit(lambda: jax.lax.scan(body, 0, jnp.zeros((2,), jnp.int32)))()
+  worst = max(worst, oracle.calc_diff(d[0], oracle.grouped_contiguous(a, sa, b, sb, gs)))
+  mm = np.array([0, m // g, 5][:g] + [m // g] * (g - 3), np.int32)
+  am, sam = a[: g * (m // g)].reshape(g, m // g, k), sa[: g * (m // g)].reshape(g, m // g, -1)
+  dm = jax.jit(jd.m_grouped_fp8_gemm_nt_masked)(am, sam, b, sb, mm)
+  worst = max(worst, oracle.calc_diff(dm, oracle.grouped_masked(am, sam, b, sb, mm)))
+  outs += [np.asarray(d), np.asarray(dm.astype(jnp.float32))]
+np.savez(sys.argv[1], *outs)
+print("WORST", worst)
+"""
+
+
+def _run_script(env_extra, out):
+  path = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, PYTHONPATH=path, **env_extra)
+  r = subprocess.run([sys.executable, "-c", _SCRIPT, out], env=env, cwd=HERE,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, (env_extra, r.stderr[-3000:])
+  return float(r.stdout.split("WORST")[-1])
+
+
+def test_command_buffers_on_and_off(tmp_path):
+  on = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE "
+                     "--xla_gpu_graph_min_graph_size=1"}
+  off = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+  assert _run_script(on, str(tmp_path / "on.npz")) < 1e-5
+  assert _run_script(off, str(tmp_path / "off.npz")) < 1e-5
+  a, b = np.load(tmp_path / "on.npz"), np.load(tmp_path / "off.npz")
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_every_grouped_config(tmp_path):
+  from jax_deepgemm import _C
+  configs = _C.supported_grouped_gemm_configs().split("; ")
+  assert len(configs) >= 4
+  for cfg in configs + ["block_m=64", "block_n=64"]:  # partial configs pick a built one
+    worst = _run_script({"JAX_DEEPGEMM_GEMM_CONFIG": cfg}, str(tmp_path / "x.npz"))
+    assert worst < 1e-5, (cfg, worst)

@@ -113,7 +113,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   }
   if (res == CUDA_SUCCESS) {
     res = tma::make_2d_tiled(&tmap_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
-                             args.sa, args.kb, args.mp, 1, BM,
+                             args.sa, args.kb, args.mp, 1, L::kSARows,
                              CU_TENSOR_MAP_SWIZZLE_NONE);
   }
   if (res != CUDA_SUCCESS) {

@@ -38,6 +38,13 @@ constexpr int kMaxGroups = 1024;        // grouped kernels: size of the smem gro
 // Group table: m-block prefix [G+1], first row [G], end row [G] (int32 each).
 constexpr int kGroupTableBytes = (3 * kMaxGroups + 1) * 4 + 12;  // padded to 16B
 
+constexpr int fp8_gemm_sa_rows(int block_m, bool grouped) {
+  return grouped ? block_m + 4 : block_m;
+}
+constexpr int fp8_gemm_sa_bytes(int block_m, bool grouped) {
+  return (fp8_gemm_sa_rows(block_m, grouped) * 4 + 127) / 128 * 128;
+}
+
 template <int BLOCK_M, int BLOCK_N, int STAGES, bool kGrouped = false>
 struct Fp8GemmLayout {
   static constexpr int kNumMathWG = BLOCK_M / 64;
@@ -47,8 +54,11 @@ struct Fp8GemmLayout {
 
   static constexpr int kBytesA = BLOCK_M * kBlockK;    // fp8, per stage
   static constexpr int kBytesB = BLOCK_N * kBlockK;    // fp8, per stage
-  static constexpr int kBytesSA = BLOCK_M * 4;         // f32, per stage
-  static constexpr uint32_t kTxBytes = kBytesA + kBytesB + kBytesSA;
+  // A scales: grouped tiles start at any row, but a TMA box must start 16B
+  // aligned along the inner (row) axis, so they load 4 more rows from row0 & ~3.
+  static constexpr int kSARows = fp8_gemm_sa_rows(BLOCK_M, kGrouped);
+  static constexpr int kBytesSA = fp8_gemm_sa_bytes(BLOCK_M, kGrouped);  // per stage
+  static constexpr uint32_t kTxBytes = kBytesA + kBytesB + kSARows * 4;
 
   // Offsets from the 1024-byte-aligned base.
   static constexpr int kOffA = 0;
@@ -77,7 +87,7 @@ struct Fp8GemmLayout {
 // Largest number of stages that fits in shared memory.
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
   return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0)) /
-         (block_m * kBlockK + block_n * kBlockK + block_m * 4 + 16);
+         (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) + 16);
 }
 
 // Static persistent schedule: tile -> (m_block, n_block). Consecutive tiles
@@ -225,7 +235,7 @@ __device__ __forceinline__ void zero_rows(OutT* out, int64_t r0, int64_t r1, int
 // Kernel arguments:
 //   tmap_a : a  [M, K]  uint8 view, box [BLOCK_M, 128], 128B swizzle
 //   tmap_b : b  [G*N, K] uint8 view, box [BLOCK_N, 128], 128B swizzle
-//   tmap_sa: sa [KB, MP] f32,        box [1, BLOCK_M],   no swizzle
+//   tmap_sa: sa [KB, MP] f32,        box [1, kSARows],   no swizzle
 //   sb     : [G, NB, KB] f32 (global loads)
 //   bias   : [N] f32 or nullptr (dense only)
 //   c      : [M, N] f32 or nullptr (dense only); may alias `out` (each element
@@ -314,8 +324,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                            kb * kBlockK, t.row0);
           ptx::tma_load_2d(&tmap_b, &full_bar[stage], smem_b + stage * L::kBytesB,
                            kb * kBlockK, b_row0);
-          ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * BLOCK_M,
-                           t.row0, kb);
+          ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * (L::kBytesSA / 4),
+                           kGrouped ? t.row0 & ~3 : t.row0, kb);
           if (++stage == STAGES) {
             stage = 0;
             phase ^= 1u;
@@ -364,7 +374,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
         ptx::mbarrier_wait(&full_bar[stage], phase);
 
-        const float* sa_stage = smem_sa + stage * BLOCK_M;
+        const float* sa_stage = smem_sa + stage * (L::kBytesSA / 4) + (kGrouped ? t.row0 & 3 : 0);
         const float sa0 = sa_stage[r_local];
         const float sa1 = sa_stage[r_local + 8];
 

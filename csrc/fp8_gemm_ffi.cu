@@ -22,6 +22,12 @@
 //   masked layout, M = G * masked_stride) and expected_m (i64; rows per group
 //   the caller expects, only steers the config). Result out [M, N]; rows in no
 //   group are zero. See kernels/fp8_gemm.cuh for how sizes are clipped.
+//
+// Custom call target: "jax_deepgemm_k_grouped_fp8_gemm_tn" (MoE weight grad):
+//   aT F8E4M3FN [N, T] and bT F8E4M3FN [K, T] (token-major; T % 16 == 0),
+//   sa F32 [TB, NP], sb F32 [TB, KP] (TB = ceil(T/128), NP/KP = N/K rounded up
+//   to 4; scale of aT[n, t] is sa[t/128, n]), sizes S32 [G], c F32 [G, N, K]
+//   or [0]. Result out F32 [G, N, K] = (c +) per-group aT_g bT_g^T.
 
 #include <algorithm>
 #include <atomic>
@@ -42,6 +48,7 @@
 #include "common/tma.cuh"
 #include "handlers.h"
 #include "kernels/fp8_gemm.cuh"
+#include "kernels/k_grouped_gemm.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -187,6 +194,100 @@ const KernelEntry kGroupedKernels[] = {
 #undef JAX_DEEPGEMM_GROUPED
 #undef JAX_DEEPGEMM_MAX_STAGES
 #undef JAX_DEEPGEMM_ENTRY
+
+// ---- K-grouped (weight-gradient) kernel ----
+struct KGroupedArgs {
+  const void* a;   // aT [N, T]
+  const float* sa;  // [TB, NP]
+  const void* b;   // bT [K, T]
+  const float* sb;  // [TB, KP]
+  const float* c;  // nullable
+  float* out;
+  GroupArgs grp;
+  int n, k, t;
+};
+
+using KGroupedLaunchFn = ffi::Error (*)(const KGroupedArgs&, cudaStream_t, int device,
+                                        int num_sms);
+
+template <int BM, int BN, int ST>
+ffi::Error ConfigureKGrouped(int device) {
+  using L = KGroupedLayout<BM, BN, ST>;
+  static std::atomic<uint64_t> configured{0};
+  const uint64_t bit = device < kMaxDevices ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (configured.load(std::memory_order_acquire) & bit) != 0) {
+    return ffi::Error::Success();
+  }
+  const cudaError_t err = cudaFuncSetAttribute(&k_grouped_gemm_tn_kernel<BM, BN, ST>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               L::kDynamicSmem);
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_deepgemm: cudaFuncSetAttribute failed: ") +
+                          cudaGetErrorString(err));
+  }
+  configured.fetch_or(bit, std::memory_order_acq_rel);
+  return ffi::Error::Success();
+}
+
+template <int BM, int BN, int ST>
+ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int device,
+                          int num_sms) {
+  using L = KGroupedLayout<BM, BN, ST>;
+  if (ffi::Error e = ConfigureKGrouped<BM, BN, ST>(device); e.failure()) return e;
+  const int tb = (args.t + 127) / 128;
+  CUtensorMap tmap_a, tmap_b, tmap_sa, tmap_sb;
+  CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.a, args.n,
+                                    args.t, BM, kBlockK, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (res == CUDA_SUCCESS) {
+    res = tma::make_2d_tiled(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.b, args.k, args.t,
+                             BN, kBlockK, CU_TENSOR_MAP_SWIZZLE_128B);
+  }
+  if (res == CUDA_SUCCESS) {
+    res = tma::make_2d_tiled(&tmap_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, args.sa, tb,
+                             (args.n + 3) / 4 * 4, 1, BM, CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (res == CUDA_SUCCESS) {
+    res = tma::make_2d_tiled(&tmap_sb, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, args.sb, tb,
+                             (args.k + 3) / 4 * 4, 1, BN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (res != CUDA_SUCCESS) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "jax_deepgemm: cuTensorMapEncodeTiled failed (CUresult " +
+                          std::to_string(static_cast<int>(res)) + ")");
+  }
+  const int64_t num_tiles = static_cast<int64_t>(args.grp.num_groups) *
+                            ((args.n + BM - 1) / BM) * ((args.k + BN - 1) / BN);
+  if (num_tiles > INT32_MAX) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jax_deepgemm: problem too large (tile count overflows int32)");
+  }
+  const int grid = static_cast<int>(num_tiles < num_sms ? num_tiles : num_sms);
+  k_grouped_gemm_tn_kernel<BM, BN, ST><<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
+      tmap_a, tmap_b, tmap_sa, tmap_sb, args.c, args.out, args.n, args.k, args.t, args.grp);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_deepgemm: k_grouped launch failed: ") +
+                          cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+struct KGroupedEntry {
+  int block_m, block_n;
+  KGroupedLaunchFn launch;
+  ConfigureFn configure;
+};
+
+#define JAX_DEEPGEMM_KGROUPED(BM, BN)                                        \
+  KGroupedEntry {                                                            \
+    BM, BN, &LaunchKGrouped<BM, BN, k_grouped_max_stages(BM, BN)>,           \
+        &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN)>             \
+  }
+const KGroupedEntry kKGroupedKernels[] = {JAX_DEEPGEMM_KGROUPED(128, 128),
+                                          JAX_DEEPGEMM_KGROUPED(64, 128)};
+#undef JAX_DEEPGEMM_KGROUPED
 
 struct KernelTable {
   const KernelEntry* begin_;
@@ -636,6 +737,95 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   return fn(args, stream, device, num_sms);
 }
 
+ffi::Error KGroupedInvalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "jax_deepgemm_k_grouped_fp8_gemm_tn: " + msg);
+}
+
+ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
+                                 ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
+                                 ffi::AnyBuffer sb, ffi::AnyBuffer sizes, ffi::AnyBuffer c,
+                                 ffi::Result<ffi::AnyBuffer> out) {
+  if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2 ||
+      b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 2) {
+    return KGroupedInvalid("aT and bT must be rank-2 float8_e4m3fn arrays, got " +
+                           DimsToString(a) + " and " + DimsToString(b));
+  }
+  const int64_t n = a.dimensions()[0], t = a.dimensions()[1];
+  const int64_t k = b.dimensions()[0];
+  if (b.dimensions()[1] != t) {
+    return KGroupedInvalid("aT " + DimsToString(a) + " and bT " + DimsToString(b) +
+                           " disagree on T");
+  }
+  if (n < 1 || k < 1 || t < 16 || t % 16 != 0 || n > INT32_MAX || k > INT32_MAX ||
+      t > INT32_MAX) {
+    return KGroupedInvalid("need N, K >= 1 and T >= 16 with T % 16 == 0, got N=" +
+                           std::to_string(n) + " K=" + std::to_string(k) +
+                           " T=" + std::to_string(t));
+  }
+  if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1) {
+    return KGroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
+  }
+  const int64_t g = sizes.dimensions()[0];
+  if (g < 1 || g > kMaxGroups) {
+    return KGroupedInvalid("the number of groups must be in [1, " +
+                           std::to_string(kMaxGroups) + "], got " + std::to_string(g));
+  }
+  const int64_t tb = (t + 127) / 128;
+  if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
+      sa.dimensions()[0] != tb || sa.dimensions()[1] != (n + 3) / 4 * 4) {
+    return KGroupedInvalid("sa must be float32 [ceil(T/128), round_up(N, 4)], got " +
+                           DimsToString(sa));
+  }
+  if (sb.element_type() != ffi::DataType::F32 || sb.dimensions().size() != 2 ||
+      sb.dimensions()[0] != tb || sb.dimensions()[1] != (k + 3) / 4 * 4) {
+    return KGroupedInvalid("sb must be float32 [ceil(T/128), round_up(K, 4)], got " +
+                           DimsToString(sb));
+  }
+  const bool has_c = !IsEmpty1D(c);
+  auto is_gnk = [&](const ffi::AnyBuffer& x) {
+    const auto d = x.dimensions();
+    return x.element_type() == ffi::DataType::F32 && d.size() == 3 && d[0] == g &&
+           d[1] == n && d[2] == k;
+  };
+  if (c.element_type() != ffi::DataType::F32 || (has_c && !is_gnk(c))) {
+    return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + DimsToString(c));
+  }
+  if (!is_gnk(*out)) {
+    return KGroupedInvalid("out must be float32 [G, N, K], got " + DimsToString(*out));
+  }
+  if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
+      !Aligned(sa.untyped_data(), 16) || !Aligned(sb.untyped_data(), 16) ||
+      !Aligned(sizes.untyped_data(), 4) || (has_c && !Aligned(c.untyped_data(), 8)) ||
+      !Aligned(out->untyped_data(), 8)) {
+    return KGroupedInvalid("operand buffers are insufficiently aligned");
+  }
+
+  const int device = static_cast<int>(device_ordinal);
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
+  }
+  int num_sms = 0;
+  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
+
+  // 128x128 tiles unless that leaves SMs idle.
+  const int64_t tiles_128 = g * ((n + 127) / 128) * ((k + 127) / 128);
+  const KGroupedEntry& e = tiles_128 >= num_sms ? kKGroupedKernels[0] : kKGroupedKernels[1];
+  KGroupedArgs args;
+  args.a = a.untyped_data();
+  args.sa = static_cast<const float*>(sa.untyped_data());
+  args.b = b.untyped_data();
+  args.sb = static_cast<const float*>(sb.untyped_data());
+  args.c = has_c ? static_cast<const float*>(c.untyped_data()) : nullptr;
+  args.out = static_cast<float*>(out->untyped_data());
+  args.grp = GroupArgs{static_cast<const int*>(sizes.untyped_data()), static_cast<int>(g), 0};
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.t = static_cast<int>(t);
+  return e.launch(args, stream, device, num_sms);
+}
+
 }  // namespace
 
 std::string SupportedGemmConfigs() { return SupportedConfigs(kDenseTable); }
@@ -668,6 +858,12 @@ bool InitializeDevices(const std::vector<int>& devices, std::string* error) {
     if (!scoped.ok() || GetNumSms(d, &cerr) <= 0) {
       *error = "jax_deepgemm: cannot set up device " + std::to_string(d);
       return false;
+    }
+    for (const KGroupedEntry& e : kKGroupedKernels) {
+      if (ffi::Error err = e.configure(d); err.failure()) {
+        *error = err.message();
+        return false;
+      }
     }
     for (const KernelTable& table : {kDenseTable, kGroupedTable}) {
       for (const KernelEntry& e : table) {
@@ -737,4 +933,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // out
         .Attr<int64_t>("masked_stride")
         .Attr<int64_t>("expected_m"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    KGroupedFp8GemmTn, jax_deepgemm::KGroupedFp8GemmTnImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // aT
+        .Arg<xla::ffi::AnyBuffer>()  // sa
+        .Arg<xla::ffi::AnyBuffer>()  // bT
+        .Arg<xla::ffi::AnyBuffer>()  // sb
+        .Arg<xla::ffi::AnyBuffer>()  // group sizes
+        .Arg<xla::ffi::AnyBuffer>()  // c
+        .Ret<xla::ffi::AnyBuffer>(),  // out
     {xla::ffi::Traits::kCmdBufferCompatible});

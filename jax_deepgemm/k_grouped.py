@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
-from jax_deepgemm.grouped_contiguous import sanitize_group_sizes
+from jax_deepgemm.grouped_contiguous import MAX_KERNEL_GROUPS, sanitize_group_sizes
 from jax_deepgemm.quant import ceil_div, dequantize_per_token
 
 OP = "k_grouped_fp8_gemm_tn_contiguous"
@@ -52,9 +52,30 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c):
   return d + c[0] if has_c else d
 
 
+def _cuda(a, sa, b, sb, group_sizes, *c, has_c):
+  (t, n), k, g = a.shape, b.shape[1], group_sizes.shape[0]
+  if t == 0 or n == 0 or k == 0 or g == 0:
+    return _reference(a, sa, b, sb, group_sizes, *c, has_c=has_c)
+  if g > MAX_KERNEL_GROUPS:
+    raise ValueError(f"{OP}: the Hopper kernel supports at most {MAX_KERNEL_GROUPS} groups, "
+                     f"got {g}")
+  # The kernel wants both operands token-major (FP8 wgmma reads K-major only), T padded
+  # to 16 (TMA row pitch; zero tokens belong to no group), scale rows padded to 4.
+  tp = -(-t // 16) * 16
+  a_t = jnp.pad(a, ((0, tp - t), (0, 0))).T
+  b_t = jnp.pad(b, ((0, tp - t), (0, 0))).T
+  sa = jnp.pad(sa, ((0, 0), (0, -(-n // 4) * 4 - n)))
+  sb = jnp.pad(sb, ((0, 0), (0, -(-k // 4) * 4 - k)))
+  call = jax.ffi.ffi_call("jax_deepgemm_k_grouped_fp8_gemm_tn",
+                          jax.ShapeDtypeStruct((g, n, k), jnp.float32),
+                          input_output_aliases={5: 0} if has_c else None)
+  extra = c[0] if has_c else jnp.zeros((0,), jnp.float32)
+  return call(a_t, sa, b_t, sb, group_sizes.astype(jnp.int32), extra)
+
+
 k_grouped_p = _primitive.define(
     "jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous", abstract_eval=_abstract_eval,
-    reference=_reference, cuda=_reference,  # the Hopper kernel lands with the training-path issue
+    reference=_reference, cuda=_cuda,
     batching_rule=lambda args, dims, **p: _primitive.map_rule(k_grouped_p)(args, dims, **p))
 
 

@@ -232,6 +232,57 @@ __device__ __forceinline__ void zero_rows(OutT* out, int64_t r0, int64_t r1, int
   for (int64_t i = head + num_vec * kVec + tid; i < count; i += nthreads) p[i] = zero;
 }
 
+// Epilogue of one wgmma accumulator tile, registers -> global: this thread
+// holds rows `row` and `row + 8` (rows >= row_end are skipped) and columns
+// col_base + 8j + {0, 1}; out = acc (+ bias[col]) (+ c[row, col]), out/c row pitch N.
+template <int BLOCK_N, typename OutT>
+__device__ __forceinline__ void store_tile(const float* acc, OutT* out, const float* c,
+                                           const float* bias, int row, int row_end,
+                                           int col_base, int N) {
+  const bool n_even = (N % 2) == 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row + h * 8;
+    if (r >= row_end) continue;
+    OutT* out_row = out + static_cast<int64_t>(r) * N;
+    const float* c_row = c != nullptr ? c + static_cast<int64_t>(r) * N : nullptr;
+#pragma unroll
+    for (int j = 0; j < BLOCK_N / 8; ++j) {
+      const int col = col_base + j * 8;
+      float v0 = acc[j * 4 + h * 2];
+      float v1 = acc[j * 4 + h * 2 + 1];
+      if (n_even) {
+        // col is even and N is even: col < N implies col + 1 < N, and the
+        // pair is 2-element aligned.
+        if (col < N) {
+          if (bias != nullptr) {
+            const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col));
+            v0 += bv.x;
+            v1 += bv.y;
+          }
+          if (c_row != nullptr) {
+            const float2 cv = *reinterpret_cast<const float2*>(c_row + col);
+            v0 += cv.x;
+            v1 += cv.y;
+          }
+          store_pair<OutT>(out_row + col, v0, v1);
+        }
+      } else {
+        if (col < N) {
+          if (bias != nullptr) v0 += __ldg(bias + col);
+          if (c_row != nullptr) v0 += c_row[col];
+          store_one<OutT>(out_row + col, v0);
+        }
+        if (col + 1 < N) {
+          if (bias != nullptr) v1 += __ldg(bias + col + 1);
+          if (c_row != nullptr) v1 += c_row[col + 1];
+          store_one<OutT>(out_row + col + 1, v1);
+        }
+      }
+    }
+  }
+}
+
 // Kernel arguments:
 //   tmap_a : a  [M, K]  uint8 view, box [BLOCK_M, 128], 128B swizzle
 //   tmap_b : b  [G*N, K] uint8 view, box [BLOCK_N, 128], 128B swizzle
@@ -417,50 +468,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
 
       // ---------------- epilogue: registers -> global ----------------
-      const int col_base = n0 + (lane % 4) * 2;
-      const bool n_even = (N % 2) == 0;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = t.row0 + r_local + h * 8;
-        if (row < t.row_end) {
-          OutT* out_row = out + static_cast<int64_t>(row) * N;
-          const float* c_row = c != nullptr ? c + static_cast<int64_t>(row) * N : nullptr;
-#pragma unroll
-          for (int j = 0; j < BLOCK_N / 8; ++j) {
-            const int col = col_base + j * 8;
-            float v0 = acc[j * 4 + h * 2];
-            float v1 = acc[j * 4 + h * 2 + 1];
-            if (n_even) {
-              // col is even and N is even: col < N implies col + 1 < N, and
-              // the pair is 2-element aligned.
-              if (col < N) {
-                if (bias != nullptr) {
-                  const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col));
-                  v0 += bv.x;
-                  v1 += bv.y;
-                }
-                if (c_row != nullptr) {
-                  const float2 cv = *reinterpret_cast<const float2*>(c_row + col);
-                  v0 += cv.x;
-                  v1 += cv.y;
-                }
-                store_pair<OutT>(out_row + col, v0, v1);
-              }
-            } else {
-              if (col < N) {
-                if (bias != nullptr) v0 += __ldg(bias + col);
-                if (c_row != nullptr) v0 += c_row[col];
-                store_one<OutT>(out_row + col, v0);
-              }
-              if (col + 1 < N) {
-                if (bias != nullptr) v1 += __ldg(bias + col + 1);
-                if (c_row != nullptr) v1 += c_row[col + 1];
-                store_one<OutT>(out_row + col + 1, v1);
-              }
-            }
-          }
-        }
-      }
+      store_tile<BLOCK_N, OutT>(acc, out, c, bias, t.row0 + r_local, t.row_end,
+                                n0 + (lane % 4) * 2, N);
     }
 
     if constexpr (kGrouped) {

@@ -1,0 +1,260 @@
+// K-grouped FP8 GEMM "TN" for sm_90a, the MoE weight gradient:
+//   out[g, n, k] (= c[g, n, k]) + sum over tokens t of group g of
+//                a[t, n] * b[t, k] * sa[t/128, n] * sb[t/128, k]
+// The kernel takes both operands token-major ("K-major" for wgmma, which
+// FP8 requires): aT [N, T] and bT [K, T], fp32 output [G, N, K].
+//
+// Same machinery as fp8_gemm.cuh (persistent CTAs, TMA producer warpgroup,
+// mbarrier ring, FP8 wgmma, promotion every 128 tokens), with three changes:
+//   * a tile (g, n-block, k-block) contracts over the 128-token blocks that
+//     hold group g's tokens [t0, t1), read from a device-side group table;
+//   * both scales are per row of their operand (1x128 along tokens), so the
+//     promotion multiplies by sa[row] * sb[col] (B scales come in by TMA too);
+//   * a token block that straddles a group boundary is masked in shared
+//     memory: the other group's tokens are zeroed in A and B before wgmma.
+#pragma once
+
+#include "fp8_gemm.cuh"
+
+namespace jax_deepgemm {
+
+template <int BLOCK_M, int BLOCK_N, int STAGES>
+struct KGroupedLayout {
+  static constexpr int kNumMathWG = BLOCK_M / 64;
+  static constexpr int kNumMathThreads = kNumMathWG * 128;
+  static constexpr int kNumThreads = kNumMathThreads + 128;
+  static constexpr int kNumMathWarps = kNumMathThreads / 32;
+
+  static constexpr int kBytesA = BLOCK_M * kBlockK;
+  static constexpr int kBytesB = BLOCK_N * kBlockK;
+  static constexpr int kBytesSA = BLOCK_M * 4;
+  static constexpr int kBytesSB = BLOCK_N * 4;
+  static constexpr uint32_t kTxBytes = kBytesA + kBytesB + kBytesSA + kBytesSB;
+
+  static constexpr int kOffA = 0;
+  static constexpr int kOffB = kOffA + STAGES * kBytesA;
+  static constexpr int kOffSA = kOffB + STAGES * kBytesB;
+  static constexpr int kOffSB = kOffSA + STAGES * kBytesSA;
+  static constexpr int kOffBar = kOffSB + STAGES * kBytesSB;
+  static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
+  static constexpr int kBytes = kOffGroups + kGroupTableBytes;
+  static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
+
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+  static_assert(BLOCK_N % 64 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
+  static_assert(kBytesSA % 128 == 0 && kBytesSB % 128 == 0, "scale stages stay 128B aligned");
+  static_assert(kDynamicSmem <= kMaxSmemPerBlock, "too many stages");
+};
+
+constexpr int k_grouped_max_stages(int block_m, int block_n) {
+  return (kMaxSmemPerBlock - kSmemAlignPad - kGroupTableBytes) /
+         ((block_m + block_n) * (kBlockK + 4) + 16);
+}
+
+// Zeroes, in a 128B-swizzled [rows, 128-token] fp8 tile, the tokens outside
+// [t0, t1) (token of byte j of logical 16B chunk c: tok0 + 16c + j). Rows
+// [row_begin, row_end) are split over `nthreads` threads (tid in [0, nthreads)).
+__device__ __forceinline__ void mask_tokens(uint8_t* tile, int row_begin, int row_end,
+                                            int tok0, int t0, int t1, int tid, int nthreads) {
+  for (int q = row_begin * 8 + tid; q < row_end * 8; q += nthreads) {
+    const int row = q / 8;
+    const int chunk = (q % 8) ^ (row % 8);  // 128B swizzle: 16B chunks XOR row % 8
+    const int first = tok0 + chunk * 16;
+    if (first >= t0 && first + 16 <= t1) continue;
+    uint4* p = reinterpret_cast<uint4*>(tile + q * 16);
+    uint4 v = *p;
+    uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int tok = first + j;
+      if (tok < t0 || tok >= t1) w[j / 4] &= ~(0xffu << (8 * (j % 4)));
+    }
+    *p = v;
+  }
+}
+
+// Kernel arguments:
+//   tmap_a : aT [N, T] uint8, box [BLOCK_M, 128], 128B swizzle
+//   tmap_b : bT [K, T] uint8, box [BLOCK_N, 128], 128B swizzle
+//   tmap_sa: sa [TB, NP] f32, box [1, BLOCK_M] (NP = N rounded up to 4)
+//   tmap_sb: sb [TB, KP] f32, box [1, BLOCK_N] (KP = K rounded up to 4)
+//   c      : [G, N, K] f32 or nullptr; may alias out
+//   out    : [G, N, K] f32
+//   grp    : token counts per group (contiguous rules of GroupArgs, over T)
+template <int BLOCK_M, int BLOCK_N, int STAGES>
+__global__ void __launch_bounds__(KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>::kNumThreads, 1)
+k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
+                         const __grid_constant__ CUtensorMap tmap_b,
+                         const __grid_constant__ CUtensorMap tmap_sa,
+                         const __grid_constant__ CUtensorMap tmap_sb,
+                         const float* c, float* out, int N, int K, int T, GroupArgs grp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>;
+  using Mma = ptx::WgmmaFp8<BLOCK_N>;
+  constexpr int kNumAccum = Mma::kNumAccum;
+  constexpr int kTmaRegs = 40;
+  constexpr int kMathRegs = L::kNumMathWG == 2 ? 232 : 240;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint8_t* smem_a = smem + L::kOffA;
+  uint8_t* smem_b = smem + L::kOffB;
+  float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
+  float* smem_sb = reinterpret_cast<float*>(smem + L::kOffSB);
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
+  uint64_t* empty_bar = full_bar + STAGES;
+  int* grp_mblk = reinterpret_cast<int*>(smem + L::kOffGroups);
+  int* grp_tstart = grp_mblk + kMaxGroups + 1;
+  int* grp_tend = grp_tstart + kMaxGroups;
+
+  const int thread = static_cast<int>(threadIdx.x);
+  const int warp = __shfl_sync(0xffffffffu, thread / 32, 0);
+  const int lane = thread & 31;
+  const int wg = warp / 4;
+
+  if (thread == L::kNumMathThreads) {
+    ptx::prefetch_tma_descriptor(&tmap_a);
+    ptx::prefetch_tma_descriptor(&tmap_b);
+    ptx::prefetch_tma_descriptor(&tmap_sa);
+    ptx::prefetch_tma_descriptor(&tmap_sb);
+  }
+  if (thread == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], L::kNumMathWarps);
+    }
+    ptx::fence_barrier_init();
+    ptx::fence_proxy_async();
+  }
+  if (warp == 1) build_group_table<kBlockK>(grp, T, grp_mblk, grp_tstart, grp_tend, lane);
+  __syncthreads();
+
+  const int num_m_blocks = (N + BLOCK_M - 1) / BLOCK_M;
+  const int num_n_blocks = (K + BLOCK_N - 1) / BLOCK_N;
+  const int tiles_per_group = num_m_blocks * num_n_blocks;
+  const int num_tiles = grp.num_groups * tiles_per_group;
+
+  if (wg == L::kNumMathWG) {
+    ptx::setmaxnreg_dec<kTmaRegs>();
+    if (thread == L::kNumMathThreads) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int g = tile / tiles_per_group;
+        int m_block, n_block;
+        fp8_gemm_tile_coords(tile - g * tiles_per_group, num_m_blocks, num_n_blocks, m_block,
+                             n_block);
+        const int t0 = grp_tstart[g], t1 = grp_tend[g];
+        const int kb_end = t1 > t0 ? (t1 + kBlockK - 1) / kBlockK : 0;
+        for (int kb = t0 / kBlockK; kb < kb_end; ++kb) {
+          ptx::mbarrier_wait(&empty_bar[stage], phase ^ 1u);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes);
+          ptx::tma_load_2d(&tmap_a, &full_bar[stage], smem_a + stage * L::kBytesA,
+                           kb * kBlockK, m_block * BLOCK_M);
+          ptx::tma_load_2d(&tmap_b, &full_bar[stage], smem_b + stage * L::kBytesB,
+                           kb * kBlockK, n_block * BLOCK_N);
+          ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * BLOCK_M,
+                           m_block * BLOCK_M, kb);
+          ptx::tma_load_2d(&tmap_sb, &full_bar[stage], smem_sb + stage * BLOCK_N,
+                           n_block * BLOCK_N, kb);
+          if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1u;
+          }
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<kMathRegs>();
+    const int warp_in_wg = warp % 4;
+    const int r_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and +8
+    const int a_wg_offset = wg * 64 * kBlockK;
+
+    float acc[kNumAccum];
+    float tmp[kNumAccum];
+    float2 sbv[BLOCK_N / 8];
+    int stage = 0;
+    uint32_t phase = 0;
+
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const int g = tile / tiles_per_group;
+      int m_block, n_block;
+      fp8_gemm_tile_coords(tile - g * tiles_per_group, num_m_blocks, num_n_blocks, m_block,
+                           n_block);
+      const int t0 = grp_tstart[g], t1 = grp_tend[g];
+      const int kb_end = t1 > t0 ? (t1 + kBlockK - 1) / kBlockK : 0;
+
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
+
+      for (int kb = t0 / kBlockK; kb < kb_end; ++kb) {
+        ptx::mbarrier_wait(&full_bar[stage], phase);
+        uint8_t* a_stage = smem_a + stage * L::kBytesA;
+        uint8_t* b_stage = smem_b + stage * L::kBytesB;
+
+        const int tok0 = kb * kBlockK;
+        if (tok0 < t0 || tok0 + kBlockK > t1) {
+          // Block straddles a group boundary (rare: at most two per tile).
+          // Each warpgroup zeroes its A rows and its share of B's rows.
+          const int tid = thread % 128;
+          mask_tokens(a_stage, wg * 64, wg * 64 + 64, tok0, t0, t1, tid, 128);
+          constexpr int kBRows = BLOCK_N / L::kNumMathWG;
+          mask_tokens(b_stage, wg * kBRows, wg * kBRows + kBRows, tok0, t0, t1, tid, 128);
+          ptx::fence_proxy_async();  // generic-proxy writes -> visible to wgmma
+          ptx::named_barrier_sync(1, L::kNumMathThreads);
+        }
+
+        const float* sa_stage = smem_sa + stage * BLOCK_M;
+        const float sa0 = sa_stage[r_local];
+        const float sa1 = sa_stage[r_local + 8];
+        const float* sb_stage = smem_sb + stage * BLOCK_N + (lane % 4) * 2;
+#pragma unroll
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+          sbv[j] = *reinterpret_cast<const float2*>(sb_stage + j * 8);
+        }
+
+        const uint64_t desc_a = ptx::make_smem_desc_k_sw128(a_stage + a_wg_offset);
+        const uint64_t desc_b = ptx::make_smem_desc_k_sw128(b_stage);
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 32; ++kk) {
+          Mma::mma(tmp, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<0>();
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
+
+        __syncwarp();
+        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[stage]);
+
+#pragma unroll
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+          acc[j * 4 + 0] = fmaf(tmp[j * 4 + 0], sa0 * sbv[j].x, acc[j * 4 + 0]);
+          acc[j * 4 + 1] = fmaf(tmp[j * 4 + 1], sa0 * sbv[j].y, acc[j * 4 + 1]);
+          acc[j * 4 + 2] = fmaf(tmp[j * 4 + 2], sa1 * sbv[j].x, acc[j * 4 + 2]);
+          acc[j * 4 + 3] = fmaf(tmp[j * 4 + 3], sa1 * sbv[j].y, acc[j * 4 + 3]);
+        }
+
+        if (++stage == STAGES) {
+          stage = 0;
+          phase ^= 1u;
+        }
+      }
+
+      const int64_t group_offset = static_cast<int64_t>(g) * N * K;
+      store_tile<BLOCK_N, float>(acc, out + group_offset,
+                                 c != nullptr ? c + group_offset : nullptr, nullptr,
+                                 m_block * BLOCK_M + r_local, N, n_block * BLOCK_N +
+                                 (lane % 4) * 2, K);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace jax_deepgemm

@@ -12,6 +12,15 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Fp8GemmNt);
 // "jax_deepgemm_m_grouped_fp8_gemm_nt" (contiguous and masked MoE layouts).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MGroupedFp8GemmNt);
+// "jax_deepgemm_k_grouped_fp8_gemm_tn" (MoE weight gradient).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(KGroupedFp8GemmTn);
+
+// Typed-FFI handlers of the FP8 quantization kernels (quant_ffi.cu):
+// "jax_deepgemm_per_token_cast", "jax_deepgemm_per_block_cast",
+// "jax_deepgemm_token_axis_cast".
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastFp8);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PerBlockCastFp8);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(TokenAxisCastFp8);
 
 namespace jax_deepgemm {
 

@@ -20,8 +20,16 @@ NB_MODULE(_C, m) {
         nb::dict d;
         d["jax_deepgemm_fp8_gemm_nt"] =
             nb::capsule(reinterpret_cast<void*>(&Fp8GemmNt));
+        d["jax_deepgemm_per_token_cast"] =
+            nb::capsule(reinterpret_cast<void*>(&PerTokenCastFp8));
+        d["jax_deepgemm_per_block_cast"] =
+            nb::capsule(reinterpret_cast<void*>(&PerBlockCastFp8));
+        d["jax_deepgemm_token_axis_cast"] =
+            nb::capsule(reinterpret_cast<void*>(&TokenAxisCastFp8));
         d["jax_deepgemm_m_grouped_fp8_gemm_nt"] =
             nb::capsule(reinterpret_cast<void*>(&MGroupedFp8GemmNt));
+        d["jax_deepgemm_k_grouped_fp8_gemm_tn"] =
+            nb::capsule(reinterpret_cast<void*>(&KGroupedFp8GemmTn));
         return d;
       },
       "Dict of XLA FFI target name -> handler capsule (platform CUDA).");

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
+from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
 
 from jax_deepgemm import _ffi
 
@@ -30,15 +31,41 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primi
       return _jitted(tuple(sorted(params.items())))(*args)
 
   prim.def_impl(_impl)
-  prim.def_abstract_eval(abstract_eval)
+  prim.def_abstract_eval(_with_vma(abstract_eval))
+  _register_lowerings(prim, reference, cuda)
+  # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
+  # rules and lowers `prim.local` on each shard.
+  prim.local = Primitive(name + "_local")
+  prim.local.def_abstract_eval(_with_vma(abstract_eval))
+  _register_lowerings(prim.local, reference, cuda)
+  batching.primitive_batchers[prim] = batching_rule
+  return prim
+
+
+def _register_lowerings(prim, reference, cuda):
   ref_rule = mlir.lower_fun(reference, multiple_results=False)
   cuda_rule = mlir.lower_fun(cuda, multiple_results=False)
   mlir.register_lowering(prim, ref_rule)
   mlir.register_lowering(
       prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
       platform="cuda")
-  batching.primitive_batchers[prim] = batching_rule
-  return prim
+
+
+def _with_vma(abstract_eval):
+  """Inside ``jax.shard_map`` the output varies over every manual axis an operand varies over.
+
+  (Without this the output would be typed as invariant, and e.g. a ``custom_vjp`` backward
+  through the op would fail shard_map's ``check_vma`` type check.)
+  """
+  def rule(*avals, **params):
+    out = abstract_eval(*avals, **params)
+    varying = [a for a in avals if a.manual_axis_type.varying]
+    if not varying:
+      return out
+    vma = frozenset().union(*(a.manual_axis_type.varying for a in varying))
+    return out.update(sharding=NamedSharding(varying[0].sharding.mesh, PartitionSpec()),
+                      manual_axis_type=ManualAxisType(varying=vma))
+  return rule
 
 
 def batch_size(args, dims) -> int:

@@ -30,6 +30,11 @@ Two expert implementations, same parameters, same routing:
 The auxiliary load-balancing loss is Switch/DeepSeek's ``E * Σ_e f_e P_e`` (``f_e``: the fraction
 of token-choices routed to ``e``, no gradient; ``P_e``: the mean router probability of ``e``),
 scaled by ``aux_loss_coef``; it is 1 * coef for perfectly balanced routing.
+
+Expert parallelism: ``MoE(..., mesh=mesh, expert_axis="expert")`` splits the routed experts
+over ``expert_axis`` and the tokens over every axis of ``mesh``, and exchanges tokens with
+``all_to_all`` inside ``jax.shard_map`` (see :mod:`jax_deepgemm.expert_parallel`). Same
+parameters, same results as without a mesh; the token count must divide by the mesh size.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_deepgemm import expert_parallel
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
 
 _SCORES = ("softmax", "sigmoid")
@@ -110,12 +116,17 @@ class MoE(nnx.Module):
     dtype: compute dtype of the expert GEMMs (the router and the combine always run in f32).
     param_dtype: dtype of the parameters.
     aux_loss_coef: scale of the load-balancing loss returned next to the output.
+    mesh: optional ``jax.sharding.Mesh``: run expert-parallel over it (experts split over
+      ``expert_axis``, tokens over all its axes); ``num_experts`` must divide by the size of
+      ``expert_axis``.
+    expert_axis: the mesh axis the experts are split over.
   """
 
   def __init__(self, hidden: int, expert_width: int, num_experts: int, top_k: int, *,
                rngs: nnx.Rngs, score: str = "softmax", normalize_topk: bool = True,
                num_shared_experts: int = 0, experts_impl: str = "fp8",
-               dtype=jnp.bfloat16, param_dtype=jnp.float32, aux_loss_coef: float = 1e-2):
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, aux_loss_coef: float = 1e-2,
+               mesh=None, expert_axis: str = "expert"):
     for name, v in (("hidden", hidden), ("expert_width", expert_width),
                     ("num_experts", num_experts), ("top_k", top_k)):
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -133,6 +144,8 @@ class MoE(nnx.Module):
       raise ValueError(f"MoE: dtype must be a floating dtype, got {dtype!r}")
     if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
       raise ValueError(f"MoE: param_dtype must be a floating dtype, got {param_dtype!r}")
+    if mesh is not None:
+      expert_parallel.check_mesh(mesh, expert_axis, num_experts)
 
     self.hidden, self.expert_width = hidden, expert_width
     self.num_experts, self.top_k = num_experts, top_k
@@ -143,6 +156,7 @@ class MoE(nnx.Module):
     self.num_shared_experts = num_shared_experts
     self.dtype, self.param_dtype = dtype, param_dtype
     self.aux_loss_coef = float(aux_loss_coef)
+    self.mesh, self.expert_axis = mesh, expert_axis
 
     # Router: small init so the initial routing is close to uniform.
     self.router = nnx.Param(
@@ -150,9 +164,13 @@ class MoE(nnx.Module):
     # Experts: lecun-normal per expert (fan-in = the contracted axis; axis 0 is the expert).
     init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
     e, w = num_experts, expert_width
-    self.w_gate = nnx.Param(init(rngs.params(), (e, hidden, w), param_dtype))
-    self.w_up = nnx.Param(init(rngs.params(), (e, hidden, w), param_dtype))
-    self.w_down = nnx.Param(init(rngs.params(), (e, w, hidden), param_dtype))
+    # With a mesh, each device keeps only its experts.
+    place = ((lambda v: v) if mesh is None else
+             functools.partial(expert_parallel.shard_expert_weights, mesh=mesh,
+                               expert_axis=expert_axis))
+    self.w_gate = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)))
+    self.w_up = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)))
+    self.w_down = nnx.Param(place(init(rngs.params(), (e, w, hidden), param_dtype)))
     if num_shared_experts:
       s = num_shared_experts * expert_width
       dense = nnx.initializers.lecun_normal()
@@ -177,11 +195,12 @@ class MoE(nnx.Module):
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(self.dtype)
 
   # --------------------------------------------------------------------------- routing
-  def _route(self, x2):
+  def _route(self, x2, router=None):
     """f32 router: returns (probs [T, E] for the aux loss, ids [T, k], weights [T, k])."""
+    router = self.router[...] if router is None else router
     # Routing decisions are discrete and sensitive to small logit changes, so the router runs
     # in f32 at full precision (no TF32 / bf16 passes) whatever the compute dtype.
-    logits = jnp.dot(x2.astype(jnp.float32), self.router[...].astype(jnp.float32),
+    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
     if self.score == "softmax":
       scores = jax.nn.softmax(logits, axis=-1)
@@ -201,6 +220,12 @@ class MoE(nnx.Module):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, self.hidden)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
+    if self.mesh is not None:
+      names = ["router", "w_gate", "w_up", "w_down"]
+      names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
+      params = {n: getattr(self, n)[...] for n in names}
+      y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis)
+      return y.reshape(lead + (self.hidden,)), aux
 
     probs, ids, weights = self._route(x2)
 

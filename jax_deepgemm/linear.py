@@ -26,6 +26,25 @@ def _gemm_dtype(dtype):
   return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
 
 
+def _match_vma(*xs):
+  """Inside ``jax.shard_map``, casts every operand to vary over the same manual axes.
+
+  A ``custom_vjp`` must return cotangents typed like its primal inputs; the backward's
+  weight gradient varies wherever the activations do. Casting (``pcast`` to varying, whose
+  transpose is a ``psum``) first makes the types agree. Outside shard_map this is a no-op.
+  """
+  vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying
+                            for x in xs if x is not None))
+  if not vma:
+    return xs
+  def cast(x):
+    if x is None:
+      return x
+    missing = tuple(sorted(vma - jax.typeof(x).manual_axis_type.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return tuple(map(cast, xs))
+
+
 def _check_float(op, name, x):
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float8_e4m3fn:
     raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
@@ -82,6 +101,7 @@ def fp8_linear(x, w, bias=None):
     bias = jnp.asarray(bias)
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
+  x, w, bias = _match_vma(x, w, bias)
   y = _linear(x.reshape(-1, x.shape[-1]), w, bias)
   return y.reshape(x.shape[:-1] + (w.shape[1],))
 
@@ -136,4 +156,5 @@ def fp8_grouped_linear(x, w, group_sizes):
   if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise ValueError(f"fp8_grouped_linear: group_sizes must be int [{w.shape[0]}], got "
                      f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  x, w, group_sizes = _match_vma(x, w, group_sizes)
   return _grouped(x, w, group_sizes.astype(jnp.int32))

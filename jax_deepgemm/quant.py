@@ -1,24 +1,25 @@
-"""FP8 (e4m3) quantization with DeepSeek-V3's fine-grained scales, in plain JAX.
+"""FP8 (e4m3) quantization with DeepSeek-V3's fine-grained scales.
 
 Activations get one scale per 1x128 group along an axis (``per_token_cast_to_fp8``),
-weights one scale per 128x128 block (``per_block_cast_to_fp8``). Scales are float32
-``amax / 448`` (optionally rounded up to a power of two, UE8M0-style), so that
-``dequantize(x_fp8, scale) ≈ x`` elementwise.
+weights one scale per 128x128 block (``per_block_cast_to_fp8``); the backward pass's
+token-axis cast can write its e4m3 result transposed (``per_token_cast_transpose_to_fp8``).
+Scales are float32 ``amax / 448`` (optionally rounded up to a power of two, UE8M0-style), so
+that ``dequantize(x_fp8, scale) ≈ x`` elementwise.
+
+The casts are primitives (``quant_kernels.py``): one fused CUDA kernel each on Hopper,
+bitwise equal to their pure-JAX reference, which runs everywhere else.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
-FP8_DTYPE = jnp.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
-# Groups whose amax is below this get this floor, so all-zero groups don't divide by zero.
-AMAX_FLOOR = 1e-4
-
-
-def ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
+# The casts are primitives (fused CUDA kernels on Hopper); their pure-JAX reference lives there.
+from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  # noqa: F401
+                                        ceil_div, per_block_cast_p, per_token_cast_p,
+                                        token_axis_cast_p)
 
 
 def _check_float(name, x):
@@ -26,18 +27,6 @@ def _check_float(name, x):
   if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == FP8_DTYPE:
     raise TypeError(f"{name}: expected a bf16/f16/f32 array, got {x.dtype}")
   return x
-
-
-def _scale_from_amax(amax, use_ue8m0):
-  scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
-  if use_ue8m0:
-    # Power-of-two scales (what UE8M0 hardware scales can represent), rounded up so
-    # the quantized values never overflow 448. Done on the bits: GPU exp2/log2 are inexact.
-    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
-    exp = bits & jnp.uint32(0x7F800000)
-    bits = jnp.where((bits & jnp.uint32(0x007FFFFF)) != 0, exp + jnp.uint32(0x00800000), exp)
-    scale = jax.lax.bitcast_convert_type(bits, jnp.float32)
-  return scale
 
 
 def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
@@ -54,15 +43,34 @@ def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"per_token_cast_to_fp8: axis {axis} is out of range for shape {x.shape}")
   axis = axis % x.ndim
-  xm = jnp.moveaxis(x, axis, -1).astype(jnp.float32)
-  n = xm.shape[-1]
-  groups = ceil_div(n, BLOCK)
-  pad = groups * BLOCK - n
-  xp = jnp.pad(xm, [(0, 0)] * (xm.ndim - 1) + [(0, pad)])
-  xg = xp.reshape(xm.shape[:-1] + (groups, BLOCK))
-  scale = _scale_from_amax(jnp.max(jnp.abs(xg), axis=-1), use_ue8m0)
-  q = (xg / scale[..., None]).astype(FP8_DTYPE).reshape(xp.shape)[..., :n]
-  return jnp.moveaxis(q, -1, axis), jnp.moveaxis(scale, -1, axis)
+  use_ue8m0 = bool(use_ue8m0)
+  if axis == x.ndim - 1:
+    q, s = per_token_cast_p.bind(x, use_ue8m0=use_ue8m0)
+    return q, s
+  # Groups along an inner axis: x as [*pre, T, B] (B = the axes after it, flattened).
+  pre, t, post = x.shape[:axis], x.shape[axis], x.shape[axis + 1:]
+  s_shape = pre + (ceil_div(t, BLOCK),) + post
+  if math.prod(post) == 1:  # nothing but size-1 axes after it: the last-axis cast
+    q, s = per_token_cast_p.bind(x.reshape(pre + (t,)), use_ue8m0=use_ue8m0)
+  else:
+    q, s = token_axis_cast_p.bind(x.reshape(pre + (t, math.prod(post))),
+                                  use_ue8m0=use_ue8m0, transpose=False)
+  return q.reshape(x.shape), s.reshape(s_shape)
+
+
+def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
+  """The token-axis cast of ``x [..., T, N]`` with ``x_fp8`` written transposed.
+
+  Returns ``(x_fp8 [..., N, T], scale [..., ceil(T/128), N])``: for ``[T, N]`` exactly
+  ``(q.T, s)`` where ``q, s = per_token_cast_to_fp8(x, axis=0)``, in one pass over ``x``
+  on Hopper: the layout of an NT GEMM operand that contracts over tokens (``[N, T]``,
+  tokens contiguous), without a separate transpose of the e4m3 array.
+  """
+  x = _check_float("per_token_cast_transpose_to_fp8", x)
+  if x.ndim < 2:
+    raise ValueError(f"per_token_cast_transpose_to_fp8: expected [..., T, N], got shape {x.shape}")
+  q, s = token_axis_cast_p.bind(x, use_ue8m0=bool(use_ue8m0), transpose=True)
+  return q, s
 
 
 def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False):
@@ -75,14 +83,8 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False):
   w = _check_float("per_block_cast_to_fp8", w)
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
-  *lead, n, k = w.shape
-  nb, kb = ceil_div(n, BLOCK), ceil_div(k, BLOCK)
-  wp = jnp.pad(w.astype(jnp.float32),
-               [(0, 0)] * len(lead) + [(0, nb * BLOCK - n), (0, kb * BLOCK - k)])
-  wb = wp.reshape(*lead, nb, BLOCK, kb, BLOCK)
-  scale = _scale_from_amax(jnp.max(jnp.abs(wb), axis=(-3, -1)), use_ue8m0)
-  q = (wb / scale[..., :, None, :, None]).astype(FP8_DTYPE)
-  return q.reshape(wp.shape)[..., :n, :k], scale
+  q, s = per_block_cast_p.bind(w, use_ue8m0=bool(use_ue8m0))
+  return q, s
 
 
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -22,7 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_deepgemm import _png
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_deepgemm import _png, expert_parallel
 from jax_deepgemm.flax import MoE
 
 
@@ -76,14 +79,14 @@ class MarkovLanguage:
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: Config, impl: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, impl: str, *, rngs: nnx.Rngs, mesh=None):
     dtype = jnp.dtype(cfg.dtype)
     self.norm1 = nnx.RMSNorm(cfg.hidden, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(num_heads=cfg.heads, in_features=cfg.hidden,
                                        decode=False, dtype=dtype, rngs=rngs)
     self.norm2 = nnx.RMSNorm(cfg.hidden, rngs=rngs)
     self.moe = MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=rngs,
-                   experts_impl=impl, dtype=dtype)
+                   experts_impl=impl, dtype=dtype, mesh=mesh)
 
   def __call__(self, x, mask):
     x = x + self.attn(self.norm1(x), mask=mask)
@@ -93,10 +96,10 @@ class Block(nnx.Module):
 
 class MoELM(nnx.Module):
 
-  def __init__(self, cfg: Config, impl: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: Config, impl: str, *, rngs: nnx.Rngs, mesh=None):
     self.embed = nnx.Embed(cfg.vocab, cfg.hidden, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, impl, rngs=rngs) for _ in range(cfg.layers)]) \
-        if hasattr(nnx, "List") else [Block(cfg, impl, rngs=rngs) for _ in range(cfg.layers)]
+    blocks = [Block(cfg, impl, rngs=rngs, mesh=mesh) for _ in range(cfg.layers)]
+    self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
     self.norm = nnx.RMSNorm(cfg.hidden, rngs=rngs)
 
   def __call__(self, tokens):
@@ -109,8 +112,39 @@ class MoELM(nnx.Module):
     return self.embed.attend(self.norm(x)).astype(jnp.float32), aux
 
 
-def make_model(cfg: Config, impl: str, seed: int = 0):
-  return MoELM(cfg, impl, rngs=nnx.Rngs(seed))
+def make_model(cfg: Config, impl: str, seed: int = 0, mesh=None):
+  """The model; with ``mesh``, its MoE layers are expert-parallel and its state is placed."""
+  model = MoELM(cfg, impl, rngs=nnx.Rngs(seed), mesh=mesh)
+  if mesh is not None:
+    place_state(model, mesh)
+  return model
+
+
+def place_state(obj, mesh):
+  """Puts every array of ``obj``'s state on ``mesh``: replicated, unless already on it.
+
+  (The MoE layers' expert weights are already split over the expert axis.) Every process
+  holds the same values, built from the same seed, so each can place its own shards.
+  """
+  def place(x):
+    if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
+  nnx.update(obj, jax.tree.map(place, nnx.state(obj)))
+
+
+def parse_mesh(spec: str, cfg: Config):
+  """``"auto"`` or ``"data=D,expert=E"`` (either may be left out) → a mesh of all devices."""
+  n = jax.device_count()
+  if spec == "auto":
+    return expert_parallel.make_mesh(expert=math.gcd(n, cfg.experts))
+  sizes = {}
+  for part in spec.split(","):
+    name, _, val = part.partition("=")
+    if name.strip() not in ("data", "expert") or not val.strip().isdigit():
+      raise ValueError(f"--mesh: expected 'auto' or 'data=D,expert=E', got {spec!r}")
+    sizes[name.strip()] = int(val)
+  return expert_parallel.make_mesh(**sizes)
 
 
 @nnx.jit
@@ -141,17 +175,29 @@ def _progress(i, total, loss, t0, tty):
   sys.stderr.flush()
 
 
-def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None):
-  """Trains one model; returns (model, [(step, loss)], seconds)."""
+def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None, mesh=None):
+  """Trains one model; returns (model, [(step, loss)], seconds).
+
+  With ``mesh`` (see ``parse_mesh``) the run is data- and expert-parallel over it; every
+  process draws the same global batches and feeds its devices their rows.
+  """
+  if mesh is not None and cfg.batch % mesh.size:
+    raise ValueError(f"train: the batch ({cfg.batch}) must split evenly over the mesh's "
+                     f"{mesh.size} devices")
   lang = MarkovLanguage(cfg.vocab, data_seed)
-  model = model if model is not None else make_model(cfg, impl, seed)
+  model = model if model is not None else make_model(cfg, impl, seed, mesh)
   optimizer = make_optimizer(model, cfg)
-  losses, t0, tty = [], time.time(), sys.stderr.isatty()
+  if mesh is not None:
+    place_state(optimizer, mesh)
+    rows = NamedSharding(mesh, P(mesh.axis_names))
+  losses, t0, tty = [], time.time(), sys.stderr.isatty() and jax.process_index() == 0
   for step in range(1, cfg.steps + 1):
-    loss = float(train_step(model, optimizer, jnp.asarray(lang.batch(cfg.batch, cfg.seq + 1))))
+    tokens = lang.batch(cfg.batch, cfg.seq + 1)
+    tokens = jax.device_put(tokens, rows) if mesh is not None else jnp.asarray(tokens)
+    loss = float(train_step(model, optimizer, tokens))
     losses.append((step, loss))
     _progress(step, cfg.steps, loss, t0, tty)
-    if step % log_every == 0 or step == cfg.steps:
+    if jax.process_index() == 0 and (step % log_every == 0 or step == cfg.steps):
       if tty:
         sys.stderr.write("\n")
       print(f"[{impl}] step {step:5d}  loss {loss:.4f}  (floor {lang.entropy:.4f})  "
@@ -180,33 +226,66 @@ def main(argv=None):
   p.add_argument("--experts", choices=("fp8", "bf16", "both"), default="both")
   p.add_argument("--steps", type=int, help="override the preset's step count")
   p.add_argument("--plot", default="loss_curve.png", help="where to write the loss curve")
+  p.add_argument("--log-every", type=int, default=25, help="print the loss every N steps")
   p.add_argument("--ckpt-dir", help="save the (last trained) model here with orbax")
   p.add_argument("--restore", help="start from this checkpoint (same preset)")
+  par = p.add_argument_group("multi-device")
+  par.add_argument("--mesh", help="data- and expert-parallel over all devices: 'data=D,expert=E' "
+                   "(D*E = device count; either may be left out) or 'auto'")
+  par.add_argument("--parallel", action="store_true", help="same as --mesh auto")
+  par.add_argument("--distributed", action="store_true",
+                   help="multi-process run: call jax.distributed.initialize() first")
+  par.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+  par.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="number of processes (env JAX_NUM_PROCESSES)")
+  par.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="this process' index (env JAX_PROCESS_ID)")
+  par.add_argument("--cpu-devices", type=int,
+                   help="CPU only: devices per process (for trying the parallel paths on CPU)")
   args = p.parse_args(argv)
   cfg = PRESETS[args.preset]
   if args.steps:
     cfg = dataclasses.replace(cfg, steps=args.steps)
-  print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}: {cfg}")
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  if args.distributed:
+    # Unset values are left to JAX's cluster auto-detection (SLURM, Open MPI, ...).
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  mesh = parse_mesh("auto" if args.parallel else args.mesh, cfg) \
+      if (args.parallel or args.mesh) else None
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *a, **k: None)
+  say(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} "
+      f"({jax.process_count()} process(es)); preset {args.preset}: {cfg}")
+  if mesh is not None:
+    say(f"mesh: {dict(mesh.shape)} (tokens over all axes, experts over 'expert')")
   impls = ("fp8", "bf16") if args.experts == "both" else (args.experts,)
   curves, model = {}, None
   for impl in impls:
-    model = make_model(cfg, impl)
+    model = make_model(cfg, impl, mesh=mesh)
     if args.restore:
       model = restore_checkpoint(model, args.restore)
-    model, losses, secs = train(cfg, impl, model=model)
+    model, losses, secs = train(cfg, impl, log_every=args.log_every, model=model, mesh=mesh)
     tokens = cfg.steps * cfg.batch * cfg.seq
-    print(f"[{impl}] final loss {losses[-1][1]:.4f}; {tokens / secs:,.0f} tokens/s")
+    say(f"[{impl}] final loss {losses[-1][1]:.4f}; {tokens / secs:,.0f} tokens/s")
     curves[f"{impl} experts"] = losses
   if len(impls) == 2:
     tail = {k: np.mean([l for _, l in v[-10:]]) for k, v in curves.items()}
     fp8, bf16 = tail["fp8 experts"], tail["bf16 experts"]
-    print(f"last-10-step mean loss: fp8 {fp8:.4f} vs bf16 {bf16:.4f} "
-          f"({100 * (fp8 - bf16) / bf16:+.2f}%)")
-  colors = _png.plot_curves(args.plot, curves)
-  print(f"wrote {args.plot} (" + ", ".join(f"{k}: rgb{c}" for k, c in colors.items()) + ")")
+    say(f"last-10-step mean loss: fp8 {fp8:.4f} vs bf16 {bf16:.4f} "
+        f"({100 * (fp8 - bf16) / bf16:+.2f}%)")
+  if lead:
+    colors = _png.plot_curves(args.plot, curves)
+    print(f"wrote {args.plot} (" + ", ".join(f"{k}: rgb{c}" for k, c in colors.items()) + ")")
   if args.ckpt_dir:
-    save_checkpoint(model, args.ckpt_dir)
-    print(f"saved checkpoint to {args.ckpt_dir}")
+    save_checkpoint(model, args.ckpt_dir)  # every process writes its shards
+    say(f"saved checkpoint to {args.ckpt_dir}")
+
+
+def _env_int(name):
+  v = os.environ.get(name)
+  return int(v) if v else None
 
 
 if __name__ == "__main__":

@@ -93,6 +93,13 @@ CASES = {
 }
 
 
+
+@pytest.fixture(autouse=True)
+def _f32_matmuls_in_f32():
+  # The f32 comparisons below need true f32 dots; on GPU XLA's default is TF32.
+  with jax.default_matmul_precision("highest"):
+    yield
+
 # DeepGEMM's metric on one FP8 GEMM with randn operands is ~6.5e-4 (e4m3 rounding of both
 # operands; tests/test_linear.py bounds it by 1e-3). A SwiGLU expert stacks three of them
 # (gate, up, then down on the re-quantized product), so the layer's output and gradients sit

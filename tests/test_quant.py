@@ -79,3 +79,175 @@ def test_jit_and_bad_input():
 def test_axis_out_of_range():
   with pytest.raises(ValueError, match="out of range"):
     jd.per_token_cast_to_fp8(jnp.ones((4, 128)), axis=2)
+
+
+# ----------------------------------------------------------------------------- cast + transpose
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint32)
+
+
+def _assert_bitwise(got, want):
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+    np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("shape", [(300, 5), (1, 1), (257, 129), (128, 64), (4, 300, 7)])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_per_token_cast_transpose_is_axis0_transposed(rng, dtype, shape, use_ue8m0):
+  x = randn(rng, shape, dtype)
+  q, s = jd.per_token_cast_to_fp8(x, axis=-2, use_ue8m0=use_ue8m0)
+  qt, st = jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=use_ue8m0)
+  assert qt.shape == shape[:-2] + (shape[-1], shape[-2]) and qt.dtype == jnp.float8_e4m3fn
+  assert st.shape == shape[:-2] + (-(-shape[-2] // 128), shape[-1])
+  _assert_bitwise((qt, st), (jnp.swapaxes(q, -1, -2), s))
+
+
+def test_per_token_cast_transpose_2d_is_q_t(rng):
+  x = randn(rng, (300, 130), jnp.bfloat16)
+  q, s = jd.per_token_cast_to_fp8(x, axis=0)
+  qt, st = jax.jit(jd.per_token_cast_transpose_to_fp8)(x)
+  _assert_bitwise((qt, st), (q.T, s))
+
+
+def test_per_token_cast_transpose_bad_input():
+  with pytest.raises(ValueError, match="per_token_cast_transpose_to_fp8"):
+    jd.per_token_cast_transpose_to_fp8(jnp.ones((128,)))
+  with pytest.raises(TypeError, match="per_token_cast_transpose_to_fp8"):
+    jd.per_token_cast_transpose_to_fp8(jnp.ones((4, 128), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- the primitives
+
+@pytest.mark.parametrize("shape,axis", [((2, 300, 3, 4), 1), ((2, 1, 257, 1), 2), ((5, 7), 0),
+                                        ((3, 0, 4), 0), ((0, 5), 1)])
+def test_inner_axis_matches_moveaxis_reference(rng, shape, axis):
+  from jax_deepgemm.quant_kernels import per_token_cast_reference
+  x = randn(rng, shape, jnp.bfloat16)
+  q, s = jax.jit(lambda x: jd.per_token_cast_to_fp8(x, axis=axis))(x)
+  qr, sr = jax.jit(lambda x: per_token_cast_reference(jnp.moveaxis(x, axis, -1)))(x)
+  _assert_bitwise((q, s), (jnp.moveaxis(qr, -1, axis), jnp.moveaxis(sr, -1, axis)))
+
+
+@pytest.mark.parametrize("in_axis", [0, 1, 2])
+def test_casts_vmap(rng, in_axis):
+  x = randn(rng, (3, 200, 130), jnp.float32)
+  x = jnp.moveaxis(x, 0, in_axis)
+  casts = [lambda v: jd.per_token_cast_to_fp8(v), lambda v: jd.per_token_cast_to_fp8(v, axis=0),
+           lambda v: jd.per_block_cast_to_fp8(v), lambda v: jd.per_token_cast_transpose_to_fp8(v)]
+  for cast in casts:
+    got = jax.vmap(cast, in_axes=in_axis)(x)
+    want = [jnp.stack(o) for o in zip(*[cast(jnp.take(x, i, axis=in_axis)) for i in range(3)])]
+    _assert_bitwise(got, want)
+
+
+def test_casts_stay_differentiable(rng):
+  # The casts were plain JAX before they became primitives; gradients follow the reference.
+  from jax_deepgemm.quant_kernels import per_token_cast_reference
+  x = randn(rng, (4, 300), jnp.float32)
+  got = jax.grad(lambda x: jd.per_token_cast_to_fp8(x)[1].sum())(x)
+  want = jax.grad(lambda x: per_token_cast_reference(x)[1].sum())(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.abs(np.asarray(got)).sum() > 0
+
+
+# ----------------------------------------------------------------------------- kernel arithmetic
+
+def _model_cast(x, use_ue8m0, recip):
+  """NumPy model of the kernels' arithmetic on [R, C] (1x128 groups), division done as given."""
+  import ml_dtypes
+  x = np.asarray(x, np.float32)
+  r, c = x.shape
+  g = -(-c // 128)
+  xp = np.zeros((r, g * 128), np.float32)
+  xp[:, :c] = x
+  xg = xp.reshape(r, g, 128)
+  amax = np.abs(xg).max(axis=-1)
+  # XLA folds / 448 into * fl(1/448); the kernels multiply by the same constant.
+  scale = np.maximum(amax, np.float32(1e-4)) * (np.float32(1) / np.float32(448))
+  if use_ue8m0:
+    bits = scale.view(np.uint32)
+    exp = bits & np.uint32(0x7F800000)
+    scale = np.where(bits & np.uint32(0x7FFFFF), exp + np.uint32(0x800000), exp).astype(
+        np.uint32).view(np.float32)
+  v = xg * (np.float32(1) / scale)[..., None] if recip else xg / scale[..., None]
+  q = v.astype(ml_dtypes.float8_e4m3fn).reshape(r, g * 128)[:, :c]
+  return q, scale
+
+
+def _splits_division_modes(scale):
+  """An x < 448 * scale that x / scale and x * (1 / scale) quantize to different e4m3."""
+  import ml_dtypes
+  e4m3 = ml_dtypes.float8_e4m3fn
+  recip = np.float32(1) / scale
+  grid = np.arange(0x38, 0x7E, dtype=np.uint8).view(e4m3).astype(np.float32)  # 1 .. 416
+  for mid in (grid[:-1] + grid[1:]) / 2:  # e4m3 rounding boundaries
+    x = np.float32(mid * scale)
+    for _ in range(8):
+      if np.float32(x / scale).astype(e4m3) != np.float32(x * recip).astype(e4m3):
+        return x
+      x = np.nextafter(x, np.float32(np.inf))
+  raise AssertionError("no value tells x / scale from x * (1 / scale)")
+
+
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_kernel_arithmetic_model_matches_cpu_reference(rng, use_ue8m0):
+  # On CPU XLA compiles x / scale as x * (1 / scale); the probe the kernels use to pick
+  # their division must say so, and the model (scale = max(amax, 1e-4) * fl(1/448), the
+  # UE8M0 bit ops, round-to-nearest e4m3) must then reproduce the reference bit for bit.
+  from jax_deepgemm.quant_kernels import division_probe
+  recip = division_probe("token", jax.devices("cpu")[0])
+  x = np.array(randn(rng, (33, 300), jnp.float32, scale=30.0))
+  x[0] = 0.0                          # all-zero groups
+  x[1, :128] = 1e-6                   # amax below the floor
+  x[2, 5] = 3e38                      # huge values
+  x[3, 7] = -1e-30                    # tiny ones (-0 after quantization)
+  x[4] = np.float32(448.0) * np.exp2(rng.integers(-20, 20, 300)).astype(np.float32)
+  if not use_ue8m0:  # (power-of-two scales divide exactly either way)
+    x[5, :128] = 0.0
+    x[5, 0] = 300.0
+    x[5, 1] = _splits_division_modes(np.float32(300.0) * (np.float32(1) / np.float32(448)))
+    assert (_model_cast(x, False, True)[0] != _model_cast(x, False, False)[0]).any()
+  q, s = jd.per_token_cast_to_fp8(jnp.asarray(x), use_ue8m0=use_ue8m0)
+  qm, sm = _model_cast(x, use_ue8m0, recip)
+  np.testing.assert_array_equal(np.asarray(s).view(np.uint32), sm.view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(q).view(np.uint8), qm.view(np.uint8))
+
+
+def test_hlo_division_parser():
+  from jax_deepgemm.quant_kernels import hlo_divides_by_reciprocal
+  div = "%d = f32[8,2,128]{2,1,0} divide(%a, %b)\n%r = f32[8,2]{1,0} divide(%one, %s)"
+  rcp = "%r = f32[8,2]{1,0} divide(%one, %s)\n%m = f32[8,2,128]{2,1,0} multiply(%a, %b)"
+  assert not hlo_divides_by_reciprocal(div, 2048)
+  assert hlo_divides_by_reciprocal(rcp, 2048)
+
+
+def test_cuda_lowering_calls_the_kernels(monkeypatch):
+  # No GPU needed: lower for CUDA as if the kernels could run, and look at the custom calls.
+  from jax_deepgemm import _ffi, quant_kernels
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  monkeypatch.setenv(quant_kernels.DIVISION_ENV, "recip")
+  quant_kernels._kernel_recip.cache_clear()
+  x = jax.ShapeDtypeStruct((3, 300, 130), jnp.bfloat16)
+  cases = [
+      (lambda x: jd.per_token_cast_to_fp8(x, use_ue8m0=True), "per_token_cast",
+       "tensor<900x130xbf16>", "use_ue8m0 = 1"),
+      (lambda x: jd.per_token_cast_to_fp8(x, axis=1), "token_axis_cast",
+       "tensor<3x300x130xbf16>", "transpose = 0"),
+      (jd.per_token_cast_transpose_to_fp8, "token_axis_cast", "tensor<3x130x300xf8E4M3FN>",
+       "transpose = 1"),
+      (jd.per_block_cast_to_fp8, "per_block_cast", "tensor<3x3x2xf32>", "recip = 1"),
+      (jax.vmap(jd.per_token_cast_transpose_to_fp8, in_axes=2), "token_axis_cast",
+       "tensor<130x3x300xbf16>", "transpose = 1"),
+  ]
+  try:
+    for fn, target, shape, attr in cases:
+      text = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+      calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+      assert len(calls) == 1 and f"@jax_deepgemm_{target}(" in calls[0], calls
+      assert shape in calls[0] and attr in calls[0], calls[0]
+  finally:
+    quant_kernels._kernel_recip.cache_clear()

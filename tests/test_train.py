@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jax_deepgemm import train
@@ -36,3 +37,13 @@ def test_cli_writes_plot(tmp_path, capsys):
   train.main(["--experts", "fp8", "--steps", "3", "--plot", str(png)])
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "final loss" in capsys.readouterr().out
+
+
+def test_mesh_flag():
+  # (Multi-device runs: tests/test_expert_parallel.py and tests/test_distributed.py.)
+  assert dict(train.parse_mesh("auto", TINY).shape) == {"data": 1, "expert": 1}
+  assert dict(train.parse_mesh("expert=1", TINY).shape) == {"data": 1, "expert": 1}
+  with pytest.raises(ValueError, match="expected 'auto' or 'data=D,expert=E'"):
+    train.parse_mesh("data=1;expert=1", TINY)
+  with pytest.raises(ValueError, match="must equal the number of devices"):
+    train.parse_mesh("data=2,expert=2", TINY)

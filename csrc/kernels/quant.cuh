@@ -1,0 +1,541 @@
+// FP8 (e4m3) quantization kernels with DeepSeek-V3's fine-grained scales.
+//
+// Three casts, all memory-bound (they read the input once, write q and the
+// scales once):
+//   per_token_cast_kernel    x [R, C]    -> q [R, C],          s [R, ceil(C/128)]
+//                            (one scale per 1x128 group along the last axis)
+//   per_block_cast_kernel    x [B, N, K] -> q [B, N, K],       s [B, ceil(N/128), ceil(K/128)]
+//                            (one scale per 128x128 block)
+//   token_axis_cast_kernel   x [A, T, N] -> q [A, T, N] or qT [A, N, T],
+//                                           s [A, ceil(T/128), N]
+//                            (one scale per 128x1 group along the token axis;
+//                            the transposed variant writes q's transpose)
+// Inputs are bf16, f16 or f32; ragged last groups (sizes not multiples of
+// 128) are allowed: the missing elements count as zeros for the amax and are
+// not written.
+//
+// Bitwise equal to jax_deepgemm/quant_kernels.py's pure-JAX reference as XLA
+// compiles it for the GPU, which is not the textbook arithmetic:
+//   * amax: NaN-propagating max of |x| (XLA's maximum), here max.NaN.f32.
+//   * scale = max(amax, 1e-4) / 448: XLA's algebraic simplifier rewrites a
+//     division by a constant into a multiplication by its (f32-rounded)
+//     inverse, so scale = max(amax, 1e-4f) * fl(1/448).
+//   * UE8M0: the same bit operations as the reference (round the scale up to
+//     a power of two).
+//   * q = x / scale: XLA's GPU backend compiles f32 division to div.full.f32
+//     (LLVM -nvptx-prec-divf32=1; at most 2 ulp, not IEEE). We emit the same
+//     PTX instruction. (XLA on CPU instead computes x * (1 / scale); should a
+//     later XLA do that on GPU too, `recip` selects that form: r = 1 / scale
+//     as LLVM lowers it there (rcp.approx.f32), q = x * r. The Python side
+//     probes which form XLA uses.)
+//   * f32 -> e4m3: XLA emits cvt.rn.satfinite.e4m3x2.f32 and then turns
+//     results whose input magnitude is above 464 (including inf) into NaN
+//     with the input's sign (0x7F | sign). We do the same. (For finite inputs
+//     |x / scale| <= 448 * (1 + 2^-21), so this only matters for inf/NaN
+//     inputs, e.g. x/scale = inf with UE8M0 scales of NaN groups.)
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace jax_deepgemm {
+namespace quant {
+
+constexpr int kGroup = 128;      // elements per scale group (and block side)
+constexpr int kThreads = 256;    // threads per CTA, every kernel
+constexpr int kWarps = kThreads / 32;
+constexpr float kAmaxFloor = 1e-4f;           // quant.AMAX_FLOOR as f32
+constexpr float kInvFp8Max = 1.0f / 448.0f;   // XLA's folded constant fl(1/448)
+constexpr float kOverflow = 464.0f;           // 448 + half an e4m3 ulp
+
+// ---------------------------------------------------------------------------
+// Arithmetic (each a single PTX instruction, so that it matches XLA's code)
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float div_full(float a, float b) {
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// 1 / b as LLVM emits it for XLA (-nvptx-prec-divf32=1 turns fdiv 1.0, b into
+// rcp.approx.f32, "the same result as div.full(1.0f, b)").
+__device__ __forceinline__ float rcp_approx(float b) {
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(b));
+  return r;
+}
+
+// Two floats -> two e4m3 bytes (lo in bits 0..7, hi in bits 8..15).
+__device__ __forceinline__ uint32_t cvt_e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// What XLA's convert gives for |v| > 464 (inf included): NaN with v's sign.
+__device__ __forceinline__ uint32_t e4m3_overflow(float v) {
+  return 0x7Fu | ((__float_as_uint(v) >> 24) & 0x80u);
+}
+
+__device__ __forceinline__ float group_scale(float amax, bool ue8m0) {
+  float s = __fmul_rn(max_nan(amax, kAmaxFloor), kInvFp8Max);
+  if (ue8m0) {
+    // Round up to a power of two on the bits, exactly as the reference does
+    // (a NaN scale becomes -0.0 there too: the exponent add carries into the
+    // sign bit).
+    const uint32_t bits = __float_as_uint(s);
+    const uint32_t exp = bits & 0x7F800000u;
+    s = __uint_as_float((bits & 0x007FFFFFu) != 0 ? exp + 0x00800000u : exp);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// 16-byte chunks of input: kVec = 8 (bf16/f16) or 4 (f32) elements
+// ---------------------------------------------------------------------------
+// Word i of a chunk (i a compile-time constant after unrolling: no local memory).
+__device__ __forceinline__ uint32_t word(const uint4& c, int i) {
+  return i == 0 ? c.x : i == 1 ? c.y : i == 2 ? c.z : c.w;
+}
+__device__ __forceinline__ void or_word(uint4& c, int i, uint32_t v) {
+  if (i == 0) c.x |= v;
+  else if (i == 1) c.y |= v;
+  else if (i == 2) c.z |= v;
+  else c.w |= v;
+}
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  // bf16 -> f32 is exact: the bf16 bits are the top half of the f32.
+  __device__ static float get(const uint4& c, int i) {
+    const uint32_t w = word(c, i / 2);
+    return __uint_as_float((i & 1) ? (w & 0xFFFF0000u) : (w << 16));
+  }
+};
+template <>
+struct Elem<__half> {
+  static constexpr int kVec = 8;
+  __device__ static float get(const uint4& c, int i) {
+    const uint32_t w = word(c, i / 2);
+    return __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? (w >> 16) : w)));
+  }
+};
+template <>
+struct Elem<float> {
+  static constexpr int kVec = 4;
+  __device__ static float get(const uint4& c, int i) { return __uint_as_float(word(c, i)); }
+};
+
+// Loads the chunk at `p` of which the first `valid` elements exist (valid <= 0:
+// none; the rest read as zeros). kAligned: `p` is 16-byte aligned and a chunk
+// is either entirely valid or entirely not (the row length is a multiple of
+// kVec), so one 16-byte load does. Otherwise element by element.
+template <typename T, bool kAligned>
+__device__ __forceinline__ uint4 load_chunk(const T* p, int64_t valid) {
+  uint4 c = make_uint4(0, 0, 0, 0);
+  if constexpr (kAligned) {
+    // Read once: keep it out of L1. (Not volatile: the compiler may, and
+    // should, issue all of a thread's loads before the first use.)
+    if (valid > 0) {
+      asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+          : "=r"(c.x), "=r"(c.y), "=r"(c.z), "=r"(c.w)
+          : "l"(p));
+    }
+  } else {
+    constexpr int kVec = Elem<T>::kVec;
+    constexpr int kBits = 8 * sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      if (i < valid) {
+        uint32_t v;
+        if constexpr (sizeof(T) == 4) {
+          v = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+        } else {
+          v = __ldg(reinterpret_cast<const unsigned short*>(p) + i);
+        }
+        or_word(c, i * kBits / 32, v << ((i * kBits) % 32));
+      }
+    }
+  }
+  return c;
+}
+
+// amax of a chunk's elements (zeros of missing elements included: harmless).
+template <typename T>
+__device__ __forceinline__ float chunk_amax(const uint4& c, float m) {
+#pragma unroll
+  for (int i = 0; i < Elem<T>::kVec; ++i) m = max_nan(m, fabsf(Elem<T>::get(c, i)));
+  return m;
+}
+
+// Quantizes a chunk's kVec elements with one scale `s` per element (`scale`
+// points to kVec scales, or to one repeated when kOneScale). The e4m3 bytes
+// come back packed little-endian in kVec / 4 words.
+template <typename T, bool kOneScale>
+__device__ __forceinline__ void quantize_chunk(const uint4& c, const float* scale, bool recip,
+                                               uint32_t* words) {
+  constexpr int kVec = Elem<T>::kVec;
+  float v[kVec];
+  if (recip) {
+    // x * (1 / scale): the form XLA compiles the reference to on CPU.
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float r = rcp_approx(scale[kOneScale ? 0 : i]);
+      v[i] = __fmul_rn(Elem<T>::get(c, i), r);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[i] = div_full(Elem<T>::get(c, i), scale[kOneScale ? 0 : i]);
+  }
+  float vmax = 0.0f;  // fmaxf ignores NaN: NaN is not an overflow
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) vmax = fmaxf(vmax, fabsf(v[i]));
+#pragma unroll
+  for (int w = 0; w < kVec / 4; ++w) {
+    words[w] = cvt_e4m3x2(v[4 * w], v[4 * w + 1]) | (cvt_e4m3x2(v[4 * w + 2], v[4 * w + 3]) << 16);
+  }
+  if (vmax > kOverflow) {  // never for finite inputs (see the top of this file)
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      if (fabsf(v[i]) > kOverflow) {
+        const int shift = 8 * (i % 4);
+        words[i / 4] = (words[i / 4] & ~(0xFFu << shift)) | (e4m3_overflow(v[i]) << shift);
+      }
+    }
+  }
+}
+
+// Stores kVec e4m3 bytes (kVec / 4 words) at `p`, of which the first `valid`
+// exist. kAligned: `p` is kVec-byte aligned and all or none are valid.
+template <int kVec, bool kAligned>
+__device__ __forceinline__ void store_bytes(uint8_t* p, const uint32_t* words, int64_t valid) {
+  if (valid <= 0) return;
+  if constexpr (kAligned) {
+    if constexpr (kVec == 8) {
+      *reinterpret_cast<uint2*>(p) = make_uint2(words[0], words[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(p) = words[0];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      if (i < valid) p[i] = static_cast<uint8_t>(words[i / 4] >> (8 * (i % 4)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// (a) 1x128 groups along the last axis of x [rows, cols]
+// ---------------------------------------------------------------------------
+// A group is 128 / kVec lanes (16 for 2-byte inputs, 32 for f32), each with one
+// 16-byte chunk; a warp covers kGroupsPerWarp consecutive groups per step and
+// kSteps steps, all loads issued before any is used (bytes in flight hide the
+// HBM latency). amax: shuffles within the group's lanes.
+constexpr int kTokenSteps = 4;
+
+template <typename T>
+struct TokenCastShape {
+  static constexpr int kVec = Elem<T>::kVec;
+  static constexpr int kLanes = kGroup / kVec;
+  static constexpr int kGroupsPerWarp = 32 / kLanes;
+  static constexpr int kGroupsPerBlock = kWarps * kTokenSteps * kGroupsPerWarp;
+};
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+    per_token_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                          float* __restrict__ s, int64_t cols, int groups,
+                          int64_t total_groups, int ue8m0, int recip) {
+  using S = TokenCastShape<T>;
+  const int lane = threadIdx.x % 32;
+  const int sub = lane % S::kLanes;  // this lane's chunk within its group
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+
+  // This thread's first group; later steps move kGroupsPerWarp groups on.
+  // (32-bit division, once: the host checks total_groups < 2^31.)
+  int64_t unit = warp * (kTokenSteps * S::kGroupsPerWarp) + lane / S::kLanes;
+  const uint32_t first = static_cast<uint32_t>(unit < total_groups ? unit : 0);
+  uint32_t row = first / static_cast<uint32_t>(groups);
+  uint32_t g = first - row * static_cast<uint32_t>(groups);
+
+  int64_t offset[kTokenSteps];  // element offset of the chunk in x (and q)
+  int64_t valid[kTokenSteps];   // elements of the chunk inside the row (<= 0: none)
+#pragma unroll
+  for (int st = 0; st < kTokenSteps; ++st) {
+    const int64_t col = static_cast<int64_t>(g) * kGroup + sub * S::kVec;
+    const bool live = unit + st * S::kGroupsPerWarp < total_groups;
+    offset[st] = live ? static_cast<int64_t>(row) * cols + col : 0;
+    valid[st] = live ? cols - col : 0;
+    g += S::kGroupsPerWarp;
+    while (g >= static_cast<uint32_t>(groups)) {
+      g -= groups;
+      ++row;
+    }
+  }
+  // All loads back to back (in their own loop, after the branchy index
+  // arithmetic), so that they are in flight together.
+  uint4 chunk[kTokenSteps];
+#pragma unroll
+  for (int st = 0; st < kTokenSteps; ++st) {
+    chunk[st] = load_chunk<T, kAligned>(x + offset[st], valid[st]);
+  }
+
+#pragma unroll
+  for (int st = 0; st < kTokenSteps; ++st) {
+    float amax = chunk_amax<T>(chunk[st], 0.0f);
+#pragma unroll
+    for (int off = S::kLanes / 2; off >= 1; off /= 2) {
+      amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, off));
+    }
+    const float scale = group_scale(amax, ue8m0 != 0);
+    const int64_t u = unit + st * S::kGroupsPerWarp;
+    if (u >= total_groups) continue;  // (no shuffles below)
+    if (sub == 0) s[u] = scale;
+    uint32_t words[S::kVec / 4];
+    quantize_chunk<T, true>(chunk[st], &scale, recip != 0, words);
+    store_bytes<S::kVec, kAligned>(q + offset[st], words, valid[st]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// (b) 128x128 blocks of x [batch, n, k]
+// ---------------------------------------------------------------------------
+// One CTA per block. A row of the block is kChunksPerRow 16-byte chunks; the
+// CTA covers kRowsPerPass rows per pass and holds all kPasses chunks of each
+// thread in registers: one read of the input, amax, then quantize from
+// registers.
+template <typename T>
+struct BlockCastShape {
+  static constexpr int kVec = Elem<T>::kVec;
+  static constexpr int kChunksPerRow = kGroup / kVec;            // 16 or 32
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 16 or 8
+  static constexpr int kPasses = kGroup / kRowsPerPass;          // 8 or 16
+};
+
+// 3 CTAs per SM (<= 80 registers, no spills): with a whole block in registers,
+// CTAs in their load phase overlap the others' quantize and store phases.
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 3)
+    per_block_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                          float* __restrict__ s, int n, int k, int nb, int kb, int ue8m0,
+                          int recip) {
+  using S = BlockCastShape<T>;
+  __shared__ float warp_amax[kWarps];
+
+  const int block = blockIdx.x;  // = (b * nb + bn) * kb + bk, also the scale's index
+  const int b = block / (nb * kb);
+  const int bn = block / kb - b * nb;
+  const int bk = block % kb;
+  // The block's first element; offsets inside the block fit in 32 bits (the
+  // host checks 128 * k < 2^31), which keeps the per-pass addresses cheap.
+  const int64_t origin = (static_cast<int64_t>(b) * n + bn * kGroup) * k + bk * kGroup;
+  const T* xb = x + origin;
+  uint8_t* qb = q + origin;
+  const int r0 = threadIdx.x / S::kChunksPerRow;
+  const int c0 = (threadIdx.x % S::kChunksPerRow) * S::kVec;
+  const int rows = n - bn * kGroup;             // rows of the block inside x
+  const int valid_cols = k - bk * kGroup - c0;  // elements of this thread's chunks inside x
+
+  uint4 chunk[S::kPasses];
+#pragma unroll
+  for (int p = 0; p < S::kPasses; ++p) {
+    const int r = r0 + p * S::kRowsPerPass;
+    const int valid = r < rows ? valid_cols : 0;
+    chunk[p] = load_chunk<T, kAligned>(xb + (valid > 0 ? r * k + c0 : 0), valid);
+  }
+
+  float amax = 0.0f;
+#pragma unroll
+  for (int p = 0; p < S::kPasses; ++p) amax = chunk_amax<T>(chunk[p], amax);
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) {
+    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, off));
+  }
+  if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = warp_amax[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) amax = max_nan(amax, warp_amax[w]);
+  const float scale = group_scale(amax, ue8m0 != 0);
+  if (threadIdx.x == 0) s[block] = scale;
+
+#pragma unroll
+  for (int p = 0; p < S::kPasses; ++p) {
+    const int r = r0 + p * S::kRowsPerPass;
+    if (r >= rows) break;  // rows only grow with p
+    uint32_t words[S::kVec / 4];
+    quantize_chunk<T, true>(chunk[p], &scale, recip != 0, words);
+    store_bytes<S::kVec, kAligned>(qb + r * k + c0, words, valid_cols);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// (c) 128x1 groups along the token axis of x [batch, t, n]
+// ---------------------------------------------------------------------------
+// One CTA per tile of 128 tokens x 64 columns. Each thread owns
+// kRowsPerThread consecutive tokens of one 16-byte column chunk; a warp's
+// load reads kRowGroupsPerWarp rows of 128 (bf16) or 256 (f32) contiguous
+// bytes. Column amax: within the thread, then shuffles across the warp's row
+// groups, then shared memory across the warps.
+//
+// kTranspose: q's transpose [batch, n, t] is written instead. The tile's bytes
+// go through shared memory as 64 rows (columns of x) of 128 bytes (tokens),
+// each thread writing one word of 4 consecutive tokens per column; then 8
+// threads store each 128-byte row with 16-byte stores.
+template <typename T>
+struct TokenAxisShape {
+  static constexpr int kVec = Elem<T>::kVec;
+  static constexpr int kTileN = 64;
+  static constexpr int kLanesPerRow = kTileN / kVec;                // 8 or 16
+  static constexpr int kRowGroups = kThreads / kLanesPerRow;        // 32 or 16
+  static constexpr int kRowsPerThread = kGroup / kRowGroups;        // 4 or 8
+  static constexpr int kWordsPerThread = kRowsPerThread / 4;        // 1 or 2
+  static constexpr int kTileWords = kGroup / 4 + 1;  // +1 word: fewer bank conflicts
+};
+
+// 4 CTAs per SM (<= 64 registers, no spills): more tiles in flight per SM.
+template <typename T, bool kAligned, bool kTranspose>
+__global__ void __launch_bounds__(kThreads, 4)
+    token_axis_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                           float* __restrict__ s, int t_len, int n, int tg, int nt,
+                           int ue8m0, int recip, int vec_store_t) {
+  using S = TokenAxisShape<T>;
+  __shared__ float col_amax[kWarps][S::kTileN];
+  __shared__ float col_scale[S::kTileN];
+  __shared__ uint32_t tile[kTranspose ? S::kTileN : 1][kTranspose ? S::kTileWords : 1];
+
+  const int block = blockIdx.x;  // = (a * tg + g) * nt + j
+  const int a = block / (tg * nt);
+  const int g = block / nt - a * tg;
+  const int j = block % nt;
+  // The tile's first element; offsets inside the tile fit in 32 bits (the host
+  // checks 128 * n < 2^31 and, transposed, 64 * t_len < 2^31).
+  const int64_t origin = (static_cast<int64_t>(a) * t_len + g * kGroup) * n + j * S::kTileN;
+  const T* xt = x + origin;
+  const int vc = threadIdx.x % S::kLanesPerRow;
+  const int rg = threadIdx.x / S::kLanesPerRow;
+  const int c0 = vc * S::kVec;                     // first column of this thread
+  const int r0 = rg * S::kRowsPerThread;           // first row (token) of this thread
+  const int rows = t_len - g * kGroup;             // rows of the tile inside x
+  const int valid_cols = n - j * S::kTileN - c0;   // elements of this thread's chunks inside x
+
+  uint4 chunk[S::kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < S::kRowsPerThread; ++i) {
+    const int r = r0 + i;
+    const int valid = r < rows ? valid_cols : 0;
+    chunk[i] = load_chunk<T, kAligned>(xt + (valid > 0 ? r * n + c0 : 0), valid);
+  }
+
+  // Column amax over this thread's rows, then over the warp's row groups
+  // (lanes that differ in the bits above kLanesPerRow), then over the warps.
+  float cm[S::kVec];
+#pragma unroll
+  for (int e = 0; e < S::kVec; ++e) {
+    cm[e] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      cm[e] = max_nan(cm[e], fabsf(Elem<T>::get(chunk[i], e)));
+    }
+#pragma unroll
+    for (int off = S::kLanesPerRow; off < 32; off *= 2) {
+      cm[e] = max_nan(cm[e], __shfl_xor_sync(0xFFFFFFFFu, cm[e], off));
+    }
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 < S::kLanesPerRow) {
+#pragma unroll
+    for (int e = 0; e < S::kVec; ++e) col_amax[warp][vc * S::kVec + e] = cm[e];
+  }
+  __syncthreads();
+  if (threadIdx.x < S::kTileN) {
+    float m = col_amax[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) m = max_nan(m, col_amax[w][threadIdx.x]);
+    const float scale = group_scale(m, ue8m0 != 0);
+    col_scale[threadIdx.x] = scale;
+    const int c = j * S::kTileN + threadIdx.x;
+    if (c < n) s[(static_cast<int64_t>(a) * tg + g) * n + c] = scale;
+  }
+  __syncthreads();
+  float scale[S::kVec];
+#pragma unroll
+  for (int e = 0; e < S::kVec; ++e) scale[e] = col_scale[vc * S::kVec + e];
+
+  if constexpr (!kTranspose) {
+    uint8_t* qt = q + origin;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      const int r = r0 + i;
+      if (r >= rows) break;
+      uint32_t words[S::kVec / 4];
+      quantize_chunk<T, false>(chunk[i], scale, recip != 0, words);
+      store_bytes<S::kVec, kAligned>(qt + r * n + c0, words, valid_cols);
+    }
+  } else {
+    // Bytes of (row i, column e) -> tile[column][token / 4], byte token % 4.
+    // Rows past t_len quantize zeros; they are never stored.
+    uint32_t packed[S::kVec][S::kWordsPerThread];
+#pragma unroll
+    for (int e = 0; e < S::kVec; ++e) {
+#pragma unroll
+      for (int w = 0; w < S::kWordsPerThread; ++w) packed[e][w] = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      uint32_t words[S::kVec / 4];
+      quantize_chunk<T, false>(chunk[i], scale, recip != 0, words);
+#pragma unroll
+      for (int e = 0; e < S::kVec; ++e) {
+        const uint32_t byte = (words[e / 4] >> (8 * (e % 4))) & 0xFFu;
+        packed[e][i / 4] |= byte << (8 * (i % 4));
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < S::kVec; ++e) {
+#pragma unroll
+      for (int w = 0; w < S::kWordsPerThread; ++w) {
+        tile[vc * S::kVec + e][rg * S::kWordsPerThread + w] = packed[e][w];
+      }
+    }
+    __syncthreads();
+    // 64 rows x 8 pieces of 16 bytes; 8 consecutive threads store one row.
+    // qT's tile origin: row (column of x) j * 64, column (token) g * 128.
+    uint8_t* qt = q + (static_cast<int64_t>(a) * n + j * S::kTileN) * t_len + g * kGroup;
+    const int tile_cols = n - j * S::kTileN;  // rows of the qT tile inside qT
+    constexpr int kPieces = S::kTileN * (kGroup / 16);
+#pragma unroll
+    for (int it = 0; it < kPieces / kThreads; ++it) {
+      const int piece = threadIdx.x + it * kThreads;
+      const int nl = piece / (kGroup / 16);
+      const int part = piece % (kGroup / 16);
+      if (nl >= tile_cols || part * 16 >= rows) continue;
+      const uint32_t* src = &tile[nl][part * 4];
+      uint8_t* dst = qt + nl * t_len + part * 16;
+      if (vec_store_t) {  // t_len % 16 == 0 and q 16-byte aligned: whole pieces
+        *reinterpret_cast<uint4*>(dst) = make_uint4(src[0], src[1], src[2], src[3]);
+      } else {
+        const int valid = rows - part * 16;
+#pragma unroll
+        for (int b = 0; b < 16; ++b) {
+          if (b < valid) dst[b] = static_cast<uint8_t>(src[b / 4] >> (8 * (b % 4)));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace quant
+}  // namespace jax_deepgemm

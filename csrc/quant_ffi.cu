@@ -1,0 +1,314 @@
+// XLA typed-FFI bindings for the FP8 quantization kernels (kernels/quant.cuh).
+//
+// Custom call targets (typed FFI, custom call API version 4). Input x is
+// bf16, f16 or f32, row-major; q is float8_e4m3fn, s float32. Attributes are
+// int32 flags: use_ue8m0 (power-of-two scales), recip (quantize as
+// x * (1 / scale) instead of x / scale; see quant.cuh), transpose.
+//   "jax_deepgemm_per_token_cast"   x [R, C]    -> q [R, C],    s [R, ceil(C/128)]
+//                                   attrs use_ue8m0, recip
+//   "jax_deepgemm_per_block_cast"   x [B, N, K] -> q [B, N, K], s [B, ceil(N/128), ceil(K/128)]
+//                                   attrs use_ue8m0, recip
+//   "jax_deepgemm_token_axis_cast"  x [A, T, N] -> q [A, T, N] (transpose = 0) or
+//                                                  q [A, N, T] (transpose = 1),
+//                                                  s [A, ceil(T/128), N]
+//                                   attrs use_ue8m0, recip, transpose
+// Every size may be 0 (nothing is launched). The handlers check shapes and
+// launch one kernel: no host synchronization, no allocation (CUDA-graph safe).
+
+#include <cstdint>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "xla/ffi/api/ffi.h"
+
+#include "handlers.h"
+#include "kernels/quant.cuh"
+
+namespace ffi = xla::ffi;
+
+namespace jax_deepgemm {
+namespace {
+
+using quant::kGroup;
+using quant::kThreads;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename Buffer>
+std::string Dims(const Buffer& buf) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t d : buf.dimensions()) {
+    if (!first) s += ", ";
+    s += std::to_string(d);
+    first = false;
+  }
+  return s + "]";
+}
+
+std::string Dims(std::initializer_list<int64_t> dims) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t d : dims) {
+    if (!first) s += ", ";
+    s += std::to_string(d);
+    first = false;
+  }
+  return s + "]";
+}
+
+bool HasDims(const ffi::AnyBuffer& buf, std::initializer_list<int64_t> dims) {
+  const auto have = buf.dimensions();
+  if (have.size() != dims.size()) return false;
+  size_t i = 0;
+  for (int64_t d : dims) {
+    if (have[i++] != d) return false;
+  }
+  return true;
+}
+
+bool Aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+ffi::Error InvalidArg(const char* op, const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
+}
+
+// x must be a bf16/f16/f32 array of the given rank.
+ffi::Error CheckInput(const char* op, const ffi::AnyBuffer& x, size_t rank, const char* layout) {
+  const ffi::DataType t = x.element_type();
+  if ((t != ffi::DataType::BF16 && t != ffi::DataType::F16 && t != ffi::DataType::F32) ||
+      x.dimensions().size() != rank) {
+    return InvalidArg(op, std::string("x must be a bf16, f16 or f32 array ") + layout +
+                              ", got shape " + Dims(x));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckOutputs(const char* op, const ffi::AnyBuffer& q,
+                        std::initializer_list<int64_t> q_dims, const ffi::AnyBuffer& s,
+                        std::initializer_list<int64_t> s_dims) {
+  if (q.element_type() != ffi::DataType::F8E4M3FN || !HasDims(q, q_dims)) {
+    return InvalidArg(op, "q must be float8_e4m3fn " + Dims(q_dims) + ", got " + Dims(q));
+  }
+  if (s.element_type() != ffi::DataType::F32 || !HasDims(s, s_dims)) {
+    return InvalidArg(op, "s must be float32 " + Dims(s_dims) + ", got " + Dims(s));
+  }
+  return ffi::Error::Success();
+}
+
+// Restores the calling thread's current device on scope exit (the stream is
+// the device's; kernels launch on the current device).
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) {
+      (void)cudaGetLastError();
+      prev_ = -1;
+    }
+    if (prev_ != device) {
+      ok_ = cudaSetDevice(device) == cudaSuccess;
+      switched_ = ok_;
+    }
+  }
+  ~ScopedDevice() {
+    if (switched_ && prev_ >= 0) (void)cudaSetDevice(prev_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  int prev_ = -1;
+  bool ok_ = true;
+  bool switched_ = false;
+};
+
+ffi::Error LaunchStatus(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string(op) + ": kernel launch failed: " + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+// Calls fn(T{}) with T the C++ type of x's element type (checked before).
+template <typename Fn>
+ffi::Error DispatchInput(ffi::DataType t, Fn&& fn) {
+  switch (t) {
+    case ffi::DataType::BF16:
+      return fn(__nv_bfloat16{});
+    case ffi::DataType::F16:
+      return fn(__half{});
+    default:
+      return fn(float{});
+  }
+}
+
+// ---------------------------------------------------------------------------
+// (a) per-token 1x128 cast
+// ---------------------------------------------------------------------------
+constexpr char kPerTokenOp[] = "jax_deepgemm_per_token_cast";
+
+ffi::Error PerTokenCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                            ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                            int32_t use_ue8m0, int32_t recip) {
+  if (ffi::Error e = CheckInput(kPerTokenOp, x, 2, "[R, C]"); e.failure()) return e;
+  const int64_t rows = x.dimensions()[0], cols = x.dimensions()[1];
+  const int64_t groups = CeilDiv(cols, kGroup);
+  if (ffi::Error e = CheckOutputs(kPerTokenOp, *q, {rows, cols}, *s, {rows, groups});
+      e.failure()) {
+    return e;
+  }
+  if (rows == 0 || cols == 0) return ffi::Error::Success();
+  const int64_t total_groups = rows * groups;
+  if (total_groups >= INT32_MAX) return InvalidArg(kPerTokenOp, "too many 128-element groups");
+
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) return ffi::Error(ffi::ErrorCode::kInternal, "cudaSetDevice failed");
+  return DispatchInput(x.element_type(), [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    using S = quant::TokenCastShape<T>;
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
+    float* sp = static_cast<float*>(s->untyped_data());
+    const int blocks = static_cast<int>(CeilDiv(total_groups, S::kGroupsPerBlock));
+    // 16-byte loads need every row to start 16-byte aligned.
+    const bool aligned = cols % S::kVec == 0 && Aligned(xp, 16) && Aligned(qp, S::kVec);
+    auto* kernel = aligned ? &quant::per_token_cast_kernel<T, true>
+                           : &quant::per_token_cast_kernel<T, false>;
+    kernel<<<blocks, kThreads, 0, stream>>>(xp, qp, sp, cols, static_cast<int>(groups),
+                                            total_groups, use_ue8m0, recip);
+    return LaunchStatus(kPerTokenOp);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// (b) per-block 128x128 cast
+// ---------------------------------------------------------------------------
+constexpr char kPerBlockOp[] = "jax_deepgemm_per_block_cast";
+
+ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                            ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                            int32_t use_ue8m0, int32_t recip) {
+  if (ffi::Error e = CheckInput(kPerBlockOp, x, 3, "[B, N, K]"); e.failure()) return e;
+  const int64_t batch = x.dimensions()[0], n = x.dimensions()[1], k = x.dimensions()[2];
+  const int64_t nb = CeilDiv(n, kGroup), kb = CeilDiv(k, kGroup);
+  if (ffi::Error e = CheckOutputs(kPerBlockOp, *q, {batch, n, k}, *s, {batch, nb, kb});
+      e.failure()) {
+    return e;
+  }
+  if (batch == 0 || n == 0 || k == 0) return ffi::Error::Success();
+  // The kernel addresses a block's elements with 32-bit offsets (row * k).
+  if (n >= INT32_MAX || k * kGroup >= INT32_MAX || batch * nb * kb >= INT32_MAX) {
+    return InvalidArg(kPerBlockOp, "x " + Dims(x) + " is too large");
+  }
+
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) return ffi::Error(ffi::ErrorCode::kInternal, "cudaSetDevice failed");
+  return DispatchInput(x.element_type(), [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    constexpr int kVec = quant::Elem<T>::kVec;
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
+    float* sp = static_cast<float*>(s->untyped_data());
+    const bool aligned = k % kVec == 0 && Aligned(xp, 16) && Aligned(qp, kVec);
+    auto* kernel = aligned ? &quant::per_block_cast_kernel<T, true>
+                           : &quant::per_block_cast_kernel<T, false>;
+    kernel<<<static_cast<int>(batch * nb * kb), kThreads, 0, stream>>>(
+        xp, qp, sp, static_cast<int>(n), static_cast<int>(k), static_cast<int>(nb),
+        static_cast<int>(kb), use_ue8m0, recip);
+    return LaunchStatus(kPerBlockOp);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// (c) token-axis 128x1 cast, optionally writing q transposed
+// ---------------------------------------------------------------------------
+constexpr char kTokenAxisOp[] = "jax_deepgemm_token_axis_cast";
+
+ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                             int32_t use_ue8m0, int32_t recip, int32_t transpose) {
+  if (ffi::Error e = CheckInput(kTokenAxisOp, x, 3, "[A, T, N]"); e.failure()) return e;
+  const int64_t batch = x.dimensions()[0], t = x.dimensions()[1], n = x.dimensions()[2];
+  const int64_t tg = CeilDiv(t, kGroup);
+  const ffi::Error shapes =
+      transpose ? CheckOutputs(kTokenAxisOp, *q, {batch, n, t}, *s, {batch, tg, n})
+                : CheckOutputs(kTokenAxisOp, *q, {batch, t, n}, *s, {batch, tg, n});
+  if (shapes.failure()) return shapes;
+  if (batch == 0 || t == 0 || n == 0) return ffi::Error::Success();
+
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) return ffi::Error(ffi::ErrorCode::kInternal, "cudaSetDevice failed");
+  return DispatchInput(x.element_type(), [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    using S = quant::TokenAxisShape<T>;
+    const int64_t nt = CeilDiv(n, S::kTileN);
+    // The kernel addresses a tile's elements with 32-bit offsets (row * n,
+    // and transposed row * t).
+    if (t * S::kTileN >= INT32_MAX || n * kGroup >= INT32_MAX || batch * tg * nt >= INT32_MAX) {
+      return InvalidArg(kTokenAxisOp, "x " + Dims(x) + " is too large");
+    }
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
+    float* sp = static_cast<float*>(s->untyped_data());
+    // Loads: 16-byte chunks along N. Stores: kVec-byte chunks along N, or
+    // (transposed) 16-byte pieces along T when whole pieces fit.
+    const bool aligned =
+        n % S::kVec == 0 && Aligned(xp, 16) && (transpose || Aligned(qp, S::kVec));
+    const int vec_store_t = transpose && t % 16 == 0 && Aligned(qp, 16);
+    auto* kernel =
+        transpose ? (aligned ? &quant::token_axis_cast_kernel<T, true, true>
+                             : &quant::token_axis_cast_kernel<T, false, true>)
+                  : (aligned ? &quant::token_axis_cast_kernel<T, true, false>
+                             : &quant::token_axis_cast_kernel<T, false, false>);
+    kernel<<<static_cast<int>(batch * tg * nt), kThreads, 0, stream>>>(
+        xp, qp, sp, static_cast<int>(t), static_cast<int>(n), static_cast<int>(tg),
+        static_cast<int>(nt), use_ue8m0, recip, vec_store_t);
+    return LaunchStatus(kTokenAxisOp);
+  });
+}
+
+}  // namespace
+}  // namespace jax_deepgemm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PerTokenCastFp8, jax_deepgemm::PerTokenCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PerBlockCastFp8, jax_deepgemm::PerBlockCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TokenAxisCastFp8, jax_deepgemm::TokenAxisCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip")
+        .Attr<int32_t>("transpose"),
+    {xla::ffi::Traits::kCmdBufferCompatible});

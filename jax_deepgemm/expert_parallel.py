@@ -1,0 +1,187 @@
+"""Expert parallelism for :class:`jax_deepgemm.flax.MoE`: experts sharded, tokens all-to-all.
+
+``MoE(..., mesh=mesh, expert_axis="expert")`` runs the layer inside ``jax.shard_map`` over
+every axis of ``mesh``: the tokens are split over all mesh axes (data parallel), the routed
+experts' weights over ``expert_axis`` (each device holds ``num_experts / size(expert_axis)``
+consecutive experts, replicated over the other axes), the router and shared experts are
+replicated. Per device::
+
+  x [t, H] (local tokens) --router--> ids, weights [t, k] --sort by expert--> per-destination
+  slices --all_to_all(expert_axis)--> rows for my experts from every source [ep, C, H]
+  --sort by local expert--> grouped FP8 GEMMs (gate, up, down) on the local experts
+  --unsort, all_to_all back--> [t, k, H] --weighted sum over k--> (+ shared) --> y [t, H]
+
+No token is dropped and the result is the single-device layer's: every source reserves
+``C = t * min(top_k, experts per device)`` rows for every destination, the most it can send
+there (a token picks distinct experts, so at most ``min(top_k, experts per device)`` of them
+live on one device). The price is memory: the exchanged buffers have ``ep * C`` rows, up to
+``ep`` times more than the ``t * top_k`` rows actually sent. (``jax.lax.ragged_all_to_all``
+would send only real rows, but XLA:CPU cannot run it in jax 0.10.2, so it is not used here.)
+
+The load-balancing loss uses the global expert counts and router probabilities (``psum`` over
+the mesh), so it is the single-device layer's too. Gradients w.r.t. replicated parameters are
+summed over the devices by ``shard_map``'s autodiff.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
+  """A ``("data", "expert")`` mesh over ``devices`` (default: all), with automatic axes.
+
+  Give either size (the other fills the devices) or both; by default every device is on
+  the expert axis.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data is None and expert is None:
+    data, expert = 1, n
+  elif data is None:
+    data = n // expert if expert and n % expert == 0 else 0
+  elif expert is None:
+    expert = n // data if data and n % data == 0 else 0
+  if not data or not expert or data * expert != n:
+    raise ValueError(f"make_mesh: data ({data}) x expert ({expert}) must equal the number of "
+                     f"devices ({n})")
+  return jax.make_mesh((data, expert), ("data", "expert"), devices=devices,
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def check_mesh(mesh, expert_axis: str, num_experts: int):
+  """Validates the MoE's mesh arguments; returns the expert axis' size."""
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"MoE: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if expert_axis not in mesh.axis_names:
+    raise ValueError(f"MoE: expert_axis {expert_axis!r} is not an axis of the mesh "
+                     f"{dict(mesh.shape)}")
+  ep = mesh.shape[expert_axis]
+  if num_experts % ep:
+    raise ValueError(f"MoE: num_experts ({num_experts}) must be divisible by the size of the "
+                     f"expert axis {expert_axis!r} ({ep})")
+  return ep
+
+
+def shard_expert_weights(w, mesh, expert_axis):
+  """Places ``w [E, ...]`` with its experts split over ``expert_axis``."""
+  return jax.device_put(w, NamedSharding(mesh, P(expert_axis)))
+
+
+# ----------------------------------------------------------------------------- row gathers
+# Every move of rows here is a gather ``out[i] = x[idx[i]]`` (index ``len(x)`` reads a zero
+# row) whose transpose is again a gather: each row of x is read ``k`` times, by the rows
+# ``inv[j, :]`` of out. Autodiff of the forward gather would give a scatter-add instead.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather(x, idx, inv, k):
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_fwd(x, idx, inv, k):
+  return _gather(x, idx, inv, k), inv
+
+
+def _gather_bwd(k, inv, dy):
+  dx = jnp.take(dy, inv.reshape(-1), axis=0, mode="fill", fill_value=0)
+  if k > 1:
+    dx = jnp.sum(dx.reshape(-1, k, dy.shape[-1]).astype(jnp.float32), axis=1).astype(dy.dtype)
+  return dx, None, None
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def _inverse(perm):
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+# ----------------------------------------------------------------------------- the layer
+def moe_forward(moe, x2, params, mesh, expert_axis):
+  """The expert-parallel forward of ``moe`` (a ``flax.MoE``) on ``x2 [T, H]``.
+
+  ``params``: the module's parameter arrays by name (``router``, ``w_gate``, ``w_up``,
+  ``w_down`` and, with shared experts, ``shared_*``). Returns ``(y [T, H], aux)``.
+  """
+  token_axes = tuple(mesh.axis_names)
+  shards = math.prod(mesh.shape.values())
+  if x2.shape[0] % shards:
+    raise ValueError(f"MoE: the {x2.shape[0]} tokens must split evenly over the mesh's "
+                     f"{shards} devices {dict(mesh.shape)} (tokens are split over every axis)")
+  names = sorted(params)
+  specs = {n: P(expert_axis) if n.startswith("w_") else P() for n in names}
+  body = functools.partial(_local_moe, moe, names=names, expert_axis=expert_axis,
+                           token_axes=token_axes, ep=mesh.shape[expert_axis],
+                           total=x2.shape[0])
+  run = jax.shard_map(body, mesh=mesh, in_specs=(P(token_axes), [specs[n] for n in names]),
+                      out_specs=(P(token_axes), P()))
+  args = (x2, [params[n] for n in names])
+  if AxisType.Explicit in mesh.axis_types:
+    # Explicitly sharded inputs must already have shard_map's layout.
+    args = jax.reshard(args, (NamedSharding(mesh, P(token_axes)),
+                              [NamedSharding(mesh, specs[n]) for n in names]))
+  return run(*args)
+
+
+def _local_moe(moe, x, param_list, *, names, expert_axis, token_axes, ep, total):
+  """One device: ``x [t, H]`` local tokens, ``w_* [E/ep, ...]`` local experts."""
+  p = dict(zip(names, param_list))
+  t, h, k, e = x.shape[0], x.shape[1], moe.top_k, moe.num_experts
+  e_local = e // ep
+  cap = t * min(k, e_local)  # rows reserved per destination: the most a source can send
+
+  probs, ids, weights = moe._route(x, p["router"])
+  flat = ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  pos = _inverse(order)  # each token-choice's row when sorted by expert
+  counts = jnp.bincount(flat, length=e).astype(jnp.int32)
+
+  # Send buffer [ep, cap, H]: destination d gets the choices of experts d*e_local ... in
+  # expert order, from row 0 of its slice. slot[c] is choice c's row in the flat buffer.
+  per_dest = counts.reshape(ep, e_local)
+  sent = per_dest.sum(1)
+  first = jnp.cumsum(sent) - sent
+  dest = flat // e_local
+  slot = dest * cap + pos - first[dest]                                     # [t*k]
+  choice_at = jnp.full((ep * cap,), t * k, jnp.int32).at[slot].set(
+      jnp.arange(t * k, dtype=jnp.int32))                                   # fill: t*k
+  token_at = jnp.where(choice_at < t * k, choice_at // k, t)                # fill: t
+
+  xc = x.astype(moe.dtype)
+  x_send = _gather(xc, token_at, slot.reshape(t, k), k)
+  x_recv = jax.lax.all_to_all(x_send.reshape(ep, cap, h), expert_axis, 0, 0)
+  recv = jax.lax.all_to_all(per_dest, expert_axis, 0, 0)  # [source, local expert] rows
+
+  # Rows from each source are sorted by local expert; sort all of them by local expert
+  # (stable: by source within an expert), the padding rows (expert e_local) last.
+  ends = jnp.cumsum(recv, axis=1)                                           # [ep, e_local]
+  row = jnp.arange(cap, dtype=jnp.int32)
+  local_expert = jax.vmap(lambda c: jnp.searchsorted(c, row, side="right"))(ends)
+  local_expert = local_expert.reshape(-1).astype(jnp.int32)
+  lorder = jnp.argsort(local_expert, stable=True).astype(jnp.int32)
+  linverse = _inverse(lorder)
+  group_sizes = recv.sum(0)
+
+  xs = _gather(x_recv.reshape(ep * cap, h), lorder, linverse, 1)
+  hid = moe._grouped(xs, p["w_gate"], group_sizes)
+  hid = jax.nn.silu(hid) * moe._grouped(xs, p["w_up"], group_sizes)
+  ys = moe._grouped(hid, p["w_down"], group_sizes)
+  y_recv = _gather(ys, linverse, lorder, 1)
+  y_back = jax.lax.all_to_all(y_recv.reshape(ep, cap, h), expert_axis, 0, 0)
+  y_tk = _gather(y_back.reshape(ep * cap, h), slot, choice_at, 1).reshape(t, k, h)
+  y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
+
+  if moe.num_shared_experts:
+    hs = jax.nn.silu(moe._dense(xc, p["shared_gate"])) * moe._dense(xc, p["shared_up"])
+    y = y + moe._dense(hs, p["shared_down"]).astype(jnp.float32)
+
+  # The single-device layer's load-balancing loss, from global counts and probabilities.
+  f = jax.lax.stop_gradient(jax.lax.psum(counts, token_axes).astype(jnp.float32)
+                            / max(total * k, 1))
+  prob = jax.lax.psum(jnp.sum(probs, axis=0), token_axes) / max(total, 1)
+  aux = moe.aux_loss_coef * e * jnp.sum(f * prob)
+  return y.astype(x.dtype), aux.astype(jnp.float32)
+

@@ -1,0 +1,296 @@
+"""The FP8 casts as primitives: fused CUDA kernels on Hopper, plain JAX everywhere else.
+
+Three primitives, each with two outputs ``(q, scale)`` (``quant.py`` is the public API):
+
+=================================  ===========================  ==================================
+primitive                          x                            q, scale
+=================================  ===========================  ==================================
+``jax_deepgemm_per_token_cast``    ``[..., C]``                 ``[..., C]``, ``[..., ceil(C/128)]``
+``jax_deepgemm_per_block_cast``    ``[..., N, K]``              ``[..., N, K]``,
+                                                                ``[..., ceil(N/128), ceil(K/128)]``
+``jax_deepgemm_token_axis_cast``   ``[..., T, N]``              ``[..., T, N]`` (or ``[..., N, T]``
+                                                                with ``transpose``),
+                                                                ``[..., ceil(T/128), N]``
+=================================  ===========================  ==================================
+
+The reference lowering (every platform, and CUDA without our kernels) is the pure-JAX code
+below. On Hopper with the extension (``_ffi.use_kernels()``) each op is one kernel that reads
+``x`` once and writes ``q`` and the scales once (``csrc/kernels/quant.cuh``); leading axes are
+folded into rows / matrices, so a vmapped cast is still one kernel call.
+
+The kernels are bitwise equal to the reference *as XLA compiles it for the GPU*: XLA turns
+``amax / 448`` into ``amax * fl(1/448)`` and lowers f32 division to PTX ``div.full.f32``, and
+the kernels do the same (see quant.cuh). XLA on CPU additionally rewrites ``x / scale`` into
+``x * (1 / scale)``; the kernels can quantize that way too, and which way XLA compiles the
+reference on this GPU is probed once per op (``JAX_DEEPGEMM_QUANT_DIVISION=div|recip``
+forces one).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
+
+from jax_deepgemm import _ffi
+
+logger = logging.getLogger("jax_deepgemm")
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+# Groups whose amax is below this get this floor, so all-zero groups don't divide by zero.
+AMAX_FLOOR = 1e-4
+# Input dtypes the kernels take (others, e.g. float64, use the reference).
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+F32 = jnp.dtype(jnp.float32)
+
+
+def ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _scale_from_amax(amax, use_ue8m0):
+  scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
+  if use_ue8m0:
+    # Power-of-two scales (what UE8M0 hardware scales can represent), rounded up so
+    # the quantized values never overflow 448. Done on the bits: GPU exp2/log2 are inexact.
+    bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+    exp = bits & jnp.uint32(0x7F800000)
+    bits = jnp.where((bits & jnp.uint32(0x007FFFFF)) != 0, exp + jnp.uint32(0x00800000), exp)
+    scale = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return scale
+
+
+def per_token_cast_reference(x, *, use_ue8m0=False):
+  """1x128 groups along the last axis: ``x [..., C]`` → ``(q [..., C], s [..., ceil(C/128)])``."""
+  xm = x.astype(jnp.float32)
+  n = xm.shape[-1]
+  groups = ceil_div(n, BLOCK)
+  pad = groups * BLOCK - n
+  xp = jnp.pad(xm, [(0, 0)] * (xm.ndim - 1) + [(0, pad)])
+  xg = xp.reshape(xm.shape[:-1] + (groups, BLOCK))
+  scale = _scale_from_amax(jnp.max(jnp.abs(xg), axis=-1), use_ue8m0)
+  q = (xg / scale[..., None]).astype(FP8_DTYPE).reshape(xp.shape)[..., :n]
+  return q, scale
+
+
+def per_block_cast_reference(w, *, use_ue8m0=False):
+  """128x128 blocks: ``w [..., N, K]`` → ``(q [..., N, K], s [..., ceil(N/128), ceil(K/128)])``."""
+  *lead, n, k = w.shape
+  nb, kb = ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  wp = jnp.pad(w.astype(jnp.float32),
+               [(0, 0)] * len(lead) + [(0, nb * BLOCK - n), (0, kb * BLOCK - k)])
+  wb = wp.reshape(*lead, nb, BLOCK, kb, BLOCK)
+  scale = _scale_from_amax(jnp.max(jnp.abs(wb), axis=(-3, -1)), use_ue8m0)
+  q = (wb / scale[..., :, None, :, None]).astype(FP8_DTYPE)
+  return q.reshape(wp.shape)[..., :n, :k], scale
+
+
+def token_axis_cast_reference(x, *, use_ue8m0=False, transpose=False):
+  """128x1 groups along axis -2: ``x [..., T, N]`` → ``(q, s [..., ceil(T/128), N])``.
+
+  ``q`` is ``[..., T, N]``, or its transpose ``[..., N, T]`` when ``transpose``.
+  """
+  q, s = per_token_cast_reference(jnp.swapaxes(x, -1, -2), use_ue8m0=use_ue8m0)
+  return (q if transpose else jnp.swapaxes(q, -1, -2)), jnp.swapaxes(s, -1, -2)
+
+
+# ----------------------------------------------------------------------------- division probe
+
+DIVISION_ENV = "JAX_DEEPGEMM_QUANT_DIVISION"
+
+
+def hlo_divides_by_reciprocal(hlo: str, size: int) -> bool:
+  """True when a compiled HLO text has no f32 ``divide`` of ``size`` elements.
+
+  For a compiled reference cast of ``size`` elements that means XLA quantized with
+  ``x * (1 / scale)``; with such a divide left it divides elementwise, ``x / scale``.
+  """
+  for m in re.finditer(r"f32\[([0-9,]*)\](?:\{[^}]*\})? divide\(", hlo):
+    if math.prod(int(d) for d in m.group(1).split(",") if d) == size:
+      return False
+  return True
+
+
+_PROBES = {  # a small, unpadded case of each reference
+    "token": (per_token_cast_reference, (8, 256)),
+    "block": (per_block_cast_reference, (256, 256)),
+    "token_axis": (token_axis_cast_reference, (256, 16)),
+}
+
+
+def division_probe(kind: str, device) -> bool:
+  """Whether XLA compiles the ``kind`` reference for ``device`` as ``x * (1 / scale)``."""
+  ref, shape = _PROBES[kind]
+  arg = jax.ShapeDtypeStruct(shape, jnp.float32,
+                             sharding=jax.sharding.SingleDeviceSharding(device))
+  hlo = jax.jit(ref).lower(arg).compile().as_text()
+  return hlo_divides_by_reciprocal(hlo, math.prod(shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_recip(kind: str) -> bool:
+  """The kernels' ``recip`` flag: quantize the way XLA compiles the reference on the GPU."""
+  forced = os.environ.get(DIVISION_ENV, "").strip().lower()
+  if forced in ("div", "recip"):
+    return forced == "recip"
+  if forced not in ("", "auto"):
+    raise ValueError(f"{DIVISION_ENV} must be 'div', 'recip' or 'auto', got {forced!r}")
+  try:
+    return division_probe(kind, jax.local_devices(backend="gpu")[0])
+  except Exception as e:  # pylint: disable=broad-except
+    logger.warning("jax_deepgemm: could not probe how XLA divides (%s); the quantization "
+                   "kernels use x / scale (div.full.f32), XLA's GPU lowering today.", e)
+    return False
+
+
+# ----------------------------------------------------------------------------- primitives
+
+def _out_avals(x, *specs):
+  """Output avals; inside ``jax.shard_map`` they vary over the manual axes ``x`` varies over."""
+  outs = [ShapedArray(shape, dtype) for shape, dtype in specs]
+  mat = getattr(x, "manual_axis_type", None)
+  if mat is not None and mat.varying:
+    outs = [o.update(sharding=NamedSharding(x.sharding.mesh, PartitionSpec()),
+                     manual_axis_type=ManualAxisType(varying=mat.varying)) for o in outs]
+  return outs
+
+
+def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
+  """A two-output primitive with one operand whose leading axes are a batch.
+
+  (Like ``_primitive.define``, which makes single-output primitives.) vmap moves the
+  batch axis to the front; differentiation follows the reference (the casts were plain
+  JAX and differentiable before they were primitives).
+  """
+  prim = Primitive(name)
+  prim.multiple_results = True
+
+  @functools.lru_cache(maxsize=None)
+  def _jitted(params):
+    return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+  def _impl(*args, **params):
+    # Eager calls run the jitted op; under jax.disable_jit, jit would call bind again.
+    with jax.disable_jit(False):
+      return _jitted(tuple(sorted(params.items())))(*args)
+
+  prim.def_impl(_impl)
+  prim.def_abstract_eval(abstract_eval)
+  ref_rule = mlir.lower_fun(reference, multiple_results=True)
+  cuda_rule = mlir.lower_fun(cuda, multiple_results=True)
+  mlir.register_lowering(prim, ref_rule)
+  mlir.register_lowering(
+      prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
+      platform="cuda")
+
+  def batching_rule(args, dims, **params):
+    (x,), (d,) = args, dims
+    return prim.bind(jnp.moveaxis(x, d, 0), **params), [0, 0]
+
+  def jvp_rule(primals, tangents, **params):
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    _, t_out = jax.jvp(functools.partial(reference, **params), tuple(primals), tangents)
+    return prim.bind(*primals, **params), list(t_out)
+
+  batching.primitive_batchers[prim] = batching_rule
+  ad.primitive_jvps[prim] = jvp_rule
+  return prim
+
+
+def _kernel_ok(x) -> bool:
+  return x.size > 0 and jnp.dtype(x.dtype) in KERNEL_DTYPES
+
+
+def _flags(kind, use_ue8m0):
+  return dict(use_ue8m0=np.int32(bool(use_ue8m0)), recip=np.int32(_kernel_recip(kind)))
+
+
+# --- per-token (1x128 along the last axis)
+
+def _per_token_abstract(x, *, use_ue8m0):
+  del use_ue8m0
+  return _out_avals(x, (x.shape, FP8_DTYPE),
+                    (x.shape[:-1] + (ceil_div(x.shape[-1], BLOCK),), F32))
+
+
+def _per_token_cuda(x, *, use_ue8m0):
+  if not _kernel_ok(x):
+    return per_token_cast_reference(x, use_ue8m0=use_ue8m0)
+  *lead, c = x.shape
+  rows, groups = math.prod(lead), ceil_div(c, BLOCK)
+  call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
+                          (jax.ShapeDtypeStruct((rows, c), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((rows, groups), F32)))
+  q, s = call(x.reshape(rows, c), **_flags("token", use_ue8m0))
+  return q.reshape(x.shape), s.reshape(*lead, groups)
+
+
+per_token_cast_p = _define(
+    "jax_deepgemm_per_token_cast", abstract_eval=_per_token_abstract,
+    reference=per_token_cast_reference, cuda=_per_token_cuda)
+
+
+# --- per-block (128x128 over the last two axes)
+
+def _per_block_abstract(w, *, use_ue8m0):
+  del use_ue8m0
+  *lead, n, k = w.shape
+  return _out_avals(w, (w.shape, FP8_DTYPE),
+                    (tuple(lead) + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)), F32))
+
+
+def _per_block_cuda(w, *, use_ue8m0):
+  if not _kernel_ok(w):
+    return per_block_cast_reference(w, use_ue8m0=use_ue8m0)
+  *lead, n, k = w.shape
+  b, nb, kb = math.prod(lead), ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  call = jax.ffi.ffi_call("jax_deepgemm_per_block_cast",
+                          (jax.ShapeDtypeStruct((b, n, k), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((b, nb, kb), F32)))
+  q, s = call(w.reshape(b, n, k), **_flags("block", use_ue8m0))
+  return q.reshape(w.shape), s.reshape(*lead, nb, kb)
+
+
+per_block_cast_p = _define(
+    "jax_deepgemm_per_block_cast", abstract_eval=_per_block_abstract,
+    reference=per_block_cast_reference, cuda=_per_block_cuda)
+
+
+# --- token axis (128x1 along axis -2), optionally writing q transposed
+
+def _token_axis_abstract(x, *, use_ue8m0, transpose):
+  del use_ue8m0
+  *lead, t, n = x.shape
+  q_shape = tuple(lead) + ((n, t) if transpose else (t, n))
+  return _out_avals(x, (q_shape, FP8_DTYPE), (tuple(lead) + (ceil_div(t, BLOCK), n), F32))
+
+
+def _token_axis_cuda(x, *, use_ue8m0, transpose):
+  if not _kernel_ok(x):
+    return token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=transpose)
+  *lead, t, n = x.shape
+  a, tg = math.prod(lead), ceil_div(t, BLOCK)
+  call = jax.ffi.ffi_call("jax_deepgemm_token_axis_cast",
+                          (jax.ShapeDtypeStruct((a, n, t) if transpose else (a, t, n), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((a, tg, n), F32)))
+  q, s = call(x.reshape(a, t, n), transpose=np.int32(bool(transpose)),
+              **_flags("token_axis", use_ue8m0))
+  return (q.reshape(*lead, *((n, t) if transpose else (t, n))), s.reshape(*lead, tg, n))
+
+
+token_axis_cast_p = _define(
+    "jax_deepgemm_token_axis_cast", abstract_eval=_token_axis_abstract,
+    reference=token_axis_cast_reference, cuda=_token_axis_cuda)

@@ -1,0 +1,320 @@
+"""Sharding rules for the GEMMs under plain ``jax.jit``: sharded operands stay sharded.
+
+XLA cannot look inside our ops, so without rules it all-gathers every sharded operand and
+runs the whole op on every device. Here each op gets ``jax.experimental.custom_partitioning``
+rules: a Shardy sharding rule (Shardy is JAX's default partitioner), an
+``infer_sharding_from_operands`` for GSPMD (``jax_use_shardy_partitioner=False``), and a
+``partition`` that runs the op on each device's shards:
+
+=====================================  ===========================  ============================
+op                                     sharded axes stay local      partial products + all-reduce
+=====================================  ===========================  ============================
+``fp8_gemm_nt``                        M, N                         K
+``m_grouped_fp8_gemm_nt_contiguous``   M, N                         K, G (b's experts)
+``k_grouped_fp8_gemm_tn_contiguous``   G, N, K                      T (tokens)
+``m_grouped_fp8_gemm_nt_masked``       G, M, N                      K
+=====================================  ===========================  ============================
+
+* Group sizes are global. When the grouped ops have their token rows (M or T) or their
+  experts (G) sharded, each device derives its own groups from the global sizes and its
+  shard's position: the rows of its window, the experts it holds (the rows of the others
+  contribute zeros and the all-reduce sums them back).
+* The 128-element scale blocks must not straddle shards: K, N (``fp8_gemm_nt`` and the
+  M-grouped op) and T (K-grouped op) stay sharded only when each shard holds whole blocks
+  (the axis' size is a multiple of 128 times the number of shards); otherwise the partitioner
+  gathers that axis. M may be split anywhere (XLA pads uneven splits).
+* The all-reduce of a K split sums FP32 partial products, then rounds to ``out_dtype`` once,
+  as the unsharded op does; the values differ from it only by the order of FP32 additions.
+
+This is installed when ``jax_deepgemm`` is imported: the primitives' lowering becomes a
+``custom_partitioning`` call whenever a computation spans several devices. On one device, and
+inside ``jax.shard_map`` (where the code is already per device), the plain op is lowered.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax._src import dispatch  # custom_partitioning needs the devices at lowering time
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_deepgemm.gemm import fp8_gemm_nt_p
+from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p
+from jax_deepgemm.grouped_masked import masked_p
+from jax_deepgemm.k_grouped import k_grouped_p
+
+BLOCK = 128
+F32 = jnp.dtype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dims(shape):
+  """The mesh axes each dimension of ``shape`` (a ShapeDtypeStruct) is split over."""
+  s = shape.sharding
+  if not isinstance(s, NamedSharding):  # a GSPMD sharding we cannot name: gather it
+    return [()] * len(shape.shape)
+  spec = tuple(s.spec) + (None,) * (len(shape.shape) - len(s.spec))
+  return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,) for e in spec]
+
+
+def _size(mesh, axes):
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _split(mesh, axes, n):
+  """``axes`` if a dimension of ``n`` elements splits evenly over them, else ()."""
+  return axes if axes and n > 0 and n % _size(mesh, axes) == 0 else ()
+
+
+def _blocked(mesh, axes, n):
+  """``axes`` if each shard of a dimension of ``n`` elements holds whole 128-blocks."""
+  return axes if axes and n % BLOCK == 0 and _split(mesh, axes, n // BLOCK) else ()
+
+
+def _free(axes, *taken):
+  """``axes`` unless one of them already splits another factor (then that factor wins)."""
+  used = set().union(*map(set, taken))
+  return () if used & set(axes) else axes
+
+
+def _spec(*dims):
+  return P(*[None if not d else d[0] if len(d) == 1 else d for d in dims])
+
+
+def _first(*candidates):
+  return next((c for c in candidates if c), ())
+
+
+def _window(group_sizes, rows, row_axes, experts, expert_axes):
+  """This device's groups: (start, end) rows of each local expert within the local rows.
+
+  ``group_sizes`` are global (the public ops clip them so they end by the global row count).
+  The local rows are rows ``[i * rows, (i + 1) * rows)`` of the global ones for the device's
+  index ``i`` along ``row_axes``; the local experts are ``[j * experts, (j + 1) * experts)``.
+  """
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  starts = ends - group_sizes.astype(jnp.int32)
+  r0 = jax.lax.axis_index(row_axes) * rows if row_axes else 0
+  lo = jnp.clip(starts - r0, 0, rows)
+  hi = jnp.clip(ends - r0, 0, rows)
+  if expert_axes:
+    g0 = jax.lax.axis_index(expert_axes) * experts
+    lo = jax.lax.dynamic_slice_in_dim(lo, g0, experts)
+    hi = jax.lax.dynamic_slice_in_dim(hi, g0, experts)
+  return lo, hi
+
+
+def _blocks_rule(name, n):
+  """Shardy factors of a dimension of ``n`` elements in 128-blocks and of its scale dimension.
+
+  Returns (dimension, scale dimension, reduction factors if it is contracted, factors that
+  must not be split, factor sizes). A multiple of 128 is the compound factor
+  ``(<name>b <name>i)``: Shardy may split the block count ``<name>b`` (shared with the
+  scales) but never the 128 inside a block. Other sizes (and a single block: Shardy allows
+  no size-1 factor in a compound) cannot be split on block boundaries.
+  """
+  if n % BLOCK == 0 and n // BLOCK > 1:
+    return (f"({name}b {name}i)", f"{name}b", (f"{name}b",), (f"{name}i",),
+            {f"{name}i": BLOCK})
+  return name, f"{name}b", (), (name, f"{name}b"), {}
+
+
+def _rule(operands, result, reduction=(), replication=(), **sizes):
+  """The Einsum-like rule string with its keyword arguments for ``def_partition``."""
+  text = ", ".join(operands) + " -> " + result
+  # Shardy wants the special factors listed in the order the factors first appear.
+  order = list(dict.fromkeys(re.findall(r"\w+", text)))
+  key = order.index
+  return text, dict(reduction_factors=tuple(sorted(reduction, key=key)),
+                    need_replication_factors=tuple(sorted(replication, key=key)), **sizes)
+
+
+# ----------------------------------------------------------------------------- fp8_gemm_nt
+def _gemm_rule(shapes, has_bias, has_c, **_):
+  (_, k), (n, _) = shapes[0], shapes[2]
+  kd, ks, kred, krep, ksizes = _blocks_rule("k", k)
+  nd, ns, _, nrep, nsizes = _blocks_rule("n", n)
+  operands = [f"m {kd}", f"m {ks}", f"{nd} {kd}", f"{ns} {ks}"]
+  operands += [nd] * has_bias + [f"m {nd}"] * has_c
+  return _rule(operands, f"m {nd}", kred, krep + nrep, **ksizes, **nsizes)
+
+
+def _gemm_plan(mesh, shapes, dims, out_dims, *, out_dtype, has_bias, has_c):
+  del out_dims
+  (_, k), (n, _) = shapes[0], shapes[2]
+  m_ax = dims[0][0]
+  n_ax = _free(_blocked(mesh, dims[2][0], n), m_ax)
+  k_ax = _free(_blocked(mesh, _first(dims[0][1], dims[2][1]), k), m_ax, n_ax)
+  specs = [_spec(m_ax, k_ax), _spec(m_ax, k_ax), _spec(n_ax, k_ax), _spec(n_ax, k_ax)]
+  specs += [_spec(n_ax)] * has_bias + [_spec(m_ax, n_ax)] * has_c
+  params = dict(out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)
+
+  def local(*args):
+    if not k_ax:
+      return fp8_gemm_nt_p.local.bind(*args, **params)
+    # Each device holds a K-slice: FP32 partial products, summed across the K shards. Bias
+    # and C are added once, after the sum.
+    a, sa, b, sb, *rest = args
+    d = fp8_gemm_nt_p.local.bind(a, sa, b, sb, out_dtype=F32, has_bias=False, has_c=False)
+    d = jax.lax.psum(d, k_ax)
+    for extra in rest:
+      d = d + extra.astype(F32)
+    return d.astype(out_dtype)
+
+  return specs, _spec(m_ax, n_ax), local
+
+
+# ----------------------------------------------------------------------------- m-grouped
+def _grouped_rule(shapes, **_):
+  (_, k), (_, n, _) = shapes[0], shapes[2]
+  kd, ks, kred, krep, ksizes = _blocks_rule("k", k)
+  nd, ns, _, nrep, nsizes = _blocks_rule("n", n)
+  # The group sizes get their own factor `h`: they are global, never split.
+  operands = [f"m {kd}", f"m {ks}", f"g {nd} {kd}", f"g {ns} {ks}", "h"]
+  return _rule(operands, f"m {nd}", ("g",) + kred, ("h",) + krep + nrep, **ksizes, **nsizes)
+
+
+def _grouped_plan(mesh, shapes, dims, out_dims, *, out_dtype):
+  del out_dims
+  (_, k), (g, n, _) = shapes[0], shapes[2]
+  m_ax = dims[0][0]
+  n_ax = _free(_blocked(mesh, dims[2][1], n), m_ax)
+  g_ax = _free(_split(mesh, dims[2][0], g), m_ax, n_ax)
+  k_ax = _free(_blocked(mesh, _first(dims[0][1], dims[2][2]), k), m_ax, n_ax, g_ax)
+  specs = [_spec(m_ax, k_ax), _spec(m_ax, k_ax), _spec(g_ax, n_ax, k_ax),
+           _spec(g_ax, n_ax, k_ax), P()]
+  reduce_axes = g_ax + k_ax
+
+  def local(a, sa, b, sb, group_sizes):
+    if m_ax or g_ax:
+      lo, hi = _window(group_sizes, a.shape[0], m_ax, b.shape[0], g_ax)
+      group_sizes = hi - lo
+    if g_ax:
+      # The local experts' rows are contiguous, from row lo[0]: bring them to the top (the
+      # op's groups start at row 0), and the (zero) output rows back in place afterwards.
+      a, sa = jnp.roll(a, -lo[0], axis=0), jnp.roll(sa, -lo[0], axis=0)
+    d = m_grouped_contiguous_p.local.bind(a, sa, b, sb, group_sizes,
+                                          out_dtype=F32 if reduce_axes else out_dtype)
+    if g_ax:
+      d = jnp.roll(d, lo[0], axis=0)
+    if reduce_axes:
+      d = jax.lax.psum(d, reduce_axes).astype(out_dtype)
+    return d
+
+  return specs, _spec(m_ax, n_ax), local
+
+
+# ----------------------------------------------------------------------------- k-grouped
+def _k_grouped_rule(shapes, has_c, **_):
+  td, ts, tred, trep, tsizes = _blocks_rule("t", shapes[0][0])
+  operands = [f"{td} n", f"{ts} n", f"{td} k", f"{ts} k", "h"] + ["g n k"] * has_c
+  return _rule(operands, "g n k", tred, ("h",) + trep, **tsizes)
+
+
+def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c):
+  (t, _), g = shapes[0], shapes[4][0]
+  t_ax = _blocked(mesh, _first(dims[0][0], dims[2][0]), t)
+  n_ax = _free(_first(dims[0][1], out_dims[1] if out_dims else ()), t_ax)
+  k_ax = _free(_first(dims[2][1], out_dims[2] if out_dims else ()), t_ax, n_ax)
+  g_dims = _first(out_dims[0] if out_dims else (), dims[5][0] if has_c else ())
+  g_ax = _free(_split(mesh, g_dims, g), t_ax, n_ax, k_ax)
+  specs = [_spec(t_ax, n_ax), _spec(t_ax, n_ax), _spec(t_ax, k_ax), _spec(t_ax, k_ax), P()]
+  specs += [_spec(g_ax, n_ax, k_ax)] * has_c
+
+  def local(a, sa, b, sb, group_sizes, *c):
+    if not (t_ax or g_ax):
+      return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c)
+    experts = g // _size(mesh, g_ax) if g_ax else g
+    lo, hi = _window(group_sizes, a.shape[0], t_ax, experts, g_ax)
+    sizes = hi - lo
+    if g_ax:
+      # Rows before the first local expert form a leading dummy group, dropped after. (A roll,
+      # as in the M-grouped op, would move rows across the 128-token scale blocks.)
+      sizes = jnp.concatenate([lo[:1], sizes])
+    d = k_grouped_p.local.bind(a, sa, b, sb, sizes, has_c=False)
+    if g_ax:
+      d = d[1:]
+    if t_ax:
+      d = jax.lax.psum(d, t_ax)
+    return d + c[0] if has_c else d
+
+  return specs, _spec(g_ax, n_ax, k_ax), local
+
+
+# ----------------------------------------------------------------------------- m-grouped masked
+def _masked_rule(shapes, **_):
+  (_, _, k), (_, n, _) = shapes[0], shapes[2]
+  kd, ks, kred, krep, ksizes = _blocks_rule("k", k)
+  nd, ns, _, nrep, nsizes = _blocks_rule("n", n)
+  operands = [f"g m {kd}", f"g m {ks}", f"g {nd} {kd}", f"g {ns} {ks}", "g"]
+  return _rule(operands, f"g m {nd}", kred, krep + nrep, **ksizes, **nsizes)
+
+
+def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
+  del out_dims
+  (g, _, k), (_, n, _) = shapes[0], shapes[2]
+  g_ax = _split(mesh, _first(dims[0][0], dims[2][0]), g)
+  m_ax = _free(dims[0][1], g_ax)
+  n_ax = _free(_blocked(mesh, dims[2][1], n), g_ax, m_ax)
+  k_ax = _free(_blocked(mesh, _first(dims[0][2], dims[2][2]), k), g_ax, m_ax, n_ax)
+  specs = [_spec(g_ax, m_ax, k_ax), _spec(g_ax, m_ax, k_ax), _spec(g_ax, n_ax, k_ax),
+           _spec(g_ax, n_ax, k_ax), _spec(g_ax)]
+
+  def local(a, sa, b, sb, masked_m):
+    if m_ax:  # rows [r0, r0 + rows) of every group: the valid ones are those < masked_m
+      rows = a.shape[1]
+      masked_m = jnp.clip(masked_m.astype(jnp.int32) - jax.lax.axis_index(m_ax) * rows, 0, rows)
+    d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m,
+                            out_dtype=F32 if k_ax else out_dtype)
+    return jax.lax.psum(d, k_ax).astype(out_dtype) if k_ax else d
+
+  return specs, _spec(g_ax, m_ax, n_ax), local
+
+
+# ----------------------------------------------------------------------------- install
+def _install(prim, rule, plan):
+  """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
+
+  ``plan(mesh, shapes, dims, out_dims, **params)`` returns the operand specs the op runs
+  with, the output spec, and the per-device function (of the local shards).
+  """
+  def lowering(ctx, *args, **params):
+    if getattr(ctx.module_context.axis_context, "manual_axes", ()):
+      # Inside shard_map: per-device code already (with some axes left automatic, XLA
+      # partitions the plain op).
+      return mlir.lower_fun(lambda *xs: prim.local.bind(*xs, **params),
+                            multiple_results=False)(ctx, *args)
+    shapes = [tuple(a.shape) for a in ctx.avals_in]
+
+    def make(mesh, arg_shapes, result_shape):
+      out_dims = _dims(result_shape) if result_shape is not None else None
+      return plan(mesh, shapes, [_dims(s) for s in arg_shapes], out_dims, **params)
+
+    def infer(mesh, arg_shapes, result_shape):
+      del result_shape  # GSPMD asks for the result's sharding: follow the operands.
+      return NamedSharding(mesh, make(mesh, arg_shapes, None)[1])
+
+    def partition(mesh, arg_shapes, result_shape):
+      specs, out_spec, local = make(mesh, arg_shapes, result_shape)
+      return (mesh, local, NamedSharding(mesh, out_spec),
+              tuple(NamedSharding(mesh, s) for s in specs))
+
+    op = custom_partitioning(lambda *xs: prim.local.bind(*xs, **params))
+    text, factors = rule(shapes, **params)
+    op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=text,
+                     **factors)
+    return mlir.lower_fun(op, multiple_results=False)(ctx, *args)
+
+  for platform in (None, "cuda"):  # replaces both of _primitive.define's lowerings
+    mlir.register_lowering(prim, lowering, platform=platform)
+  dispatch.prim_requires_devices_during_lowering.add(prim)
+
+
+_install(fp8_gemm_nt_p, _gemm_rule, _gemm_plan)
+_install(m_grouped_contiguous_p, _grouped_rule, _grouped_plan)
+_install(k_grouped_p, _k_grouped_rule, _k_grouped_plan)
+_install(masked_p, _masked_rule, _masked_plan)

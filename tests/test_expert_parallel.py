@@ -1,0 +1,193 @@
+"""Expert-parallel MoE (MoE(..., mesh=...)): the single-device layer's values and gradients.
+
+Each case runs in a child process with 8 CPU devices. The expert-parallel layer routes the
+same tokens to the same experts and adds the same products, so with f32 compute it matches
+the single-device layer to float rounding: outputs, aux loss, input and router gradients,
+and, for the bf16 (``ragged_dot``) experts, every weight gradient. The FP8 weight gradients
+quantize the activations in 128-token groups along the token axis (DeepSeek-V3's wgrad
+recipe), and which tokens share a group depends on the layout, which differs between the two
+layers: those agree to within an FP8 rounding, and are as close to the exact gradients as the
+single-device layer's are.
+"""
+import pytest
+
+import multidevice
+
+LAYER_CONFIGS = ["data2_expert4_shared", "expert8_sigmoid_k3", "explicit_axes_mesh"]
+
+
+@pytest.mark.parametrize("config", LAYER_CONFIGS)
+@pytest.mark.parametrize("impl", ["bf16", "fp8"])
+def test_layer_matches_single_device(impl, config):
+  multidevice.run(__file__, "case_layer", impl, config)
+
+
+def test_training_steps_match_single_device():
+  multidevice.run(__file__, "case_training")
+
+
+def test_errors():
+  multidevice.run(__file__, "case_errors")
+
+
+# ----------------------------------------------------------------------------- child side
+def _moe(mesh, impl, h, w, e, k, **kw):
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax_deepgemm.flax import MoE
+  # f32 compute for both implementations: the comparison is then not blurred by bf16
+  # roundings of intermediates, which can land on either side of a rounding boundary.
+  return MoE(h, w, e, k, rngs=nnx.Rngs(0), experts_impl=impl, dtype=jnp.float32,
+             aux_loss_coef=0.5, mesh=mesh, **kw)
+
+
+def _value_and_grads(model, x, r):
+  import jax.numpy as jnp
+  from flax import nnx
+  def f(m, x):
+    y, aux = m(x)
+    return jnp.sum(y * r) + aux, (y, aux)
+  (_, (y, aux)), (gm, gx) = nnx.jit(nnx.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+      model, x)
+  return y, aux, gx, nnx.to_pure_dict(gm)
+
+
+def case_layer(impl, config):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  import oracle
+  from jax_deepgemm import expert_parallel
+  from test_flax_moe import FP8_LAYER_TOL, reference_value_and_grads
+
+  if config == "data2_expert4_shared":
+    mesh = expert_parallel.make_mesh(data=2, expert=4)
+    h, w, e, k, kw, lead = 64, 32, 8, 2, dict(num_shared_experts=1), (8, 16)
+  elif config == "expert8_sigmoid_k3":
+    # 2 experts per device < top-3: a token can send 2 rows to one device.
+    mesh = expert_parallel.make_mesh(expert=8)
+    h, w, e, k, kw, lead = 48, 40, 16, 3, dict(score="sigmoid"), (16, 8)
+  else:
+    # jax.make_mesh's default: explicit axes (inputs are resharded for the shard_map).
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    h, w, e, k, kw, lead = 64, 32, 8, 2, {}, (8, 16)
+  assert mesh.size == 8
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(lead + (h,)), jnp.float32)
+  r = jnp.asarray(rng.standard_normal(lead + (h,)), jnp.float32)
+  single = _moe(None, impl, h, w, e, k, **kw)
+  par = _moe(mesh, impl, h, w, e, k, **kw)
+  # A sharper router than the init's, so that routing is far from uniform and from ties.
+  router = jnp.asarray(rng.standard_normal((h, e)) * 0.3, jnp.float32)
+  single.router[...] = router
+  par.router[...] = router
+  by_expert = NamedSharding(mesh, P("expert"))
+  for name in ("w_gate", "w_up", "w_down"):  # same init, and split over the expert axis
+    np.testing.assert_array_equal(getattr(par, name)[...], getattr(single, name)[...])
+    assert getattr(par, name)[...].sharding.is_equivalent_to(by_expert, 3), name
+
+  y1, aux1, gx1, g1 = _value_and_grads(single, x, r)
+  y2, aux2, gx2, g2 = _value_and_grads(par, x, r)
+  scale = lambda v: 1e-5 * float(jnp.abs(v).max())
+  np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=scale(y1))
+  np.testing.assert_allclose(aux2, aux1, rtol=1e-6)
+  np.testing.assert_allclose(gx2, gx1, rtol=1e-5, atol=scale(gx1))
+  assert set(g2) == set(g1)
+  fp8_weights = [n for n in g1 if impl == "fp8" and n != "router"]
+  for name in g1:
+    assert float(jnp.abs(g1[name]).max()) > 0, name
+    if name in fp8_weights:
+      assert oracle.calc_diff(g2[name], g1[name]) < 2e-3, (name, oracle.calc_diff(g2[name], g1[name]))
+    else:
+      np.testing.assert_allclose(g2[name], g1[name], rtol=1e-5, atol=scale(g1[name]), err_msg=name)
+  if fp8_weights:
+    # Both FP8 layers within the FP8 bound of the exact (dense f64-like) gradients.
+    _, _, _, exact = reference_value_and_grads(single, x, r)
+    for name in fp8_weights:
+      for grads in (g1, g2):
+        assert oracle.calc_diff(grads[name], exact[name]) < FP8_LAYER_TOL, name
+
+  # Expert weight gradients stay split like the weights; the forward exchanges tokens
+  # (all_to_all of the rows there and back, of the counts) and gathers nothing.
+  assert g2["w_gate"].sharding.is_equivalent_to(by_expert, 3), g2["w_gate"].sharding
+  hlo = nnx.jit(lambda m, x: m(x)).lower(par, x).compile().as_text()
+  counts = multidevice.collectives(hlo)
+  assert counts["all-to-all"] == 3 and counts["all-gather"] == 0, counts
+
+
+def case_training(steps=4):
+  # A few SGD steps: the same losses and parameters with and without the mesh. (SGD: Adam
+  # divides by the gradients' magnitude, which blows float noise of ~0 gradients up to
+  # learning-rate-sized steps.)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax_deepgemm import expert_parallel
+
+  x = jax.random.normal(jax.random.key(0), (256, 32))
+  target = jnp.tanh(x @ jax.random.normal(jax.random.key(1), (32, 32)) / 32 ** 0.5)
+
+  @nnx.jit
+  def step(model, opt, x, target):
+    def loss_fn(model):
+      y, aux = model(x)
+      return jnp.mean((y - target) ** 2) + aux
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  runs = {}
+  for name, mesh in (("single", None), ("parallel", expert_parallel.make_mesh(data=2, expert=4))):
+    model = _moe(mesh, "bf16", 32, 32, 8, 2, num_shared_experts=1)
+    opt = nnx.Optimizer(model, optax.sgd(0.2), wrt=nnx.Param)
+    losses = [float(step(model, opt, x, target)) for _ in range(steps)]
+    runs[name] = losses, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  (l1, p1), (l2, p2) = runs["single"], runs["parallel"]
+  assert l1[-1] < l1[0]  # it trains
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
+  for name in p1:
+    np.testing.assert_allclose(p2[name], p1[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def case_errors():
+  import jax
+  import jax.numpy as jnp
+  import pytest as pt
+  from flax import nnx
+  from jax_deepgemm import expert_parallel
+  from jax_deepgemm.flax import MoE
+  mesh = expert_parallel.make_mesh(data=2, expert=4)
+  with pt.raises(ValueError, match=r"num_experts \(6\) must be divisible .* \(4\)"):
+    MoE(32, 32, 6, 2, rngs=nnx.Rngs(0), mesh=mesh)
+  with pt.raises(ValueError, match="expert_axis 'experts' is not an axis"):
+    MoE(32, 32, 8, 2, rngs=nnx.Rngs(0), mesh=mesh, expert_axis="experts")
+  with pt.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    MoE(32, 32, 8, 2, rngs=nnx.Rngs(0), mesh="data=2,expert=4")
+  moe = MoE(32, 32, 8, 2, rngs=nnx.Rngs(0), mesh=mesh)
+  with pt.raises(ValueError, match="12 tokens must split evenly over the mesh's 8 devices"):
+    moe(jnp.zeros((3, 4, 32)))
+  with pt.raises(ValueError, match=r"data \(3\) x expert \(0\)"):
+    expert_parallel.make_mesh(data=3)
+  with pt.raises(ValueError, match="must equal the number of devices"):
+    expert_parallel.make_mesh(data=2, expert=2)
+  assert dict(expert_parallel.make_mesh().shape) == {"data": 1, "expert": 8}
+  assert dict(expert_parallel.make_mesh(expert=2).shape) == {"data": 4, "expert": 2}
+  # The training job: the batch must split over the devices; --mesh auto puts as many
+  # devices on the expert axis as divide the expert count.
+  import dataclasses
+  from jax_deepgemm import train
+  cfg = dataclasses.replace(train.Config(), batch=12, experts=4)
+  with pt.raises(ValueError, match=r"batch \(12\) must split evenly over the mesh's 8"):
+    train.train(cfg, "fp8", mesh=mesh)
+  assert dict(train.parse_mesh("auto", cfg).shape) == {"data": 2, "expert": 4}
+  assert dict(train.parse_mesh("data=4", cfg).shape) == {"data": 4, "expert": 2}
+  del jax
+
+
+if __name__ == "__main__":
+  multidevice.main(globals())

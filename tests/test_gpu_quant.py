@@ -1,0 +1,244 @@
+"""The FP8 quantization kernels against their pure-JAX reference, bit for bit, on a Hopper GPU.
+
+Skips without the CUDA extension and an sm_90 GPU. The reference is the code the primitives'
+reference lowering runs (``quant_kernels.*_reference``), compiled by XLA for the same GPU;
+one test also runs the public API in a subprocess with ``JAX_DEEPGEMM_FORCE_REFERENCE=1``.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_deepgemm as jd
+from jax_deepgemm import quant_kernels as qk
+
+pytestmark = pytest.mark.skipif(not jd.use_kernels(),
+                                reason="needs the CUDA extension and a Hopper (sm_90) GPU")
+
+DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
+
+
+def _data(rng, shape, dtype):
+  """Random values of varied magnitude, with all-zero groups, huge, tiny and exact values."""
+  f16 = dtype == jnp.float16
+  big, tiny, top = (3e4, 1e-7, 6) if f16 else (1e37, 1e-35, 12)  # (f16 ends at 65504)
+  x = rng.standard_normal(shape) * np.exp(rng.uniform(-6, 6, size=shape[:-1] + (1,)))
+  x = x.reshape(-1, shape[-1])
+  r, c = x.shape
+  # An all-zero rectangle: zero groups along either axis (and whole zero blocks).
+  r0, c0 = rng.integers(0, r), rng.integers(0, c)
+  x[r0:r0 + 150, c0:c0 + 150] = 0.0
+  n = max(1, x.size // 500)
+  idx = rng.integers(0, x.size, size=(3, n))
+  x.flat[idx[0]] = big * rng.choice([-1, 1], n) * rng.uniform(0.5, 1, n)
+  x.flat[idx[1]] = tiny * rng.choice([-1, 1], n)
+  x.flat[idx[2]] = 448.0 * np.exp2(rng.integers(-12, top, n)) * rng.choice([-1, 1], n)
+  return jnp.asarray(x.reshape(shape), dtype)
+
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint32)
+
+
+def _assert_bitwise(got, want, what=""):
+  for name, g, w in zip(("q", "scale"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, (what, name, g.shape, w.shape)
+    gb, wb = _bits(g), _bits(w)
+    bad = np.argwhere(gb != wb)
+    assert bad.size == 0, (f"{what}: {name} differs at {len(bad)} of {gb.size} places, first "
+                           f"{bad[:5].tolist()}: got {gb[tuple(bad[:5].T)]}, "
+                           f"want {wb[tuple(bad[:5].T)]}")
+
+
+def _jit(fn, **kw):
+  return jax.jit(lambda x: fn(x, **kw))
+
+
+# ----------------------------------------------------------------------------- per token
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 257])
+@pytest.mark.parametrize("cols", [100, 129, 7168])
+def test_per_token(rng, dtype, use_ue8m0, rows, cols):
+  x = _data(rng, (rows, cols), dtype)
+  got = _jit(jd.per_token_cast_to_fp8, use_ue8m0=use_ue8m0)(x)
+  want = _jit(qk.per_token_cast_reference, use_ue8m0=use_ue8m0)(x)
+  _assert_bitwise(got, want, f"per_token {dtype.__name__} {x.shape} ue8m0={use_ue8m0}")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 384), (4096, 7168), (2, 1, 8)])
+def test_per_token_shapes(rng, shape):
+  x = _data(rng, shape, jnp.bfloat16)
+  _assert_bitwise(_jit(jd.per_token_cast_to_fp8)(x), _jit(qk.per_token_cast_reference)(x),
+                  f"per_token {shape}")
+
+
+# ----------------------------------------------------------------------------- per block
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 100), (257, 129), (129, 7168), (300, 256),
+                                   (2, 130, 257), (3, 256, 384)])
+def test_per_block(rng, dtype, use_ue8m0, shape):
+  x = _data(rng, shape, dtype)
+  got = _jit(jd.per_block_cast_to_fp8, use_ue8m0=use_ue8m0)(x)
+  want = _jit(qk.per_block_cast_reference, use_ue8m0=use_ue8m0)(x)
+  _assert_bitwise(got, want, f"per_block {dtype.__name__} {shape} ue8m0={use_ue8m0}")
+
+
+# ----------------------------------------------------------------------------- token axis
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("t", [1, 7, 300])
+@pytest.mark.parametrize("n", [1, 100, 129, 7168])
+def test_token_axis(rng, dtype, transpose, t, n):
+  x = _data(rng, (t, n), dtype)
+  if transpose:
+    got = _jit(jd.per_token_cast_transpose_to_fp8)(x)
+  else:
+    got = _jit(jd.per_token_cast_to_fp8, axis=0)(x)
+  want = _jit(qk.token_axis_cast_reference, transpose=transpose)(x)
+  _assert_bitwise(got, want, f"token_axis {dtype.__name__} {x.shape} transpose={transpose}")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("shape", [(257, 130), (2, 300, 130), (384, 7168), (4096, 7168),
+                                   (300, 16)])
+def test_token_axis_ue8m0_and_batches(rng, transpose, shape):
+  x = _data(rng, shape, jnp.bfloat16)
+  for use_ue8m0 in (False, True):
+    if transpose:
+      got = _jit(jd.per_token_cast_transpose_to_fp8, use_ue8m0=use_ue8m0)(x)
+    else:
+      got = _jit(jd.per_token_cast_to_fp8, axis=-2, use_ue8m0=use_ue8m0)(x)
+    want = _jit(qk.token_axis_cast_reference, use_ue8m0=use_ue8m0, transpose=transpose)(x)
+    _assert_bitwise(got, want, f"token_axis {shape} transpose={transpose} ue8m0={use_ue8m0}")
+
+
+def test_inner_axis_of_4d(rng):
+  x = _data(rng, (2, 300, 3, 130), jnp.float32)  # groups along axis 1: [2, 300, 390]
+  got = _jit(jd.per_token_cast_to_fp8, axis=1)(x)
+  q, s = _jit(qk.token_axis_cast_reference)(x.reshape(2, 300, 390))
+  _assert_bitwise(got, (q.reshape(x.shape), s.reshape(2, 3, 3, 130)), "axis=1 of 4-D")
+
+
+# ----------------------------------------------------------------------------- properties
+
+def test_non_finite_inputs(rng):
+  # NaN and inf groups: the same bits as XLA's convert (NaN, or NaN with the sign for
+  # the values that overflow to inf, which UE8M0 scales of NaN groups produce).
+  x = np.array(_data(rng, (64, 512), jnp.float32))
+  x[3, 5] = np.nan
+  x[7, 200] = np.inf
+  x[9, 300] = -np.inf
+  x[100 % 64, 130] = np.nan
+  x = jnp.asarray(x)
+  for use_ue8m0 in (False, True):
+    for fn, ref in [(jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
+                    (jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
+                    (jd.per_token_cast_transpose_to_fp8,
+                     lambda x, **kw: qk.token_axis_cast_reference(x, transpose=True, **kw))]:
+      (q, s), (qr, sr) = _jit(fn, use_ue8m0=use_ue8m0)(x), _jit(ref, use_ue8m0=use_ue8m0)(x)
+      np.testing.assert_array_equal(_bits(q), _bits(qr), err_msg=f"{fn.__name__} {use_ue8m0}")
+      np.testing.assert_array_equal(np.asarray(s), np.asarray(sr))  # NaN == NaN here
+
+
+def test_vmap_folds_into_the_kernel(rng):
+  x = _data(rng, (3, 200, 130), jnp.bfloat16)
+  for fn, ref in [(jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
+                  (jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
+                  (jd.per_token_cast_transpose_to_fp8,
+                   lambda x: qk.token_axis_cast_reference(x, transpose=True))]:
+    f = jax.jit(jax.vmap(fn, in_axes=1))
+    assert "jax_deepgemm_" in f.lower(x).compile().as_text()
+    _assert_bitwise(f(x), jax.jit(jax.vmap(ref, in_axes=1))(x), f"vmap {fn.__name__}")
+
+
+def test_lowers_to_our_kernels(rng):
+  x = _data(rng, (256, 384), jnp.bfloat16)
+  for fn, target in [(jd.per_token_cast_to_fp8, "per_token_cast"),
+                     (jd.per_block_cast_to_fp8, "per_block_cast"),
+                     (jd.per_token_cast_transpose_to_fp8, "token_axis_cast"),
+                     (lambda x: jd.per_token_cast_to_fp8(x, axis=0), "token_axis_cast")]:
+    hlo = jax.jit(fn).lower(x).compile().as_text()
+    assert f'custom_call_target="jax_deepgemm_{target}"' in hlo
+
+
+def test_empty_inputs():
+  for shape in [(0, 128), (4, 0), (0, 0)]:
+    x = jnp.zeros(shape, jnp.bfloat16)
+    for fn in (jd.per_token_cast_to_fp8, jd.per_block_cast_to_fp8,
+               jd.per_token_cast_transpose_to_fp8):
+      jax.block_until_ready(jax.jit(fn)(x))
+
+
+def test_division_mode_probe():
+  # Which form XLA compiles x / scale to here (the kernels follow it); printed for the log.
+  modes = {kind: qk._kernel_recip(kind) for kind in ("token", "block", "token_axis")}
+  print("XLA on this GPU quantizes as x * (1 / scale):", modes)
+  assert len(set(modes.values())) == 1
+
+
+def _recip_reference(x, use_ue8m0):
+  """The per-token reference written as x * (1 / scale) (the kernels' `recip` form)."""
+  xm = x.astype(jnp.float32)
+  g = qk.ceil_div(x.shape[-1], 128)
+  xg = jnp.pad(xm, ((0, 0), (0, g * 128 - x.shape[-1]))).reshape(x.shape[0], g, 128)
+  scale = qk._scale_from_amax(jnp.max(jnp.abs(xg), axis=-1), use_ue8m0)
+  q = (xg * (1.0 / scale)[..., None]).astype(qk.FP8_DTYPE).reshape(x.shape[0], -1)
+  return q[:, :x.shape[-1]], scale
+
+
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_recip_mode_kernel(rng, use_ue8m0):
+  # The fallback form, should XLA start to compile x / scale as x * (1 / scale) on GPUs.
+  x = _data(rng, (257, 7168), jnp.bfloat16)
+  call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
+                          (jax.ShapeDtypeStruct(x.shape, qk.FP8_DTYPE),
+                           jax.ShapeDtypeStruct((257, 56), jnp.float32)))
+  got = jax.jit(lambda x: call(x, use_ue8m0=np.int32(use_ue8m0), recip=np.int32(1)))(x)
+  want = jax.jit(lambda x: _recip_reference(x, use_ue8m0))(x)
+  _assert_bitwise(got, want, f"recip ue8m0={use_ue8m0}")
+
+
+_FORCED_REFERENCE_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp, jax_deepgemm as jd
+assert not jd.use_kernels()
+x = jnp.asarray(np.load(sys.argv[1]))
+out = {}
+for ue in (0, 1):
+  out[f"tok{ue}"] = jd.per_token_cast_to_fp8(x, use_ue8m0=bool(ue))
+  out[f"ax0{ue}"] = jd.per_token_cast_to_fp8(x, axis=0, use_ue8m0=bool(ue))
+  out[f"tr{ue}"] = jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=bool(ue))
+  out[f"blk{ue}"] = jd.per_block_cast_to_fp8(x, use_ue8m0=bool(ue))
+np.savez(sys.argv[2], **{f"{k}_{i}": np.asarray(v[i]).view(np.uint8) for k, v in out.items()
+                         for i in range(2)})
+"""
+
+
+def test_matches_forced_reference_subprocess(rng, tmp_path):
+  x = _data(rng, (300, 1000), jnp.float32)
+  np.save(tmp_path / "x.npy", np.asarray(x))
+  # (This process holds most of the GPU's memory: the child allocates as it goes.)
+  env = dict(os.environ, JAX_DEEPGEMM_FORCE_REFERENCE="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  r = subprocess.run([sys.executable, "-c", _FORCED_REFERENCE_SCRIPT, str(tmp_path / "x.npy"),
+                      str(tmp_path / "ref.npz")], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  ref = np.load(tmp_path / "ref.npz")
+  for ue in (0, 1):
+    got = {"tok": jd.per_token_cast_to_fp8(x, use_ue8m0=bool(ue)),
+           "ax0": jd.per_token_cast_to_fp8(x, axis=0, use_ue8m0=bool(ue)),
+           "tr": jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=bool(ue)),
+           "blk": jd.per_block_cast_to_fp8(x, use_ue8m0=bool(ue))}
+    for k, v in got.items():
+      for i in range(2):
+        np.testing.assert_array_equal(np.asarray(v[i]).view(np.uint8), ref[f"{k}{ue}_{i}"],
+                                      err_msg=f"{k} ue8m0={ue} output {i}")

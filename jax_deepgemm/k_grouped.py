@@ -5,6 +5,8 @@ Layouts: a e4m3 ``[T, N]``, sa float32 ``[ceil(T/128), N]``; b e4m3 ``[T, K]``, 
 group_sizes int32 ``[G]`` on device; optional c float32 ``[G, N, K]`` → D float32 ``[G, N, K]``
 with ``D[g] = (c[g] +) A_gᵀ·B_g`` over the tokens of group g. Empty groups give zeros (or c).
 Group sizes follow ``m_grouped_fp8_gemm_nt_contiguous``'s rules (clipped to T).
+With ``token_major=True`` a and b come token-major, ``[N, T]`` and ``[K, T]`` (what
+``per_token_cast_transpose_to_fp8`` writes, and what the Hopper kernel reads); scales unchanged.
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ from jax_deepgemm.quant import ceil_div, dequantize_per_token
 OP = "k_grouped_fp8_gemm_tn_contiguous"
 
 
-def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c):
+def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major):
   _checks.fp8(OP, "a", a)
   _checks.fp8(OP, "b", b)
-  _checks.ndim(OP, "a", a, 2, "[T, N]")
-  _checks.ndim(OP, "b", b, 2, "[T, K]")
-  (t, n), (tb, k) = a.shape, b.shape
+  la, lb = ("[N, T]", "[K, T]") if token_major else ("[T, N]", "[T, K]")
+  _checks.ndim(OP, "a", a, 2, la)
+  _checks.ndim(OP, "b", b, 2, lb)
+  (t, n), (tb, k) = (a.shape[::-1], b.shape[::-1]) if token_major else (a.shape, b.shape)
   if t != tb:
-    raise ValueError(f"{OP}: a is [T, N] = {a.shape} and b is [T, K] = {b.shape}: T differs")
+    raise ValueError(f"{OP}: a is {la} = {a.shape} and b is {lb} = {b.shape}: T differs")
   for name, s, cols in (("sa", sa, n), ("sb", sb, k)):
     _checks.dtype(OP, name, s, jnp.float32)
     _checks.shape(OP, name, s, (ceil_div(t, 128), cols),
@@ -41,7 +44,9 @@ def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c):
   return ShapedArray((g, n, k), jnp.float32)
 
 
-def _reference(a, sa, b, sb, group_sizes, *c, has_c):
+def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major):
+  if token_major:
+    a, b = a.T, b.T
   dn = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
       rhs_group_dimensions=[])
@@ -52,18 +57,20 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c):
   return d + c[0] if has_c else d
 
 
-def _cuda(a, sa, b, sb, group_sizes, *c, has_c):
-  (t, n), k, g = a.shape, b.shape[1], group_sizes.shape[0]
+def _cuda(a, sa, b, sb, group_sizes, *c, has_c, token_major):
+  if not token_major:
+    a, b = a.T, b.T
+  (n, t), k, g = a.shape, b.shape[0], group_sizes.shape[0]
   if t == 0 or n == 0 or k == 0 or g == 0:
-    return _reference(a, sa, b, sb, group_sizes, *c, has_c=has_c)
+    return _reference(a, sa, b, sb, group_sizes, *c, has_c=has_c, token_major=True)
   if g > MAX_KERNEL_GROUPS:
     raise ValueError(f"{OP}: the Hopper kernel supports at most {MAX_KERNEL_GROUPS} groups, "
                      f"got {g}")
   # The kernel wants both operands token-major (FP8 wgmma reads K-major only), T padded
   # to 16 (TMA row pitch; zero tokens belong to no group), scale rows padded to 4.
   tp = -(-t // 16) * 16
-  a_t = jnp.pad(a, ((0, tp - t), (0, 0))).T
-  b_t = jnp.pad(b, ((0, tp - t), (0, 0))).T
+  a_t = jnp.pad(a, ((0, 0), (0, tp - t)))
+  b_t = jnp.pad(b, ((0, 0), (0, tp - t)))
   sa = jnp.pad(sa, ((0, 0), (0, -(-n // 4) * 4 - n)))
   sb = jnp.pad(sb, ((0, 0), (0, -(-k // 4) * 4 - k)))
   call = jax.ffi.ffi_call("jax_deepgemm_k_grouped_fp8_gemm_tn",
@@ -79,7 +86,8 @@ k_grouped_p = _primitive.define(
     batching_rule=lambda args, dims, **p: _primitive.map_rule(k_grouped_p)(args, dims, **p))
 
 
-def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None):
+def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
+                                     token_major: bool = False):
   """For each group g: ``D[g] = (c[g] +) A_gᵀ·B_g``, contracting over the group's tokens.
 
   Args:
@@ -87,11 +95,14 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None):
     b: e4m3 ``[T, K]`` and ``sb`` float32 ``[ceil(T/128), K]``, quantized along tokens.
     group_sizes: int32 ``[G]`` device array (tokens per group, in order; zeros allowed).
     c: optional float32 ``[G, N, K]`` to accumulate into.
+    token_major: a and b are given as ``[N, T]`` and ``[K, T]`` (e.g. from
+      ``per_token_cast_transpose_to_fp8``): on Hopper this saves transposing them.
   Returns:
     float32 ``[G, N, K]``.
   """
   a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    group_sizes = sanitize_group_sizes(group_sizes, a.shape[0])
+    group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0])
   extra = () if c is None else (jnp.asarray(c),)
-  return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None)
+  return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None,
+                          token_major=bool(token_major))

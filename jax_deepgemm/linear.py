@@ -5,8 +5,8 @@ layout) and ``fp8_grouped_linear(x, w, group_sizes)`` for ``jax.lax.ragged_dot(x
 (``w [G, K, N]``). Forward: x per 1x128, w per 128x128, FP8 GEMM. Backward: dgrad ``dY·Wᵀ`` with
 the FP8 GEMM (W's 128x128 blocks transpose exactly), wgrad ``Xᵀ·dY`` with both operands
 quantized along the token axis and the (K-grouped) wgrad GEMM. Gradients come back in the dtypes
-of the inputs. The layers are built on the ops, so they run wherever the ops do (today only the
-dense GEMM has a Hopper kernel; the grouped and wgrad ops use their reference lowering).
+of the inputs. The layers are built on the ops, so they run wherever the ops do (Hopper kernels
+on H100/H200, the pure-JAX references elsewhere).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
-from jax_deepgemm.quant import per_block_cast_to_fp8, per_token_cast_to_fp8
+from jax_deepgemm.quant import (per_block_cast_to_fp8, per_token_cast_to_fp8,
+                                per_token_cast_transpose_to_fp8)
 
 
 def _gemm_dtype(dtype):
@@ -70,11 +71,13 @@ def _linear_bwd(res, dy):
   dyq, dys = per_token_cast_to_fp8(dy)
   wq, ws = per_block_cast_to_fp8(w)
   dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(x2.dtype)).astype(x2.dtype)
-  # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
-  xt, xts = per_token_cast_to_fp8(x2, axis=0)
-  dyt, dyts = per_token_cast_to_fp8(dy, axis=0)
+  # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens),
+  # written token-major by the cast: the layout the wgrad kernel reads.
+  xt, xts = per_token_cast_transpose_to_fp8(x2)
+  dyt, dyts = per_token_cast_transpose_to_fp8(dy)
   m = jnp.full((1,), x2.shape[0], jnp.int32)
-  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m)[0].astype(w.dtype)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m,
+                                        token_major=True)[0].astype(w.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
   return dx, dw, db
 
@@ -127,10 +130,12 @@ def _grouped_bwd(res, dy):
   wq, ws = per_block_cast_to_fp8(w)
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(x.dtype)).astype(x.dtype)
-  # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM).
-  xt, xts = per_token_cast_to_fp8(x, axis=0)
-  dyt, dyts = per_token_cast_to_fp8(dy, axis=0)
-  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes).astype(w.dtype)
+  # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
+  # operands cast token-major.
+  xt, xts = per_token_cast_transpose_to_fp8(x)
+  dyt, dyts = per_token_cast_transpose_to_fp8(dy)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes,
+                                        token_major=True).astype(w.dtype)
   return dx, dw, None
 
 

@@ -209,33 +209,38 @@ def _grouped_plan(mesh, shapes, dims, out_dims, *, out_dtype):
 
 
 # ----------------------------------------------------------------------------- k-grouped
-def _k_grouped_rule(shapes, has_c, **_):
-  td, ts, tred, trep, tsizes = _blocks_rule("t", shapes[0][0])
-  operands = [f"{td} n", f"{ts} n", f"{td} k", f"{ts} k", "h"] + ["g n k"] * has_c
+def _k_grouped_rule(shapes, has_c, token_major, **_):
+  td, ts, tred, trep, tsizes = _blocks_rule("t", shapes[0][1 if token_major else 0])
+  a, b = (f"n {td}", f"k {td}") if token_major else (f"{td} n", f"{td} k")
+  operands = [a, f"{ts} n", b, f"{ts} k", "h"] + ["g n k"] * has_c
   return _rule(operands, "g n k", tred, ("h",) + trep, **tsizes)
 
 
-def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c):
-  (t, _), g = shapes[0], shapes[4][0]
-  t_ax = _blocked(mesh, _first(dims[0][0], dims[2][0]), t)
-  n_ax = _free(_first(dims[0][1], out_dims[1] if out_dims else ()), t_ax)
-  k_ax = _free(_first(dims[2][1], out_dims[2] if out_dims else ()), t_ax, n_ax)
+def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major):
+  ti, ci = (1, 0) if token_major else (0, 1)  # token and column axes of a and b
+  t, g = shapes[0][ti], shapes[4][0]
+  t_ax = _blocked(mesh, _first(dims[0][ti], dims[2][ti]), t)
+  n_ax = _free(_first(dims[0][ci], out_dims[1] if out_dims else ()), t_ax)
+  k_ax = _free(_first(dims[2][ci], out_dims[2] if out_dims else ()), t_ax, n_ax)
   g_dims = _first(out_dims[0] if out_dims else (), dims[5][0] if has_c else ())
   g_ax = _free(_split(mesh, g_dims, g), t_ax, n_ax, k_ax)
-  specs = [_spec(t_ax, n_ax), _spec(t_ax, n_ax), _spec(t_ax, k_ax), _spec(t_ax, k_ax), P()]
+  a_spec, b_spec = ((_spec(n_ax, t_ax), _spec(k_ax, t_ax)) if token_major
+                    else (_spec(t_ax, n_ax), _spec(t_ax, k_ax)))
+  specs = [a_spec, _spec(t_ax, n_ax), b_spec, _spec(t_ax, k_ax), P()]
   specs += [_spec(g_ax, n_ax, k_ax)] * has_c
+  params = dict(token_major=token_major)
 
   def local(a, sa, b, sb, group_sizes, *c):
     if not (t_ax or g_ax):
-      return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c)
+      return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c, **params)
     experts = g // _size(mesh, g_ax) if g_ax else g
-    lo, hi = _window(group_sizes, a.shape[0], t_ax, experts, g_ax)
+    lo, hi = _window(group_sizes, a.shape[ti], t_ax, experts, g_ax)
     sizes = hi - lo
     if g_ax:
       # Rows before the first local expert form a leading dummy group, dropped after. (A roll,
       # as in the M-grouped op, would move rows across the 128-token scale blocks.)
       sizes = jnp.concatenate([lo[:1], sizes])
-    d = k_grouped_p.local.bind(a, sa, b, sb, sizes, has_c=False)
+    d = k_grouped_p.local.bind(a, sa, b, sb, sizes, has_c=False, **params)
     if g_ax:
       d = d[1:]
     if t_ax:

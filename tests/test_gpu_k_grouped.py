@@ -75,6 +75,22 @@ def test_nan_in_another_group_does_not_leak(rng):
   assert oracle.calc_diff(d[0], oracle.k_grouped(a[:100], sa[:1], b[:100], sb[:1], gs[:1])[0]) < 1e-5
 
 
+def test_token_major_matches(rng):
+  t, n, k = 1000, 320, 192
+  x = randn(rng, (t, n), jnp.bfloat16)
+  y = randn(rng, (t, k), jnp.bfloat16)
+  at, sat = jd.per_token_cast_transpose_to_fp8(x)
+  bt, sbt = jd.per_token_cast_transpose_to_fp8(y)
+  a, sa = jd.per_token_cast_to_fp8(x, axis=0)
+  b, sb = jd.per_token_cast_to_fp8(y, axis=0)
+  gs = np.array([333, 0, 1, 600], np.int32)
+  d = jax.jit(lambda *xs: jd.k_grouped_fp8_gemm_tn_contiguous(*xs, token_major=True))(
+      at, sat, bt, sbt, gs)
+  np.testing.assert_array_equal(np.asarray(d), np.asarray(
+      jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs)))
+  assert oracle.calc_diff(d, oracle.k_grouped(a, sa, b, sb, gs)) < 1e-5
+
+
 def test_lowers_to_kernel_and_is_deterministic(rng):
   a, sa, b, sb = _operands(rng, 2048, 512, 512)
   gs = np.array([700, 0, 1000, 348], np.int32)

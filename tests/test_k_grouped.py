@@ -36,6 +36,25 @@ def test_accumulate(rng):
   np.testing.assert_array_equal(np.asarray(d[1]), np.asarray(c[1]))  # empty group: c untouched
 
 
+def test_token_major_operands(rng):
+  # [N, T] / [K, T] operands (per_token_cast_transpose_to_fp8's layout) give the same result.
+  t, n, k = 300, 24, 40
+  x = randn(rng, (t, n), jnp.bfloat16)
+  y = randn(rng, (t, k), jnp.bfloat16)
+  a, sa = jd.per_token_cast_to_fp8(x, axis=0)
+  b, sb = jd.per_token_cast_to_fp8(y, axis=0)
+  at, sat = jd.per_token_cast_transpose_to_fp8(x)
+  bt, sbt = jd.per_token_cast_transpose_to_fp8(y)
+  gs = jnp.asarray([100, 0, 77, 123], jnp.int32)
+  d = jd.k_grouped_fp8_gemm_tn_contiguous(at, sat, bt, sbt, gs, token_major=True)
+  want = oracle.k_grouped(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, want) < 1e-5
+  np.testing.assert_array_equal(np.asarray(d), np.asarray(
+      jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs)))
+  with pytest.raises(ValueError, match=r"a is \[N, T\]"):
+    jd.k_grouped_fp8_gemm_tn_contiguous(at, sat, b, sb, gs, token_major=True)
+
+
 def test_vmap(rng):
   t, n, k = 64, 16, 32
   xs = [(quant_act(rng, t, n, axis=0), quant_act(rng, t, k, axis=0)) for _ in range(2)]

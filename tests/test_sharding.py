@@ -187,6 +187,13 @@ def case_k_grouped(partitioner):
   # Experts split through c, tokens split too: one all-reduce, c added once.
   _check(mesh, lambda *xs: op(*xs[:5], c=xs[5]), args + (c,), (P("x"),) * 4 + (P(), P("y")),
          expect={"all-reduce": 1}, out_spec=P("y"), rtol=1e-5, atol=3e-5)
+  # Token-major operands ([N, T], [K, T]; the backward's layout): tokens split, N split.
+  op_t = lambda a, sa, b, sb, gs: op(a, sa, b, sb, gs, token_major=True)
+  args_t = (a.T, sa, b.T, sb, gs)
+  _check(mesh, op_t, args_t, (P(None, "y"), P("y"), P(None, "y"), P("y"), P()),
+         expect={"all-reduce": 1}, rtol=1e-5, atol=3e-5)
+  _check(mesh, op_t, args_t, (P("x"), P(None, "x"), P(), P(), P()),
+         expect={}, out_spec=P(None, "x"), rtol=1e-5, atol=3e-5)
 
 
 def case_masked(partitioner):

@@ -156,6 +156,17 @@ def _kernel_recip(kind: str) -> bool:
     return False
 
 
+def warm_up_division_probes() -> None:
+  """Runs the division probes now, when the kernels are in use (each compiles a small jit).
+
+  ``sharding.py`` calls this while lowering, so that no probe compiles for the first time
+  inside XLA's partitioning callback.
+  """
+  if _ffi.use_kernels():
+    for kind in _PROBES:
+      _kernel_recip(kind)
+
+
 # ----------------------------------------------------------------------------- primitives
 
 def _out_avals(x, *specs):
@@ -189,12 +200,13 @@ def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
 
   prim.def_impl(_impl)
   prim.def_abstract_eval(abstract_eval)
-  ref_rule = mlir.lower_fun(reference, multiple_results=True)
-  cuda_rule = mlir.lower_fun(cuda, multiple_results=True)
-  mlir.register_lowering(prim, ref_rule)
-  mlir.register_lowering(
-      prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
-      platform="cuda")
+  _register_lowerings(prim, reference, cuda)
+  # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
+  # rules and lowers `prim.local` on each shard.
+  prim.local = Primitive(name + "_local")
+  prim.local.multiple_results = True
+  prim.local.def_abstract_eval(abstract_eval)
+  _register_lowerings(prim.local, reference, cuda)
 
   def batching_rule(args, dims, **params):
     (x,), (d,) = args, dims
@@ -208,6 +220,15 @@ def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
   batching.primitive_batchers[prim] = batching_rule
   ad.primitive_jvps[prim] = jvp_rule
   return prim
+
+
+def _register_lowerings(prim, reference, cuda):
+  ref_rule = mlir.lower_fun(reference, multiple_results=True)
+  cuda_rule = mlir.lower_fun(cuda, multiple_results=True)
+  mlir.register_lowering(prim, ref_rule)
+  mlir.register_lowering(
+      prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
+      platform="cuda")
 
 
 def _kernel_ok(x) -> bool:

@@ -25,6 +25,13 @@ op                                     sharded axes stay local      partial prod
   gathers that axis. M may be split anywhere (XLA pads uneven splits).
 * The all-reduce of a K split sums FP32 partial products, then rounds to ``out_dtype`` once,
   as the unsharded op does; the values differ from it only by the order of FP32 additions.
+* The FP8 casts (``quant_kernels``) quantize each 128-group on its own: split on group
+  boundaries they run on each device's shard with no communication, bitwise as unsharded.
+  Every axis may be split, but the grouped ones only in whole 128-blocks (else gathered):
+  C of ``per_token_cast`` (``[..., R, C]``), N and K of ``per_block_cast`` (``[..., N, K]``),
+  T of ``token_axis_cast`` (``[..., T, N]``; its ``q`` may be ``[..., N, T]``). So a
+  data-parallel layer (tokens split, weights replicated) casts its shards in place, forward
+  and backward.
 
 This is installed when ``jax_deepgemm`` is imported: the primitives' lowering becomes a
 ``custom_partitioning`` call whenever a computation spans several devices. On one device, and
@@ -32,12 +39,14 @@ inside ``jax.shard_map`` (where the code is already per device), the plain op is
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import jax
 import jax.numpy as jnp
 from jax._src import dispatch  # custom_partitioning needs the devices at lowering time
+from jax._src.sharding_impls import parse_flatten_op_sharding
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -46,18 +55,33 @@ from jax_deepgemm.gemm import fp8_gemm_nt_p
 from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p
 from jax_deepgemm.grouped_masked import masked_p
 from jax_deepgemm.k_grouped import k_grouped_p
+from jax_deepgemm.quant_kernels import (per_block_cast_p, per_token_cast_p, token_axis_cast_p,
+                                        warm_up_division_probes)
 
 BLOCK = 128
 F32 = jnp.dtype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dims(shape):
-  """The mesh axes each dimension of ``shape`` (a ShapeDtypeStruct) is split over."""
+def _dims(mesh, shape):
+  """The mesh axes each dimension of ``shape`` (a ShapeDtypeStruct) is split over.
+
+  A sharding no PartitionSpec over the mesh's axes can say is gathered: Shardy may split a
+  mesh axis into sub-axes (e.g. 2 of an axis' 4 shards on a dimension of 2 blocks), so the
+  shardings reach us undecoded and are decoded here.
+  """
+  ndim = len(shape.shape)
   s = shape.sharding
-  if not isinstance(s, NamedSharding):  # a GSPMD sharding we cannot name: gather it
-    return [()] * len(shape.shape)
-  spec = tuple(s.spec) + (None,) * (len(shape.shape) - len(s.spec))
+  if s is None:  # GSPMD has not sharded this operand (yet)
+    return [()] * ndim
+  if isinstance(s, NamedSharding):
+    spec = tuple(s.spec)
+  else:
+    try:
+      spec = tuple(parse_flatten_op_sharding(s._to_xla_hlo_sharding(ndim), mesh)[0])
+    except (KeyError, ValueError, NotImplementedError, StopIteration):
+      return [()] * ndim
+  spec += (None,) * (ndim - len(spec))
   return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,) for e in spec]
 
 
@@ -280,39 +304,81 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
   return specs, _spec(g_ax, m_ax, n_ax), local
 
 
+# ----------------------------------------------------------------------------- FP8 casts
+def _cast_rule(shapes, *, blocked, transpose=False, **_):
+  """A cast of ``x``: ``q`` is ``x`` (its last two axes swapped with ``transpose``), the
+  scales are ``x`` with each axis in ``blocked`` (negative indices) counted in 128-blocks."""
+  x, s, rep, sizes = [], [], (), {}
+  for i, n in enumerate(shapes[0]):
+    if i - len(shapes[0]) in blocked:
+      d, ds, _, r, sz = _blocks_rule(f"d{i}", n)
+      x, s, rep, sizes = x + [d], s + [ds], rep + r, {**sizes, **sz}
+    else:
+      x, s = x + [f"d{i}"], s + [f"d{i}"]
+  q = x[:-2] + x[:-3:-1] if transpose else x
+  return _rule([" ".join(x)], f"{' '.join(q)}, {' '.join(s)}", (), rep, **sizes)
+
+
+def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, **params):
+  del out_dims
+  shape = shapes[0]
+  axes = [_blocked(mesh, d, n) if i - len(shape) in blocked else d
+          for i, (d, n) in enumerate(zip(dims[0], shape))]
+  x = _spec(*axes)  # the scales split as x does: a blocked axis holds whole blocks
+  q = _spec(*axes[:-2], *axes[:-3:-1]) if params.get("transpose") else x
+  return [x], (q, x), lambda x: prim.local.bind(x, **params)
+
+
 # ----------------------------------------------------------------------------- install
-def _install(prim, rule, plan):
+def _install(prim, rule, plan, prepare=None):
   """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
 
   ``plan(mesh, shapes, dims, out_dims, **params)`` returns the operand specs the op runs
-  with, the output spec, and the per-device function (of the local shards).
+  with, the output spec (a tuple of specs, one per result, for a primitive with several
+  results; ``out_dims`` is then a list too), and the per-device function (of the local
+  shards). ``prepare()``, if given, runs first at every lowering (one-time host work that
+  must not happen inside XLA's partitioning callback).
   """
+  multi = prim.multiple_results
+
   def lowering(ctx, *args, **params):
+    if prepare is not None:
+      prepare()
+
+    def local(*xs):
+      out = prim.local.bind(*xs, **params)
+      return tuple(out) if multi else out
+
     if getattr(ctx.module_context.axis_context, "manual_axes", ()):
       # Inside shard_map: per-device code already (with some axes left automatic, XLA
       # partitions the plain op).
-      return mlir.lower_fun(lambda *xs: prim.local.bind(*xs, **params),
-                            multiple_results=False)(ctx, *args)
+      return mlir.lower_fun(local, multiple_results=multi)(ctx, *args)
     shapes = [tuple(a.shape) for a in ctx.avals_in]
 
     def make(mesh, arg_shapes, result_shape):
-      out_dims = _dims(result_shape) if result_shape is not None else None
-      return plan(mesh, shapes, [_dims(s) for s in arg_shapes], out_dims, **params)
+      dims = functools.partial(_dims, mesh)
+      out_dims = (None if result_shape is None else [dims(r) for r in result_shape] if multi
+                  else dims(result_shape))
+      return plan(mesh, shapes, [dims(s) for s in arg_shapes], out_dims, **params)
+
+    def named(mesh, out_spec):
+      return (tuple(NamedSharding(mesh, s) for s in out_spec) if multi
+              else NamedSharding(mesh, out_spec))
 
     def infer(mesh, arg_shapes, result_shape):
       del result_shape  # GSPMD asks for the result's sharding: follow the operands.
-      return NamedSharding(mesh, make(mesh, arg_shapes, None)[1])
+      return named(mesh, make(mesh, arg_shapes, None)[1])
 
     def partition(mesh, arg_shapes, result_shape):
-      specs, out_spec, local = make(mesh, arg_shapes, result_shape)
-      return (mesh, local, NamedSharding(mesh, out_spec),
+      specs, out_spec, per_device = make(mesh, arg_shapes, result_shape)
+      return (mesh, per_device, named(mesh, out_spec),
               tuple(NamedSharding(mesh, s) for s in specs))
 
-    op = custom_partitioning(lambda *xs: prim.local.bind(*xs, **params))
+    op = custom_partitioning(local)
     text, factors = rule(shapes, **params)
     op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=text,
-                     **factors)
-    return mlir.lower_fun(op, multiple_results=False)(ctx, *args)
+                     decode_shardings=False, **factors)
+    return mlir.lower_fun(op, multiple_results=multi)(ctx, *args)
 
   for platform in (None, "cuda"):  # replaces both of _primitive.define's lowerings
     mlir.register_lowering(prim, lowering, platform=platform)
@@ -323,3 +389,8 @@ _install(fp8_gemm_nt_p, _gemm_rule, _gemm_plan)
 _install(m_grouped_contiguous_p, _grouped_rule, _grouped_plan)
 _install(k_grouped_p, _k_grouped_rule, _k_grouped_plan)
 _install(masked_p, _masked_rule, _masked_plan)
+for _prim, _blocked_axes in ((per_token_cast_p, (-1,)), (per_block_cast_p, (-2, -1)),
+                             (token_axis_cast_p, (-2,))):
+  _install(_prim, functools.partial(_cast_rule, blocked=_blocked_axes),
+           functools.partial(_cast_plan, _prim, blocked=_blocked_axes),
+           prepare=warm_up_division_probes)

@@ -70,3 +70,17 @@ def test_grouped_n_sharded_and_wgrad_token_sharded(rng):
   assert "jax_deepgemm_k_grouped_fp8_gemm_tn" in hlo
   assert counts["all-gather"] == 0 and counts["all-reduce"] == 1, counts
   assert oracle.calc_diff(d, oracle.k_grouped(x, sx, y, sy, gs)) < 1e-5
+
+
+def test_fp8_linear_data_parallel_gathers_nothing(rng):
+  # Casts and GEMMs of forward and backward all run per shard; only dW is all-reduced.
+  x = jnp.asarray(rng.standard_normal((512, 1024)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((1024, 768)) * 0.03, jnp.bfloat16)
+  loss = lambda x, w: jnp.sum(jd.fp8_linear(x, w).astype(jnp.float32) ** 2)
+  grad = jax.value_and_grad(loss, argnums=(0, 1))
+  (l, (gx, gw)), counts, hlo = _run(grad, (x, w), (P("x"), P()))
+  assert "jax_deepgemm_per_token_cast" in hlo and "jax_deepgemm_fp8_gemm_nt" in hlo
+  assert counts["all-gather"] == 0 and counts["all-to-all"] == 0, counts
+  l1, (gx1, gw1) = jax.jit(grad)(x, w)
+  np.testing.assert_allclose(float(l), float(l1), rtol=1e-4)
+  assert oracle.calc_diff(gx, gx1) < 1e-6 and oracle.calc_diff(gw, gw1) < 1e-5

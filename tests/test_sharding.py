@@ -5,6 +5,7 @@ Every case runs in a child process with 8 CPU devices (a 2 x 4 mesh), once per p
 values are the unsharded op's. (The last case shows the counting catches an all-gather.)
 """
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import multidevice
 
 PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
-         "case_layers_data_parallel", "case_unaligned_falls_back_to_gather"]
+         "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
@@ -53,6 +54,47 @@ def _check(mesh, fn, args, specs, *, expect, out_spec=None, rtol=1e-6, atol=0.0)
                              atol=atol * float(np.abs(want).max()))
 
 
+def _bits(x):
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def _check_cast(mesh, fn, x, spec, out_specs, *, gathered=False):
+  """Jits the cast ``fn`` on ``x`` placed with ``spec``: it lowers through our rules, runs
+  with no collectives (``gathered``: all-gathers only), and its outputs, with the specs
+  ``out_specs`` (None: unchecked), are bitwise the unsharded cast's."""
+  import jax
+  from jax.sharding import NamedSharding
+  want = jax.jit(fn)(x)
+  placed = jax.device_put(x, NamedSharding(mesh, spec))
+  lowered = jax.jit(fn).lower(placed)
+  assert "CustomSPMDPartitioning" in lowered.as_text()
+  compiled = lowered.compile()
+  counts = multidevice.collectives(compiled.as_text())
+  assert sum(counts.values()) == (counts["all-gather"] if gathered else 0), (counts, spec)
+  assert counts["all-gather"] >= 1 or not gathered, (counts, spec)
+  got = compiled(placed)
+  for g, w, s in zip(got, want, out_specs):
+    if s is not None:
+      assert g.sharding.is_equivalent_to(NamedSharding(mesh, s), g.ndim), (spec, g.sharding)
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def _partitioned_casts(text):
+  """How many casts (custom calls with an e4m3 result) lower through custom partitioning."""
+  return len(re.findall(r"@CustomSPMDPartitioning\(.*->\s*\(tensor<[^>]*xf8E4M3FN>", text))
+
+
+def _all_reduced(hlo):
+  """The sizes of the arrays the compiled HLO all-reduces (XLA may combine all-reduces)."""
+  sizes = []
+  for result in re.findall(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", hlo):
+    sizes += [int(np.prod([int(d) for d in dims.split(",") if d]))
+              for dims in re.findall(r"\w+\[([\d,]*)\]", result)]
+  return sorted(sizes)
+
+
 def _data(seed=0):
   import jax.numpy as jnp
   import helpers
@@ -81,7 +123,18 @@ def case_rules_in_lowering(partitioner):
   assert marker not in jax.jit(per_device).lower(*placed[:2], b, sb).as_text()
   np.testing.assert_array_equal(np.asarray(jax.jit(per_device)(*placed[:2], b, sb)),
                                 np.asarray(jd.fp8_gemm_nt(a, sa, b, sb)))
-  del jnp
+  # The casts likewise (case_casts checks how they split).
+  x = helpers.randn(rng, (64, 256), jnp.bfloat16)
+  x_rows = jax.device_put(x, NamedSharding(mesh, P("x")))
+  for cast in (jd.per_token_cast_to_fp8, jd.per_block_cast_to_fp8,
+               jd.per_token_cast_transpose_to_fp8):
+    assert _partitioned_casts(jax.jit(cast).lower(x_rows).as_text()) == 1
+    assert marker not in jax.jit(cast).lower(x).as_text()
+  cast_per_device = jax.shard_map(jd.per_token_cast_to_fp8, mesh=mesh, in_specs=P("x"),
+                                  out_specs=(P("x"), P("x")))
+  assert marker not in jax.jit(cast_per_device).lower(x_rows).as_text()
+  for g, w in zip(jax.jit(cast_per_device)(x_rows), jd.per_token_cast_to_fp8(x)):
+    np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
 def case_gemm(partitioner):
@@ -221,6 +274,49 @@ def case_masked(partitioner):
          atol=3e-5)
 
 
+def case_casts(partitioner):
+  # The FP8 casts quantize each 1x128 / 128x128 / 128x1 group on its own: split on group
+  # boundaries they run on each device's shard with no communication, bitwise the same.
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import jax_deepgemm as jd
+  mesh = _setup(partitioner)
+  rng, helpers, _ = _data(7)
+  x = helpers.randn(rng, (256, 512), jnp.bfloat16)
+  xb = helpers.randn(rng, (4, 256, 512))  # a batch (experts) of matrices, f32
+  ue8m0 = dict(use_ue8m0=True)
+  # Per token, [..., R, C] -> [..., R, C], [..., R, C/128]: leading axes and rows split
+  # anywhere, C in whole 128-blocks (4 shards of 512: one block each).
+  token = jd.per_token_cast_to_fp8
+  for spec in (P("x", "y"), P(("x", "y")), P(None, "x")):
+    _check_cast(mesh, token, x, spec, (spec, spec))
+  _check_cast(mesh, functools.partial(token, **ue8m0), xb, P("x", "y"), (P("x", "y"),) * 2)
+  _check_cast(mesh, token, xb, P("y", None, "x"), (P("y", None, "x"),) * 2)
+  # vmapped: the batch is a leading axis of the one cast.
+  _check_cast(mesh, jax.vmap(token), xb, P("y", "x"), (P("y", "x"),) * 2)
+  # Per 128x128 block, [..., N, K] -> [..., N, K], [..., N/128, K/128]: N and K in whole
+  # blocks, leading axes anywhere.
+  block = jd.per_block_cast_to_fp8
+  _check_cast(mesh, block, x, P("x", "y"), (P("x", "y"),) * 2)
+  _check_cast(mesh, functools.partial(block, **ue8m0), x, P(None, "y"), (P(None, "y"),) * 2)
+  _check_cast(mesh, block, xb, P("y", "x"), (P("y", "x"),) * 2)
+  _check_cast(mesh, block, xb, P("x", None, "y"), (P("x", None, "y"),) * 2)
+  # Along tokens, [..., T, N] -> q [..., T, N] (or [..., N, T] transposed), s [..., T/128, N]:
+  # T in whole blocks (here 1 or 2 per shard), N anywhere.
+  xt = helpers.randn(rng, (1024, 96), jnp.bfloat16)
+  along = functools.partial(token, axis=0)
+  _check_cast(mesh, along, xt, P("y", "x"), (P("y", "x"),) * 2)
+  _check_cast(mesh, functools.partial(along, **ue8m0), xt, P(None, "y"), (P(None, "y"),) * 2)
+  transposed = jd.per_token_cast_transpose_to_fp8
+  tokens = ("x", "y")
+  _check_cast(mesh, transposed, xt, P(tokens), (P(None, tokens), P(tokens)))
+  _check_cast(mesh, transposed, xt, P("y", "x"), (P("x", "y"), P("y", "x")))
+  _check_cast(mesh, functools.partial(transposed, **ue8m0), xb, P("y", "x"),
+              (P("y", None, "x"), P("y", "x")))
+  _check_cast(mesh, transposed, xb, P("x", None, "y"), (P("x", "y"), P("x", None, "y")))
+
+
 def case_layers_data_parallel(partitioner):
   # Forward + backward of the differentiable layers with the tokens split over all devices
   # and replicated weights: the only communication is the all-reduce of the weight gradient.
@@ -252,6 +348,30 @@ def case_layers_data_parallel(partitioner):
   _check(mesh, lambda x, w: grouped(x, w)[1], (x, wg), (tokens, P()), expect={},
          out_spec=tokens, rtol=1e-5, atol=3e-5)
 
+  # The whole training step, value_and_grad under one jit: every cast (forward: x and w;
+  # backward: dY and w, then x and dY along tokens) runs through our rules, nothing is
+  # gathered, and the one collective all-reduces the weight gradient (XLA combines the
+  # loss' scalar sum into it; uncombined it would be a second all-reduce of one element).
+  from jax.sharding import NamedSharding
+  layers = [(lambda w, x: jnp.sum(jd.fp8_linear(x, w) ** 2), w),
+            (lambda w, x: jnp.sum(jd.fp8_grouped_linear(x, w, gs) ** 2), wg)]
+  for loss, weight in layers:
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    placed = (jax.device_put(weight, NamedSharding(mesh, P())),
+              jax.device_put(x, NamedSharding(mesh, tokens)))
+    lowered = step.lower(*placed)
+    assert _partitioned_casts(lowered.as_text()) == 6
+    hlo = lowered.compile().as_text()
+    counts = multidevice.collectives(hlo)
+    assert counts["all-gather"] == 0 and counts["all-reduce"] in (1, 2), counts
+    assert sum(counts.values()) == counts["all-reduce"], counts
+    assert _all_reduced(hlo) == [1, weight.size], _all_reduced(hlo)
+    got, want = step(*placed), jax.jit(jax.value_and_grad(loss, (0, 1)))(weight, x)
+    assert got[1][1].sharding.is_equivalent_to(NamedSharding(mesh, tokens), 2)
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-5,
+                                 atol=3e-5 * float(np.abs(np.asarray(w_)).max()))
+
 
 def case_unaligned_falls_back_to_gather(partitioner):
   # K = 320 is not whole 128-blocks per shard: the rules gather K (correct, not local).
@@ -271,6 +391,14 @@ def case_unaligned_falls_back_to_gather(partitioner):
   assert counts["all-gather"] >= 1 and counts["all-reduce"] == 0, counts
   np.testing.assert_allclose(np.asarray(jax.jit(f32)(*placed)), np.asarray(f32(a, sa, b, sb)),
                              rtol=1e-6)
+  # The casts too: 640 columns over 4 shards would cut the 128-groups; the cast gathers them.
+  x = helpers.randn(rng, (256, 640), jnp.bfloat16)
+  _check_cast(mesh, jd.per_token_cast_to_fp8, x, P(None, "y"), (None, None), gathered=True)
+  # 256 rows, 2 blocks, over 4 shards: Shardy offers the op half of "y" (a sub-axis), which
+  # no PartitionSpec names; gathered as well.
+  _check_cast(mesh, jd.per_block_cast_to_fp8, x, P("y"), (None, None), gathered=True)
+  _check_cast(mesh, jd.per_token_cast_transpose_to_fp8, x, P("y"), (None, None),
+              gathered=True)
 
 
 if __name__ == "__main__":

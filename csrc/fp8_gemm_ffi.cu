@@ -46,7 +46,6 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "common/tma.cuh"
-#include "ffi_util.h"
 #include "handlers.h"
 #include "kernels/fp8_gemm.cuh"
 #include "kernels/k_grouped_gemm.cuh"
@@ -470,10 +469,49 @@ ffi::Error InvalidArg(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_deepgemm_fp8_gemm_nt: " + msg);
 }
 
+std::string DimsToString(const ffi::AnyBuffer& buf) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t d : buf.dimensions()) {
+    if (!first) s += ", ";
+    s += std::to_string(d);
+    first = false;
+  }
+  return s + "]";
+}
+
 bool IsEmpty1D(const ffi::AnyBuffer& buf) {
   const auto dims = buf.dimensions();
   return dims.size() == 1 && dims[0] == 0;
 }
+
+bool Aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
+// Restores the calling thread's current device on scope exit.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) {
+      (void)cudaGetLastError();
+      prev_ = -1;
+    }
+    if (prev_ != device) {
+      ok_ = cudaSetDevice(device) == cudaSuccess;
+      switched_ = ok_;
+    }
+  }
+  ~ScopedDevice() {
+    if (switched_ && prev_ >= 0) (void)cudaSetDevice(prev_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  int prev_ = -1;
+  bool ok_ = true;
+  bool switched_ = false;
+};
 
 // Device and SM count for a launch (from XLA, not cudaStreamGetDevice: stream
 // queries invalidate a CUDA-graph capture).
@@ -511,12 +549,12 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
       sa.dimensions()[0] != kb || sa.dimensions()[1] != mp) {
     return invalid("sa must be float32 [ceil(K/128), round_up(M, 4)] = [" +
                    std::to_string(kb) + ", " + std::to_string(mp) + "], got " +
-                   Dims(sa));
+                   DimsToString(sa));
   }
   const ffi::DataType out_type = out.element_type();
   if ((out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F32) ||
       out.dimensions().size() != 2 || out.dimensions()[0] != m || out.dimensions()[1] != n) {
-    return invalid("out must be bfloat16 or float32 [M, N], got " + Dims(out));
+    return invalid("out must be bfloat16 or float32 [M, N], got " + DimsToString(out));
   }
   // TMA needs 16-byte aligned global addresses; the epilogue uses 8-byte (and
   // the zero fill 16-byte, after a scalar head) accesses. XLA buffers are far
@@ -554,17 +592,17 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   // ---- dtypes / ranks / shapes ----
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
     return InvalidArg("a must be a rank-2 float8_e4m3fn array, got shape " +
-                      Dims(a));
+                      DimsToString(a));
   }
   if (b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 2) {
     return InvalidArg("b must be a rank-2 float8_e4m3fn array, got shape " +
-                      Dims(b));
+                      DimsToString(b));
   }
   const int64_t m = a.dimensions()[0];
   const int64_t k = a.dimensions()[1];
   const int64_t n = b.dimensions()[0];
   if (b.dimensions()[1] != k) {
-    return InvalidArg("a " + Dims(a) + " and b " + Dims(b) +
+    return InvalidArg("a " + DimsToString(a) + " and b " + DimsToString(b) +
                       " disagree on K");
   }
   if (ffi::Error e = CheckCommon(a, sa, b, n, *out, "jax_deepgemm_fp8_gemm_nt"); e.failure()) {
@@ -576,18 +614,18 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       sb.dimensions()[0] != nb || sb.dimensions()[1] != kb) {
     return InvalidArg("sb must be float32 [ceil(N/128), ceil(K/128)] = [" +
                       std::to_string(nb) + ", " + std::to_string(kb) + "], got " +
-                      Dims(sb));
+                      DimsToString(sb));
   }
   const bool has_bias = !IsEmpty1D(bias);
   if (bias.element_type() != ffi::DataType::F32 ||
       (has_bias && (bias.dimensions().size() != 1 || bias.dimensions()[0] != n))) {
-    return InvalidArg("bias must be float32 [N] or [0], got " + Dims(bias));
+    return InvalidArg("bias must be float32 [N] or [0], got " + DimsToString(bias));
   }
   const bool has_c = !IsEmpty1D(c);
   if (c.element_type() != ffi::DataType::F32 ||
       (has_c && (c.dimensions().size() != 2 || c.dimensions()[0] != m ||
                  c.dimensions()[1] != n))) {
-    return InvalidArg("c must be float32 [M, N] or [0], got " + Dims(c));
+    return InvalidArg("c must be float32 [M, N] or [0], got " + DimsToString(c));
   }
   const ffi::DataType out_type = out->element_type();
   if (has_c && out_type != ffi::DataType::F32) {
@@ -632,18 +670,18 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
                                  int64_t expected_m) {
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
     return GroupedInvalid("a must be a rank-2 float8_e4m3fn array, got shape " +
-                          Dims(a));
+                          DimsToString(a));
   }
   if (b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 3) {
     return GroupedInvalid("b must be a rank-3 float8_e4m3fn array [G, N, K], got shape " +
-                          Dims(b));
+                          DimsToString(b));
   }
   const int64_t m = a.dimensions()[0];
   const int64_t k = a.dimensions()[1];
   const int64_t g = b.dimensions()[0];
   const int64_t n = b.dimensions()[1];
   if (b.dimensions()[2] != k) {
-    return GroupedInvalid("a " + Dims(a) + " and b " + Dims(b) +
+    return GroupedInvalid("a " + DimsToString(a) + " and b " + DimsToString(b) +
                           " disagree on K");
   }
   if (g < 1 || g > kMaxGroups) {
@@ -661,11 +699,11 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
       sb.dimensions()[0] != g || sb.dimensions()[1] != nb || sb.dimensions()[2] != kb) {
     return GroupedInvalid("sb must be float32 [G, ceil(N/128), ceil(K/128)] = [" +
                           std::to_string(g) + ", " + std::to_string(nb) + ", " +
-                          std::to_string(kb) + "], got " + Dims(sb));
+                          std::to_string(kb) + "], got " + DimsToString(sb));
   }
   if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1 ||
       sizes.dimensions()[0] != g) {
-    return GroupedInvalid("group sizes must be int32 [G], got " + Dims(sizes));
+    return GroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
   }
   if (masked_stride < 0 || (masked_stride > 0 && masked_stride * g != m)) {
     return GroupedInvalid("masked_stride must be 0 (contiguous) or M / G, got " +
@@ -711,12 +749,12 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2 ||
       b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 2) {
     return KGroupedInvalid("aT and bT must be rank-2 float8_e4m3fn arrays, got " +
-                           Dims(a) + " and " + Dims(b));
+                           DimsToString(a) + " and " + DimsToString(b));
   }
   const int64_t n = a.dimensions()[0], t = a.dimensions()[1];
   const int64_t k = b.dimensions()[0];
   if (b.dimensions()[1] != t) {
-    return KGroupedInvalid("aT " + Dims(a) + " and bT " + Dims(b) +
+    return KGroupedInvalid("aT " + DimsToString(a) + " and bT " + DimsToString(b) +
                            " disagree on T");
   }
   if (n < 1 || k < 1 || t < 16 || t % 16 != 0 || n > INT32_MAX || k > INT32_MAX ||
@@ -726,7 +764,7 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
                            " T=" + std::to_string(t));
   }
   if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1) {
-    return KGroupedInvalid("group sizes must be int32 [G], got " + Dims(sizes));
+    return KGroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
   }
   const int64_t g = sizes.dimensions()[0];
   if (g < 1 || g > kMaxGroups) {
@@ -737,12 +775,12 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
       sa.dimensions()[0] != tb || sa.dimensions()[1] != (n + 3) / 4 * 4) {
     return KGroupedInvalid("sa must be float32 [ceil(T/128), round_up(N, 4)], got " +
-                           Dims(sa));
+                           DimsToString(sa));
   }
   if (sb.element_type() != ffi::DataType::F32 || sb.dimensions().size() != 2 ||
       sb.dimensions()[0] != tb || sb.dimensions()[1] != (k + 3) / 4 * 4) {
     return KGroupedInvalid("sb must be float32 [ceil(T/128), round_up(K, 4)], got " +
-                           Dims(sb));
+                           DimsToString(sb));
   }
   const bool has_c = !IsEmpty1D(c);
   auto is_gnk = [&](const ffi::AnyBuffer& x) {
@@ -751,10 +789,10 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
            d[1] == n && d[2] == k;
   };
   if (c.element_type() != ffi::DataType::F32 || (has_c && !is_gnk(c))) {
-    return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + Dims(c));
+    return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + DimsToString(c));
   }
   if (!is_gnk(*out)) {
-    return KGroupedInvalid("out must be float32 [G, N, K], got " + Dims(*out));
+    return KGroupedInvalid("out must be float32 [G, N, K], got " + DimsToString(*out));
   }
   if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
       !Aligned(sa.untyped_data(), 16) || !Aligned(sb.untyped_data(), 16) ||

@@ -32,19 +32,20 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primi
 
   prim.def_impl(_impl)
   prim.def_abstract_eval(_with_vma(abstract_eval))
-  _register_lowerings(prim, reference, cuda)
+  register_lowerings(prim, reference, cuda)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.
   prim.local = Primitive(name + "_local")
   prim.local.def_abstract_eval(_with_vma(abstract_eval))
-  _register_lowerings(prim.local, reference, cuda)
+  register_lowerings(prim.local, reference, cuda)
   batching.primitive_batchers[prim] = batching_rule
   return prim
 
 
-def _register_lowerings(prim, reference, cuda):
-  ref_rule = mlir.lower_fun(reference, multiple_results=False)
-  cuda_rule = mlir.lower_fun(cuda, multiple_results=False)
+def register_lowerings(prim, reference, cuda, *, multiple_results=False):
+  """``reference`` everywhere; on CUDA ``cuda`` when our kernels can run there."""
+  ref_rule = mlir.lower_fun(reference, multiple_results=multiple_results)
+  cuda_rule = mlir.lower_fun(cuda, multiple_results=multiple_results)
   mlir.register_lowering(prim, ref_rule)
   mlir.register_lowering(
       prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
 
-from jax_deepgemm import _ffi
+from jax_deepgemm import _ffi, _primitive
 
 logger = logging.getLogger("jax_deepgemm")
 
@@ -200,13 +200,13 @@ def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
 
   prim.def_impl(_impl)
   prim.def_abstract_eval(abstract_eval)
-  _register_lowerings(prim, reference, cuda)
+  _primitive.register_lowerings(prim, reference, cuda, multiple_results=True)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.
   prim.local = Primitive(name + "_local")
   prim.local.multiple_results = True
   prim.local.def_abstract_eval(abstract_eval)
-  _register_lowerings(prim.local, reference, cuda)
+  _primitive.register_lowerings(prim.local, reference, cuda, multiple_results=True)
 
   def batching_rule(args, dims, **params):
     (x,), (d,) = args, dims
@@ -220,15 +220,6 @@ def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
   batching.primitive_batchers[prim] = batching_rule
   ad.primitive_jvps[prim] = jvp_rule
   return prim
-
-
-def _register_lowerings(prim, reference, cuda):
-  ref_rule = mlir.lower_fun(reference, multiple_results=True)
-  cuda_rule = mlir.lower_fun(cuda, multiple_results=True)
-  mlir.register_lowering(prim, ref_rule)
-  mlir.register_lowering(
-      prim, lambda ctx, *a, **p: (cuda_rule if _ffi.use_kernels() else ref_rule)(ctx, *a, **p),
-      platform="cuda")
 
 
 def _kernel_ok(x) -> bool:

@@ -384,8 +384,8 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped) {
 }
 
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
-// two waves use 128x128 tiles: measured fastest on H200 (BLOCK_N 160/192 lose
-// 4-12% with this kernel's serial wgmma -> promotion loop). Problems of one
+// two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
+// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22). Problems of one
 // wave or less (small M, decode) pick by a small cost model per 128-wide K
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.

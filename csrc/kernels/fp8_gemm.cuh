@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -44,6 +45,10 @@ constexpr int fp8_gemm_sa_rows(int block_m, bool grouped) {
 constexpr int fp8_gemm_sa_bytes(int block_m, bool grouped) {
   return (fp8_gemm_sa_rows(block_m, grouped) * 4 + 127) / 128 * 128;
 }
+
+// Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
+// registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
+constexpr bool fp8_gemm_pipelined(int block_n) { return block_n <= 128; }
 
 template <int BLOCK_M, int BLOCK_N, int STAGES, bool kGrouped = false>
 struct Fp8GemmLayout {
@@ -307,6 +312,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>;
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
   constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
+  // Two wgmma result buffers + the accumulator fit in registers up to BLOCK_N 128.
+  constexpr bool kPipelined = fp8_gemm_pipelined(BLOCK_N);
   constexpr int kTmaRegs = 40;
   constexpr int kMathRegs = L::kNumMathWG == 2 ? 232 : 240;
 
@@ -394,82 +401,132 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     const int a_wg_offset = wg * 64 * kBlockK;  // bytes; multiple of 1024
 
     float acc[kNumAccum];
-    float tmp[kNumAccum];
-    int stage = 0;
-    uint32_t phase = 0;
+    float buf0[kNumAccum];  // wgmma results of one k-block, before promotion
+    float buf1[kPipelined ? kNumAccum : 1];
+
+    // The ring is walked by two cursors: `issue` (next k-block whose wgmma is
+    // issued) and `promo` (next k-block to promote and release).
+    int issue_stage = 0, promo_stage = 0;
+    uint32_t issue_phase = 0;
+
+    // Waits for the next stage's TMA data and issues its 4 wgmmas (one commit group).
+    auto issue = [&](float (&d)[kNumAccum]) {
+      ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
+      const uint64_t desc_a =
+          ptx::make_smem_desc_k_sw128(smem_a + issue_stage * L::kBytesA + a_wg_offset);
+      const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + issue_stage * L::kBytesB);
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / 32; ++kk) {
+        // +32 bytes along K inside the swizzle atom = +2 in the >>4 field.
+        Mma::mma(d, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+      }
+      ptx::wgmma_commit_group();
+      if (++issue_stage == STAGES) {
+        issue_stage = 0;
+        issue_phase ^= 1u;
+      }
+    };
 
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped>(
           tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend);
       // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
       // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
-      const int n0 = t.n0;
-      const int nb_lo = n0 / kScaleBlock;
+      const int nb_lo = t.n0 / kScaleBlock;
       const int nb_hi = min(nb_lo + 1, num_scale_n - 1);
-      const int j_hi = (kScaleBlock - n0 % kScaleBlock) / 8;  // first n8 chunk in "hi"
+      const int j_hi = (kScaleBlock - t.n0 % kScaleBlock) / 8;
       const float* sb_g = sb + static_cast<int64_t>(t.group) * num_scale_n * num_k_blocks;
       const float* sb_lo = sb_g + static_cast<int64_t>(nb_lo) * num_k_blocks;
       const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
+      const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
 
 #pragma unroll
       for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
 
-      float sb_lo_next = __ldg(sb_lo), sb_hi_next = __ldg(sb_hi);
-      for (int kb = 0; kb < num_k_blocks; ++kb) {
-        const float sb_lo_val = sb_lo_next, sb_hi_val = sb_hi_next;
-        // Prefetch next k-block's B scales before blocking on the barrier.
-        if (kb + 1 < num_k_blocks) {
-          sb_lo_next = __ldg(sb_lo + kb + 1);
-          sb_hi_next = __ldg(sb_hi + kb + 1);
-        }
-
-        ptx::mbarrier_wait(&full_bar[stage], phase);
-
-        const float* sa_stage = smem_sa + stage * (L::kBytesSA / 4) + (kGrouped ? t.row0 & 3 : 0);
-        const float sa0 = sa_stage[r_local];
-        const float sa1 = sa_stage[r_local + 8];
-
-        const uint64_t desc_a =
-            ptx::make_smem_desc_k_sw128(smem_a + stage * L::kBytesA + a_wg_offset);
-        const uint64_t desc_b =
-            ptx::make_smem_desc_k_sw128(smem_b + stage * L::kBytesB);
-
+      // acc += d * scales of k-block kb, then release its stage.
+      auto promote = [&](float (&d)[kNumAccum], float sb_lo_val, float sb_hi_val) {
 #pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 32; ++kk) {
-          // +32 bytes along K inside the swizzle atom = +2 in the >>4 field.
-          Mma::mma(tmp, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-        }
-        ptx::wgmma_commit_group();
-        ptx::wgmma_wait_group<0>();
-#pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
-
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
+        const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
+        const float sa0 = sa_stage[0], sa1 = sa_stage[8];
         // All smem reads of this stage (wgmma operands and sa) are done:
         // release the slot, one arrival per warp.
         __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[stage]);
+        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
+        if (++promo_stage == STAGES) promo_stage = 0;
 
         const float s_lo0 = sa0 * sb_lo_val, s_lo1 = sa1 * sb_lo_val;
-        const float s_hi0 = sa0 * sb_hi_val, s_hi1 = sa1 * sb_hi_val;
+        if (j_hi >= kNumAccum / 4) {  // the whole tile is in one scale block of B
 #pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) {
-          const bool hi = i / 4 >= j_hi;
-          const float s = (i & 2) ? (hi ? s_hi1 : s_lo1) : (hi ? s_hi0 : s_lo0);
-          acc[i] = fmaf(tmp[i], s, acc[i]);
+          for (int i = 0; i < kNumAccum; ++i) acc[i] = fmaf(d[i], (i & 2) ? s_lo1 : s_lo0, acc[i]);
+        } else {
+          const float s_hi0 = sa0 * sb_hi_val, s_hi1 = sa1 * sb_hi_val;
+#pragma unroll
+          for (int i = 0; i < kNumAccum; ++i) {
+            const bool hi = i / 4 >= j_hi;
+            const float sc = (i & 2) ? (hi ? s_hi1 : s_lo1) : (hi ? s_hi0 : s_lo0);
+            acc[i] = fmaf(d[i], sc, acc[i]);
+          }
         }
+        // Keep the FFMAs here: sunk past the next wgmma on d, they would make
+        // ptxas serialize every wgmma.
+#pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
+      };
 
-        if (++stage == STAGES) {
-          stage = 0;
-          phase ^= 1u;
+      // Promotes k-block kb (already issued into d); with kPipelined and not
+      // `last`, first issues kb + 1 into d_next so it runs under the FFMAs.
+      auto step = [&](auto& d, auto& d_next, int kb, bool last) {
+        const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
+        if constexpr (kPipelined) {
+          if (!last) {
+            issue(d_next);
+            ptx::wgmma_wait_group<1>();
+          } else {
+            ptx::wgmma_wait_group<0>();
+          }
+        } else {
+          ptx::wgmma_wait_group<0>();
+        }
+        promote(d, sb_lo_val, sb_hi_val);
+      };
+
+      // U consecutive k-blocks, alternating buffers. Nothing is in flight
+      // between chunks: ptxas serializes wgmmas still pending at a loop's back edge.
+      auto chunk = [&](int kb, auto u) {
+        constexpr int U = decltype(u)::value;
+        issue(buf0);
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+          if constexpr (kPipelined) {
+            if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U);
+            else step(buf1, buf0, kb + j, j + 1 == U);
+          } else {
+            step(buf0, buf0, kb + j, true);
+          }
+        }
+      };
+
+      int kb = 0;
+      if constexpr (kPipelined) {
+        for (; kb + 8 <= num_k_blocks; kb += 8) chunk(kb, std::integral_constant<int, 8>{});
+        if (num_k_blocks - kb >= 4) {
+          chunk(kb, std::integral_constant<int, 4>{});
+          kb += 4;
+        }
+        if (num_k_blocks - kb >= 2) {
+          chunk(kb, std::integral_constant<int, 2>{});
+          kb += 2;
         }
       }
+      for (; kb < num_k_blocks; ++kb) chunk(kb, std::integral_constant<int, 1>{});
 
       // ---------------- epilogue: registers -> global ----------------
       store_tile<BLOCK_N, OutT>(acc, out, c, bias, t.row0 + r_local, t.row_end,
-                                n0 + (lane % 4) * 2, N);
+                                t.n0 + (lane % 4) * 2, N);
     }
 
     if constexpr (kGrouped) {

@@ -80,38 +80,68 @@ using LaunchFn = ffi::Error (*)(const LaunchArgs&, cudaStream_t, int device,
 // Raises the kernel's dynamic shared-memory limit on `device` (the current
 // device), once. Not allowed while a stream is being captured into a CUDA
 // graph, so InitializeDevices() does it for every device ahead of time.
-template <int BM, int BN, int ST, typename OutT, bool kGrouped>
-ffi::Error ConfigureFp8GemmNt(int device) {
+// For multicast kernels it also records how many clusters fit on the device
+// at once (*max_clusters; the persistent grid never exceeds it).
+template <int BM, int BN, int ST, typename OutT, bool kGrouped, int MC>
+ffi::Error ConfigureFp8GemmNt(int device, int* max_clusters = nullptr) {
   using L = Fp8GemmLayout<BM, BN, ST, kGrouped>;
-  static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = device < kMaxDevices ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (configured.load(std::memory_order_acquire) & bit) != 0) {
-    return ffi::Error::Success();
+  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped, MC>;
+  static std::atomic<int> clusters[kMaxDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int cached = clusters[device].load(std::memory_order_acquire);
+    if (cached > 0) {
+      if (max_clusters != nullptr) *max_clusters = cached;
+      return ffi::Error::Success();
+    }
   }
-  const cudaError_t err = cudaFuncSetAttribute(
-      &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped>,
-      cudaFuncAttributeMaxDynamicSharedMemorySize, L::kDynamicSmem);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         L::kDynamicSmem);
+  int fit = 1 << 30;  // MC == 1: limited by the SM count only
+  if (err == cudaSuccess && MC > 1) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(MC, 1, 1);
+    config.blockDim = dim3(L::kNumThreads, 1, 1);
+    config.dynamicSmemBytes = L::kDynamicSmem;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = MC;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    err = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
+    if (err == cudaSuccess && fit < 1) err = cudaErrorInvalidConfiguration;
+  }
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("jax_deepgemm: cudaFuncSetAttribute failed: ") +
+                      std::string("jax_deepgemm: configuring the fp8_gemm kernel failed: ") +
                           cudaGetErrorString(err));
   }
-  configured.fetch_or(bit, std::memory_order_acq_rel);
+  if (cacheable) clusters[device].store(fit, std::memory_order_release);
+  if (max_clusters != nullptr) *max_clusters = fit;
   return ffi::Error::Success();
 }
 
-template <int BM, int BN, int ST, typename OutT, bool kGrouped>
+template <int BM, int BN, int ST, typename OutT, bool kGrouped, int MC>
 ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                            int device, int num_sms) {
   using L = Fp8GemmLayout<BM, BN, ST, kGrouped>;
-  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped>;
-  if (ffi::Error e = ConfigureFp8GemmNt<BM, BN, ST, OutT, kGrouped>(device); e.failure()) {
+  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, OutT, kGrouped, MC>;
+  int max_clusters = 0;
+  if (ffi::Error e = ConfigureFp8GemmNt<BM, BN, ST, OutT, kGrouped, MC>(device, &max_clusters);
+      e.failure()) {
     return e;
+  }
+  if (((args.n + BN - 1) / BN) % MC != 0) {  // the heuristic never picks this
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "jax_deepgemm: multicast config needs an even number of N blocks");
   }
 
   CUtensorMap tmap_a, tmap_b, tmap_sa;
+  // With multicast each CTA of a cluster loads BM / MC rows of the A tile.
   CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
-                                    args.a, args.m, args.k, BM, kBlockK,
+                                    args.a, args.m, args.k, BM / MC, kBlockK,
                                     CU_TENSOR_MAP_SWIZZLE_128B);
   if (res == CUDA_SUCCESS) {
     res = tma::make_2d_tiled(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.b,
@@ -130,19 +160,33 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   }
 
   // Grouped: an upper bound (each group adds at most one partial m-block).
+  // Tiles are scheduled per cluster of MC CTAs.
   const int64_t num_tiles =
       (static_cast<int64_t>((args.m + BM - 1) / BM) + (kGrouped ? args.grp.num_groups : 0)) *
-      ((args.n + BN - 1) / BN);
-  if (num_tiles > INT32_MAX) {
+      ((args.n + BN - 1) / BN / MC);
+  if (num_tiles * MC > INT32_MAX) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "jax_deepgemm: problem too large (tile count overflows int32)");
   }
-  const int grid = static_cast<int>(num_tiles < num_sms ? num_tiles : num_sms);
+  const int64_t max_grid = std::min<int64_t>(num_sms / MC, max_clusters);
+  const int grid = static_cast<int>(std::max<int64_t>(std::min(num_tiles, max_grid), 1)) * MC;
 
-  kernel<<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
-      tmap_a, tmap_b, tmap_sa, args.sb, args.bias, args.c,
-      static_cast<OutT*>(args.out), args.m, args.n, args.k, args.grp);
-  const cudaError_t err = cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid, 1, 1);
+  config.blockDim = dim3(L::kNumThreads, 1, 1);
+  config.dynamicSmemBytes = L::kDynamicSmem;
+  config.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = MC;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = MC > 1 ? 1 : 0;
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_b, tmap_sa, args.sb,
+                                       args.bias, args.c, static_cast<OutT*>(args.out), args.m,
+                                       args.n, args.k, args.grp);
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("jax_deepgemm: fp8_gemm_nt launch failed: ") +
@@ -155,40 +199,46 @@ using ConfigureFn = ffi::Error (*)(int device);
 
 struct KernelEntry {
   int block_m, block_n, stages;
+  int multicast;  // CTAs per cluster sharing (multicasting) the A tile: 1 or 2
   LaunchFn bf16;
   LaunchFn f32;
   ConfigureFn configure_bf16;
   ConfigureFn configure_f32;
 };
 
-#define JAX_DEEPGEMM_ENTRY(BM, BN, ST, G)                                \
+template <int BM, int BN, int ST, typename OutT, bool kGrouped, int MC>
+ffi::Error Configure(int device) {
+  return ConfigureFp8GemmNt<BM, BN, ST, OutT, kGrouped, MC>(device);
+}
+
+#define JAX_DEEPGEMM_ENTRY(BM, BN, ST, G, MC)                            \
   KernelEntry {                                                          \
-    BM, BN, ST, &LaunchFp8GemmNt<BM, BN, ST, __nv_bfloat16, G>,          \
-        &LaunchFp8GemmNt<BM, BN, ST, float, G>,                          \
-        &ConfigureFp8GemmNt<BM, BN, ST, __nv_bfloat16, G>,               \
-        &ConfigureFp8GemmNt<BM, BN, ST, float, G>                        \
+    BM, BN, ST, MC, &LaunchFp8GemmNt<BM, BN, ST, __nv_bfloat16, G, MC>,  \
+        &LaunchFp8GemmNt<BM, BN, ST, float, G, MC>,                      \
+        &Configure<BM, BN, ST, __nv_bfloat16, G, MC>,                    \
+        &Configure<BM, BN, ST, float, G, MC>                             \
   }
 
 // Every config is built with the most stages that fit; the heuristic below
 // picks among them (JAX_DEEPGEMM_GEMM_CONFIG may force one).
-#define JAX_DEEPGEMM_MAX_STAGES(BM, BN) \
-  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN), false)
-#define JAX_DEEPGEMM_GROUPED(BM, BN) \
-  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN, true), true)
+#define JAX_DEEPGEMM_MAX_STAGES(BM, BN, MC) \
+  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN), false, MC)
+#define JAX_DEEPGEMM_GROUPED(BM, BN, MC) \
+  JAX_DEEPGEMM_ENTRY(BM, BN, fp8_gemm_max_stages(BM, BN, true), true, MC)
 
 const KernelEntry kKernels[] = {
-    JAX_DEEPGEMM_MAX_STAGES(64, 64),   JAX_DEEPGEMM_MAX_STAGES(64, 128),
-    JAX_DEEPGEMM_MAX_STAGES(64, 192),  JAX_DEEPGEMM_MAX_STAGES(128, 64),
-    JAX_DEEPGEMM_MAX_STAGES(128, 96),  JAX_DEEPGEMM_MAX_STAGES(128, 128),
-    JAX_DEEPGEMM_MAX_STAGES(128, 160), JAX_DEEPGEMM_MAX_STAGES(128, 192),
-    JAX_DEEPGEMM_ENTRY(128, 128, 4, false),
+    JAX_DEEPGEMM_MAX_STAGES(64, 64, 1),   JAX_DEEPGEMM_MAX_STAGES(64, 128, 1),
+    JAX_DEEPGEMM_MAX_STAGES(64, 192, 1),  JAX_DEEPGEMM_MAX_STAGES(128, 64, 1),
+    JAX_DEEPGEMM_MAX_STAGES(128, 96, 1),  JAX_DEEPGEMM_MAX_STAGES(128, 128, 1),
+    JAX_DEEPGEMM_MAX_STAGES(128, 160, 1), JAX_DEEPGEMM_MAX_STAGES(128, 192, 1),
+    JAX_DEEPGEMM_ENTRY(128, 128, 4, false, 1), JAX_DEEPGEMM_MAX_STAGES(128, 128, 2),
 };
 
 // The M-grouped kernels (a smaller set: each costs two instantiations).
 const KernelEntry kGroupedKernels[] = {
-    JAX_DEEPGEMM_GROUPED(64, 64),   JAX_DEEPGEMM_GROUPED(64, 128),
-    JAX_DEEPGEMM_GROUPED(128, 64),  JAX_DEEPGEMM_GROUPED(128, 128),
-    JAX_DEEPGEMM_GROUPED(128, 192),
+    JAX_DEEPGEMM_GROUPED(64, 64, 1),   JAX_DEEPGEMM_GROUPED(64, 128, 1),
+    JAX_DEEPGEMM_GROUPED(128, 64, 1),  JAX_DEEPGEMM_GROUPED(128, 128, 1),
+    JAX_DEEPGEMM_GROUPED(128, 192, 1), JAX_DEEPGEMM_GROUPED(128, 128, 2),
 };
 
 #undef JAX_DEEPGEMM_GROUPED
@@ -299,25 +349,29 @@ struct KernelTable {
 constexpr KernelTable kDenseTable{std::begin(kKernels), std::end(kKernels), false};
 constexpr KernelTable kGroupedTable{std::begin(kGroupedKernels), std::end(kGroupedKernels), true};
 
+std::string ConfigName(int block_m, int block_n, int stages, int multicast) {
+  return "block_m=" + std::to_string(block_m) + ",block_n=" + std::to_string(block_n) +
+         ",stages=" + std::to_string(stages) + ",multicast=" + std::to_string(multicast);
+}
+
 std::string SupportedConfigs(const KernelTable& table) {
   std::string s;
   for (const KernelEntry& e : table) {
     if (!s.empty()) s += "; ";
-    s += "block_m=" + std::to_string(e.block_m) +
-         ",block_n=" + std::to_string(e.block_n) +
-         ",stages=" + std::to_string(e.stages);
+    s += ConfigName(e.block_m, e.block_n, e.stages, e.multicast);
   }
   return s;
 }
 
 // JAX_DEEPGEMM_GEMM_CONFIG, e.g. "block_m=64,block_n=128,stages=4". Keys are
 // optional; missing ones fall back to the heuristic (stages: the maximum for
-// the chosen block shape). Read once per process.
+// the chosen block shape). multicast=2 applies where the problem has an even
+// number of N blocks; elsewhere the same tile runs without. Read once per process.
 struct EnvOverride {
   bool present = false;
   std::string raw;
   std::string error;  // non-empty if unparsable
-  int block_m = 0, block_n = 0, stages = 0;  // 0 = not forced
+  int block_m = 0, block_n = 0, stages = 0, multicast = 0;  // 0 = not forced
 };
 
 EnvOverride ParseEnvOverride() {
@@ -357,8 +411,14 @@ EnvOverride ParseEnvOverride() {
       o.block_n = static_cast<int>(x);
     } else if (key == "stages") {
       o.stages = static_cast<int>(x);
+    } else if (key == "multicast") {
+      if (x > 2) {
+        o.error = "multicast must be 1 or 2, got " + val;
+        return o;
+      }
+      o.multicast = static_cast<int>(x);
     } else {
-      o.error = "unknown key '" + key + "' (expected block_m, block_n, stages)";
+      o.error = "unknown key '" + key + "' (expected block_m, block_n, stages, multicast)";
       return o;
     }
   }
@@ -371,21 +431,27 @@ const EnvOverride& GetEnvOverride() {
 }
 
 struct GemmConfig {
-  int block_m, block_n, stages;
+  int block_m, block_n, stages, multicast;
 };
 
 // True when `e` agrees with every key JAX_DEEPGEMM_GEMM_CONFIG sets; without
 // a forced stage count only the deepest build of a tile shape is a candidate.
-bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped) {
+// Multicast kernels pair adjacent N blocks, so they need an even count of them.
+bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t n) {
   if (env.block_m && e.block_m != env.block_m) return false;
   if (env.block_n && e.block_n != env.block_n) return false;
+  if (env.multicast && e.multicast != env.multicast) return false;
+  if (((n + e.block_n - 1) / e.block_n) % e.multicast != 0) return false;
   if (env.stages) return e.stages == env.stages;
   return e.stages == fp8_gemm_max_stages(e.block_m, e.block_n, grouped);
 }
 
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
 // two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
-// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22). Problems of one
+// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22).
+// The multicast build is only used when forced: on H200 it ran at 57% of the
+// plain kernel's speed (66 clusters resident, 2026-11-22; cause not found yet).
+// Problems of one
 // wave or less (small M, decode) pick by a small cost model per 128-wide K
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
@@ -397,11 +463,13 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t groups, int num
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
   for (const KernelEntry& e : table) {
-    if (!Allowed(e, env, table.grouped)) continue;
+    if (!Allowed(e, env, table.grouped, n)) continue;
+    if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
     if (m > 64 && tiles_128 > 2 * num_sms && e.block_m == 128 && e.block_n == 128) return &e;
   }
   for (const KernelEntry& e : table) {
-    if (!Allowed(e, env, table.grouped)) continue;
+    if (!Allowed(e, env, table.grouped, n)) continue;
+    if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
     // Don't waste half of every tile (unless nothing else is allowed).
     const bool wasteful = m <= 64 * groups && e.block_m != 64;
     const int64_t m_blocks = (m + e.block_m - 1) / e.block_m + (groups > 1 ? groups / 2 : 0);
@@ -433,13 +501,19 @@ bool SelectConfig(int64_t m, int64_t n, int64_t groups, int num_sms, const Kerne
   }
   const KernelEntry* e =
       HeuristicKernel(m, n, groups, num_sms, table, env.present ? env : kNoOverride);
+  if (e == nullptr && env.present && env.multicast > 1) {
+    // A forced multicast=2 on a problem with an odd N-block count: same tile, no multicast.
+    EnvOverride relaxed = env;
+    relaxed.multicast = 0;
+    e = HeuristicKernel(m, n, groups, num_sms, table, relaxed);
+  }
   if (e == nullptr) {
     *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
              (table.grouped ? "grouped" : "dense") + " kernel that is built; supported: " +
              SupportedConfigs(table);
     return false;
   }
-  *cfg = GemmConfig{e->block_m, e->block_n, e->stages};
+  *cfg = GemmConfig{e->block_m, e->block_n, e->stages, e->multicast};
   if (entry != nullptr) *entry = e;
   return true;
 }
@@ -898,9 +972,7 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::stri
   if (!SelectConfig(m, n, groups > 0 ? groups : 1, num_sms, table, &cfg, nullptr, error)) {
     return false;
   }
-  *config = "block_m=" + std::to_string(cfg.block_m) +
-            ",block_n=" + std::to_string(cfg.block_n) +
-            ",stages=" + std::to_string(cfg.stages);
+  *config = ConfigName(cfg.block_m, cfg.block_n, cfg.stages, cfg.multicast);
   return true;
 }
 

@@ -103,6 +103,45 @@ __device__ __forceinline__ void tma_load_2d(const CUtensorMap* desc,
       : "memory");
 }
 
+// The same load multicast to every CTA of the cluster in `cta_mask`: the data
+// lands at the same smem offset in each, and each one's mbarrier at `bar`'s
+// offset receives the complete_tx.
+__device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* desc, uint64_t* bar,
+                                                      void* smem_dst, int32_t c0, int32_t c1,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1),
+      "h"(cta_mask)
+      : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// Thread-block clusters
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// All threads of all CTAs of the cluster (also a CTA-wide barrier).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n"
+               "barrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Arrive (count 1) on the mbarrier at `bar`'s offset in CTA `cta` of the cluster.
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}" ::"r"(smem_addr(bar)),
+      "r"(cta)
+      : "memory");
+}
+
 // ---------------------------------------------------------------------------
 // Register reconfiguration (must be executed by all threads of a warpgroup)
 // ---------------------------------------------------------------------------

@@ -199,12 +199,16 @@ struct TileInfo {
   int group;
 };
 
-template <int BLOCK_M, int BLOCK_N, bool kGrouped>
+// With kMulticast CTAs per cluster, `tile` indexes groups of kMulticast
+// tiles side by side along N (same rows of A); `rank` picks one.
+template <int BLOCK_M, int BLOCK_N, bool kGrouped, int kMulticast = 1>
 __device__ __forceinline__ TileInfo tile_info(int tile, int num_m_blocks, int num_n_blocks,
                                               int M, int num_groups, const int* mblk,
-                                              const int* rstart, const int* rend) {
+                                              const int* rstart, const int* rend,
+                                              int rank = 0) {
   int m_block, n_block;
-  fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks, m_block, n_block);
+  fp8_gemm_tile_coords(tile, num_m_blocks, num_n_blocks / kMulticast, m_block, n_block);
+  n_block = n_block * kMulticast + rank;
   if constexpr (!kGrouped) {
     return TileInfo{m_block * BLOCK_M, M, n_block * BLOCK_N, 0};
   } else {
@@ -298,7 +302,12 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
 //            is read and then written by the same thread)
 //   out    : [M, N] OutT
 //   grp    : group sizes (kGrouped only; G = 1 for the dense GEMM)
-template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT, bool kGrouped>
+// kMulticast = 2: launched in clusters of 2 CTAs that compute horizontally
+// adjacent tiles (same rows, so the same A tile); each CTA loads half of the
+// A rows and TMA multicasts them to both, halving A's L2 traffic. The host
+// guarantees an even number of N blocks.
+template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT, bool kGrouped,
+          int kMulticast = 1>
 __global__ void __launch_bounds__(Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>::kNumThreads, 1)
 fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                    const __grid_constant__ CUtensorMap tmap_b,
@@ -310,6 +319,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                    int M, int N, int K, GroupArgs grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>;
+  // Each CTA's share of a multicast A tile is whole 8-row swizzle atoms.
+  static_assert(kMulticast == 1 || (kMulticast == 2 && (BLOCK_M / 2) % 8 == 0), "bad multicast");
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
   constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
   // Two wgmma result buffers + the accumulator fit in registers up to BLOCK_N 128.
@@ -343,7 +354,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       ptx::mbarrier_init(&full_bar[s], 1);  // producer's arrive_expect_tx
-      ptx::mbarrier_init(&empty_bar[s], L::kNumMathWarps);  // 1 per math warp
+      // 1 per math warp of every CTA that writes into this stage
+      ptx::mbarrier_init(&empty_bar[s], L::kNumMathWarps * kMulticast);
     }
     ptx::fence_barrier_init();
     ptx::fence_proxy_async();
@@ -351,14 +363,22 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   if constexpr (kGrouped) {
     if (warp == 1) build_group_table<BLOCK_M>(grp, M, grp_mblk, grp_rstart, grp_rend, lane);
   }
-  __syncthreads();  // last CTA-wide barrier: producer threads exit early
+  // Barriers initialised (in the peer CTA too) before anyone arrives on them.
+  if constexpr (kMulticast > 1) {
+    ptx::cluster_sync();
+  } else {
+    __syncthreads();
+  }
+  const int rank = kMulticast > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
+  const int sched0 = static_cast<int>(blockIdx.x) / kMulticast;  // cluster index
+  const int sched_step = static_cast<int>(gridDim.x) / kMulticast;
 
   const int num_groups = kGrouped ? grp.num_groups : 1;
   const int num_m_blocks = kGrouped ? grp_mblk[num_groups] : (M + BLOCK_M - 1) / BLOCK_M;
   const int num_n_blocks = (N + BLOCK_N - 1) / BLOCK_N;
   const int num_k_blocks = (K + kBlockK - 1) / kBlockK;
   const int num_scale_n = (N + kScaleBlock - 1) / kScaleBlock;
-  const int num_tiles = num_m_blocks * num_n_blocks;
+  const int num_tiles = num_m_blocks * (num_n_blocks / kMulticast);  // per cluster
 
   if (wg == L::kNumMathWG) {
     // ------------------------------------------------------------------
@@ -368,9 +388,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     if (thread == L::kNumMathThreads) {
       int stage = 0;
       uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped>(
-            tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend);
+      for (int tile = sched0; tile < num_tiles; tile += sched_step) {
+        const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
+            tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
+            rank);
         const int b_row0 = t.group * N + t.n0;
         for (int kb = 0; kb < num_k_blocks; ++kb) {
           // Wait until the math warps released this slot (trivially true in
@@ -378,8 +399,17 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           ptx::mbarrier_wait(&empty_bar[stage], phase ^ 1u);
           // Full box bytes are always delivered (OOB elements zero-filled).
           ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes);
-          ptx::tma_load_2d(&tmap_a, &full_bar[stage], smem_a + stage * L::kBytesA,
-                           kb * kBlockK, t.row0);
+          if constexpr (kMulticast > 1) {
+            // Our share of the A rows, into both CTAs (tmap_a's box is BLOCK_M/2 rows).
+            constexpr int kRows = BLOCK_M / kMulticast;
+            ptx::tma_load_2d_multicast(&tmap_a, &full_bar[stage],
+                                       smem_a + stage * L::kBytesA + rank * kRows * kBlockK,
+                                       kb * kBlockK, t.row0 + rank * kRows,
+                                       static_cast<uint16_t>((1u << kMulticast) - 1));
+          } else {
+            ptx::tma_load_2d(&tmap_a, &full_bar[stage], smem_a + stage * L::kBytesA,
+                             kb * kBlockK, t.row0);
+          }
           ptx::tma_load_2d(&tmap_b, &full_bar[stage], smem_b + stage * L::kBytesB,
                            kb * kBlockK, b_row0);
           ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * (L::kBytesSA / 4),
@@ -430,9 +460,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     };
 
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped>(
-          tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend);
+    for (int tile = sched0; tile < num_tiles; tile += sched_step) {
+      const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
+          tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
+          rank);
       // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
       // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
       const int nb_lo = t.n0 / kScaleBlock;
@@ -453,9 +484,13 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
         const float sa0 = sa_stage[0], sa1 = sa_stage[8];
         // All smem reads of this stage (wgmma operands and sa) are done:
-        // release the slot, one arrival per warp.
+        // release the slot, one arrival per warp (to every CTA that fills it).
         __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
+        if constexpr (kMulticast > 1) {
+          if (lane < kMulticast) ptx::mbarrier_arrive_cluster(&empty_bar[promo_stage], lane);
+        } else {
+          if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
+        }
         if (++promo_stage == STAGES) promo_stage = 0;
 
         const float s_lo0 = sa0 * sb_lo_val, s_lo1 = sa1 * sb_lo_val;
@@ -543,6 +578,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     }
   }
+  // The peer may still arrive on our barriers: stay resident until it is done.
+  if constexpr (kMulticast > 1) ptx::cluster_sync();
 #else
   // Only sm_90a is supported.
   __trap();

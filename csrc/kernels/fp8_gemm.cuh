@@ -11,6 +11,10 @@
 //     warpgroup (last); setmaxnreg rebalances registers between them;
 //   * STAGES-deep shared-memory ring guarded by full/empty mbarriers; the
 //     k-iteration counter (stage, phase) runs across tiles.
+//   * BLOCK_N <= 128: two wgmma result buffers, so a k-block's promotion
+//     FFMAs run while the next k-block's wgmma is in flight (in chunks of up
+//     to 8 k-blocks; ptxas serializes wgmmas left in flight across a loop's
+//     back edge).
 //
 // The same kernel runs the M-grouped (MoE) GEMMs when kGrouped: rows of `a`
 // belong to groups (experts) g, each with its own B[g] = b[g*N : (g+1)*N].

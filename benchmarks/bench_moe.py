@@ -28,11 +28,13 @@ the parameters are shared by all rotated input sets (only x and the cotangent ro
   python benchmarks/bench_moe.py                 # writes results/moe.json
   python benchmarks/bench_moe.py --experts 256 --tokens 4096
   python benchmarks/bench_moe.py --quick --no-write   # CPU smoke run
+  python benchmarks/bench_moe.py --ragged-dot fusion   # bf16 baseline through XLA's ragged-dot fusion
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 
 import jax
@@ -48,6 +50,12 @@ BF16 = jnp.bfloat16
 F32 = jnp.float32
 IMPLS = {"jax_deepgemm": "fp8", "bf16": "bf16"}  # record impl -> MoE experts_impl
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+# --ragged-dot: XLA flags (present in jaxlib 0.10/0.11) for the bf16 baseline's ragged_dot.
+RAGGED_DOT_FLAGS = {
+    "dense": "",
+    "fusion": "--xla_gpu_experimental_use_ragged_dot_fusion=true",
+    "grouped_gemm": "--xla_gpu_experimental_use_ragged_dot_grouped_gemm=true",
+}
 
 
 def int_list(text: str):
@@ -118,7 +126,14 @@ def main(argv=None) -> int:
   p.add_argument("--top-k", type=int, default=None, help="experts per token (default 8)")
   p.add_argument("--skip-baseline", action="store_true", help="time the FP8 layer only")
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
+  p.add_argument("--ragged-dot", choices=tuple(RAGGED_DOT_FLAGS), default="dense",
+                 help="how XLA's GPU compiler lowers the bf16 layer's ragged_dot: 'dense' (its "
+                      "default: dense masked dots, which run out of memory at large shapes), "
+                      "'fusion' or 'grouped_gemm' (its experimental ragged-dot emitters)")
   args = p.parse_args(argv)
+  if RAGGED_DOT_FLAGS[args.ragged_dot]:  # before the backend starts (first device use)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               RAGGED_DOT_FLAGS[args.ragged_dot]).strip()
 
   defaults = (dict(tokens=[64, 128], experts=8, hidden=256, expert_width=128, top_k=2)
               if args.quick else
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
 
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
-                  param_dtype="bfloat16", dtype="bfloat16")
+                  param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot)
 
     def perf(t):
       return dict(step_ms=t.time_us / 1e3, tokens_per_s=tokens / (t.time_us * 1e-6)) if t else {}

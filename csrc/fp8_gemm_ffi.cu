@@ -45,6 +45,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "common/ffi_util.h"
 #include "common/tma.cuh"
 #include "handlers.h"
 #include "kernels/fp8_gemm.cuh"
@@ -77,6 +78,24 @@ struct LaunchArgs {
 using LaunchFn = ffi::Error (*)(const LaunchArgs&, cudaStream_t, int device,
                                 int num_sms);
 
+// Launch config for `grid` CTAs of `threads` threads in clusters of `cluster`
+// CTAs along x (no cluster attribute when cluster == 1); *attr backs it.
+inline cudaLaunchConfig_t ClusterLaunch(int grid, int threads, int smem, cudaStream_t stream,
+                                        int cluster, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid, 1, 1);
+  config.blockDim = dim3(threads, 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
 // Raises the kernel's dynamic shared-memory limit on `device` (the current
 // device), once. Not allowed while a stream is being captured into a CUDA
 // graph, so InitializeDevices() does it for every device ahead of time.
@@ -99,17 +118,9 @@ ffi::Error ConfigureFp8GemmNt(int device, int* max_clusters = nullptr) {
                                          L::kDynamicSmem);
   int fit = 1 << 30;  // MC == 1: limited by the SM count only
   if (err == cudaSuccess && MC > 1) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(MC, 1, 1);
-    config.blockDim = dim3(L::kNumThreads, 1, 1);
-    config.dynamicSmemBytes = L::kDynamicSmem;
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = MC;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config =
+        ClusterLaunch(MC, L::kNumThreads, L::kDynamicSmem, nullptr, MC, &attr);
     err = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
     if (err == cudaSuccess && fit < 1) err = cudaErrorInvalidConfiguration;
   }
@@ -171,18 +182,9 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   const int64_t max_grid = std::min<int64_t>(num_sms / MC, max_clusters);
   const int grid = static_cast<int>(std::max<int64_t>(std::min(num_tiles, max_grid), 1)) * MC;
 
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid, 1, 1);
-  config.blockDim = dim3(L::kNumThreads, 1, 1);
-  config.dynamicSmemBytes = L::kDynamicSmem;
-  config.stream = stream;
   cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = MC;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = MC > 1 ? 1 : 0;
+  const cudaLaunchConfig_t config =
+      ClusterLaunch(grid, L::kNumThreads, L::kDynamicSmem, stream, MC, &attr);
   cudaError_t err = cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_b, tmap_sa, args.sb,
                                        args.bias, args.c, static_cast<OutT*>(args.out), args.m,
                                        args.n, args.k, args.grp);
@@ -449,10 +451,9 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
 // two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
 // promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22).
-// The multicast build is only used when forced: on H200 it ran at 57% of the
-// plain kernel's speed (66 clusters resident, 2026-11-22; cause not found yet).
-// Problems of one
-// wave or less (small M, decode) pick by a small cost model per 128-wide K
+// The multicast build is only used when forced: on H200 it runs at 97-98% of
+// the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
+// Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
 // For grouped problems `m` is the total row count and `groups` adds one
@@ -543,53 +544,17 @@ ffi::Error InvalidArg(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_deepgemm_fp8_gemm_nt: " + msg);
 }
 
-std::string DimsToString(const ffi::AnyBuffer& buf) {
-  std::string s = "[";
-  bool first = true;
-  for (int64_t d : buf.dimensions()) {
-    if (!first) s += ", ";
-    s += std::to_string(d);
-    first = false;
-  }
-  return s + "]";
-}
-
 bool IsEmpty1D(const ffi::AnyBuffer& buf) {
   const auto dims = buf.dimensions();
   return dims.size() == 1 && dims[0] == 0;
 }
 
-bool Aligned(const void* p, uintptr_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-
-// Restores the calling thread's current device on scope exit.
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    if (cudaGetDevice(&prev_) != cudaSuccess) {
-      (void)cudaGetLastError();
-      prev_ = -1;
-    }
-    if (prev_ != device) {
-      ok_ = cudaSetDevice(device) == cudaSuccess;
-      switched_ = ok_;
-    }
+// The SM count of `device`, made current by `scoped` (the device comes from XLA,
+// not cudaStreamGetDevice: stream queries invalidate a CUDA-graph capture).
+ffi::Error DeviceSms(const ScopedDevice& scoped, int device, int* num_sms) {
+  if (!scoped.ok()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
   }
-  ~ScopedDevice() {
-    if (switched_ && prev_ >= 0) (void)cudaSetDevice(prev_);
-  }
-  bool ok() const { return ok_; }
-
- private:
-  int prev_ = -1;
-  bool ok_ = true;
-  bool switched_ = false;
-};
-
-// Device and SM count for a launch (from XLA, not cudaStreamGetDevice: stream
-// queries invalidate a CUDA-graph capture).
-ffi::Error DeviceSms(int device, int* num_sms) {
   cudaError_t cerr = cudaSuccess;
   *num_sms = GetNumSms(device, &cerr);
   if (*num_sms <= 0) {
@@ -623,12 +588,12 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
       sa.dimensions()[0] != kb || sa.dimensions()[1] != mp) {
     return invalid("sa must be float32 [ceil(K/128), round_up(M, 4)] = [" +
                    std::to_string(kb) + ", " + std::to_string(mp) + "], got " +
-                   DimsToString(sa));
+                   Dims(sa));
   }
   const ffi::DataType out_type = out.element_type();
   if ((out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F32) ||
       out.dimensions().size() != 2 || out.dimensions()[0] != m || out.dimensions()[1] != n) {
-    return invalid("out must be bfloat16 or float32 [M, N], got " + DimsToString(out));
+    return invalid("out must be bfloat16 or float32 [M, N], got " + Dims(out));
   }
   // TMA needs 16-byte aligned global addresses; the epilogue uses 8-byte (and
   // the zero fill 16-byte, after a scalar head) accesses. XLA buffers are far
@@ -666,17 +631,17 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   // ---- dtypes / ranks / shapes ----
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
     return InvalidArg("a must be a rank-2 float8_e4m3fn array, got shape " +
-                      DimsToString(a));
+                      Dims(a));
   }
   if (b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 2) {
     return InvalidArg("b must be a rank-2 float8_e4m3fn array, got shape " +
-                      DimsToString(b));
+                      Dims(b));
   }
   const int64_t m = a.dimensions()[0];
   const int64_t k = a.dimensions()[1];
   const int64_t n = b.dimensions()[0];
   if (b.dimensions()[1] != k) {
-    return InvalidArg("a " + DimsToString(a) + " and b " + DimsToString(b) +
+    return InvalidArg("a " + Dims(a) + " and b " + Dims(b) +
                       " disagree on K");
   }
   if (ffi::Error e = CheckCommon(a, sa, b, n, *out, "jax_deepgemm_fp8_gemm_nt"); e.failure()) {
@@ -688,18 +653,18 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       sb.dimensions()[0] != nb || sb.dimensions()[1] != kb) {
     return InvalidArg("sb must be float32 [ceil(N/128), ceil(K/128)] = [" +
                       std::to_string(nb) + ", " + std::to_string(kb) + "], got " +
-                      DimsToString(sb));
+                      Dims(sb));
   }
   const bool has_bias = !IsEmpty1D(bias);
   if (bias.element_type() != ffi::DataType::F32 ||
       (has_bias && (bias.dimensions().size() != 1 || bias.dimensions()[0] != n))) {
-    return InvalidArg("bias must be float32 [N] or [0], got " + DimsToString(bias));
+    return InvalidArg("bias must be float32 [N] or [0], got " + Dims(bias));
   }
   const bool has_c = !IsEmpty1D(c);
   if (c.element_type() != ffi::DataType::F32 ||
       (has_c && (c.dimensions().size() != 2 || c.dimensions()[0] != m ||
                  c.dimensions()[1] != n))) {
-    return InvalidArg("c must be float32 [M, N] or [0], got " + DimsToString(c));
+    return InvalidArg("c must be float32 [M, N] or [0], got " + Dims(c));
   }
   const ffi::DataType out_type = out->element_type();
   if (has_c && out_type != ffi::DataType::F32) {
@@ -712,11 +677,8 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
 
   const int device = static_cast<int>(device_ordinal);
   ScopedDevice scoped(device);
-  if (!scoped.ok()) {
-    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
-  }
   int num_sms = 0;
-  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
+  if (ffi::Error e = DeviceSms(scoped, device, &num_sms); e.failure()) return e;
 
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
@@ -744,18 +706,18 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
                                  int64_t expected_m) {
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
     return GroupedInvalid("a must be a rank-2 float8_e4m3fn array, got shape " +
-                          DimsToString(a));
+                          Dims(a));
   }
   if (b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 3) {
     return GroupedInvalid("b must be a rank-3 float8_e4m3fn array [G, N, K], got shape " +
-                          DimsToString(b));
+                          Dims(b));
   }
   const int64_t m = a.dimensions()[0];
   const int64_t k = a.dimensions()[1];
   const int64_t g = b.dimensions()[0];
   const int64_t n = b.dimensions()[1];
   if (b.dimensions()[2] != k) {
-    return GroupedInvalid("a " + DimsToString(a) + " and b " + DimsToString(b) +
+    return GroupedInvalid("a " + Dims(a) + " and b " + Dims(b) +
                           " disagree on K");
   }
   if (g < 1 || g > kMaxGroups) {
@@ -773,11 +735,11 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
       sb.dimensions()[0] != g || sb.dimensions()[1] != nb || sb.dimensions()[2] != kb) {
     return GroupedInvalid("sb must be float32 [G, ceil(N/128), ceil(K/128)] = [" +
                           std::to_string(g) + ", " + std::to_string(nb) + ", " +
-                          std::to_string(kb) + "], got " + DimsToString(sb));
+                          std::to_string(kb) + "], got " + Dims(sb));
   }
   if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1 ||
       sizes.dimensions()[0] != g) {
-    return GroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
+    return GroupedInvalid("group sizes must be int32 [G], got " + Dims(sizes));
   }
   if (masked_stride < 0 || (masked_stride > 0 && masked_stride * g != m)) {
     return GroupedInvalid("masked_stride must be 0 (contiguous) or M / G, got " +
@@ -789,11 +751,8 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
 
   const int device = static_cast<int>(device_ordinal);
   ScopedDevice scoped(device);
-  if (!scoped.ok()) {
-    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
-  }
   int num_sms = 0;
-  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
+  if (ffi::Error e = DeviceSms(scoped, device, &num_sms); e.failure()) return e;
 
   // The config follows the rows the caller expects to be valid, not the buffer.
   const int64_t rows = masked_stride > 0 && expected_m > 0
@@ -823,12 +782,12 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2 ||
       b.element_type() != ffi::DataType::F8E4M3FN || b.dimensions().size() != 2) {
     return KGroupedInvalid("aT and bT must be rank-2 float8_e4m3fn arrays, got " +
-                           DimsToString(a) + " and " + DimsToString(b));
+                           Dims(a) + " and " + Dims(b));
   }
   const int64_t n = a.dimensions()[0], t = a.dimensions()[1];
   const int64_t k = b.dimensions()[0];
   if (b.dimensions()[1] != t) {
-    return KGroupedInvalid("aT " + DimsToString(a) + " and bT " + DimsToString(b) +
+    return KGroupedInvalid("aT " + Dims(a) + " and bT " + Dims(b) +
                            " disagree on T");
   }
   if (n < 1 || k < 1 || t < 16 || t % 16 != 0 || n > INT32_MAX || k > INT32_MAX ||
@@ -838,7 +797,7 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
                            " T=" + std::to_string(t));
   }
   if (sizes.element_type() != ffi::DataType::S32 || sizes.dimensions().size() != 1) {
-    return KGroupedInvalid("group sizes must be int32 [G], got " + DimsToString(sizes));
+    return KGroupedInvalid("group sizes must be int32 [G], got " + Dims(sizes));
   }
   const int64_t g = sizes.dimensions()[0];
   if (g < 1 || g > kMaxGroups) {
@@ -849,12 +808,12 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
       sa.dimensions()[0] != tb || sa.dimensions()[1] != (n + 3) / 4 * 4) {
     return KGroupedInvalid("sa must be float32 [ceil(T/128), round_up(N, 4)], got " +
-                           DimsToString(sa));
+                           Dims(sa));
   }
   if (sb.element_type() != ffi::DataType::F32 || sb.dimensions().size() != 2 ||
       sb.dimensions()[0] != tb || sb.dimensions()[1] != (k + 3) / 4 * 4) {
     return KGroupedInvalid("sb must be float32 [ceil(T/128), round_up(K, 4)], got " +
-                           DimsToString(sb));
+                           Dims(sb));
   }
   const bool has_c = !IsEmpty1D(c);
   auto is_gnk = [&](const ffi::AnyBuffer& x) {
@@ -863,10 +822,10 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
            d[1] == n && d[2] == k;
   };
   if (c.element_type() != ffi::DataType::F32 || (has_c && !is_gnk(c))) {
-    return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + DimsToString(c));
+    return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + Dims(c));
   }
   if (!is_gnk(*out)) {
-    return KGroupedInvalid("out must be float32 [G, N, K], got " + DimsToString(*out));
+    return KGroupedInvalid("out must be float32 [G, N, K], got " + Dims(*out));
   }
   if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
       !Aligned(sa.untyped_data(), 16) || !Aligned(sb.untyped_data(), 16) ||
@@ -877,11 +836,8 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
 
   const int device = static_cast<int>(device_ordinal);
   ScopedDevice scoped(device);
-  if (!scoped.ok()) {
-    return ffi::Error(ffi::ErrorCode::kInternal, "jax_deepgemm: cudaSetDevice failed");
-  }
   int num_sms = 0;
-  if (ffi::Error e = DeviceSms(device, &num_sms); e.failure()) return e;
+  if (ffi::Error e = DeviceSms(scoped, device, &num_sms); e.failure()) return e;
 
   // 128x128 tiles unless that leaves SMs idle.
   const int64_t tiles_128 = g * ((n + 127) / 128) * ((k + 127) / 128);

@@ -24,6 +24,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "common/ffi_util.h"
 #include "handlers.h"
 #include "kernels/quant.cuh"
 
@@ -37,29 +38,6 @@ using quant::kThreads;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename Buffer>
-std::string Dims(const Buffer& buf) {
-  std::string s = "[";
-  bool first = true;
-  for (int64_t d : buf.dimensions()) {
-    if (!first) s += ", ";
-    s += std::to_string(d);
-    first = false;
-  }
-  return s + "]";
-}
-
-std::string Dims(std::initializer_list<int64_t> dims) {
-  std::string s = "[";
-  bool first = true;
-  for (int64_t d : dims) {
-    if (!first) s += ", ";
-    s += std::to_string(d);
-    first = false;
-  }
-  return s + "]";
-}
-
 bool HasDims(const ffi::AnyBuffer& buf, std::initializer_list<int64_t> dims) {
   const auto have = buf.dimensions();
   if (have.size() != dims.size()) return false;
@@ -68,10 +46,6 @@ bool HasDims(const ffi::AnyBuffer& buf, std::initializer_list<int64_t> dims) {
     if (have[i++] != d) return false;
   }
   return true;
-}
-
-bool Aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 ffi::Error InvalidArg(const char* op, const std::string& msg) {
@@ -100,31 +74,6 @@ ffi::Error CheckOutputs(const char* op, const ffi::AnyBuffer& q,
   }
   return ffi::Error::Success();
 }
-
-// Restores the calling thread's current device on scope exit (the stream is
-// the device's; kernels launch on the current device).
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    if (cudaGetDevice(&prev_) != cudaSuccess) {
-      (void)cudaGetLastError();
-      prev_ = -1;
-    }
-    if (prev_ != device) {
-      ok_ = cudaSetDevice(device) == cudaSuccess;
-      switched_ = ok_;
-    }
-  }
-  ~ScopedDevice() {
-    if (switched_ && prev_ >= 0) (void)cudaSetDevice(prev_);
-  }
-  bool ok() const { return ok_; }
-
- private:
-  int prev_ = -1;
-  bool ok_ = true;
-  bool switched_ = false;
-};
 
 ffi::Error LaunchStatus(const char* op) {
   const cudaError_t err = cudaGetLastError();

@@ -248,8 +248,9 @@ __device__ __forceinline__ void zero_rows(OutT* out, int64_t r0, int64_t r1, int
 // Epilogue of one wgmma accumulator tile, registers -> global: this thread
 // holds rows `row` and `row + 8` (rows >= row_end are skipped) and columns
 // col_base + 8j + {0, 1}; out = acc (+ bias[col]) (+ c[row, col]), out/c row pitch N.
+// One store per column pair: for tiles at the right edge and odd N.
 template <int BLOCK_N, typename OutT>
-__device__ __forceinline__ void store_tile(const float* acc, OutT* out, const float* c,
+__device__ __forceinline__ void store_tile_pairs(const float* acc, OutT* out, const float* c,
                                            const float* bias, int row, int row_end,
                                            int col_base, int N) {
   const bool n_even = (N % 2) == 0;
@@ -290,6 +291,114 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
           if (bias != nullptr) v1 += __ldg(bias + col + 1);
           if (c_row != nullptr) v1 += c_row[col + 1];
           store_one<OutT>(out_row + col + 1, v1);
+        }
+      }
+    }
+  }
+}
+
+// Quad transpose: lane q of a quad holds x[j] = its column pair q of 8-column
+// block j (j = 0..3, W 32-bit words per pair); afterwards x[p] = pair p of block q,
+// so each lane owns 8 consecutive columns. Rows are per quad: no lane diverges.
+template <int W>
+__device__ __forceinline__ void quad_transpose(uint32_t (&x)[4][W], int q) {
+#pragma unroll
+  for (int bit = 1; bit <= 2; bit <<= 1) {
+    const bool upper = (q & bit) != 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j & bit) continue;  // swap x[j + bit] of the lower lane with x[j] of the upper one
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const uint32_t recv = __shfl_xor_sync(0xffffffffu, upper ? x[j][w] : x[j + bit][w], bit);
+        if (upper) x[j][w] = recv; else x[j + bit][w] = recv;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The same epilogue with 16-byte stores: each quad transposes four 8-column
+// blocks so that a lane writes 8 consecutive columns at once. A warp store then
+// covers 64 contiguous bytes of each of its 8 rows instead of 16, which cuts the
+// epilogue's LSU cycles (the tensor cores idle during it) about 3x.
+// Falls back to store_tile_pairs unless the tile is whole in N, N % 8 == 0 and
+// out / c are 16-byte aligned. Called by whole warps.
+template <int BLOCK_N, typename OutT>
+__device__ __forceinline__ void store_tile(const float* acc, OutT* out, const float* c,
+                                           const float* bias, int row, int row_end,
+                                           int col_base, int N) {
+  constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
+  const int q = (col_base / 2) % 4;  // = lane % 4: col_base = n0 + 2 * (lane % 4), n0 % 8 == 0
+  const int n0 = col_base - 2 * q;
+  const bool fast = N % 8 == 0 && n0 + BLOCK_N <= N &&
+                    reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(c) % 16 == 0;
+  if (!__all_sync(0xffffffffu, fast)) {
+    store_tile_pairs<BLOCK_N, OutT>(acc, out, c, bias, row, row_end, col_base, N);
+    return;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row + h * 8;
+    const bool valid = r < row_end;  // the same for the whole quad
+    OutT* out_row = out + static_cast<int64_t>(r) * N;
+#pragma unroll
+    for (int g = 0; g < BLOCK_N / 32; ++g) {
+      float v[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v[j][0] = acc[(g * 4 + j) * 4 + h * 2];
+        v[j][1] = acc[(g * 4 + j) * 4 + h * 2 + 1];
+        if (bias != nullptr) {  // one address per quad lane: a broadcast load
+          const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col_base + (g * 4 + j) * 8));
+          v[j][0] += bv.x;
+          v[j][1] += bv.y;
+        }
+      }
+      const int col = n0 + (g * 4 + q) * 8;  // this lane's 8 columns after the transpose
+      if (kBf16 && c == nullptr) {
+        uint32_t x[4][1];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[j][0] = pack_bf16x2(v[j][0], v[j][1]);
+        quad_transpose<1>(x, q);
+        if (valid) {
+          *reinterpret_cast<uint4*>(out_row + col) = make_uint4(x[0][0], x[1][0], x[2][0], x[3][0]);
+        }
+      } else {
+        uint32_t x[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          x[j][0] = __float_as_uint(v[j][0]);
+          x[j][1] = __float_as_uint(v[j][1]);
+        }
+        quad_transpose<2>(x, q);
+        if (valid) {
+          float o[8];
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            o[2 * p] = __uint_as_float(x[p][0]);
+            o[2 * p + 1] = __uint_as_float(x[p][1]);
+          }
+          if (c != nullptr) {
+            const float4* c_ptr = reinterpret_cast<const float4*>(c + static_cast<int64_t>(r) * N + col);
+            const float4 c0 = c_ptr[0], c1 = c_ptr[1];
+            o[0] += c0.x; o[1] += c0.y; o[2] += c0.z; o[3] += c0.w;
+            o[4] += c1.x; o[5] += c1.y; o[6] += c1.z; o[7] += c1.w;
+          }
+          if constexpr (kBf16) {
+            *reinterpret_cast<uint4*>(out_row + col) =
+                make_uint4(pack_bf16x2(o[0], o[1]), pack_bf16x2(o[2], o[3]),
+                           pack_bf16x2(o[4], o[5]), pack_bf16x2(o[6], o[7]));
+          } else {
+            float4* o_ptr = reinterpret_cast<float4*>(out_row + col);
+            o_ptr[0] = make_float4(o[0], o[1], o[2], o[3]);
+            o_ptr[1] = make_float4(o[4], o[5], o[6], o[7]);
+          }
         }
       }
     }
@@ -464,6 +573,23 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     };
 
+    // The epilogue of a tile is deferred into the next tile's first k-blocks:
+    // it runs while their wgmmas are in flight (the tensor cores would idle
+    // during it otherwise). `prev` is the tile whose result `acc` holds.
+    TileInfo prev{0, 0, 0, -1};
+    auto store_prev = [&]() {
+      if (prev.group >= 0) {
+        store_tile<BLOCK_N, OutT>(acc, out, c, bias, prev.row0 + r_local, prev.row_end,
+                                  prev.n0 + (lane % 4) * 2, N);
+      }
+    };
+    auto flush = [&]() {
+      store_prev();
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
+    };
+    auto no_flush = []() {};
+
     for (int tile = sched0; tile < num_tiles; tile += sched_step) {
       const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
           tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
@@ -477,9 +603,6 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const float* sb_lo = sb_g + static_cast<int64_t>(nb_lo) * num_k_blocks;
       const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
       const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
-
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
 
       // acc += d * scales of k-block kb, then release its stage.
       auto promote = [&](float (&d)[kNumAccum], float sb_lo_val, float sb_hi_val) {
@@ -518,55 +641,83 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
       // Promotes k-block kb (already issued into d); with kPipelined and not
       // `last`, first issues kb + 1 into d_next so it runs under the FFMAs.
-      auto step = [&](auto& d, auto& d_next, int kb, bool last) {
+      // `mid` runs with the wgmmas in flight, before the wait (fp32 outputs:
+      // before kb + 1 is issued, as their epilogue needs more registers).
+      auto step = [&](auto& d, auto& d_next, int kb, bool last, auto&& mid) {
         const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
+        constexpr bool kMidEarly = sizeof(OutT) == 4;
         if constexpr (kPipelined) {
           if (!last) {
+            if constexpr (kMidEarly) mid();
             issue(d_next);
+            if constexpr (!kMidEarly) mid();
             ptx::wgmma_wait_group<1>();
           } else {
+            mid();
             ptx::wgmma_wait_group<0>();
           }
         } else {
+          mid();
           ptx::wgmma_wait_group<0>();
         }
         promote(d, sb_lo_val, sb_hi_val);
       };
 
-      // U consecutive k-blocks, alternating buffers. Nothing is in flight
-      // between chunks: ptxas serializes wgmmas still pending at a loop's back edge.
-      auto chunk = [&](int kb, auto u) {
+      // U consecutive k-blocks, alternating buffers; `first` runs in the first
+      // step (the previous tile's epilogue). Nothing is in flight between
+      // chunks: ptxas serializes wgmmas still pending at a loop's back edge.
+      auto chunk = [&](int kb, auto u, auto&& first) {
         constexpr int U = decltype(u)::value;
-        issue(buf0);
+        if constexpr (kPipelined) {
+          issue(buf0);
 #pragma unroll
-        for (int j = 0; j < U; ++j) {
-          if constexpr (kPipelined) {
-            if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U);
-            else step(buf1, buf0, kb + j, j + 1 == U);
-          } else {
-            step(buf0, buf0, kb + j, true);
+          for (int j = 0; j < U; ++j) {
+            if (j == 0) step(buf0, buf1, kb, U == 1, first);
+            else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
+            else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
           }
+        } else {  // one k-block; fp32 outputs flush before the issue (registers)
+          static_assert(U == 1, "the serial loop runs one k-block per chunk");
+          if constexpr (sizeof(OutT) == 4) first();
+          issue(buf0);
+          if constexpr (sizeof(OutT) == 4) step(buf0, buf0, kb, true, no_flush);
+          else step(buf0, buf0, kb, true, first);
         }
       };
-
-      int kb = 0;
-      if constexpr (kPipelined) {
-        for (; kb + 8 <= num_k_blocks; kb += 8) chunk(kb, std::integral_constant<int, 8>{});
+      // The tile's first chunk (the largest that fits) also flushes `prev`.
+      int kb = 1;
+      if constexpr (!kPipelined) {
+        chunk(0, std::integral_constant<int, 1>{}, flush);
+      } else {
+        if (num_k_blocks >= 8) {
+          chunk(0, std::integral_constant<int, 8>{}, flush);
+          kb = 8;
+        } else if (num_k_blocks >= 4) {
+          chunk(0, std::integral_constant<int, 4>{}, flush);
+          kb = 4;
+        } else if (num_k_blocks >= 2) {
+          chunk(0, std::integral_constant<int, 2>{}, flush);
+          kb = 2;
+        } else {
+          chunk(0, std::integral_constant<int, 1>{}, flush);
+        }
+        for (; kb + 8 <= num_k_blocks; kb += 8) {
+          chunk(kb, std::integral_constant<int, 8>{}, no_flush);
+        }
         if (num_k_blocks - kb >= 4) {
-          chunk(kb, std::integral_constant<int, 4>{});
+          chunk(kb, std::integral_constant<int, 4>{}, no_flush);
           kb += 4;
         }
         if (num_k_blocks - kb >= 2) {
-          chunk(kb, std::integral_constant<int, 2>{});
+          chunk(kb, std::integral_constant<int, 2>{}, no_flush);
           kb += 2;
         }
       }
-      for (; kb < num_k_blocks; ++kb) chunk(kb, std::integral_constant<int, 1>{});
-
-      // ---------------- epilogue: registers -> global ----------------
-      store_tile<BLOCK_N, OutT>(acc, out, c, bias, t.row0 + r_local, t.row_end,
-                                t.n0 + (lane % 4) * 2, N);
+      for (; kb < num_k_blocks; ++kb) chunk(kb, std::integral_constant<int, 1>{}, no_flush);
+      prev = t;
     }
+    // ---------------- epilogue of the last tile: registers -> global ----------------
+    store_prev();
 
     if constexpr (kGrouped) {
       // Rows that belong to no group come out as zeros (like the reference).

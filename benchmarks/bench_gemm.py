@@ -28,6 +28,7 @@ Timing method: see ``_timing.py``.
   python benchmarks/bench_gemm.py --check-hlo     # also show what XLA compiled each dot to
   python benchmarks/bench_gemm.py --quick --no-write   # CPU smoke run
   python benchmarks/bench_gemm.py --shapes 128x2112x7168,4096x7168x2048
+  python benchmarks/bench_gemm.py --epilogues     # also bias / accumulate epilogue overheads
 """
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ def xla_fp8_dequant_f32(a, b, sa, sb):
   return jax.lax.dot_general(a32, b32, NT, preferred_element_type=jnp.float32).astype(BF16)
 
 
+# Epilogues (--epilogues): the same GEMM with a bias (bf16 out), and f32 out plain vs
+# accumulating into c. XLA copies a non-donated c before the in-place call, so the accumulate
+# time is a difference: acc2 (copy + two chained in-place calls) - acc1 (copy + one call).
+def ours_bias(a, sa, b, sb, bias):
+  return jd.fp8_gemm_nt(a, sa, b, sb, bias=bias)
+
+
+def ours_f32(a, sa, b, sb, c):
+  del c  # same inputs as the accumulate variants
+  return jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32)
+
+
+def ours_acc1(a, sa, b, sb, c):
+  return jd.fp8_gemm_nt(a, sa, b, sb, c=c)
+
+
+def ours_acc2(a, sa, b, sb, c):
+  return jd.fp8_gemm_nt(a, sa, b, sb, c=jd.fp8_gemm_nt(a, sa, b, sb, c=c))
+
+
 XLA_FP8_PATTERNS = {"direct": xla_fp8_direct, "dequant": xla_fp8_dequant,
                     "dequant_f32": xla_fp8_dequant_f32}
 
@@ -98,6 +119,20 @@ def ours_inputs(m, n, k):
     a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (m, k), BF16))
     b, sb = jd.per_block_cast_to_fp8(jax.random.normal(kb, (n, k), BF16))
     return a, sa, b, sb
+  return make
+
+
+def epilogue_inputs(m, n, k, extra):
+  """ours_inputs plus a bias [N] (extra="bias") or a c [M, N] (extra="c"), float32."""
+  base = ours_inputs(m, n, k)
+
+  @jax.jit
+  def more(key):
+    shape = (n,) if extra == "bias" else (m, n)
+    return jax.random.normal(jax.random.fold_in(key, 7), shape, jnp.float32)
+
+  def make(key):
+    return (*base(key), more(key))
   return make
 
 
@@ -199,6 +234,9 @@ def main(argv=None) -> int:
   p.add_argument("--xla-fp8-pattern", choices=("best", *XLA_FP8_PATTERNS), default="best",
                  help="how the XLA FP8 baseline is written (default: time all, keep the fastest)")
   p.add_argument("--skip-xla", action="store_true", help="time jax_deepgemm only")
+  p.add_argument("--epilogues", action="store_true",
+                 help="also time the bias and accumulate (c) epilogues at M >= 4096 "
+                      "(records jax_deepgemm_bias / jax_deepgemm_f32 / jax_deepgemm_c)")
   p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken)")
   p.add_argument("--min-time", type=float, default=None, help="seconds of timing per impl")
   p.add_argument("--rotate-mb", type=float, default=None,
@@ -318,6 +356,38 @@ def main(argv=None) -> int:
                                    nbytes=bytes_bf16, config=bf16_cfg, **t_bf16.extras(),
                                    **common))
 
+    if args.epilogues and m >= 4096 and t_ours:
+      t_bias = attempt("bias", lambda: T.bench(ours_bias, epilogue_inputs(m, n, k, "bias"),
+                                                **timing))
+      cin = epilogue_inputs(m, n, k, "c")
+      t_f32 = attempt("f32", lambda: T.bench(ours_f32, cin, **timing))
+      t_acc1 = attempt("acc1", lambda: T.bench(ours_acc1, cin, **timing))
+      t_acc2 = attempt("acc2", lambda: T.bench(ours_acc2, cin, **timing))
+      gc.collect()
+      t_c = t_acc2.time_us - t_acc1.time_us if t_acc1 and t_acc2 else None
+      ep = {}
+      if t_bias:
+        ep["bias"] = t_bias.time_us / t_ours.time_us - 1
+        records.append(T.make_record(impl="jax_deepgemm_bias", time_us=t_bias.time_us,
+                                     nbytes=bytes_ours + 4 * n, config=config,
+                                     overhead_vs_plain=ep["bias"], plain_time_us=t_ours.time_us,
+                                     **t_bias.extras(), **common))
+      if t_f32:
+        records.append(T.make_record(impl="jax_deepgemm_f32", time_us=t_f32.time_us,
+                                     nbytes=bytes_ours + 2 * m * n, config=config,
+                                     **t_f32.extras(), **common))
+      if t_f32 and t_c is not None:
+        ep["c"] = t_c / t_f32.time_us - 1
+        records.append(T.make_record(impl="jax_deepgemm_c", time_us=t_c,
+                                     nbytes=bytes_ours + 6 * m * n, config=config,
+                                     overhead_vs_plain=ep["c"], plain_time_us=t_f32.time_us,
+                                     acc1_time_us=t_acc1.time_us, acc2_time_us=t_acc2.time_us,
+                                     **common))
+      print(f"[{shape}] epilogues: bias {T.fmt(t_bias and t_bias.time_us)} us "
+            f"(vs bf16 plain {ep.get('bias', float('nan')):+.1%}), f32 plain "
+            f"{T.fmt(t_f32 and t_f32.time_us)} us, accumulate {T.fmt(t_c)} us "
+            f"(vs f32 plain {ep.get('c', float('nan')):+.1%})", flush=True)
+
     def tf(t):
       return T.tflops(flops, t.time_us) if t else None
     row = [shape, config,
@@ -328,6 +398,8 @@ def main(argv=None) -> int:
     rows.append(row)
     print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
           f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]}", flush=True)
+    if not args.no_write and records:  # after every shape: a later crash keeps what was measured
+      T.write_results(args.out, records)
 
   print()
   T.print_table(

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <string>
 #include <vector>
@@ -73,6 +74,7 @@ struct LaunchArgs {
   int m, n, k;
   int mp;  // padded row count of sa's inner dim
   int kb;  // number of 128-wide K blocks
+  bool tma_store;  // allow the TMA-store epilogue (JAX_DEEPGEMM_GEMM_CONFIG tma_store=0: no)
 };
 
 using LaunchFn = ffi::Error (*)(const LaunchArgs&, cudaStream_t, int device,
@@ -169,6 +171,23 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                       "jax_deepgemm: cuTensorMapEncodeTiled failed (CUresult " +
                           std::to_string(static_cast<int>(res)) + ")");
   }
+  // The TMA-store epilogue needs 16-byte rows and base. An fp32 c is added by a
+  // TMA reduce-add into out, so only when c is out itself (the op aliases them).
+  // Anything else stores from registers.
+  int store_mode = kStoreRegisters;
+  CUtensorMap tmap_out;
+  std::memset(&tmap_out, 0, sizeof(tmap_out));
+  constexpr int kOutBytes = sizeof(OutT);
+  if (fp8_gemm_tma_store(BN) && args.tma_store && (args.n * kOutBytes) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(args.out) % 16 == 0 &&
+      (args.c == nullptr || static_cast<const void*>(args.c) == args.out) &&
+      tma::make_2d_tiled(&tmap_out,
+                         kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                         kOutBytes, args.out, args.m, args.n, 64, 128 / kOutBytes,
+                         CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
+    store_mode = args.c != nullptr ? kStoreTmaAdd : kStoreTma;
+  }
 
   // Grouped: an upper bound (each group adds at most one partial m-block).
   // Tiles are scheduled per cluster of MC CTAs.
@@ -186,8 +205,8 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   const cudaLaunchConfig_t config =
       ClusterLaunch(grid, L::kNumThreads, L::kDynamicSmem, stream, MC, &attr);
   cudaError_t err = cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_b, tmap_sa, args.sb,
-                                       args.bias, args.c, static_cast<OutT*>(args.out), args.m,
-                                       args.n, args.k, args.grp);
+                                       args.bias, args.c, static_cast<OutT*>(args.out), tmap_out,
+                                       store_mode, args.m, args.n, args.k, args.grp);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -374,6 +393,7 @@ struct EnvOverride {
   std::string raw;
   std::string error;  // non-empty if unparsable
   int block_m = 0, block_n = 0, stages = 0, multicast = 0;  // 0 = not forced
+  int tma_store = 1;  // 0: the epilogue stores from registers (for comparison)
 };
 
 EnvOverride ParseEnvOverride() {
@@ -403,6 +423,10 @@ EnvOverride ParseEnvOverride() {
     const std::string val = item.substr(eq + 1);
     char* endp = nullptr;
     const long x = std::strtol(val.c_str(), &endp, 10);
+    if (key == "tma_store" && val.size() == 1 && (val[0] == '0' || val[0] == '1')) {
+      o.tma_store = val[0] - '0';
+      continue;
+    }
     if (val.empty() || *endp != '\0' || x <= 0 || x > 4096) {
       o.error = "bad value for '" + key + "': '" + val + "'";
       return o;
@@ -420,7 +444,8 @@ EnvOverride ParseEnvOverride() {
       }
       o.multicast = static_cast<int>(x);
     } else {
-      o.error = "unknown key '" + key + "' (expected block_m, block_n, stages, multicast)";
+      o.error = "unknown key '" + key +
+                "' (expected block_m, block_n, stages, multicast, tma_store)";
       return o;
     }
   }
@@ -621,6 +646,7 @@ LaunchArgs MakeArgs(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa, const ffi
   args.k = static_cast<int>(a.dimensions()[1]);
   args.mp = static_cast<int>((args.m + 3) / 4 * 4);
   args.kb = (args.k + 127) / 128;
+  args.tma_store = GetEnvOverride().tma_store != 0;
   return args;
 }
 

@@ -104,3 +104,50 @@ def test_every_built_config():
     assert r.returncode == 0, (cfg, r.stderr[-2000:])
     worst = float(r.stdout.split("WORST")[-1])
     assert worst < 1e-5, (cfg, worst)
+
+
+# Outputs of the dense and M-grouped kernels (bias, c in place, fp32/bf16, edge tiles,
+# partial and empty groups), for comparing the two epilogues.
+_EPILOGUE_SCRIPT = """
+import sys, jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd
+from helpers import quant_act, quant_w
+rng = np.random.default_rng(7)
+outs = []
+for m, n, k in [(300, 2112, 640), (4096, 512, 1024), (200, 1000, 256)]:
+  a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, n, k)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((m, n)) * 10, jnp.float32)
+  outs += [jd.fp8_gemm_nt(a, sa, b, sb), jd.fp8_gemm_nt(a, sa, b, sb, bias=bias),
+           jd.fp8_gemm_nt(a, sa, b, sb, bias=bias, c=c),
+           jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32)]
+m, n, k, sizes = 700, 384, 512, [0, 7, 300, 64, 0, 129, 200]
+a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, len(sizes), n, k)
+gs = jnp.asarray(sizes, jnp.int32)
+outs.append(jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs))
+outs.append(jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=jnp.float32))
+am, sam = a[:6 * 100].reshape(6, 100, k), sa[:6 * 100].reshape(6, 100, -1)
+outs.append(jd.m_grouped_fp8_gemm_nt_masked(am, sam, b[:6], sb[:6],
+                                            jnp.asarray([0, 100, 64, 65, 1, 99], jnp.int32)))
+np.savez(sys.argv[1], *[np.asarray(o.astype(jnp.float32)) for o in outs])
+"""
+
+
+def test_tma_store_epilogue_matches_register_epilogue(tmp_path):
+  # Same values, so bitwise equal: the TMA-store epilogue (default where out
+  # allows it, reduce-add for c) against the register one (tma_store=0).
+  import subprocess
+  import sys
+  here = os.path.dirname(__file__)
+  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+  res = {}
+  for flag in ("1", "0"):
+    f = str(tmp_path / f"tma{flag}.npz")
+    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=f"tma_store={flag}", PYTHONPATH=path)
+    r = subprocess.run([sys.executable, "-c", _EPILOGUE_SCRIPT, f], env=env, cwd=here,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (flag, r.stderr[-2000:])
+    res[flag] = np.load(f)
+  assert len(res["1"].files) == 15
+  for key in res["1"].files:
+    assert np.isfinite(res["1"][key]).all(), key
+    np.testing.assert_array_equal(res["1"][key], res["0"][key], err_msg=key)

@@ -117,6 +117,64 @@ __device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* desc, u
       : "memory");
 }
 
+// 2D tiled bulk tensor store shared -> global (box at {c0, c1}, innermost
+// first; the parts outside the tensor are not written), in the current bulk group.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* desc, uint32_t smem_src,
+                                             int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(desc)),
+      "r"(smem_src), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// The same, adding the box into global memory (an element-wise reduction in L2).
+__device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* desc, uint32_t smem_src,
+                                                  int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(desc)),
+      "r"(smem_src), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// Brings the box at {c0, c1} into L2 (no completion to wait for).
+__device__ __forceinline__ void tma_prefetch_2d(const CUtensorMap* desc, int32_t c0, int32_t c1) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
+                   reinterpret_cast<uint64_t>(desc)),
+               "r"(c0), "r"(c1)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Until the shared-memory sources of all committed bulk groups have been read
+// (the buffer may be rewritten).
+__device__ __forceinline__ void bulk_wait_group_read0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
+// Until all committed bulk groups have completed (their writes are done).
+__device__ __forceinline__ void bulk_wait_group0() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// Four 8x8 b16 matrices to shared memory: register i holds this lane's pair
+// (row lane/4, columns 2*(lane%4)..+1) of matrix i; lanes 8i..8i+7 give the
+// addresses of matrix i's rows 0..7.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1,
+                                            uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(uint32_t addr, float v0, float v1) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(v0), "f"(v1) : "memory");
+}
+
 // ---------------------------------------------------------------------------
 // Thread-block clusters
 // ---------------------------------------------------------------------------
@@ -198,6 +256,20 @@ __device__ __forceinline__ uint64_t make_smem_desc_k_sw128(const void* smem_ptr)
   const uint64_t start = (smem_addr(smem_ptr) & 0x3FFFFu) >> 4;
   return start | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
          (uint64_t{1} << 62);
+}
+
+// One 128-deep k-block of FP8 wgmmas (4 x k32, 32 bytes apart inside the
+// 128-byte swizzle atom = +2 in the descriptor's >>4 address field) into d,
+// which is overwritten; issued as one commit group.
+template <int N>
+__device__ __forceinline__ void wgmma_k_block(float (&d)[WgmmaFp8<N>::kNumAccum],
+                                              uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+  for (int i = 0; i < WgmmaFp8<N>::kNumAccum; ++i) fence_operand(d[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) WgmmaFp8<N>::mma(d, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+  wgmma_commit_group();
 }
 
 }  // namespace jax_deepgemm::ptx

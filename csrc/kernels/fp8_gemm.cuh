@@ -50,6 +50,15 @@ constexpr int fp8_gemm_sa_bytes(int block_m, bool grouped) {
   return (fp8_gemm_sa_rows(block_m, grouped) * 4 + 127) / 128 * 128;
 }
 
+// Shared memory that stages a tile's output for the TMA-store epilogue:
+// BLOCK_M rows x BLOCK_N bf16 (fp32 outputs go through it in two column
+// halves), as 128-byte-wide, 128B-swizzled boxes of 64 rows. Only built for
+// BLOCK_N % 64 == 0; other tiles store from registers.
+constexpr bool fp8_gemm_tma_store(int block_n) { return block_n % 64 == 0; }
+constexpr int fp8_gemm_d_bytes(int block_m, int block_n) {
+  return fp8_gemm_tma_store(block_n) ? block_m * block_n * 2 : 0;
+}
+
 // Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
 // registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
 constexpr bool fp8_gemm_pipelined(int block_n) { return block_n <= 128; }
@@ -72,7 +81,9 @@ struct Fp8GemmLayout {
   // Offsets from the 1024-byte-aligned base.
   static constexpr int kOffA = 0;
   static constexpr int kOffB = kOffA + STAGES * kBytesA;
-  static constexpr int kOffSA = kOffB + STAGES * kBytesB;
+  static constexpr int kOffD = kOffB + STAGES * kBytesB;  // 1024B aligned (swizzle)
+  static constexpr int kBytesD = fp8_gemm_d_bytes(BLOCK_M, BLOCK_N);
+  static constexpr int kOffSA = kOffD + kBytesD;
   static constexpr int kOffBar = kOffSA + STAGES * kBytesSA;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
   static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
@@ -95,7 +106,8 @@ struct Fp8GemmLayout {
 
 // Largest number of stages that fits in shared memory.
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
-  return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0)) /
+  return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
+          fp8_gemm_d_bytes(block_m, block_n)) /
          (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) + 16);
 }
 
@@ -247,11 +259,12 @@ __device__ __forceinline__ void zero_rows(OutT* out, int64_t r0, int64_t r1, int
 
 // Epilogue of one wgmma accumulator tile, registers -> global: this thread
 // holds rows `row` and `row + 8` (rows >= row_end are skipped) and columns
-// col_base + 8j + {0, 1}; out = acc (+ bias[col]) (+ c[row, col]), out/c row pitch N.
+// col_base + 8j + {0, 1}; out = acc (+ c[row, col]), out/c row pitch N.
+// (A bias is already in acc: the kernel starts each tile's accumulator from it.)
 // One store per column pair: for tiles at the right edge and odd N.
 template <int BLOCK_N, typename OutT>
 __device__ __forceinline__ void store_tile_pairs(const float* acc, OutT* out, const float* c,
-                                           const float* bias, int row, int row_end,
+                                           int row, int row_end,
                                            int col_base, int N) {
   const bool n_even = (N % 2) == 0;
 #pragma unroll
@@ -269,11 +282,6 @@ __device__ __forceinline__ void store_tile_pairs(const float* acc, OutT* out, co
         // col is even and N is even: col < N implies col + 1 < N, and the
         // pair is 2-element aligned.
         if (col < N) {
-          if (bias != nullptr) {
-            const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col));
-            v0 += bv.x;
-            v1 += bv.y;
-          }
           if (c_row != nullptr) {
             const float2 cv = *reinterpret_cast<const float2*>(c_row + col);
             v0 += cv.x;
@@ -283,12 +291,10 @@ __device__ __forceinline__ void store_tile_pairs(const float* acc, OutT* out, co
         }
       } else {
         if (col < N) {
-          if (bias != nullptr) v0 += __ldg(bias + col);
           if (c_row != nullptr) v0 += c_row[col];
           store_one<OutT>(out_row + col, v0);
         }
         if (col + 1 < N) {
-          if (bias != nullptr) v1 += __ldg(bias + col + 1);
           if (c_row != nullptr) v1 += c_row[col + 1];
           store_one<OutT>(out_row + col + 1, v1);
         }
@@ -330,7 +336,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // out / c are 16-byte aligned. Called by whole warps.
 template <int BLOCK_N, typename OutT>
 __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const float* c,
-                                           const float* bias, int row, int row_end,
+                                           int row, int row_end,
                                            int col_base, int N) {
   constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
   const int q = (col_base / 2) % 4;  // = lane % 4: col_base = n0 + 2 * (lane % 4), n0 % 8 == 0
@@ -339,7 +345,7 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
                     reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(c) % 16 == 0;
   if (!__all_sync(0xffffffffu, fast)) {
-    store_tile_pairs<BLOCK_N, OutT>(acc, out, c, bias, row, row_end, col_base, N);
+    store_tile_pairs<BLOCK_N, OutT>(acc, out, c, row, row_end, col_base, N);
     return;
   }
 #pragma unroll
@@ -354,11 +360,6 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
       for (int j = 0; j < 4; ++j) {
         v[j][0] = acc[(g * 4 + j) * 4 + h * 2];
         v[j][1] = acc[(g * 4 + j) * 4 + h * 2 + 1];
-        if (bias != nullptr) {  // one address per quad lane: a broadcast load
-          const float2 bv = __ldg(reinterpret_cast<const float2*>(bias + col_base + (g * 4 + j) * 8));
-          v[j][0] += bv.x;
-          v[j][1] += bv.y;
-        }
       }
       const int col = n0 + (g * 4 + q) * 8;  // this lane's 8 columns after the transpose
       if (kBf16 && c == nullptr) {
@@ -405,6 +406,89 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
   }
 }
 
+// How the epilogue writes `out` (chosen on the host, the same for all tiles).
+enum StoreMode : int {
+  kStoreRegisters = 0,  // store_tile: st.global from registers
+  kStoreTma = 1,        // store_tile_tma: smem staging + TMA store
+  kStoreTmaAdd = 2,     // the same with a TMA reduce-add: out holds c (aliased), fp32
+};
+
+// TMA-store epilogue of one math warpgroup's 64 x BLOCK_N accumulator
+// (warpgroup `wg`, rows [row0, row0 + 64) of out, columns [n0, n0 + BLOCK_N)):
+// registers -> the warpgroup's 128B-swizzled smem boxes -> one thread
+// issues the TMA stores (or reduce-adds). The math warps spend a few
+// instructions here instead of a global store per value and a load of c, and
+// TMA clips rows >= M and columns >= N. Called by the whole warpgroup.
+// `smem_d`: this warpgroup's BLOCK_N * 128 bytes, 1024B aligned.
+template <int BLOCK_N, typename OutT>
+__device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d,
+                                               const CUtensorMap* tmap_out, bool reduce_add, int row0, int n0, int N,
+                                               int wg, int warp_in_wg, int lane) {
+  static_assert(fp8_gemm_tma_store(BLOCK_N), "TMA-store epilogue needs BLOCK_N % 64 == 0");
+  constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
+  constexpr int kPasses = sizeof(OutT) / 2;             // fp32: two column halves
+  constexpr int kPassCols = BLOCK_N / kPasses;
+  constexpr int kBoxCols = 128 / sizeof(OutT);         // one 128-byte swizzle row
+  constexpr int kBoxes = kPassCols / kBoxCols;         // = BLOCK_N / 64
+  constexpr int kBoxBytes = 64 * 128;
+  const int q = lane % 4;
+  const bool leader = warp_in_wg == 0 && lane == 0;
+  const uint32_t bar_id = 2 + wg;  // 0: __syncthreads
+  const uint32_t d_base = ptx::smem_addr(smem_d);
+
+#pragma unroll
+  for (int p = 0; p < kPasses; ++p) {
+    // The previous store's reads of the buffer are done before anyone rewrites it.
+    if (leader) ptx::bulk_wait_group_read0();
+    ptx::named_barrier_sync(bar_id, 128);
+    // 16-byte chunk `chunk` of row `row` of a box sits at chunk ^ (row % 8).
+    if constexpr (kBf16) {
+      // One stmatrix.x4 per 16 columns: matrices (rows +0/+8) x (8-column blocks 2jj, 2jj+1).
+      const int i = lane / 8;
+      const int row = warp_in_wg * 16 + (i % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int jj = 0; jj < BLOCK_N / 16; ++jj) {
+        const int col_bytes = (jj * 2 + i / 2) * 16;
+        const uint32_t addr = d_base + (col_bytes / 128) * kBoxBytes + row * 128 +
+                              ((((col_bytes % 128) / 16) ^ (row % 8)) << 4);
+        ptx::stmatrix_x4(addr, pack_bf16x2(acc[jj * 8 + 0], acc[jj * 8 + 1]),
+                         pack_bf16x2(acc[jj * 8 + 2], acc[jj * 8 + 3]),
+                         pack_bf16x2(acc[jj * 8 + 4], acc[jj * 8 + 5]),
+                         pack_bf16x2(acc[jj * 8 + 6], acc[jj * 8 + 7]));
+      }
+    } else {
+#pragma unroll
+      for (int jb = 0; jb < kPassCols / 8; ++jb) {
+        const int j = p * (kPassCols / 8) + jb;
+        const int col_bytes = (jb * 8 + 2 * q) * 4;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp_in_wg * 16 + lane / 4 + h * 8;
+          const uint32_t addr = d_base + (col_bytes / 128) * kBoxBytes + row * 128 +
+                                ((((col_bytes % 128) / 16) ^ (row % 8)) << 4) + col_bytes % 16;
+          ptx::st_shared_v2(addr, acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]);
+        }
+      }
+    }
+    ptx::fence_proxy_async();  // generic-proxy smem writes -> visible to TMA
+    ptx::named_barrier_sync(bar_id, 128);
+    if (leader) {
+#pragma unroll
+      for (int b = 0; b < kBoxes; ++b) {
+        const int x = n0 + p * kPassCols + b * kBoxCols;
+        if (x < N) {
+          if (reduce_add) {
+            ptx::tma_reduce_add_2d(tmap_out, d_base + b * kBoxBytes, x, row0);
+          } else {
+            ptx::tma_store_2d(tmap_out, d_base + b * kBoxBytes, x, row0);
+          }
+        }
+      }
+      ptx::bulk_commit_group();
+    }
+  }
+}
+
 // Kernel arguments:
 //   tmap_a : a  [M, K]  uint8 view, box [BLOCK_M, 128], 128B swizzle
 //   tmap_b : b  [G*N, K] uint8 view, box [BLOCK_N, 128], 128B swizzle
@@ -412,8 +496,11 @@ __device__ __forceinline__ void store_tile(const float* acc, OutT* out, const fl
 //   sb     : [G, NB, KB] f32 (global loads)
 //   bias   : [N] f32 or nullptr (dense only)
 //   c      : [M, N] f32 or nullptr (dense only); may alias `out` (each element
-//            is read and then written by the same thread)
+//            is read and then written by the same thread). With kStoreTmaAdd
+//            c is `out` itself and is never read here: TMA adds the tile into it.
 //   out    : [M, N] OutT
+//   tmap_out: out, box [64, 128 bytes], 128B swizzle (used unless store_mode
+//            is kStoreRegisters, which the host picks when out cannot take TMA)
 //   grp    : group sizes (kGrouped only; G = 1 for the dense GEMM)
 // kMulticast = 2: launched in clusters of 2 CTAs that compute horizontally
 // adjacent tiles (same rows, so the same A tile); each CTA loads half of the
@@ -429,6 +516,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                    const float* __restrict__ bias,
                    const float* c,
                    OutT* out,
+                   const __grid_constant__ CUtensorMap tmap_out,
+                   int store_mode,
                    int M, int N, int K, GroupArgs grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>;
@@ -446,6 +535,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* smem_a = smem + L::kOffA;
   uint8_t* smem_b = smem + L::kOffB;
+  uint8_t* smem_d = smem + L::kOffD;
   float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
   uint64_t* empty_bar = full_bar + STAGES;
@@ -462,6 +552,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     ptx::prefetch_tma_descriptor(&tmap_a);
     ptx::prefetch_tma_descriptor(&tmap_b);
     ptx::prefetch_tma_descriptor(&tmap_sa);
+    if (store_mode != kStoreRegisters) ptx::prefetch_tma_descriptor(&tmap_out);
   }
   if (thread == 0) {
 #pragma unroll
@@ -506,6 +597,15 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
             tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
             rank);
         const int b_row0 = t.group * N + t.n0;
+        if (store_mode == kStoreTmaAdd) {
+          // The tile's c (= out) into L2 now, so that its reduce-add, a whole
+          // tile of k-blocks later, does not wait for HBM.
+          for (int r = 0; r < BLOCK_M; r += 64) {
+            for (int x = 0; x < BLOCK_N && t.n0 + x < N; x += 128 / static_cast<int>(sizeof(OutT))) {
+              ptx::tma_prefetch_2d(&tmap_out, t.n0 + x, t.row0 + r);
+            }
+          }
+        }
         for (int kb = 0; kb < num_k_blocks; ++kb) {
           // Wait until the math warps released this slot (trivially true in
           // the first pass over the ring: parity 1 of a fresh barrier).
@@ -558,15 +658,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const uint64_t desc_a =
           ptx::make_smem_desc_k_sw128(smem_a + issue_stage * L::kBytesA + a_wg_offset);
       const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + issue_stage * L::kBytesB);
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 32; ++kk) {
-        // +32 bytes along K inside the swizzle atom = +2 in the >>4 field.
-        Mma::mma(d, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-      }
-      ptx::wgmma_commit_group();
+      ptx::wgmma_k_block<BLOCK_N>(d, desc_a, desc_b);
       if (++issue_stage == STAGES) {
         issue_stage = 0;
         issue_phase ^= 1u;
@@ -576,17 +668,42 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // The epilogue of a tile is deferred into the next tile's first k-blocks:
     // it runs while their wgmmas are in flight (the tensor cores would idle
     // during it otherwise). `prev` is the tile whose result `acc` holds.
+    // Grouped tiles store through TMA only where the warpgroup's 64 rows are
+    // all in the tile's group (a TMA box would write rows of the next one).
     TileInfo prev{0, 0, 0, -1};
     auto store_prev = [&]() {
-      if (prev.group >= 0) {
-        store_tile<BLOCK_N, OutT>(acc, out, c, bias, prev.row0 + r_local, prev.row_end,
-                                  prev.n0 + (lane % 4) * 2, N);
+      if (prev.group < 0) return;
+      if constexpr (fp8_gemm_tma_store(BLOCK_N)) {
+        const int wg_row0 = prev.row0 + wg * 64;
+        if (store_mode != kStoreRegisters && (!kGrouped || wg_row0 + 64 <= prev.row_end)) {
+          store_tile_tma<BLOCK_N, OutT>(acc, smem_d + wg * (BLOCK_N * 128), &tmap_out,
+                                        store_mode == kStoreTmaAdd, wg_row0, prev.n0, N, wg,
+                                        warp_in_wg, lane);
+          return;
+        }
       }
+      store_tile<BLOCK_N, OutT>(acc, out, c, prev.row0 + r_local, prev.row_end,
+                                prev.n0 + (lane % 4) * 2, N);
     };
-    auto flush = [&]() {
+    // Stores `prev`, then starts the accumulator of the tile at column n0 from
+    // its bias (zeros without): the bias loads then have the whole tile's
+    // wgmmas to land in, where an add at the store would wait for them.
+    auto flush = [&](int n0) {
       store_prev();
+      const int col0 = n0 + (lane % 4) * 2;
 #pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
+      for (int j = 0; j < kNumAccum / 4; ++j) {
+        const int col = col0 + j * 8;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bias != nullptr) {
+          b0 = col < N ? __ldg(bias + col) : 0.0f;
+          b1 = col + 1 < N ? __ldg(bias + col + 1) : 0.0f;
+        }
+        acc[j * 4 + 0] = b0;
+        acc[j * 4 + 1] = b1;
+        acc[j * 4 + 2] = b0;
+        acc[j * 4 + 3] = b1;
+      }
     };
     auto no_flush = []() {};
 
@@ -594,6 +711,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
           tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
           rank);
+      auto flush_t = [&]() { flush(t.n0); };
       // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
       // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
       const int nb_lo = t.n0 / kScaleBlock;
@@ -687,19 +805,19 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // The tile's first chunk (the largest that fits) also flushes `prev`.
       int kb = 1;
       if constexpr (!kPipelined) {
-        chunk(0, std::integral_constant<int, 1>{}, flush);
+        chunk(0, std::integral_constant<int, 1>{}, flush_t);
       } else {
         if (num_k_blocks >= 8) {
-          chunk(0, std::integral_constant<int, 8>{}, flush);
+          chunk(0, std::integral_constant<int, 8>{}, flush_t);
           kb = 8;
         } else if (num_k_blocks >= 4) {
-          chunk(0, std::integral_constant<int, 4>{}, flush);
+          chunk(0, std::integral_constant<int, 4>{}, flush_t);
           kb = 4;
         } else if (num_k_blocks >= 2) {
-          chunk(0, std::integral_constant<int, 2>{}, flush);
+          chunk(0, std::integral_constant<int, 2>{}, flush_t);
           kb = 2;
         } else {
-          chunk(0, std::integral_constant<int, 1>{}, flush);
+          chunk(0, std::integral_constant<int, 1>{}, flush_t);
         }
         for (; kb + 8 <= num_k_blocks; kb += 8) {
           chunk(kb, std::integral_constant<int, 8>{}, no_flush);
@@ -716,8 +834,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       for (; kb < num_k_blocks; ++kb) chunk(kb, std::integral_constant<int, 1>{}, no_flush);
       prev = t;
     }
-    // ---------------- epilogue of the last tile: registers -> global ----------------
+    // ---------------- epilogue of the last tile ----------------
     store_prev();
+    // TMA stores read smem asynchronously: done before the CTA exits.
+    if (store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) ptx::bulk_wait_group0();
 
     if constexpr (kGrouped) {
       // Rows that belong to no group come out as zeros (like the reference).

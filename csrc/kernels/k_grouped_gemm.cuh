@@ -216,14 +216,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
         const uint64_t desc_a = ptx::make_smem_desc_k_sw128(a_stage + a_wg_offset);
         const uint64_t desc_b = ptx::make_smem_desc_k_sw128(b_stage);
-#pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 32; ++kk) {
-          Mma::mma(tmp, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-        }
-        ptx::wgmma_commit_group();
+        ptx::wgmma_k_block<BLOCK_N>(tmp, desc_a, desc_b);
         ptx::wgmma_wait_group<0>();
 #pragma unroll
         for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
@@ -247,7 +240,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
       const int64_t group_offset = static_cast<int64_t>(g) * N * K;
       store_tile<BLOCK_N, float>(acc, out + group_offset,
-                                 c != nullptr ? c + group_offset : nullptr, nullptr,
+                                 c != nullptr ? c + group_offset : nullptr,
                                  m_block * BLOCK_M + r_local, N, n_block * BLOCK_N +
                                  (lane % 4) * 2, K);
     }

@@ -132,9 +132,8 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* desc, uint32_t s
 __device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* desc, uint32_t smem_src,
                                                   int32_t c0, int32_t c1) {
   asm volatile(
-      "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
-          reinterpret_cast<uint64_t>(desc)),
-      "r"(smem_src), "r"(c0), "r"(c1)
+      "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];"
+      ::"l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_src), "r"(c0), "r"(c1)
       : "memory");
 }
 

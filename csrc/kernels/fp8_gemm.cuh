@@ -422,8 +422,9 @@ enum StoreMode : int {
 // `smem_d`: this warpgroup's BLOCK_N * 128 bytes, 1024B aligned.
 template <int BLOCK_N, typename OutT>
 __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d,
-                                               const CUtensorMap* tmap_out, bool reduce_add, int row0, int n0, int N,
-                                               int wg, int warp_in_wg, int lane) {
+                                               const CUtensorMap* tmap_out, bool reduce_add,
+                                               int row0, int n0, int N, int wg, int warp_in_wg,
+                                               int lane) {
   static_assert(fp8_gemm_tma_store(BLOCK_N), "TMA-store epilogue needs BLOCK_N % 64 == 0");
   constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
   constexpr int kPasses = sizeof(OutT) / 2;             // fp32: two column halves
@@ -600,8 +601,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         if (store_mode == kStoreTmaAdd) {
           // The tile's c (= out) into L2 now, so that its reduce-add, a whole
           // tile of k-blocks later, does not wait for HBM.
+          constexpr int kBoxCols = 128 / sizeof(OutT);  // tmap_out's box: 64 x kBoxCols
           for (int r = 0; r < BLOCK_M; r += 64) {
-            for (int x = 0; x < BLOCK_N && t.n0 + x < N; x += 128 / static_cast<int>(sizeof(OutT))) {
+            for (int x = 0; x < BLOCK_N && t.n0 + x < N; x += kBoxCols) {
               ptx::tma_prefetch_2d(&tmap_out, t.n0 + x, t.row0 + r);
             }
           }
@@ -686,8 +688,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                                 prev.n0 + (lane % 4) * 2, N);
     };
     // Stores `prev`, then starts the accumulator of the tile at column n0 from
-    // its bias (zeros without): the bias loads then have the whole tile's
-    // wgmmas to land in, where an add at the store would wait for them.
+    // its bias (zeros without), so that the store adds nothing: the bias loads
+    // are waited for by the tile's first promotion, under its wgmmas.
     auto flush = [&](int n0) {
       store_prev();
       const int col0 = n0 + (lane % 4) * 2;

@@ -117,6 +117,17 @@ __device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* desc, u
       : "memory");
 }
 
+// 1D bulk copy global -> shared of `bytes` (a multiple of 16; both addresses
+// 16B aligned); completion is signalled on `bar` as transaction bytes.
+__device__ __forceinline__ void bulk_load_1d(void* smem_dst, const void* src, uint32_t bytes,
+                                             uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // 2D tiled bulk tensor store shared -> global (box at {c0, c1}, innermost
 // first; the parts outside the tensor are not written), in the current bulk group.
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* desc, uint32_t smem_src,

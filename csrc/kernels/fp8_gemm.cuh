@@ -84,7 +84,10 @@ struct Fp8GemmLayout {
   static constexpr int kOffD = kOffB + STAGES * kBytesB;  // 1024B aligned (swizzle)
   static constexpr int kBytesD = fp8_gemm_d_bytes(BLOCK_M, BLOCK_N);
   static constexpr int kOffSA = kOffD + kBytesD;
-  static constexpr int kOffBar = kOffSA + STAGES * kBytesSA;
+  // Dense kernels: a tile's bias slice rides with its first k-block's stage.
+  static constexpr int kBytesBias = kGrouped ? 0 : BLOCK_N * 4;  // per stage
+  static constexpr int kOffBias = kOffSA + STAGES * kBytesSA;
+  static constexpr int kOffBar = kOffBias + STAGES * kBytesBias;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
   static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
   static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
@@ -108,7 +111,8 @@ struct Fp8GemmLayout {
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
   return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
           fp8_gemm_d_bytes(block_m, block_n)) /
-         (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) + 16);
+         (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) +
+          (grouped ? 0 : block_n * 4) + 16);
 }
 
 // Static persistent schedule: tile -> (m_block, n_block). Consecutive tiles
@@ -537,6 +541,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   uint8_t* smem_a = smem + L::kOffA;
   uint8_t* smem_b = smem + L::kOffB;
   uint8_t* smem_d = smem + L::kOffD;
+  float* smem_bias = reinterpret_cast<float*>(smem + L::kOffBias);
   float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
   uint64_t* empty_bar = full_bar + STAGES;
@@ -584,6 +589,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int num_k_blocks = (K + kBlockK - 1) / kBlockK;
   const int num_scale_n = (N + kScaleBlock - 1) / kScaleBlock;
   const int num_tiles = num_m_blocks * (num_n_blocks / kMulticast);  // per cluster
+  // Dense: each tile's bias slice is bulk-copied into smem with its first
+  // k-block (where the slice is whole 16-byte units); else it is read from global.
+  const bool bias_smem = !kGrouped && bias != nullptr && N % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(bias) % 16 == 0;
 
   if (wg == L::kNumMathWG) {
     // ------------------------------------------------------------------
@@ -613,7 +622,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           // the first pass over the ring: parity 1 of a fresh barrier).
           ptx::mbarrier_wait(&empty_bar[stage], phase ^ 1u);
           // Full box bytes are always delivered (OOB elements zero-filled).
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes);
+          const uint32_t bias_bytes = bias_smem && kb == 0 ? min(BLOCK_N, N - t.n0) * 4 : 0;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], L::kTxBytes + bias_bytes);
           if constexpr (kMulticast > 1) {
             // Our share of the A rows, into both CTAs (tmap_a's box is BLOCK_M/2 rows).
             constexpr int kRows = BLOCK_M / kMulticast;
@@ -629,6 +639,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                            kb * kBlockK, b_row0);
           ptx::tma_load_2d(&tmap_sa, &full_bar[stage], smem_sa + stage * (L::kBytesSA / 4),
                            kGrouped ? t.row0 & ~3 : t.row0, kb);
+          if (bias_bytes > 0) {
+            ptx::bulk_load_1d(smem_bias + stage * BLOCK_N, bias + t.n0, bias_bytes,
+                              &full_bar[stage]);
+          }
           if (++stage == STAGES) {
             stage = 0;
             phase ^= 1u;
@@ -652,7 +666,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // The ring is walked by two cursors: `issue` (next k-block whose wgmma is
     // issued) and `promo` (next k-block to promote and release).
     int issue_stage = 0, promo_stage = 0;
-    uint32_t issue_phase = 0;
+    uint32_t issue_phase = 0, promo_phase = 0;
 
     // Waits for the next stage's TMA data and issues its 4 wgmmas (one commit group).
     auto issue = [&](float (&d)[kNumAccum]) {
@@ -688,16 +702,25 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
                                 prev.n0 + (lane % 4) * 2, N);
     };
     // Stores `prev`, then starts the accumulator of the tile at column n0 from
-    // its bias (zeros without), so that the store adds nothing: the bias loads
-    // are waited for by the tile's first promotion, under its wgmmas.
+    // its bias (zeros without), so that no add waits for bias loads at the store.
+    // A bias in smem sits in the stage of the tile's first k-block (promo_stage,
+    // not yet released); the serial fp32 loop flushes before waiting for it.
     auto flush = [&](int n0) {
       store_prev();
+      if (bias_smem) ptx::mbarrier_wait(&full_bar[promo_stage], promo_phase);
+      const float* bias_s = smem_bias + promo_stage * BLOCK_N + (lane % 4) * 2;
       const int col0 = n0 + (lane % 4) * 2;
 #pragma unroll
       for (int j = 0; j < kNumAccum / 4; ++j) {
         const int col = col0 + j * 8;
         float b0 = 0.0f, b1 = 0.0f;
-        if (bias != nullptr) {
+        if (bias_smem) {
+          if (col < N) {  // N % 4 == 0: then col + 1 < N too
+            const float2 bv = *reinterpret_cast<const float2*>(bias_s + j * 8);
+            b0 = bv.x;
+            b1 = bv.y;
+          }
+        } else if (bias != nullptr) {
           b0 = col < N ? __ldg(bias + col) : 0.0f;
           b1 = col + 1 < N ? __ldg(bias + col + 1) : 0.0f;
         }
@@ -738,7 +761,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         } else {
           if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
         }
-        if (++promo_stage == STAGES) promo_stage = 0;
+        if (++promo_stage == STAGES) {
+          promo_stage = 0;
+          promo_phase ^= 1u;
+        }
 
         const float s_lo0 = sa0 * sb_lo_val, s_lo1 = sa1 * sb_lo_val;
         if (j_hi >= kNumAccum / 4) {  // the whole tile is in one scale block of B

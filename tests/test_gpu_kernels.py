@@ -88,21 +88,25 @@ print("WORST", worst)
 """
 
 
-def test_every_built_config():
-  # The env override is read once per process: one subprocess per config.
+def _run_with_config(cfg, script, *args):
+  """Runs `script` in a subprocess with JAX_DEEPGEMM_GEMM_CONFIG=cfg (read once per process)."""
   import subprocess
   import sys
+  here = os.path.dirname(__file__)
+  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=path)
+  r = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=here,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, (cfg, r.stderr[-2000:])
+  return r.stdout
+
+
+def test_every_built_config():
   from jax_deepgemm import _C
   configs = _C.supported_gemm_configs().split("; ")
   assert len(configs) >= 5
-  here = os.path.dirname(__file__)
   for cfg in configs:
-    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-c", _CONFIG_SCRIPT], env=env, cwd=here,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (cfg, r.stderr[-2000:])
-    worst = float(r.stdout.split("WORST")[-1])
+    worst = float(_run_with_config(cfg, _CONFIG_SCRIPT).split("WORST")[-1])
     assert worst < 1e-5, (cfg, worst)
 
 
@@ -135,17 +139,10 @@ np.savez(sys.argv[1], *[np.asarray(o.astype(jnp.float32)) for o in outs])
 def test_tma_store_epilogue_matches_register_epilogue(tmp_path):
   # Same values, so bitwise equal: the TMA-store epilogue (default where out
   # allows it, reduce-add for c) against the register one (tma_store=0).
-  import subprocess
-  import sys
-  here = os.path.dirname(__file__)
-  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
   res = {}
   for flag in ("1", "0"):
     f = str(tmp_path / f"tma{flag}.npz")
-    env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=f"tma_store={flag}", PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-c", _EPILOGUE_SCRIPT, f], env=env, cwd=here,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (flag, r.stderr[-2000:])
+    _run_with_config(f"tma_store={flag}", _EPILOGUE_SCRIPT, f)
     res[flag] = np.load(f)
   assert len(res["1"].files) == 15
   for key in res["1"].files:

@@ -424,7 +424,11 @@ EnvOverride ParseEnvOverride() {
     const std::string val = item.substr(eq + 1);
     char* endp = nullptr;
     const long x = std::strtol(val.c_str(), &endp, 10);
-    if (key == "tma_store" && val.size() == 1 && (val[0] == '0' || val[0] == '1')) {
+    if (key == "tma_store") {
+      if (val != "0" && val != "1") {
+        o.error = "tma_store must be 0 or 1, got '" + val + "'";
+        return o;
+      }
       o.tma_store = val[0] - '0';
       continue;
     }

@@ -1,0 +1,73 @@
+"""The kernel-config heuristic and JAX_DEEPGEMM_GEMM_CONFIG, checked on the host.
+
+No GPU needed (without one the heuristic assumes 132 SMs, as on H100/H200 SXM), but the CUDA
+extension must be built, as it is in CI. The override is read once per process, so every case
+runs in a subprocess.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import jax_deepgemm as jd
+
+pytestmark = pytest.mark.skipif(not jd.extension_built(), reason="needs the CUDA extension")
+
+_SCRIPT = """
+import sys, jax_deepgemm as jd
+for spec in sys.argv[1:]:
+  print(jd.gemm_config(*map(int, spec.split("x"))))
+"""
+
+
+def _configs(override, *specs):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_DEEPGEMM_GEMM_CONFIG"}
+  if override is not None:
+    env["JAX_DEEPGEMM_GEMM_CONFIG"] = override
+  # -P and cwd: import the installed package (with its extension), not a source tree.
+  r = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, *specs], env=env,
+                     cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=120)
+  return r.returncode, r.stdout.split(), r.stderr
+
+
+def _cfg(bm, bn, stages, mc=1):
+  return f"block_m={bm},block_n={bn},stages={stages},multicast={mc}"
+
+
+def test_heuristic_picks_the_documented_tiles():
+  # The README's results table names these configs; a heuristic change must update both.
+  rc, out, err = _configs(None, "4096x7168x16384", "128x7168x16384", "128x24576x1536",
+                          "128x4096x7168", "128x7168x2048", "1x4096x7168",
+                          "32768x4096x7168x4")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(128, 128, 5), _cfg(64, 128, 8), _cfg(128, 192, 4), _cfg(64, 64, 13),
+                 _cfg(64, 128, 8), _cfg(64, 64, 13), _cfg(128, 128, 5)]
+
+
+def test_forced_config_is_honored():
+  rc, out, err = _configs("block_m=64, block_n=128", "4096x7168x16384", "4096x7168x2048x4")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(64, 128, 8)] * 2
+  rc, out, err = _configs("block_m=128,block_n=128,multicast=2", "4096x7168x16384")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(128, 128, 5, 2)]
+  # An empty value means "not set"; tma_store alone leaves the tile to the heuristic.
+  for override in (" ", "tma_store=0"):
+    rc, out, err = _configs(override, "4096x7168x16384")
+    assert rc == 0 and out == [_cfg(128, 128, 5)], (override, err[-2000:])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("block_n=100", "matches no dense kernel that is built"),
+    ("stages=3", "matches no dense kernel that is built"),
+    ("foo=1", "unknown key 'foo'"),
+    ("block_m", "expected key=value"),
+    ("block_m=abc", "bad value for 'block_m'"),
+    ("multicast=3", "multicast must be 1 or 2"),
+    ("tma_store=2", "tma_store must be 0 or 1"),
+])
+def test_bad_override_is_a_clear_error(override, message):
+  rc, _, err = _configs(override, "4096x7168x16384")
+  assert rc != 0
+  assert "ValueError" in err and message in err, err[-2000:]

@@ -185,7 +185,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
       tma::make_2d_tiled(&tmap_out,
                          kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
                                         : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                         kOutBytes, args.out, args.m, args.n, 64, 128 / kOutBytes,
+                         kOutBytes, args.out, args.m, args.n, 64, fp8_gemm_out_box_cols<OutT>(),
                          CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
     store_mode = args.c != nullptr ? kStoreTmaAdd : kStoreTma;
   }

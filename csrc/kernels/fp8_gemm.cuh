@@ -49,12 +49,19 @@ constexpr int fp8_gemm_sa_rows(int block_m, bool grouped) {
 constexpr int fp8_gemm_sa_bytes(int block_m, bool grouped) {
   return (fp8_gemm_sa_rows(block_m, grouped) * 4 + 127) / 128 * 128;
 }
+// Dense kernels: a tile's bias slice rides with its first k-block's stage.
+constexpr int fp8_gemm_bias_bytes(int block_n, bool grouped) {
+  return grouped ? 0 : block_n * 4;
+}
 
 // Shared memory that stages a tile's output for the TMA-store epilogue:
 // BLOCK_M rows x BLOCK_N bf16 (fp32 outputs go through it in two column
 // halves), as 128-byte-wide, 128B-swizzled boxes of 64 rows. Only built for
 // BLOCK_N % 64 == 0; other tiles store from registers.
 constexpr bool fp8_gemm_tma_store(int block_n) { return block_n % 64 == 0; }
+// The output's TMA box (tmap_out): 64 rows x one 128-byte swizzle row.
+template <typename OutT>
+constexpr int fp8_gemm_out_box_cols() { return 128 / static_cast<int>(sizeof(OutT)); }
 constexpr int fp8_gemm_d_bytes(int block_m, int block_n) {
   return fp8_gemm_tma_store(block_n) ? block_m * block_n * 2 : 0;
 }
@@ -84,8 +91,7 @@ struct Fp8GemmLayout {
   static constexpr int kOffD = kOffB + STAGES * kBytesB;  // 1024B aligned (swizzle)
   static constexpr int kBytesD = fp8_gemm_d_bytes(BLOCK_M, BLOCK_N);
   static constexpr int kOffSA = kOffD + kBytesD;
-  // Dense kernels: a tile's bias slice rides with its first k-block's stage.
-  static constexpr int kBytesBias = kGrouped ? 0 : BLOCK_N * 4;  // per stage
+  static constexpr int kBytesBias = fp8_gemm_bias_bytes(BLOCK_N, kGrouped);  // per stage
   static constexpr int kOffBias = kOffSA + STAGES * kBytesSA;
   static constexpr int kOffBar = kOffBias + STAGES * kBytesBias;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
@@ -112,7 +118,7 @@ constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false
   return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
           fp8_gemm_d_bytes(block_m, block_n)) /
          (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) +
-          (grouped ? 0 : block_n * 4) + 16);
+          fp8_gemm_bias_bytes(block_n, grouped) + 16);
 }
 
 // Static persistent schedule: tile -> (m_block, n_block). Consecutive tiles
@@ -433,7 +439,7 @@ __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d
   constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
   constexpr int kPasses = sizeof(OutT) / 2;             // fp32: two column halves
   constexpr int kPassCols = BLOCK_N / kPasses;
-  constexpr int kBoxCols = 128 / sizeof(OutT);         // one 128-byte swizzle row
+  constexpr int kBoxCols = fp8_gemm_out_box_cols<OutT>();
   constexpr int kBoxes = kPassCols / kBoxCols;         // = BLOCK_N / 64
   constexpr int kBoxBytes = 64 * 128;
   const int q = lane % 4;
@@ -610,7 +616,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         if (store_mode == kStoreTmaAdd) {
           // The tile's c (= out) into L2 now, so that its reduce-add, a whole
           // tile of k-blocks later, does not wait for HBM.
-          constexpr int kBoxCols = 128 / sizeof(OutT);  // tmap_out's box: 64 x kBoxCols
+          constexpr int kBoxCols = fp8_gemm_out_box_cols<OutT>();
           for (int r = 0; r < BLOCK_M; r += 64) {
             for (int x = 0; x < BLOCK_N && t.n0 + x < N; x += kBoxCols) {
               ptx::tma_prefetch_2d(&tmap_out, t.n0 + x, t.row0 + r);

@@ -27,6 +27,7 @@ message). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped
 
   python benchmarks/bench_train.py                 # writes results/train.json
   python benchmarks/bench_train.py --quick --no-write   # CPU smoke run
+  python benchmarks/bench_train.py --only dense         # fp8_linear only
 """
 from __future__ import annotations
 
@@ -123,13 +124,15 @@ def main(argv=None) -> int:
   BG.add_common_args(p, "train")
   p.add_argument("--skip-baseline", action="store_true", help="time jax_deepgemm only")
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
+  p.add_argument("--only", choices=("grouped", "dense"), default=None,
+                 help="time only the grouped or only the dense layer")
   args = p.parse_args(argv)
 
   timing = BG.timing_config(args)
   grouped = QUICK_GROUPED if args.quick else GROUPED_SHAPES
   dense = QUICK_DENSE if args.quick else DENSE_SHAPES
-  cases = ([(OP_GROUPED, (g, rows, n, k)) for g, rows, n, k in grouped]
-           + [(OP_DENSE, (m, n, k)) for m, n, k in dense])
+  cases = ([(OP_GROUPED, (g, rows, n, k)) for g, rows, n, k in grouped if args.only != "dense"]
+           + [(OP_DENSE, (m, n, k)) for m, n, k in dense if args.only != "grouped"])
 
   T.print_header()
   runner = BG.Runner()

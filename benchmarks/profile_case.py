@@ -2,6 +2,7 @@
 
   python benchmarks/profile_case.py 4096x7168x16384 [4096x24576x1536 ...]
   python benchmarks/profile_case.py --grouped 4x8192x4096x7168
+  python benchmarks/profile_case.py --k-grouped 4x8192x7168x4096   # G x tokens x N x K
 Each case runs 3 times; profile with ncu --launch-skip 2 --launch-count 1 per kernel name.
 """
 import sys
@@ -15,8 +16,21 @@ import jax_deepgemm as jd
 
 rng = np.random.default_rng(0)
 grouped = "--grouped" in sys.argv
+k_grouped = "--k-grouped" in sys.argv
 for spec in [s for s in sys.argv[1:] if not s.startswith("--")]:
   dims = [int(x) for x in spec.split("x")]
+  if k_grouped:  # the wgrad GEMM on token-major operands, as fp8_grouped_linear calls it
+    g, tg, n, k = dims
+    at, sat = jd.per_token_cast_transpose_to_fp8(
+        jnp.asarray(rng.standard_normal((g * tg, n)), jnp.bfloat16))
+    bt, sbt = jd.per_token_cast_transpose_to_fp8(
+        jnp.asarray(rng.standard_normal((g * tg, k)), jnp.bfloat16))
+    f = jax.jit(lambda *xs: jd.k_grouped_fp8_gemm_tn_contiguous(*xs, token_major=True))
+    args = (at, sat, bt, sbt, jnp.full((g,), tg, jnp.int32))
+    for _ in range(3):
+      jax.block_until_ready(f(*args))
+    print("profiled k-grouped", spec)
+    continue
   if grouped:
     g, mg, n, k = dims
     m = g * mg

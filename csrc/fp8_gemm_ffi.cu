@@ -27,7 +27,8 @@
 //   aT F8E4M3FN [N, T] and bT F8E4M3FN [K, T] (token-major; T % 16 == 0),
 //   sa F32 [TB, NP], sb F32 [TB, KP] (TB = ceil(T/128), NP/KP = N/K rounded up
 //   to 4; scale of aT[n, t] is sa[t/128, n]), sizes S32 [G], c F32 [G, N, K]
-//   or [0]. Result out F32 [G, N, K] = (c +) per-group aT_g bT_g^T.
+//   or [0]. Result out F32, or BF16 without c, [G, N, K] = (c +) per-group
+//   aT_g bT_g^T.
 
 #include <algorithm>
 #include <atomic>
@@ -273,8 +274,8 @@ struct KGroupedArgs {
   const float* sa;  // [TB, NP]
   const void* b;   // bT [K, T]
   const float* sb;  // [TB, KP]
-  const float* c;  // nullable
-  float* out;
+  const float* c;  // nullable (then out may be bf16)
+  void* out;      // f32 or bf16
   GroupArgs grp;
   int n, k, t;
 };
@@ -282,7 +283,7 @@ struct KGroupedArgs {
 using KGroupedLaunchFn = ffi::Error (*)(const KGroupedArgs&, cudaStream_t, int device,
                                         int num_sms);
 
-template <int BM, int BN, int ST>
+template <int BM, int BN, int ST, typename OutT>
 ffi::Error ConfigureKGrouped(int device) {
   using L = KGroupedLayout<BM, BN, ST>;
   static std::atomic<uint64_t> configured{0};
@@ -290,7 +291,7 @@ ffi::Error ConfigureKGrouped(int device) {
   if (bit != 0 && (configured.load(std::memory_order_acquire) & bit) != 0) {
     return ffi::Error::Success();
   }
-  const cudaError_t err = cudaFuncSetAttribute(&k_grouped_gemm_tn_kernel<BM, BN, ST>,
+  const cudaError_t err = cudaFuncSetAttribute(&k_grouped_gemm_tn_kernel<BM, BN, ST, OutT>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                L::kDynamicSmem);
   if (err != cudaSuccess) {
@@ -302,11 +303,11 @@ ffi::Error ConfigureKGrouped(int device) {
   return ffi::Error::Success();
 }
 
-template <int BM, int BN, int ST>
+template <int BM, int BN, int ST, typename OutT>
 ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int device,
                           int num_sms) {
   using L = KGroupedLayout<BM, BN, ST>;
-  if (ffi::Error e = ConfigureKGrouped<BM, BN, ST>(device); e.failure()) return e;
+  if (ffi::Error e = ConfigureKGrouped<BM, BN, ST, OutT>(device); e.failure()) return e;
   const int tb = (args.t + 127) / 128;
   CUtensorMap tmap_a, tmap_b, tmap_sa, tmap_sb;
   CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.a, args.n,
@@ -335,8 +336,9 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
                       "jax_deepgemm: problem too large (tile count overflows int32)");
   }
   const int grid = static_cast<int>(num_tiles < num_sms ? num_tiles : num_sms);
-  k_grouped_gemm_tn_kernel<BM, BN, ST><<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
-      tmap_a, tmap_b, tmap_sa, tmap_sb, args.c, args.out, args.n, args.k, args.t, args.grp);
+  k_grouped_gemm_tn_kernel<BM, BN, ST, OutT><<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
+      tmap_a, tmap_b, tmap_sa, tmap_sb, args.c, static_cast<OutT*>(args.out), args.n, args.k,
+      args.t, args.grp);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -348,14 +350,16 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
 
 struct KGroupedEntry {
   int block_m, block_n;
-  KGroupedLaunchFn launch;
-  ConfigureFn configure;
+  KGroupedLaunchFn f32, bf16;
+  ConfigureFn configure_f32, configure_bf16;
 };
 
-#define JAX_DEEPGEMM_KGROUPED(BM, BN)                                        \
-  KGroupedEntry {                                                            \
-    BM, BN, &LaunchKGrouped<BM, BN, k_grouped_max_stages(BM, BN)>,           \
-        &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN)>             \
+#define JAX_DEEPGEMM_KGROUPED(BM, BN)                                                    \
+  KGroupedEntry {                                                                        \
+    BM, BN, &LaunchKGrouped<BM, BN, k_grouped_max_stages(BM, BN), float>,                \
+        &LaunchKGrouped<BM, BN, k_grouped_max_stages(BM, BN), __nv_bfloat16>,            \
+        &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN), float>,                 \
+        &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN), __nv_bfloat16>          \
   }
 const KGroupedEntry kKGroupedKernels[] = {JAX_DEEPGEMM_KGROUPED(128, 128),
                                           JAX_DEEPGEMM_KGROUPED(64, 128)};
@@ -849,14 +853,17 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   const bool has_c = !IsEmpty1D(c);
   auto is_gnk = [&](const ffi::AnyBuffer& x) {
     const auto d = x.dimensions();
-    return x.element_type() == ffi::DataType::F32 && d.size() == 3 && d[0] == g &&
-           d[1] == n && d[2] == k;
+    return d.size() == 3 && d[0] == g && d[1] == n && d[2] == k;
   };
   if (c.element_type() != ffi::DataType::F32 || (has_c && !is_gnk(c))) {
     return KGroupedInvalid("c must be float32 [G, N, K] or [0], got " + Dims(c));
   }
-  if (!is_gnk(*out)) {
-    return KGroupedInvalid("out must be float32 [G, N, K], got " + Dims(*out));
+  const bool out_bf16 = out->element_type() == ffi::DataType::BF16;
+  if (!is_gnk(*out) || (out->element_type() != ffi::DataType::F32 && !out_bf16)) {
+    return KGroupedInvalid("out must be float32 or bfloat16 [G, N, K], got " + Dims(*out));
+  }
+  if (has_c && out_bf16) {
+    return KGroupedInvalid("accumulating into c needs a float32 out");
   }
   if (!Aligned(a.untyped_data(), 16) || !Aligned(b.untyped_data(), 16) ||
       !Aligned(sa.untyped_data(), 16) || !Aligned(sb.untyped_data(), 16) ||
@@ -879,12 +886,12 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   args.b = b.untyped_data();
   args.sb = static_cast<const float*>(sb.untyped_data());
   args.c = has_c ? static_cast<const float*>(c.untyped_data()) : nullptr;
-  args.out = static_cast<float*>(out->untyped_data());
+  args.out = out->untyped_data();
   args.grp = GroupArgs{static_cast<const int*>(sizes.untyped_data()), static_cast<int>(g), 0};
   args.n = static_cast<int>(n);
   args.k = static_cast<int>(k);
   args.t = static_cast<int>(t);
-  return e.launch(args, stream, device, num_sms);
+  return (out_bf16 ? e.bf16 : e.f32)(args, stream, device, num_sms);
 }
 
 }  // namespace
@@ -921,9 +928,11 @@ bool InitializeDevices(const std::vector<int>& devices, std::string* error) {
       return false;
     }
     for (const KGroupedEntry& e : kKGroupedKernels) {
-      if (ffi::Error err = e.configure(d); err.failure()) {
-        *error = err.message();
-        return false;
+      for (ConfigureFn fn : {e.configure_f32, e.configure_bf16}) {
+        if (ffi::Error err = fn(d); err.failure()) {
+          *error = err.message();
+          return false;
+        }
       }
     }
     for (const KernelTable& table : {kDenseTable, kGroupedTable}) {

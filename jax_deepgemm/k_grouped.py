@@ -2,8 +2,9 @@
 
 Layouts: a e4m3 ``[T, N]``, sa float32 ``[ceil(T/128), N]``; b e4m3 ``[T, K]``, sb float32
 ``[ceil(T/128), K]`` (both quantized along the token axis: ``per_token_cast_to_fp8(x, axis=0)``);
-group_sizes int32 ``[G]`` on device; optional c float32 ``[G, N, K]`` → D float32 ``[G, N, K]``
-with ``D[g] = (c[g] +) A_gᵀ·B_g`` over the tokens of group g. Empty groups give zeros (or c).
+group_sizes int32 ``[G]`` on device; optional c float32 ``[G, N, K]`` → D float32 (or, without
+c, bf16) ``[G, N, K]`` with ``D[g] = (c[g] +) A_gᵀ·B_g`` over the tokens of group g. Empty groups
+give zeros (or c).
 Group sizes follow ``m_grouped_fp8_gemm_nt_contiguous``'s rules (clipped to T).
 With ``token_major=True`` a and b come token-major, ``[N, T]`` and ``[K, T]`` (what
 ``per_token_cast_transpose_to_fp8`` writes, and what the Hopper kernel reads); scales unchanged.
@@ -21,7 +22,10 @@ from jax_deepgemm.quant import ceil_div, dequantize_per_token
 OP = "k_grouped_fp8_gemm_tn_contiguous"
 
 
-def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major):
+_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   _checks.fp8(OP, "a", a)
   _checks.fp8(OP, "b", b)
   la, lb = ("[N, T]", "[K, T]") if token_major else ("[T, N]", "[T, K]")
@@ -41,10 +45,10 @@ def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major):
   if has_c:
     _checks.dtype(OP, "c", c[0], jnp.float32)
     _checks.shape(OP, "c", c[0], (g, n, k))
-  return ShapedArray((g, n, k), jnp.float32)
+  return ShapedArray((g, n, k), out_dtype)
 
 
-def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major):
+def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   if token_major:
     a, b = a.T, b.T
   dn = jax.lax.RaggedDotDimensionNumbers(
@@ -54,15 +58,16 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major):
       dequantize_per_token(a, sa, axis=0), dequantize_per_token(b, sb, axis=0),
       group_sizes.astype(jnp.int32), dn, precision=jax.lax.Precision.HIGHEST,
       preferred_element_type=jnp.float32)
-  return d + c[0] if has_c else d
+  return (d + c[0] if has_c else d).astype(out_dtype)
 
 
-def _cuda(a, sa, b, sb, group_sizes, *c, has_c, token_major):
+def _cuda(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   if not token_major:
     a, b = a.T, b.T
   (n, t), k, g = a.shape, b.shape[0], group_sizes.shape[0]
   if t == 0 or n == 0 or k == 0 or g == 0:
-    return _reference(a, sa, b, sb, group_sizes, *c, has_c=has_c, token_major=True)
+    return _reference(a, sa, b, sb, group_sizes, *c, has_c=has_c, token_major=True,
+                      out_dtype=out_dtype)
   if g > MAX_KERNEL_GROUPS:
     raise ValueError(f"{OP}: the Hopper kernel supports at most {MAX_KERNEL_GROUPS} groups, "
                      f"got {g}")
@@ -74,7 +79,7 @@ def _cuda(a, sa, b, sb, group_sizes, *c, has_c, token_major):
   sa = jnp.pad(sa, ((0, 0), (0, -(-n // 4) * 4 - n)))
   sb = jnp.pad(sb, ((0, 0), (0, -(-k // 4) * 4 - k)))
   call = jax.ffi.ffi_call("jax_deepgemm_k_grouped_fp8_gemm_tn",
-                          jax.ShapeDtypeStruct((g, n, k), jnp.float32),
+                          jax.ShapeDtypeStruct((g, n, k), out_dtype),
                           input_output_aliases={5: 0} if has_c else None)
   extra = c[0] if has_c else jnp.zeros((0,), jnp.float32)
   return call(a_t, sa, b_t, sb, group_sizes.astype(jnp.int32), extra)
@@ -87,7 +92,7 @@ k_grouped_p = _primitive.define(
 
 
 def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
-                                     token_major: bool = False):
+                                     token_major: bool = False, out_dtype=jnp.float32):
   """For each group g: ``D[g] = (c[g] +) A_gᵀ·B_g``, contracting over the group's tokens.
 
   Args:
@@ -97,12 +102,19 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
     c: optional float32 ``[G, N, K]`` to accumulate into.
     token_major: a and b are given as ``[N, T]`` and ``[K, T]`` (e.g. from
       ``per_token_cast_transpose_to_fp8``): on Hopper this saves transposing them.
+    out_dtype: float32 (default) or bfloat16 (without c): the kernel rounds its fp32
+      accumulator once as it stores, e.g. for a bf16 weight gradient.
   Returns:
-    float32 ``[G, N, K]``.
+    ``[G, N, K]`` in ``out_dtype``.
   """
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in _OUT_DTYPES:
+    raise TypeError(f"{OP}: out_dtype must be float32 or bfloat16, got {out_dtype}")
+  if c is not None and out_dtype != jnp.float32:
+    raise ValueError(f"{OP}: accumulating into c needs out_dtype float32, got {out_dtype}")
   a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
     group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0])
   extra = () if c is None else (jnp.asarray(c),)
   return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None,
-                          token_major=bool(token_major))
+                          token_major=bool(token_major), out_dtype=out_dtype)

@@ -79,8 +79,8 @@ def _linear_bwd(res, dy):
   xt, xts = per_token_cast_transpose_to_fp8(x2)
   dyt, dyts = per_token_cast_transpose_to_fp8(dy)
   m = jnp.full((1,), x2.shape[0], jnp.int32)
-  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m,
-                                        token_major=True)[0].astype(w.dtype)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
+                                        out_dtype=_gemm_dtype(w.dtype))[0].astype(w.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
   return dx, dw, db
 
@@ -138,8 +138,8 @@ def _grouped_bwd(res, dy):
   # operands cast token-major.
   xt, xts = per_token_cast_transpose_to_fp8(x)
   dyt, dyts = per_token_cast_transpose_to_fp8(dy)
-  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes,
-                                        token_major=True).astype(w.dtype)
+  dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
+                                        out_dtype=_gemm_dtype(w.dtype)).astype(w.dtype)
   return dx, dw, None
 
 

@@ -240,7 +240,7 @@ def _k_grouped_rule(shapes, has_c, token_major, **_):
   return _rule(operands, "g n k", tred, ("h",) + trep, **tsizes)
 
 
-def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major):
+def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dtype):
   ti, ci = (1, 0) if token_major else (0, 1)  # token and column axes of a and b
   t, g = shapes[0][ti], shapes[4][0]
   t_ax = _blocked(mesh, _first(dims[0][ti], dims[2][ti]), t)
@@ -256,7 +256,8 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major):
 
   def local(a, sa, b, sb, group_sizes, *c):
     if not (t_ax or g_ax):
-      return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c, **params)
+      return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c,
+                                    out_dtype=out_dtype, **params)
     experts = g // _size(mesh, g_ax) if g_ax else g
     lo, hi = _window(group_sizes, a.shape[ti], t_ax, experts, g_ax)
     sizes = hi - lo
@@ -264,12 +265,14 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major):
       # Rows before the first local expert form a leading dummy group, dropped after. (A roll,
       # as in the M-grouped op, would move rows across the 128-token scale blocks.)
       sizes = jnp.concatenate([lo[:1], sizes])
-    d = k_grouped_p.local.bind(a, sa, b, sb, sizes, has_c=False, **params)
+    # FP32 partial sums when they are summed across the token shards; rounded once, after.
+    d = k_grouped_p.local.bind(a, sa, b, sb, sizes, has_c=False,
+                               out_dtype=F32 if t_ax else out_dtype, **params)
     if g_ax:
       d = d[1:]
     if t_ax:
       d = jax.lax.psum(d, t_ax)
-    return d + c[0] if has_c else d
+    return (d + c[0] if has_c else d).astype(out_dtype)
 
   return specs, _spec(g_ax, n_ax, k_ax), local
 

@@ -29,8 +29,10 @@ for m, n, k, sizes in grouped_cases:
   am, sam = a[: g * mmax].reshape(g, mmax, k), sa[: g * mmax].reshape(g, mmax, -1)
   mm = jnp.asarray([0, mmax, 5][:g] + [1] * max(0, g - 3), jnp.int32)
   jax.block_until_ready(jax.jit(jd.m_grouped_fp8_gemm_nt_masked)(am, sam, b, sb, mm))
-# K-grouped wgrad: group boundaries inside 128-token blocks, an empty group, ragged T.
-for t, n, k, sizes in [(300, 72, 136, [100, 0, 29, 171]), (130, 64, 64, [0, 130])]:
+# K-grouped wgrad: group boundaries inside 128-token blocks, an empty group, ragged T,
+# chunks of 1..8 blocks; fp32 (with and without c) and bf16 outputs.
+for t, n, k, sizes in [(300, 72, 136, [100, 0, 29, 171]), (130, 64, 64, [0, 130]),
+                       (2100, 200, 136, [1, 1300, 0, 799])]:
   a, sa = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((t, n)), jnp.bfloat16), axis=0)
   b, sb = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16), axis=0)
   c = jnp.asarray(rng.standard_normal((len(sizes), n, k)), jnp.float32)
@@ -38,4 +40,6 @@ for t, n, k, sizes in [(300, 72, 136, [100, 0, 29, 171]), (130, 64, 64, [0, 130]
   jax.block_until_ready(jax.jit(jd.k_grouped_fp8_gemm_tn_contiguous)(a, sa, b, sb, gs))
   jax.block_until_ready(jax.jit(lambda c: jd.k_grouped_fp8_gemm_tn_contiguous(
       a, sa, b, sb, gs, c=c))(c))
+  jax.block_until_ready(jax.jit(lambda *xs: jd.k_grouped_fp8_gemm_tn_contiguous(
+      *xs, out_dtype=jnp.bfloat16))(a, sa, b, sb, gs))
 print("sanitize case done; kernels used:", jd.use_kernels())

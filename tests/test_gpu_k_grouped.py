@@ -52,6 +52,24 @@ def test_shapes_random_routing(rng, t, n, k, g):
   assert oracle.calc_diff(d, oracle.k_grouped(a, sa, b, sb, gs)) < 1e-5
 
 
+@pytest.mark.parametrize("t,n,k,sizes", [
+    # 0/1/2/4/8-block chunks, groups ending mid-block (their last block runs alone)
+    (4000, 256, 384, [1, 127, 129, 1000, 1921, 0, 2, 820]),
+    (1000, 100, 72, [500, 0, 300, 200]),  # odd N, K: the per-pair store
+])
+def test_bf16_out(rng, t, n, k, sizes):
+  # The kernel rounds its fp32 accumulator once: bitwise the fp32 result in bf16.
+  a, sa, b, sb = _operands(rng, t, n, k)
+  gs = np.asarray(sizes, np.int32)
+  f = jax.jit(jd.k_grouped_fp8_gemm_tn_contiguous, static_argnames="out_dtype")
+  d32 = f(a, sa, b, sb, gs)
+  d16 = f(a, sa, b, sb, gs, out_dtype=jnp.bfloat16)
+  assert d16.dtype == jnp.bfloat16
+  assert oracle.calc_diff(d32, oracle.k_grouped(a, sa, b, sb, gs)) < 1e-5
+  np.testing.assert_array_equal(np.asarray(d16.astype(jnp.float32)),
+                                np.asarray(d32.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
 def test_accumulate_into_c(rng):
   t, n, k = 700, 128, 256
   a, sa, b, sb = _operands(rng, t, n, k)

@@ -55,6 +55,24 @@ def test_token_major_operands(rng):
     jd.k_grouped_fp8_gemm_tn_contiguous(at, sat, b, sb, gs, token_major=True)
 
 
+def test_bf16_out(rng):
+  # bf16 output = the fp32 result rounded once; c needs the fp32 output.
+  t, n, k = 260, 72, 136
+  a, sa = quant_act(rng, t, n, axis=0)
+  b, sb = quant_act(rng, t, k, axis=0)
+  gs = jnp.asarray([100, 0, 160], jnp.int32)
+  f = jd.k_grouped_fp8_gemm_tn_contiguous
+  d16 = jax.jit(lambda *xs: f(*xs, out_dtype=jnp.bfloat16))(a, sa, b, sb, gs)
+  assert d16.dtype == jnp.bfloat16 and d16.shape == (3, n, k)
+  np.testing.assert_array_equal(np.asarray(d16.astype(jnp.float32)),
+                                np.asarray(f(a, sa, b, sb, gs).astype(jnp.bfloat16)
+                                           .astype(jnp.float32)))
+  with pytest.raises(TypeError, match="out_dtype must be float32 or bfloat16"):
+    f(a, sa, b, sb, gs, out_dtype=jnp.float16)
+  with pytest.raises(ValueError, match="needs out_dtype float32"):
+    f(a, sa, b, sb, gs, c=jnp.zeros((3, n, k)), out_dtype=jnp.bfloat16)
+
+
 def test_vmap(rng):
   t, n, k = 64, 16, 32
   xs = [(quant_act(rng, t, n, axis=0), quant_act(rng, t, k, axis=0)) for _ in range(2)]

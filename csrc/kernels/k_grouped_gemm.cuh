@@ -2,10 +2,12 @@
 //   out[g, n, k] (= c[g, n, k]) + sum over tokens t of group g of
 //                a[t, n] * b[t, k] * sa[t/128, n] * sb[t/128, k]
 // The kernel takes both operands token-major ("K-major" for wgmma, which
-// FP8 requires): aT [N, T] and bT [K, T], fp32 output [G, N, K].
+// FP8 requires): aT [N, T] and bT [K, T], fp32 (or bf16) output [G, N, K].
 //
 // Same machinery as fp8_gemm.cuh (persistent CTAs, TMA producer warpgroup,
-// mbarrier ring, FP8 wgmma, promotion every 128 tokens), with three changes:
+// mbarrier ring, FP8 wgmma issued one block ahead of the promotion every 128
+// tokens, each tile's store deferred under the next tile's first wgmmas),
+// with three changes:
 //   * a tile (g, n-block, k-block) contracts over the 128-token blocks that
 //     hold group g's tokens [t0, t1), read from a device-side group table;
 //   * both scales are per row of their operand (1x128 along tokens), so the
@@ -78,16 +80,16 @@ __device__ __forceinline__ void mask_tokens(uint8_t* tile, int row_begin, int ro
 //   tmap_b : bT [K, T] uint8, box [BLOCK_N, 128], 128B swizzle
 //   tmap_sa: sa [TB, NP] f32, box [1, BLOCK_M] (NP = N rounded up to 4)
 //   tmap_sb: sb [TB, KP] f32, box [1, BLOCK_N] (KP = K rounded up to 4)
-//   c      : [G, N, K] f32 or nullptr; may alias out
-//   out    : [G, N, K] f32
+//   c      : [G, N, K] f32 or nullptr; may alias out (then OutT is float)
+//   out    : [G, N, K] f32 or bf16
 //   grp    : token counts per group (contiguous rules of GroupArgs, over T)
-template <int BLOCK_M, int BLOCK_N, int STAGES>
+template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT>
 __global__ void __launch_bounds__(KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>::kNumThreads, 1)
 k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
                          const __grid_constant__ CUtensorMap tmap_b,
                          const __grid_constant__ CUtensorMap tmap_sa,
                          const __grid_constant__ CUtensorMap tmap_sb,
-                         const float* c, float* out, int N, int K, int T, GroupArgs grp) {
+                         const float* c, OutT* out, int N, int K, int T, GroupArgs grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>;
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
@@ -172,78 +174,162 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     const int a_wg_offset = wg * 64 * kBlockK;
 
     float acc[kNumAccum];
-    float tmp[kNumAccum];
-    float2 sbv[BLOCK_N / 8];
-    int stage = 0;
-    uint32_t phase = 0;
+    float buf0[kNumAccum];  // wgmma results of one token block, before promotion
+    float buf1[kNumAccum];
+    // Two cursors over the ring, as in fp8_gemm.cuh: `issue` runs one token
+    // block ahead of `promo`, so each block's wgmmas run under the FFMAs of
+    // the one before.
+    int issue_stage = 0, promo_stage = 0;
+    uint32_t issue_phase = 0, promo_phase = 0;
+    int t0 = 0, t1 = 0;  // token range of the current tile's group
+
+    // Waits for the next stage's data and issues its 4 wgmmas (one commit group).
+    auto issue = [&](float (&d)[kNumAccum]) {
+      ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
+      ptx::wgmma_k_block<BLOCK_N>(
+          d, ptx::make_smem_desc_k_sw128(smem_a + issue_stage * L::kBytesA + a_wg_offset),
+          ptx::make_smem_desc_k_sw128(smem_b + issue_stage * L::kBytesB));
+      if (++issue_stage == STAGES) {
+        issue_stage = 0;
+        issue_phase ^= 1u;
+      }
+    };
+    // Before issue, where no wgmma is in flight (masking code next to in-flight
+    // accumulators makes ptxas spill them and serialize every wgmma): zeroes the
+    // tokens outside [t0, t1) of block kb, the next stage, if it straddles them.
+    auto mask = [&](int kb) {
+      const int tok0 = kb * kBlockK;
+      if (tok0 >= t0 && tok0 + kBlockK <= t1) return;
+      ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
+      // Each warpgroup masks its A rows and its share of B's rows.
+      const int tid = thread % 128;
+      constexpr int kBRows = BLOCK_N / L::kNumMathWG;
+      mask_tokens(smem_a + issue_stage * L::kBytesA, wg * 64, wg * 64 + 64, tok0, t0, t1, tid,
+                  128);
+      mask_tokens(smem_b + issue_stage * L::kBytesB, wg * kBRows, wg * kBRows + kBRows, tok0,
+                  t0, t1, tid, 128);
+      ptx::fence_proxy_async();  // generic-proxy writes -> visible to wgmma
+      ptx::named_barrier_sync(1, L::kNumMathThreads);
+    };
+
+    // acc += d * sa[row] * sb[col] of the block, then release its stage (after
+    // the FFMAs, which read the scales in place: no registers to hold them).
+    auto promote = [&](float (&d)[kNumAccum]) {
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
+      const float* sa_stage = smem_sa + promo_stage * BLOCK_M;
+      const float sa0 = sa_stage[r_local], sa1 = sa_stage[r_local + 8];
+      const float* sb_stage = smem_sb + promo_stage * BLOCK_N + (lane % 4) * 2;
+#pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; ++j) {
+        const float2 sb = *reinterpret_cast<const float2*>(sb_stage + j * 8);
+        acc[j * 4 + 0] = fmaf(d[j * 4 + 0], sa0 * sb.x, acc[j * 4 + 0]);
+        acc[j * 4 + 1] = fmaf(d[j * 4 + 1], sa0 * sb.y, acc[j * 4 + 1]);
+        acc[j * 4 + 2] = fmaf(d[j * 4 + 2], sa1 * sb.x, acc[j * 4 + 2]);
+        acc[j * 4 + 3] = fmaf(d[j * 4 + 3], sa1 * sb.y, acc[j * 4 + 3]);
+      }
+      // Keep the FFMAs here (sunk past the next wgmma on d, they would make
+      // ptxas serialize the wgmmas).
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
+      if (++promo_stage == STAGES) {
+        promo_stage = 0;
+        promo_phase ^= 1u;
+      }
+    };
+
+    // A tile's store is deferred into the next tile's first token block, under
+    // its wgmmas. `prev_*` is the tile whose result `acc` holds (prev_g < 0: none).
+    int prev_g = -1, prev_m = 0, prev_n = 0;
+    auto flush = [&]() {
+      if (prev_g >= 0) {
+        const int64_t group_offset = static_cast<int64_t>(prev_g) * N * K;
+        store_tile<BLOCK_N, OutT>(acc, out + group_offset,
+                                   c != nullptr ? c + group_offset : nullptr,
+                                   prev_m * BLOCK_M + r_local, N,
+                                   prev_n * BLOCK_N + (lane % 4) * 2, K);
+      }
+#pragma unroll
+      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
+    };
+    auto no_flush = []() {};
+
+    // Promotes block kb (issued into d); unless `last`, first issues kb + 1
+    // into d_next. `mid` (the flush) runs before that issue: the fp32 store
+    // needs the registers of the second buffer.
+    auto step = [&](auto& d, auto& d_next, int kb, bool last, auto&& mid) {
+      mid();
+      if (!last) {
+        issue(d_next);
+        ptx::wgmma_wait_group<1>();
+      } else {
+        ptx::wgmma_wait_group<0>();
+      }
+      promote(d);
+    };
+    // U consecutive blocks, alternating buffers; nothing in flight between
+    // chunks (ptxas serializes wgmmas pending at a loop's back edge), so the
+    // first block of a chunk may be masked.
+    auto chunk = [&](int kb, auto u, auto&& first) {
+      constexpr int U = decltype(u)::value;
+      mask(kb);
+      issue(buf0);
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        if (j == 0) step(buf0, buf1, kb, U == 1, first);
+        else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
+        else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
+      }
+    };
 
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       const int g = tile / tiles_per_group;
       int m_block, n_block;
       fp8_gemm_tile_coords(tile - g * tiles_per_group, num_m_blocks, num_n_blocks, m_block,
                            n_block);
-      const int t0 = grp_tstart[g], t1 = grp_tend[g];
-      const int kb_end = t1 > t0 ? (t1 + kBlockK - 1) / kBlockK : 0;
+      t0 = grp_tstart[g];
+      t1 = grp_tend[g];
+      const int kb_begin = t0 / kBlockK;
+      const int kb_end = t1 > t0 ? (t1 + kBlockK - 1) / kBlockK : kb_begin;
+      // Only a tile's first and last blocks can straddle: a straddling last
+      // block runs as its own chunk, so that both start a chunk.
+      const int kb_split = t1 % kBlockK != 0 && kb_end - kb_begin >= 2 ? kb_end - 1 : kb_end;
 
-#pragma unroll
-      for (int i = 0; i < kNumAccum; ++i) acc[i] = 0.0f;
-
-      for (int kb = t0 / kBlockK; kb < kb_end; ++kb) {
-        ptx::mbarrier_wait(&full_bar[stage], phase);
-        uint8_t* a_stage = smem_a + stage * L::kBytesA;
-        uint8_t* b_stage = smem_b + stage * L::kBytesB;
-
-        const int tok0 = kb * kBlockK;
-        if (tok0 < t0 || tok0 + kBlockK > t1) {
-          // Block straddles a group boundary (rare: at most two per tile).
-          // Each warpgroup zeroes its A rows and its share of B's rows.
-          const int tid = thread % 128;
-          mask_tokens(a_stage, wg * 64, wg * 64 + 64, tok0, t0, t1, tid, 128);
-          constexpr int kBRows = BLOCK_N / L::kNumMathWG;
-          mask_tokens(b_stage, wg * kBRows, wg * kBRows + kBRows, tok0, t0, t1, tid, 128);
-          ptx::fence_proxy_async();  // generic-proxy writes -> visible to wgmma
-          ptx::named_barrier_sync(1, L::kNumMathThreads);
-        }
-
-        const float* sa_stage = smem_sa + stage * BLOCK_M;
-        const float sa0 = sa_stage[r_local];
-        const float sa1 = sa_stage[r_local + 8];
-        const float* sb_stage = smem_sb + stage * BLOCK_N + (lane % 4) * 2;
-#pragma unroll
-        for (int j = 0; j < BLOCK_N / 8; ++j) {
-          sbv[j] = *reinterpret_cast<const float2*>(sb_stage + j * 8);
-        }
-
-        const uint64_t desc_a = ptx::make_smem_desc_k_sw128(a_stage + a_wg_offset);
-        const uint64_t desc_b = ptx::make_smem_desc_k_sw128(b_stage);
-        ptx::wgmma_k_block<BLOCK_N>(tmp, desc_a, desc_b);
-        ptx::wgmma_wait_group<0>();
-#pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(tmp[i]);
-
-        __syncwarp();
-        if (lane == 0) ptx::mbarrier_arrive(&empty_bar[stage]);
-
-#pragma unroll
-        for (int j = 0; j < BLOCK_N / 8; ++j) {
-          acc[j * 4 + 0] = fmaf(tmp[j * 4 + 0], sa0 * sbv[j].x, acc[j * 4 + 0]);
-          acc[j * 4 + 1] = fmaf(tmp[j * 4 + 1], sa0 * sbv[j].y, acc[j * 4 + 1]);
-          acc[j * 4 + 2] = fmaf(tmp[j * 4 + 2], sa1 * sbv[j].x, acc[j * 4 + 2]);
-          acc[j * 4 + 3] = fmaf(tmp[j * 4 + 3], sa1 * sbv[j].y, acc[j * 4 + 3]);
-        }
-
-        if (++stage == STAGES) {
-          stage = 0;
-          phase ^= 1u;
-        }
+      // The first chunk (the largest that fits) also flushes the previous tile.
+      int kb = kb_begin;
+      const int n = kb_split - kb_begin;
+      if (n >= 8) {
+        chunk(kb, std::integral_constant<int, 8>{}, flush);
+        kb += 8;
+      } else if (n >= 4) {
+        chunk(kb, std::integral_constant<int, 4>{}, flush);
+        kb += 4;
+      } else if (n >= 2) {
+        chunk(kb, std::integral_constant<int, 2>{}, flush);
+        kb += 2;
+      } else if (n == 1) {
+        chunk(kb, std::integral_constant<int, 1>{}, flush);
+        kb += 1;
+      } else {
+        flush();  // empty group: zeros (c + 0 with c)
       }
-
-      const int64_t group_offset = static_cast<int64_t>(g) * N * K;
-      store_tile<BLOCK_N, float>(acc, out + group_offset,
-                                 c != nullptr ? c + group_offset : nullptr,
-                                 m_block * BLOCK_M + r_local, N, n_block * BLOCK_N +
-                                 (lane % 4) * 2, K);
+      for (; kb + 8 <= kb_split; kb += 8) chunk(kb, std::integral_constant<int, 8>{}, no_flush);
+      if (kb_split - kb >= 4) {
+        chunk(kb, std::integral_constant<int, 4>{}, no_flush);
+        kb += 4;
+      }
+      if (kb_split - kb >= 2) {
+        chunk(kb, std::integral_constant<int, 2>{}, no_flush);
+        kb += 2;
+      }
+      for (; kb < kb_end; ++kb) chunk(kb, std::integral_constant<int, 1>{}, no_flush);
+      prev_g = g;
+      prev_m = m_block;
+      prev_n = n_block;
     }
+    flush();  // the last tile
   }
 #else
   __trap();

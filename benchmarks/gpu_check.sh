@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
-#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [bench] [ARGS for pytest via PYTEST_ARGS]
-# With no stage named, runs all. The build carries CUTLASS from .gpu/ (no network there).
+#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [bench]
+#   (pytest arguments via PYTEST_ARGS)
+# With no stage named: build test sanitize bench. The build carries CUTLASS from .gpu/ (no network there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jdg_out}; mkdir -p "$OUT"
@@ -69,6 +70,19 @@ if has prof; then
     echo "ncu $case rc=$?"
   done
   grep -E "profiled|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|gmma_cycles|Warp Cycles Per Issued|Issue Slots Busy|bank_conflicts|Registers Per|Stall" "$OUT/ncu.txt" | head -80
+fi
+
+if has prof-src; then
+  # Per-instruction (SASS) warp-state samples of one case: which instructions the warps
+  # wait on. PROF_CASES/PROF_ARGS/PROF_KERNEL as for `prof` (first case only). ncu locks the
+  # SM clock to base here, so its durations are not the benchmark's.
+  case=${PROF_CASES:-4096x7168x16384}; case=${case%% *}
+  ncu -f -o /tmp/jdg_src --kernel-name regex:${PROF_KERNEL:-fp8_gemm} --launch-skip 2 \
+    --launch-count 1 --section SourceCounters --section SpeedOfLight --import-source no \
+    python3 benchmarks/profile_case.py ${PROF_ARGS:-} $case > "$OUT/ncu_src.log" 2>&1
+  echo "ncu source $case rc=$?"
+  ncu -i /tmp/jdg_src.ncu-rep --page source --csv --print-source sass | gzip > "$OUT/src.csv.gz"
+  python3 benchmarks/ncu_source_summary.py "$OUT/src.csv.gz" | tee "$OUT/src_summary.txt" | head -30
 fi
 
 if has bench; then

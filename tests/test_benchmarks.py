@@ -47,3 +47,32 @@ def test_bench_moe_floor_gemm_matches_layer_routing():
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_ncu_source_summary(tmp_path):
+  # A made-up source page in ncu's CSV layout: the summary must attribute samples to the
+  # instruction classes and find the hot run.
+  hdr = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+         "stall_short_sb", "stall_barrier", "stall_wait"]
+  lines = [("QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR16], RZ, !UPT", 10, 8, 0, 0, 2),
+           ("WARPGROUP.DEPBAR.LE gsb0, 0x1", 50, 8, 0, 50, 0),
+           ("LDS.64 R182, [R206]", 5, 8, 0, 0, 5),
+           ("FMUL R211, R182, R208", 30, 8, 28, 0, 2),
+           ("@!P0  BRA 0x7f2fcb7eacc0", 5, 8, 0, 0, 0)]
+  path = tmp_path / "src.csv"
+  with open(path, "w") as f:
+    f.write('"Kernel Name","k"\n')
+    f.write(",".join(f'"{h}"' for h in hdr) + "\n")
+    for i, (src, *vals) in enumerate(lines):
+      f.write(",".join(f'"{v}"' for v in (hex(i * 16), src, *vals)) + "\n")
+  res = subprocess.run([sys.executable, os.path.join(BENCH, "ncu_source_summary.py"), str(path),
+                        "--window", "3"], capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stderr
+  out = res.stdout
+  assert "samples: 100" in out
+  share = {l.split()[0]: float(l.split()[1]) for l in out.splitlines()
+           if l.split() and l.split()[0] in ("wgmma_wait", "fp32", "qgmma", "lds", "branch")}
+  assert share == {"wgmma_wait": 50.0, "fp32": 30.0, "qgmma": 10.0, "lds": 5.0, "branch": 5.0}
+  assert "barrier 50.0" in out and "short_sb 28.0" in out
+  hot = out.split("hottest 3 instructions")[1]  # DEPBAR + LDS + FMUL = 85 > QGMMA + DEPBAR + LDS
+  assert "(85.0% of samples)" in hot and "DEPBAR" in hot and "FMUL" in hot and "QGMMA" not in hot

@@ -137,6 +137,53 @@ __device__ __forceinline__ void fp8_gemm_tile_coords(int tile, int num_m_blocks,
   n_block = in_group / group_m;
 }
 
+// The mainloop's k-block schedule: blocks [kb, kb_split) as chunks of 8, then
+// 4, 2 and 1 consecutive blocks (kMaxChunk 1: one at a time), then blocks
+// [kb_split, kb_end) one at a time; `chunk(kb, std::integral_constant<int, U>,
+// mid)` runs U blocks. The first chunk, the largest that fits, gets `first`
+// as its mid (the previous tile's epilogue), the others `rest`; kMayBeEmpty:
+// with no block at all, `first` runs alone.
+template <int kMaxChunk, bool kMayBeEmpty, typename Chunk, typename First, typename Rest>
+__device__ __forceinline__ void run_k_chunks(int kb, int kb_split, int kb_end, Chunk&& chunk,
+                                             First&& first, Rest&& rest) {
+  using C8 = std::integral_constant<int, 8>;
+  using C4 = std::integral_constant<int, 4>;
+  using C2 = std::integral_constant<int, 2>;
+  using C1 = std::integral_constant<int, 1>;
+  const int n = kb_split - kb;
+  if constexpr (kMaxChunk == 8) {
+    if (n >= 8) {
+      chunk(kb, C8{}, first);
+      kb += 8;
+    } else if (n >= 4) {
+      chunk(kb, C4{}, first);
+      kb += 4;
+    } else if (n >= 2) {
+      chunk(kb, C2{}, first);
+      kb += 2;
+    } else if (!kMayBeEmpty || n == 1) {
+      chunk(kb, C1{}, first);
+      kb += 1;
+    } else {
+      first();
+    }
+    for (; kb + 8 <= kb_split; kb += 8) chunk(kb, C8{}, rest);
+    if (kb_split - kb >= 4) {
+      chunk(kb, C4{}, rest);
+      kb += 4;
+    }
+    if (kb_split - kb >= 2) {
+      chunk(kb, C2{}, rest);
+      kb += 2;
+    }
+  } else {
+    static_assert(kMaxChunk == 1 && !kMayBeEmpty, "chunks of 8 down to 1, or of 1");
+    chunk(kb, C1{}, first);
+    kb += 1;
+  }
+  for (; kb < kb_end; ++kb) chunk(kb, C1{}, rest);
+}
+
 template <typename OutT>
 __device__ __forceinline__ void store_pair(OutT* p, float v0, float v1);
 
@@ -836,36 +883,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           else step(buf0, buf0, kb, true, first);
         }
       };
-      // The tile's first chunk (the largest that fits) also flushes `prev`.
-      int kb = 1;
-      if constexpr (!kPipelined) {
-        chunk(0, std::integral_constant<int, 1>{}, flush_t);
-      } else {
-        if (num_k_blocks >= 8) {
-          chunk(0, std::integral_constant<int, 8>{}, flush_t);
-          kb = 8;
-        } else if (num_k_blocks >= 4) {
-          chunk(0, std::integral_constant<int, 4>{}, flush_t);
-          kb = 4;
-        } else if (num_k_blocks >= 2) {
-          chunk(0, std::integral_constant<int, 2>{}, flush_t);
-          kb = 2;
-        } else {
-          chunk(0, std::integral_constant<int, 1>{}, flush_t);
-        }
-        for (; kb + 8 <= num_k_blocks; kb += 8) {
-          chunk(kb, std::integral_constant<int, 8>{}, no_flush);
-        }
-        if (num_k_blocks - kb >= 4) {
-          chunk(kb, std::integral_constant<int, 4>{}, no_flush);
-          kb += 4;
-        }
-        if (num_k_blocks - kb >= 2) {
-          chunk(kb, std::integral_constant<int, 2>{}, no_flush);
-          kb += 2;
-        }
-      }
-      for (; kb < num_k_blocks; ++kb) chunk(kb, std::integral_constant<int, 1>{}, no_flush);
+      // The tile's first chunk also flushes `prev`.
+      run_k_chunks<kPipelined ? 8 : 1, false>(0, num_k_blocks, num_k_blocks, chunk, flush_t,
+                                             no_flush);
       prev = t;
     }
     // ---------------- epilogue of the last tile ----------------

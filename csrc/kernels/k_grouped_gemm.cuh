@@ -297,34 +297,9 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // block runs as its own chunk, so that both start a chunk.
       const int kb_split = t1 % kBlockK != 0 && kb_end - kb_begin >= 2 ? kb_end - 1 : kb_end;
 
-      // The first chunk (the largest that fits) also flushes the previous tile.
-      int kb = kb_begin;
-      const int n = kb_split - kb_begin;
-      if (n >= 8) {
-        chunk(kb, std::integral_constant<int, 8>{}, flush);
-        kb += 8;
-      } else if (n >= 4) {
-        chunk(kb, std::integral_constant<int, 4>{}, flush);
-        kb += 4;
-      } else if (n >= 2) {
-        chunk(kb, std::integral_constant<int, 2>{}, flush);
-        kb += 2;
-      } else if (n == 1) {
-        chunk(kb, std::integral_constant<int, 1>{}, flush);
-        kb += 1;
-      } else {
-        flush();  // empty group: zeros (c + 0 with c)
-      }
-      for (; kb + 8 <= kb_split; kb += 8) chunk(kb, std::integral_constant<int, 8>{}, no_flush);
-      if (kb_split - kb >= 4) {
-        chunk(kb, std::integral_constant<int, 4>{}, no_flush);
-        kb += 4;
-      }
-      if (kb_split - kb >= 2) {
-        chunk(kb, std::integral_constant<int, 2>{}, no_flush);
-        kb += 2;
-      }
-      for (; kb < kb_end; ++kb) chunk(kb, std::integral_constant<int, 1>{}, no_flush);
+      // The first chunk also flushes the previous tile (an empty group: zeros,
+      // c + 0 with c).
+      run_k_chunks<8, true>(kb_begin, kb_split, kb_end, chunk, flush, no_flush);
       prev_g = g;
       prev_m = m_block;
       prev_n = n_block;

@@ -24,6 +24,12 @@ We want the device time of one call of an op whose operands come from HBM, not f
    bursts (plus min/max). The only non-device time left in a burst is one launch latency
    and one synchronisation, spread over inner * n_rot ops.
 
+While the timed bursts run, ``nvidia-smi`` samples the GPU's SM clock and board power
+(``ClockSampler``): Hopper's FP8 tensor cores draw enough power that the clock sags under
+load, so TFLOPS figures of different runs or GPUs (DeepGEMM's H800 figures) compare per
+clock. The medians land in each record as ``sm_clock_mhz`` and ``power_w`` (None where
+there is no ``nvidia-smi`` or the bursts were too short to be sampled).
+
 We check for host-bound runs: if dispatching a few calls takes nearly as long as
 executing them, the device was waiting on Python, and we double ``n_rot`` (up to
 ``max_rot``) and measure again; if it is still host bound the result says so
@@ -45,7 +51,9 @@ import functools
 import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,13 +103,94 @@ class Timing:
   iters: int              # timed bursts
   set_bytes: int          # bytes of one input set
   host_bound: bool        # dispatch could not keep the device busy
+  sm_clock_mhz: float | None = None  # median SM clock while the bursts ran
+  power_w: float | None = None       # median board power while the bursts ran
 
   def __float__(self) -> float:
     return self.time_us
 
   def extras(self) -> dict:
     """Fields worth keeping in a result record."""
-    return {"min_us": self.min_us, "n_rot": self.n_rot, "host_bound": self.host_bound}
+    return {"min_us": self.min_us, "n_rot": self.n_rot, "host_bound": self.host_bound,
+            "sm_clock_mhz": self.sm_clock_mhz, "power_w": self.power_w}
+
+
+class ClockSampler:
+  """Samples SM clock (MHz) and power (W) of the benchmarked GPU with ``nvidia-smi -lms``.
+
+  ``start()`` launches the sampler (a no-op off GPUs or without nvidia-smi);
+  ``window()`` opens and closes the span whose samples count; ``stop()`` returns the
+  medians ``(clock, power)`` of the samples taken inside the span, or Nones. nvidia-smi
+  takes a fraction of a second to start, so start it before the warm-up.
+  """
+
+  def __init__(self, interval_ms: int = 50, command: str = "nvidia-smi"):
+    self.interval_ms = interval_ms
+    self.command = command
+    self.proc = None
+    self.span = None
+
+  def _gpu_index(self) -> str | None:
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+      return None
+    idx = str(getattr(dev, "local_hardware_id", None) or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:  # jax's ids count the visible devices; nvidia-smi's all of them
+      ids = [v.strip() for v in visible.split(",") if v.strip()]
+      idx = ids[int(idx)] if int(idx) < len(ids) else idx
+    return idx
+
+  def start(self) -> "ClockSampler":
+    try:
+      idx = self._gpu_index()
+      exe = shutil.which(self.command)
+      if idx is not None and exe is not None:
+        self.proc = subprocess.Popen(
+            [exe, "-i", idx, "--query-gpu=timestamp,clocks.sm,power.draw",
+             "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except (OSError, ValueError):  # measuring clocks must never break a benchmark
+      self.proc = None
+    return self
+
+  def window(self, begin: bool) -> None:
+    now = datetime.datetime.now()
+    self.span = (now, now) if begin or self.span is None else (self.span[0], now)
+
+  @staticmethod
+  def parse(text: str, span) -> tuple[float | None, float | None]:
+    clocks, powers = [], []
+    for line in text.splitlines():
+      parts = [p.strip() for p in line.split(",")]
+      if len(parts) != 3:
+        continue
+      try:
+        ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
+        clock = float(parts[1])
+      except ValueError:
+        continue  # a header, "[N/A]" and the like
+      if span is not None and not span[0] <= ts <= span[1]:
+        continue
+      clocks.append(clock)
+      try:
+        powers.append(float(parts[2]))
+      except ValueError:
+        pass
+    med = lambda v: statistics.median(v) if v else None  # noqa: E731
+    return med(clocks), med(powers)
+
+  def stop(self) -> tuple[float | None, float | None]:
+    if self.proc is None:
+      return None, None
+    self.proc.terminate()
+    try:
+      out, _ = self.proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      out, _ = self.proc.communicate()
+    self.proc = None
+    return self.parse(out or "", self.span)
 
 
 def tree_nbytes(tree) -> int:
@@ -150,6 +239,7 @@ def bench(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
 
     call = jax.jit(lambda s: [fn(*args) for args in s])
     jax.block_until_ready(call(sets))  # compile
+    sampler = ClockSampler().start()
     for _ in range(warmup):
       jax.block_until_ready(call(sets))
 
@@ -161,25 +251,34 @@ def bench(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
     # (On the CPU backend the "device" is the host itself: nothing to detect.)
     host_bound = jax.devices()[0].platform != "cpu" and disp > 0.8 * total
     if host_bound and adaptive and n_rot < max_rot:
+      sampler.stop()
       n_rot = min(max_rot, 2 * n_rot)  # more device work per call; measure again
       continue
     break
 
   inner = max(1, min(10_000, math.ceil(min_time_s / max(iters, 1) / max(per_call, 1e-9))))
   times = []
+  sampler.window(begin=True)
   for _ in range(iters):
     _, total = _burst(call, sets, inner)
     times.append(total / (inner * n_rot) * 1e6)
+  sampler.window(begin=False)
+  clock, power = sampler.stop()
   if host_bound:
     print(f"warning: host-bound timing ({n_rot} input sets of {set_bytes / 1e6:.1f} MB): the "
           "device time is probably lower than reported", file=sys.stderr)
   return Timing(time_us=statistics.median(times), min_us=min(times), max_us=max(times),
                 n_rot=n_rot, inner=inner, iters=iters, set_bytes=set_bytes,
-                host_bound=host_bound)
+                host_bound=host_bound, sm_clock_mhz=clock, power_w=power)
 
 
 def tflops(flops: float, time_us: float) -> float:
   return flops / (time_us * 1e-6) / 1e12 if time_us > 0 else float("nan")
+
+
+def mhz(t: Timing | None) -> str:
+  """The SM clock a timing ran at, for printing ("-" where unknown)."""
+  return f"{t.sm_clock_mhz:.0f}" if t is not None and t.sm_clock_mhz is not None else "-"
 
 
 def gbps(nbytes: float, time_us: float) -> float:

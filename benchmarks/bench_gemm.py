@@ -397,7 +397,8 @@ def main(argv=None) -> int:
            r_fp8, r_bf16, T.fmt(diff, 2) if diff is not None else "-"]
     rows.append(row)
     print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
-          f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]}", flush=True)
+          f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]} | SM MHz "
+          f"{T.mhz(t_ours)}/{T.mhz(t_fp8)}/{T.mhz(t_bf16)}", flush=True)
     if not args.no_write and records:  # after every shape: a later crash keeps what was measured
       T.write_results(args.out, records)
 

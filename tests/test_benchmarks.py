@@ -76,3 +76,47 @@ def test_ncu_source_summary(tmp_path):
   assert "barrier 50.0" in out and "short_sb 28.0" in out
   hot = out.split("hottest 3 instructions")[1]  # DEPBAR + LDS + FMUL = 85 > QGMMA + DEPBAR + LDS
   assert "(85.0% of samples)" in hot and "DEPBAR" in hot and "FMUL" in hot and "QGMMA" not in hot
+
+
+def _timing_module():
+  sys.path.insert(0, BENCH)
+  try:
+    import _timing as T  # noqa: PLC0415
+  finally:
+    sys.path.remove(BENCH)
+  return T
+
+
+def test_clock_sampler_parse():
+  import datetime  # noqa: PLC0415
+  T = _timing_module()
+  span = (datetime.datetime(2026, 12, 3, 15, 40, 1), datetime.datetime(2026, 12, 3, 15, 40, 2))
+  text = ("2026/12/03 15:40:00.900, 1980, 100.0\n"   # before the span
+          "2026/12/03 15:40:01.100, 1300, 690.5\n"
+          "2026/12/03 15:40:01.500, 1350, [N/A]\n"   # clock without power
+          "2026/12/03 15:40:01.900, 1200, 700.5\n"
+          "2026/12/03 15:40:02.100, 1980, 90\n"      # after it
+          "timestamp, clocks.sm [MHz], power.draw [W]\n")
+  assert T.ClockSampler.parse(text, span) == (1300.0, 695.5)
+  assert T.ClockSampler.parse("", span) == (None, None)
+
+
+def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
+  # A stand-in for `nvidia-smi -lms`: a sample every 20 ms, stamped like the real one.
+  fake = tmp_path / "fake-smi"
+  fake.write_text('#!/bin/bash\nwhile true; do echo "$(date +"%Y/%m/%d %H:%M:%S.%3N"), 1755, 612.25"; '
+                  "sleep 0.02; done\n")
+  fake.chmod(0o755)
+  T = _timing_module()
+  monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")
+  s = T.ClockSampler(command=str(fake)).start()
+  import time  # noqa: PLC0415
+  time.sleep(0.2)
+  s.window(begin=True)
+  time.sleep(0.3)
+  s.window(begin=False)
+  assert s.stop() == (1755.0, 612.25)
+  # Off GPUs (this CPU run) there is nothing to sample and the timing says so.
+  t = T.bench(lambda x: x + 1, lambda key: (jax.random.normal(key, (64,)),), iters=2,
+              min_time_s=0.01, n_rot=2)
+  assert t.sm_clock_mhz is None and t.extras()["sm_clock_mhz"] is None and T.mhz(t) == "-"

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 # The image's default g++ links libstdc++ statically (gpu.md): build host code with g++-13.
 if command -v g++-13 >/dev/null; then export CXX=g++-13 CUDAHOSTCXX=g++-13; fi
 export PATH=/usr/local/cuda/bin:$PATH
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.sm,power.limit,power.draw --format=csv
 
 if has build; then
   CUTLASS_ARGS=()

@@ -12,14 +12,17 @@ from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
 from jax_deepgemm import _ffi
 
 
-def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primitive:
+def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
+           multiple_results: bool = False, vma: bool = True) -> Primitive:
   """Creates primitive ``name``.
 
   ``reference(*args, **params)`` is plain JAX and lowers the op on every platform;
   ``cuda(*args, **params)`` (plain JAX around ``jax.ffi.ffi_call``) lowers it on CUDA
-  when our kernels can run there (see ``_ffi.use_kernels``).
+  when our kernels can run there (see ``_ffi.use_kernels``). ``vma=False``: the
+  abstract evaluation types shard_map's varying axes itself.
   """
   prim = Primitive(name)
+  prim.multiple_results = multiple_results
 
   @functools.lru_cache(maxsize=None)
   def _jitted(params):
@@ -30,15 +33,18 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule) -> Primi
     with jax.disable_jit(False):
       return _jitted(tuple(sorted(params.items())))(*args)
 
+  aval_rule = _with_vma(abstract_eval) if vma else abstract_eval
   prim.def_impl(_impl)
-  prim.def_abstract_eval(_with_vma(abstract_eval))
-  register_lowerings(prim, reference, cuda)
+  prim.def_abstract_eval(aval_rule)
+  register_lowerings(prim, reference, cuda, multiple_results=multiple_results)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.
   prim.local = Primitive(name + "_local")
-  prim.local.def_abstract_eval(_with_vma(abstract_eval))
-  register_lowerings(prim.local, reference, cuda)
-  batching.primitive_batchers[prim] = batching_rule
+  prim.local.multiple_results = multiple_results
+  prim.local.def_abstract_eval(aval_rule)
+  register_lowerings(prim.local, reference, cuda, multiple_results=multiple_results)
+  if batching_rule is not None:
+    batching.primitive_batchers[prim] = batching_rule
   return prim
 
 

@@ -10,8 +10,6 @@ on H100/H200, the pure-JAX references elsewhere).
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 

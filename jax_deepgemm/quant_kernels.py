@@ -182,31 +182,11 @@ def _out_avals(x, *specs):
 def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
   """A two-output primitive with one operand whose leading axes are a batch.
 
-  (Like ``_primitive.define``, which makes single-output primitives.) vmap moves the
-  batch axis to the front; differentiation follows the reference (the casts were plain
-  JAX and differentiable before they were primitives).
+  vmap moves the batch axis to the front; differentiation follows the reference (the
+  casts were plain JAX and differentiable before they were primitives).
   """
-  prim = Primitive(name)
-  prim.multiple_results = True
-
-  @functools.lru_cache(maxsize=None)
-  def _jitted(params):
-    return jax.jit(functools.partial(prim.bind, **dict(params)))
-
-  def _impl(*args, **params):
-    # Eager calls run the jitted op; under jax.disable_jit, jit would call bind again.
-    with jax.disable_jit(False):
-      return _jitted(tuple(sorted(params.items())))(*args)
-
-  prim.def_impl(_impl)
-  prim.def_abstract_eval(abstract_eval)
-  _primitive.register_lowerings(prim, reference, cuda, multiple_results=True)
-  # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
-  # rules and lowers `prim.local` on each shard.
-  prim.local = Primitive(name + "_local")
-  prim.local.multiple_results = True
-  prim.local.def_abstract_eval(abstract_eval)
-  _primitive.register_lowerings(prim.local, reference, cuda, multiple_results=True)
+  prim = _primitive.define(name, abstract_eval=abstract_eval, reference=reference, cuda=cuda,
+                           multiple_results=True, vma=False)
 
   def batching_rule(args, dims, **params):
     (x,), (d,) = args, dims

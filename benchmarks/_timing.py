@@ -52,6 +52,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -146,10 +147,14 @@ class ClockSampler:
       idx = self._gpu_index()
       exe = shutil.which(self.command)
       if idx is not None and exe is not None:
-        self.proc = subprocess.Popen(
-            [exe, "-i", idx, "--query-gpu=timestamp,clocks.sm,power.draw",
-             "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cmd = [exe, "-i", idx, "--query-gpu=timestamp,clocks.sm,power.draw",
+               "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)]
+        # Into a pipe its stdout is block-buffered: line-buffer it, so that no sample
+        # is lost when it is stopped.
+        if shutil.which("stdbuf"):
+          cmd = [shutil.which("stdbuf"), "-oL", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
     except (OSError, ValueError):  # measuring clocks must never break a benchmark
       self.proc = None
     return self
@@ -183,7 +188,7 @@ class ClockSampler:
   def stop(self) -> tuple[float | None, float | None]:
     if self.proc is None:
       return None, None
-    self.proc.terminate()
+    self.proc.send_signal(signal.SIGINT)  # nvidia-smi's loop ends cleanly on Ctrl-C
     try:
       out, _ = self.proc.communicate(timeout=5)
     except subprocess.TimeoutExpired:

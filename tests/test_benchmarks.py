@@ -102,10 +102,13 @@ def test_clock_sampler_parse():
 
 
 def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
-  # A stand-in for `nvidia-smi -lms`: a sample every 20 ms, stamped like the real one.
+  # A stand-in for `nvidia-smi -lms`: a sample every 20 ms, stamped like the real one, its
+  # output block-buffered into the pipe (as a C program's is): stopping it must not lose it.
   fake = tmp_path / "fake-smi"
-  fake.write_text('#!/bin/bash\nwhile true; do echo "$(date +"%Y/%m/%d %H:%M:%S.%3N"), 1755, 612.25"; '
-                  "sleep 0.02; done\n")
+  fake.write_text(f"#!{sys.executable}\nimport datetime, os, time\n"
+                  "out = os.fdopen(1, 'w', buffering=65536)\nwhile True:\n"
+                  "  out.write(datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]"
+                  " + ', 1755, 612.25\\n')\n  time.sleep(0.02)\n")
   fake.chmod(0o755)
   T = _timing_module()
   monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")

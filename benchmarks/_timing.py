@@ -151,8 +151,9 @@ class ClockSampler:
                "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)]
         # Into a pipe its stdout is block-buffered: line-buffer it, so that no sample
         # is lost when it is stopped.
-        if shutil.which("stdbuf"):
-          cmd = [shutil.which("stdbuf"), "-oL", *cmd]
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf:
+          cmd = [stdbuf, "-oL", *cmd]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
     except (OSError, ValueError):  # measuring clocks must never break a benchmark

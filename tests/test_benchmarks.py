@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts on the CPU reference path (--quick, nothing written), so
 that a benchmark that no longer runs fails CI rather than the next GPU session."""
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,15 @@ import jax
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def bench_module(name):
+  """Imports benchmarks/<name>.py (the scripts are not a package)."""
+  sys.path.insert(0, BENCH)
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(BENCH)
 
 
 def run(script, *args):
@@ -30,11 +40,7 @@ def test_bench_moe():
 
 
 def test_bench_moe_floor_gemm_matches_layer_routing():
-  sys.path.insert(0, BENCH)
-  try:
-    import bench_moe as B  # noqa: PLC0415
-  finally:
-    sys.path.remove(BENCH)
+  B = bench_module("bench_moe")
   from flax import nnx  # noqa: PLC0415
   cfg = argparse.Namespace(hidden=256, expert_width=128, experts=8, top_k=2)
   graphdef, params, rest = nnx.split(B.make_moe(cfg, "fp8"), nnx.Param, ...)
@@ -78,18 +84,9 @@ def test_ncu_source_summary(tmp_path):
   assert "(85.0% of samples)" in hot and "DEPBAR" in hot and "FMUL" in hot and "QGMMA" not in hot
 
 
-def _timing_module():
-  sys.path.insert(0, BENCH)
-  try:
-    import _timing as T  # noqa: PLC0415
-  finally:
-    sys.path.remove(BENCH)
-  return T
-
-
 def test_clock_sampler_parse():
   import datetime  # noqa: PLC0415
-  T = _timing_module()
+  T = bench_module("_timing")
   span = (datetime.datetime(2026, 12, 3, 15, 40, 1), datetime.datetime(2026, 12, 3, 15, 40, 2))
   text = ("2026/12/03 15:40:00.900, 1980, 100.0\n"   # before the span
           "2026/12/03 15:40:01.100, 1300, 690.5\n"
@@ -110,7 +107,7 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
                   "  out.write(datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]"
                   " + ', 1755, 612.25\\n')\n  time.sleep(0.02)\n")
   fake.chmod(0o755)
-  T = _timing_module()
+  T = bench_module("_timing")
   monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")
   s = T.ClockSampler(command=str(fake)).start()
   import time  # noqa: PLC0415

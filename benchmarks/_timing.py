@@ -287,6 +287,11 @@ def mhz(t: Timing | None) -> str:
   return f"{t.sm_clock_mhz:.0f}" if t is not None and t.sm_clock_mhz is not None else "-"
 
 
+def watts(t: Timing | None) -> str:
+  """The board power a timing ran at, for printing ("-" where unknown)."""
+  return f"{t.power_w:.0f}" if t is not None and t.power_w is not None else "-"
+
+
 def gbps(nbytes: float, time_us: float) -> float:
   return nbytes / (time_us * 1e-6) / 1e9 if time_us > 0 else float("nan")
 

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
                  BG.cell(t_base, T.tflops(flops, float(t_base)) if t_base else None, e_base),
                  T.fmt(r, 2) if r else "-", f"{diff:.1e}" if diff is not None else "-"])
     print(f"[{name}] ours {T.fmt(rows[-1][4])} TFLOPS | ragged_dot_bf16 {T.fmt(rows[-1][6])} TFLOPS | "
-          f"x {rows[-1][7]} | diff {rows[-1][8]}", flush=True)
+          f"x {rows[-1][7]} | diff {rows[-1][8]} | SM MHz {T.mhz(t_ours)}/{T.mhz(t_base)} | "
+          f"W {T.watts(t_ours)}/{T.watts(t_base)}", flush=True)
   print(f"\nK-grouped wgrad on {T.device_name()} (TFLOPS = 2·T·N·K / t)")
   T.print_table(rows, ["case", "G", "tokens", "ours us", "ours TFLOPS", "base us", "base TFLOPS",
                        "x vs base", "diff"])

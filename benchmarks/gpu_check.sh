@@ -22,8 +22,10 @@ if has build; then
     CUTLASS_ARGS=(-Ccmake.define.CUTLASS_INCLUDE_DIR=/tmp/cutlass/cutlass_library/source/include)
   fi
   t0=$(date +%s)
+  # EXTRA_BUILD_ARGS: more pip -C options, e.g. an experiment's macro for an A/B run:
+  #   EXTRA_BUILD_ARGS="-Ccmake.define.CMAKE_CUDA_FLAGS=-DMY_EXPERIMENT"
   if ! python3 -m pip install --no-build-isolation --no-deps -v . "${CUTLASS_ARGS[@]}" \
-       > "$OUT/build.log" 2>&1; then
+       ${EXTRA_BUILD_ARGS:-} > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   echo "build: $(( $(date +%s) - t0 )) s"

@@ -120,3 +120,4 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   t = T.bench(lambda x: x + 1, lambda key: (jax.random.normal(key, (64,)),), iters=2,
               min_time_s=0.01, n_rot=2)
   assert t.sm_clock_mhz is None and t.extras()["sm_clock_mhz"] is None and T.mhz(t) == "-"
+  assert T.watts(t) == "-"

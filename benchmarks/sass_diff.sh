@@ -3,8 +3,9 @@
 # whose cubins come out byte-identical cannot change what runs on the GPU.
 #   bash benchmarks/sass_diff.sh REV_A [REV_B]     (REV_B omitted: the working tree)
 # Needs nvcc (sm_90a) and nvdisasm (CUDA toolkit, or `pip install nvidia-cuda-nvdisasm`,
-# found via NVDISASM=...); about 4 minutes per version on 2 cores. Prints, per translation
-# unit, "identical" or the kernels whose SASS differs and by how many lines.
+# found via NVDISASM=...). Compiles with CMakeLists.txt's flags; a few minutes on 2 cores.
+# Prints, per translation unit, "identical" or the kernels whose SASS differs and by how
+# many lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { sed -n 2,7p "$0"; exit 2; }
@@ -19,7 +20,7 @@ build() {  # build NAME REV|-
   mkdir -p "$dir/src"
   if [[ $2 == - ]]; then cp -r csrc "$dir/src/"; else git archive "$2" csrc | tar -x -C "$dir/src"; fi
   for tu in fp8_gemm_ffi quant_ffi; do
-    nvcc -gencode=arch=compute_90a,code=sm_90a -O3 --expt-relaxed-constexpr -std=c++17 \
+    nvcc -gencode=arch=compute_90a,code=sm_90a -O3 --expt-relaxed-constexpr --split-compile=0 -std=c++17 \
       -I"$dir/src/csrc" -isystem "$FFI" -cubin -o "$dir/$tu.cubin" "$dir/src/csrc/$tu.cu" \
       > "$dir/$tu.log" 2>&1 || { cat "$dir/$tu.log"; echo "$1: $tu does not compile"; return 1; }
   done

@@ -287,9 +287,38 @@ def mhz(t: Timing | None) -> str:
   return f"{t.sm_clock_mhz:.0f}" if t is not None and t.sm_clock_mhz is not None else "-"
 
 
+def per_clock(tflops_: float | None, t: Timing | None) -> str:
+  """``tflops_`` as a percentage of the FP8 peak at the clock ``t`` ran at ("-" if unknown)."""
+  frac = peak_frac(tflops_, t.sm_clock_mhz if t is not None else None, hopper_sm_count())
+  return f"{100 * frac:.0f}%" if frac is not None else "-"
+
+
 def watts(t: Timing | None) -> str:
   """The board power a timing ran at, for printing ("-" where unknown)."""
   return f"{t.power_w:.0f}" if t is not None and t.power_w is not None else "-"
+
+
+# Dense FP8 tensor-core FLOPs per clock of one Hopper SM (H100 SXM: 1979 TFLOPS =
+# 132 SMs x 8192 x 1.83 GHz). The H200 runs FP8 GEMMs at its power cap, where the clock
+# varies with the kernel (1.4-1.7 GHz), so compare kernels per clock.
+FP8_FLOPS_PER_CLOCK_PER_SM = 8192
+
+
+def peak_frac(tflops_: float | None, clock_mhz: float | None, num_sms: int | None) -> float | None:
+  """``tflops_`` as a fraction of the Hopper FP8 peak at ``clock_mhz`` (None if unknown)."""
+  if not tflops_ or not clock_mhz or not num_sms:
+    return None
+  return tflops_ * 1e12 / (FP8_FLOPS_PER_CLOCK_PER_SM * num_sms * clock_mhz * 1e6)
+
+
+@functools.lru_cache(maxsize=None)
+def hopper_sm_count() -> int | None:
+  """SM count of the benchmarked GPU if it is a Hopper (sm_90) one, else None."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or str(getattr(dev, "compute_capability", "")) != "9.0":
+    return None
+  count = getattr(dev, "core_count", None)
+  return int(count) if count else None
 
 
 def gbps(nbytes: float, time_us: float) -> float:
@@ -309,6 +338,10 @@ def make_record(*, op: str, impl: str, m: int, n: int, k: int, groups: int | Non
          "device": device_name(), "run_id": run_id(), "time_us": time_us,
          "tflops": tflops(flops, time_us), "gbps": gbps(nbytes, time_us)}
   rec.update(extras)
+  # Work per clock: the fraction of the FP8 tensor peak at the clock sampled during the run.
+  frac = peak_frac(rec["tflops"], rec.get("sm_clock_mhz"), hopper_sm_count())
+  if frac is not None:
+    rec["fp8_peak_frac_at_clock"] = frac
   return rec
 
 

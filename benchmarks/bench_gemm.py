@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
           f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]} | SM MHz "
           f"{T.mhz(t_ours)}/{T.mhz(t_fp8)}/{T.mhz(t_bf16)} | W "
-          f"{T.watts(t_ours)}/{T.watts(t_fp8)}/{T.watts(t_bf16)}", flush=True)
+          f"{T.watts(t_ours)}/{T.watts(t_fp8)}/{T.watts(t_bf16)} | of FP8 peak per clock "
+          f"{T.per_clock(row[3], t_ours)}/{T.per_clock(row[5], t_fp8)}", flush=True)
     if not args.no_write and records:  # after every shape: a later crash keeps what was measured
       T.write_results(args.out, records)
 

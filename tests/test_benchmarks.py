@@ -120,4 +120,20 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   t = T.bench(lambda x: x + 1, lambda key: (jax.random.normal(key, (64,)),), iters=2,
               min_time_s=0.01, n_rot=2)
   assert t.sm_clock_mhz is None and t.extras()["sm_clock_mhz"] is None and T.mhz(t) == "-"
-  assert T.watts(t) == "-"
+  assert T.watts(t) == "-" and T.per_clock(1000.0, t) == "-"
+
+
+def test_peak_frac(monkeypatch):
+  T = bench_module("_timing")
+  # H200 numbers of 2026-12-03: 1134 TFLOPS at 1410 MHz on 132 SMs is 74% of the FP8 peak.
+  assert abs(T.peak_frac(1134.0, 1410.0, 132) - 0.7437) < 1e-3
+  assert T.peak_frac(1134.0, None, 132) is None and T.peak_frac(None, 1410.0, 132) is None
+  assert T.peak_frac(1134.0, 1410.0, None) is None
+  assert T.hopper_sm_count() is None  # this CPU run
+  rec = T.make_record(op="x", impl="y", m=1, n=1, k=1, time_us=1.0, flops=1e6, nbytes=0,
+                      sm_clock_mhz=1500.0)
+  assert "fp8_peak_frac_at_clock" not in rec  # not a Hopper GPU: no peak to compare with
+  monkeypatch.setattr(T, "hopper_sm_count", lambda: 132)
+  rec = T.make_record(op="x", impl="y", m=1, n=1, k=1, time_us=847.0,
+                      flops=2.0 * 4096 * 7168 * 16384, nbytes=0, sm_clock_mhz=1410.0)
+  assert abs(rec["fp8_peak_frac_at_clock"] - rec["tflops"] / 1524.7) < 1e-3

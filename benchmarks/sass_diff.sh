@@ -46,7 +46,10 @@ def kernels(path):  # kernel name -> SASS lines without addresses
       name = m.group(1)
       out[name] = []
     elif name:
-      out[name].append(re.sub(r"/\*[0-9a-f]{4,}\*/", "", line))
+      # Branch labels are numbered across the whole cubin: a kernel added or removed
+      # elsewhere renumbers them all.
+      line = re.sub(r"/\*[0-9a-f]{4,}\*/", "", line)
+      out[name].append(re.sub(r"\.L_x_[0-9]+", ".L_x", line))
   return out
 a, b = kernels(sys.argv[1]), kernels(sys.argv[2])
 for name in sorted(set(a) | set(b)):

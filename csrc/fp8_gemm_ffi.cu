@@ -361,8 +361,11 @@ struct KGroupedEntry {
         &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN), float>,                 \
         &ConfigureKGrouped<BM, BN, k_grouped_max_stages(BM, BN), __nv_bfloat16>          \
   }
+// [0] and [1] are the heuristic's; 192x128 (three math warpgroups, serial
+// promotion) only runs when forced by JAX_DEEPGEMM_K_GROUPED_CONFIG.
 const KGroupedEntry kKGroupedKernels[] = {JAX_DEEPGEMM_KGROUPED(128, 128),
-                                          JAX_DEEPGEMM_KGROUPED(64, 128)};
+                                          JAX_DEEPGEMM_KGROUPED(64, 128),
+                                          JAX_DEEPGEMM_KGROUPED(192, 128)};
 #undef JAX_DEEPGEMM_KGROUPED
 
 struct KernelTable {
@@ -401,9 +404,9 @@ struct EnvOverride {
   int tma_store = 1;  // 0: the epilogue stores from registers (for comparison)
 };
 
-EnvOverride ParseEnvOverride() {
+EnvOverride ParseEnvOverride(const char* name = "JAX_DEEPGEMM_GEMM_CONFIG") {
   EnvOverride o;
-  const char* v = std::getenv("JAX_DEEPGEMM_GEMM_CONFIG");
+  const char* v = std::getenv(name);
   if (v == nullptr) return o;
   o.raw = v;
   std::string s;
@@ -877,9 +880,29 @@ ffi::Error KGroupedFp8GemmTnImpl(cudaStream_t stream, int32_t device_ordinal,
   int num_sms = 0;
   if (ffi::Error e = DeviceSms(scoped, device, &num_sms); e.failure()) return e;
 
-  // 128x128 tiles unless that leaves SMs idle.
+  // 128x128 tiles unless that leaves SMs idle; JAX_DEEPGEMM_K_GROUPED_CONFIG
+  // ("block_m=64|128|192", read once per process) forces the tile.
+  static const EnvOverride env = ParseEnvOverride("JAX_DEEPGEMM_K_GROUPED_CONFIG");
   const int64_t tiles_128 = g * ((n + 127) / 128) * ((k + 127) / 128);
-  const KGroupedEntry& e = tiles_128 >= num_sms ? kKGroupedKernels[0] : kKGroupedKernels[1];
+  const KGroupedEntry* chosen =
+      tiles_128 >= num_sms ? &kKGroupedKernels[0] : &kKGroupedKernels[1];
+  if (env.present) {
+    chosen = nullptr;
+    for (const KGroupedEntry& x : kKGroupedKernels) {
+      if (env.error.empty() && env.block_m == x.block_m &&
+          (env.block_n == 0 || env.block_n == x.block_n) && !env.stages && !env.multicast &&
+          env.tma_store == 1) {
+        chosen = &x;
+      }
+    }
+    if (chosen == nullptr) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "jax_deepgemm: invalid JAX_DEEPGEMM_K_GROUPED_CONFIG='" + env.raw +
+                            "': expected block_m=64, 128 or 192 (block_n=128)" +
+                            (env.error.empty() ? std::string() : " (" + env.error + ")"));
+    }
+  }
+  const KGroupedEntry& e = *chosen;
   KGroupedArgs args;
   args.a = a.untyped_data();
   args.sa = static_cast<const float*>(sa.untyped_data());

@@ -2,6 +2,10 @@
 
 Skips without the CUDA extension and an sm_90 GPU.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +121,54 @@ def test_lowers_to_kernel_and_is_deterministic(rng):
   ref = np.asarray(f(a, sa, b, sb, gs))
   for _ in range(2):
     np.testing.assert_array_equal(np.asarray(f(a, sa, b, sb, gs)), ref)
+
+
+# Every K-grouped tile against the oracle, forced by JAX_DEEPGEMM_K_GROUPED_CONFIG (read
+# once per process, so in a subprocess): routings with empty groups and boundaries inside
+# token blocks, bf16 output, accumulation into c.
+_FORCED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd
+import oracle
+from helpers import quant_act, randn
+rng = np.random.default_rng(3)
+worst = 0.0
+for t, n, k, sizes in [(512, 256, 384, [128, 256, 0, 128]), (1000, 100, 72, [5, 0, 29, 900]),
+                       (4000, 448, 384, [1, 127, 129, 1000, 1921, 0, 2, 820]),
+                       (300, 200, 136, [0, 0, 300])]:
+  a, sa = quant_act(rng, t, n, axis=0)
+  b, sb = quant_act(rng, t, k, axis=0)
+  gs = np.asarray(sizes, np.int32)
+  want = oracle.k_grouped(a, sa, b, sb, gs)
+  d = jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs)
+  worst = max(worst, oracle.calc_diff(d, want))
+  for g in np.flatnonzero(gs == 0):
+    assert float(jnp.abs(d[g]).max()) == 0.0, ("empty group", g)
+  d16 = jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs, out_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(d16.astype(jnp.float32)),
+                                np.asarray(d.astype(jnp.bfloat16).astype(jnp.float32)))
+  c = randn(rng, (len(sizes), n, k), scale=10.0)
+  dc = jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs, c=c)
+  worst = max(worst, oracle.calc_diff(dc, oracle.k_grouped(a, sa, b, sb, gs, c=c)))
+print("WORST", worst)
+"""
+
+
+def _run_forced(cfg, script):
+  here = os.path.dirname(__file__)
+  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_DEEPGEMM_K_GROUPED_CONFIG=cfg, PYTHONPATH=path)
+  return subprocess.run([sys.executable, "-c", script], env=env, cwd=here,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cfg", ["block_m=192", "block_m=64", "block_m=128,block_n=128"])
+def test_forced_tile(cfg):
+  r = _run_forced(cfg, _FORCED_SCRIPT)
+  assert r.returncode == 0, (cfg, r.stderr[-2000:])
+  assert float(r.stdout.split("WORST")[-1]) < 1e-5, (cfg, r.stdout)
+
+
+@pytest.mark.parametrize("cfg", ["block_m=96", "block_m=192,block_n=64", "stages=3", "block_m"])
+def test_forced_tile_rejects_unknown(cfg):
+  r = _run_forced(cfg, _FORCED_SCRIPT)
+  assert r.returncode != 0 and "JAX_DEEPGEMM_K_GROUPED_CONFIG" in r.stderr, (cfg, r.stderr[-500:])

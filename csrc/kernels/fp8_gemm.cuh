@@ -177,9 +177,13 @@ __device__ __forceinline__ void run_k_chunks(int kb, int kb_split, int kb_end, C
       kb += 2;
     }
   } else {
-    static_assert(kMaxChunk == 1 && !kMayBeEmpty, "chunks of 8 down to 1, or of 1");
-    chunk(kb, C1{}, first);
-    kb += 1;
+    static_assert(kMaxChunk == 1, "chunks of 8 down to 1, or of 1");
+    if (kMayBeEmpty && n == 0) {
+      first();
+    } else {
+      chunk(kb, C1{}, first);
+      kb += 1;
+    }
   }
   for (; kb < kb_end; ++kb) chunk(kb, C1{}, rest);
 }

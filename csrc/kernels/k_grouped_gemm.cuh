@@ -23,6 +23,12 @@ namespace jax_deepgemm {
 template <int BLOCK_M, int BLOCK_N, int STAGES>
 struct KGroupedLayout {
   static constexpr int kNumMathWG = BLOCK_M / 64;
+  // Three math warpgroups get 160 registers each: too few for a second wgmma
+  // result buffer, so each promotes its block before issuing the next, while
+  // the other two warpgroups' wgmmas run.
+  static constexpr bool kSerial = kNumMathWG == 3;
+  static constexpr int kTmaRegs = kNumMathWG == 3 ? 24 : 40;
+  static constexpr int kMathRegs = kNumMathWG == 3 ? 160 : kNumMathWG == 2 ? 232 : 240;
   static constexpr int kNumMathThreads = kNumMathWG * 128;
   static constexpr int kNumThreads = kNumMathThreads + 128;
   static constexpr int kNumMathWarps = kNumMathThreads / 32;
@@ -42,7 +48,8 @@ struct KGroupedLayout {
   static constexpr int kBytes = kOffGroups + kGroupTableBytes;
   static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
 
-  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192, "BLOCK_M: 64, 128 or 192");
+  static_assert(kNumMathThreads * kMathRegs + 128 * kTmaRegs <= 65536, "register file");
   static_assert(BLOCK_N % 64 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
   static_assert(kBytesSA % 128 == 0 && kBytesSB % 128 == 0, "scale stages stay 128B aligned");
   static_assert(kDynamicSmem <= kMaxSmemPerBlock, "too many stages");
@@ -94,8 +101,6 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
   using L = KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>;
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
   constexpr int kNumAccum = Mma::kNumAccum;
-  constexpr int kTmaRegs = 40;
-  constexpr int kMathRegs = L::kNumMathWG == 2 ? 232 : 240;
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -138,7 +143,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int num_tiles = grp.num_groups * tiles_per_group;
 
   if (wg == L::kNumMathWG) {
-    ptx::setmaxnreg_dec<kTmaRegs>();
+    ptx::setmaxnreg_dec<L::kTmaRegs>();
     if (thread == L::kNumMathThreads) {
       int stage = 0;
       uint32_t phase = 0;
@@ -168,14 +173,14 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     }
   } else {
-    ptx::setmaxnreg_inc<kMathRegs>();
+    ptx::setmaxnreg_inc<L::kMathRegs>();
     const int warp_in_wg = warp % 4;
     const int r_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and +8
     const int a_wg_offset = wg * 64 * kBlockK;
 
     float acc[kNumAccum];
     float buf0[kNumAccum];  // wgmma results of one token block, before promotion
-    float buf1[kNumAccum];
+    float buf1[kNumAccum];  // unused by the serial loop
     // Two cursors over the ring, as in fp8_gemm.cuh: `issue` runs one token
     // block ahead of `promo`, so each block's wgmmas run under the FFMAs of
     // the one before.
@@ -203,11 +208,13 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
       // Each warpgroup masks its A rows and its share of B's rows.
       const int tid = thread % 128;
-      constexpr int kBRows = BLOCK_N / L::kNumMathWG;
+      constexpr int kBRows = (BLOCK_N + L::kNumMathWG - 1) / L::kNumMathWG;
+      const int b_end = BLOCK_N % L::kNumMathWG == 0 ? wg * kBRows + kBRows
+                                                      : min(wg * kBRows + kBRows, BLOCK_N);
       mask_tokens(smem_a + issue_stage * L::kBytesA, wg * 64, wg * 64 + 64, tok0, t0, t1, tid,
                   128);
-      mask_tokens(smem_b + issue_stage * L::kBytesB, wg * kBRows, wg * kBRows + kBRows, tok0,
-                  t0, t1, tid, 128);
+      mask_tokens(smem_b + issue_stage * L::kBytesB, wg * kBRows, b_end, tok0, t0, t1, tid,
+                  128);
       ptx::fence_proxy_async();  // generic-proxy writes -> visible to wgmma
       ptx::named_barrier_sync(1, L::kNumMathThreads);
     };
@@ -274,13 +281,22 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // first block of a chunk may be masked.
     auto chunk = [&](int kb, auto u, auto&& first) {
       constexpr int U = decltype(u)::value;
-      mask(kb);
-      issue(buf0);
+      if constexpr (L::kSerial) {
+        static_assert(U == 1, "the serial loop runs one token block per chunk");
+        first();  // before the wgmma: with it in flight the store would spill
+        mask(kb);
+        issue(buf0);
+        ptx::wgmma_wait_group<0>();
+        promote(buf0);
+      } else {
+        mask(kb);
+        issue(buf0);
 #pragma unroll
-      for (int j = 0; j < U; ++j) {
-        if (j == 0) step(buf0, buf1, kb, U == 1, first);
-        else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
-        else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
+        for (int j = 0; j < U; ++j) {
+          if (j == 0) step(buf0, buf1, kb, U == 1, first);
+          else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
+          else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
+        }
       }
     };
 
@@ -299,7 +315,8 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
       // The first chunk also flushes the previous tile (an empty group: zeros,
       // c + 0 with c).
-      run_k_chunks<8, true>(kb_begin, kb_split, kb_end, chunk, flush, no_flush);
+      run_k_chunks<L::kSerial ? 1 : 8, true>(kb_begin, kb_split, kb_end, chunk, flush,
+                                             no_flush);
       prev_g = g;
       prev_m = m_block;
       prev_n = n_block;

@@ -122,7 +122,9 @@ def main(argv=None) -> int:
                  T.fmt(r, 2) if r else "-", f"{diff:.1e}" if diff is not None else "-"])
     print(f"[{name}] ours {T.fmt(rows[-1][4])} TFLOPS | ragged_dot_bf16 {T.fmt(rows[-1][6])} TFLOPS | "
           f"x {rows[-1][7]} | diff {rows[-1][8]} | SM MHz {T.mhz(t_ours)}/{T.mhz(t_base)} | "
-          f"W {T.watts(t_ours)}/{T.watts(t_base)}", flush=True)
+          f"W {T.watts(t_ours)}/{T.watts(t_base)} | of FP8 peak per clock "
+          f"{T.per_clock(T.tflops(flops, float(t_ours)) if t_ours else None, t_ours)}",
+          flush=True)
   print(f"\nK-grouped wgrad on {T.device_name()} (TFLOPS = 2·T·N·K / t)")
   T.print_table(rows, ["case", "G", "tokens", "ours us", "ours TFLOPS", "base us", "base TFLOPS",
                        "x vs base", "diff"])

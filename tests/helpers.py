@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,3 +22,13 @@ def quant_act(rng, m, k, axis=-1):
 
 def quant_w(rng, *shape):
   return jd.per_block_cast_to_fp8(randn(rng, shape))
+
+
+def run_script(script, env_extra, *args):
+  """Runs `script` in a fresh Python with `env_extra` set (for settings read once per process,
+  like JAX_DEEPGEMM_GEMM_CONFIG), from tests/ with tests/ importable. Returns the process."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, PYTHONPATH=path, **env_extra)
+  return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=here,
+                        capture_output=True, text=True, timeout=300)

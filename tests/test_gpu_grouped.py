@@ -3,10 +3,6 @@
 Skips without the CUDA extension and an sm_90 GPU. ``test_grouped.py`` runs the small
 routings through the kernel too when a Hopper GPU is the default device.
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +10,10 @@ import pytest
 
 import jax_deepgemm as jd
 import oracle
-from helpers import quant_act, quant_w
+from helpers import quant_act, quant_w, run_script
 
 pytestmark = pytest.mark.skipif(not jd.use_kernels(),
                                 reason="needs the CUDA extension and a Hopper (sm_90) GPU")
-
-HERE = os.path.dirname(__file__)
 
 
 def _routing(rng, m, g, kind):
@@ -135,10 +129,7 @@ print("WORST", worst)
 
 
 def _run_script(env_extra, out):
-  path = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
-  env = dict(os.environ, PYTHONPATH=path, **env_extra)
-  r = subprocess.run([sys.executable, "-c", _SCRIPT, out], env=env, cwd=HERE,
-                     capture_output=True, text=True, timeout=300)
+  r = run_script(_SCRIPT, env_extra, out)
   assert r.returncode == 0, (env_extra, r.stderr[-3000:])
   return float(r.stdout.split("WORST")[-1])
 

@@ -2,10 +2,6 @@
 
 Skips without the CUDA extension and an sm_90 GPU.
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +9,7 @@ import pytest
 
 import jax_deepgemm as jd
 import oracle
-from helpers import quant_act, randn
+from helpers import quant_act, randn, run_script
 
 pytestmark = pytest.mark.skipif(not jd.use_kernels(),
                                 reason="needs the CUDA extension and a Hopper (sm_90) GPU")
@@ -154,11 +150,7 @@ print("WORST", worst)
 
 
 def _run_forced(cfg, script):
-  here = os.path.dirname(__file__)
-  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-  env = dict(os.environ, JAX_DEEPGEMM_K_GROUPED_CONFIG=cfg, PYTHONPATH=path)
-  return subprocess.run([sys.executable, "-c", script], env=env, cwd=here,
-                        capture_output=True, text=True, timeout=300)
+  return run_script(script, {"JAX_DEEPGEMM_K_GROUPED_CONFIG": cfg})
 
 
 @pytest.mark.parametrize("cfg", ["block_m=192", "block_m=64", "block_m=128,block_n=128"])

@@ -3,7 +3,6 @@
 The CPU-path tests in the other files also run through the kernels when a Hopper GPU is the
 default device; these add the production shapes and GPU-only properties.
 """
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 
 import jax_deepgemm as jd
 import oracle
-from helpers import quant_act, quant_w, randn
+from helpers import quant_act, quant_w, randn, run_script
 
 pytestmark = pytest.mark.skipif(not jd.use_kernels(),
                                 reason="needs the CUDA extension and a Hopper (sm_90) GPU")
@@ -90,13 +89,7 @@ print("WORST", worst)
 
 def _run_with_config(cfg, script, *args):
   """Runs `script` in a subprocess with JAX_DEEPGEMM_GEMM_CONFIG=cfg (read once per process)."""
-  import subprocess
-  import sys
-  here = os.path.dirname(__file__)
-  path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-  env = dict(os.environ, JAX_DEEPGEMM_GEMM_CONFIG=cfg, PYTHONPATH=path)
-  r = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=here,
-                     capture_output=True, text=True, timeout=300)
+  r = run_script(script, {"JAX_DEEPGEMM_GEMM_CONFIG": cfg}, *args)
   assert r.returncode == 0, (cfg, r.stderr[-2000:])
   return r.stdout
 

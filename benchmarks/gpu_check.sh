@@ -77,7 +77,8 @@ fi
 if has prof-src; then
   # Per-instruction (SASS) warp-state samples of one case: which instructions the warps
   # wait on. PROF_CASES/PROF_ARGS/PROF_KERNEL as for `prof` (first case only). (On the H200,
-  # 2026-12-03, ncu's kernel durations matched the benchmark's: both ran at about 1.3 GHz.)
+  # 2026-12-03, ncu's kernel durations matched the benchmark's, though ncu reported a
+  # 1.29 GHz SM clock and the benchmark sampled 1.41 GHz for the same dense case.)
   case=${PROF_CASES:-4096x7168x16384}; case=${case%% *}
   ncu -f -o /tmp/jdg_src --kernel-name regex:${PROF_KERNEL:-fp8_gemm} --launch-skip 2 \
     --launch-count 1 --section SourceCounters --section SpeedOfLight --import-source no \

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     t = int(gs.sum())
     name = f"{g}x{'~' if unaligned else ''}{per} n{n} k{k}"
     flops = 2.0 * t * n * k
-    print(f"[{OP} {name}]", flush=True)
+    tile = jd.k_grouped_config(g, n, k) if jd.use_kernels() else "reference"
+    print(f"[{OP} {name}] {tile}", flush=True)
     t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours(gs),
                                                 fp8_inputs(t, n, k), timing, args.budget)
     t_base = via_base = e_base = None
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     common = dict(op=OP, m=t, n=n, k=k, groups=g, flops=flops, tokens_per_group=per,
                   unaligned=unaligned)
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
-                                  nbytes=nbytes, config=BG.ours_config(via_ours), diff=diff,
+                                  nbytes=nbytes, config=f"{BG.ours_config(via_ours)} {tile}",
+                                  diff=diff,
                                   ratio_vs_ragged_dot=r, **common))
     if not args.skip_baseline:
       records.append(BG.impl_record(impl="ragged_dot_bf16", timing=t_base, error=e_base,

@@ -61,17 +61,18 @@ fi
 
 if has prof; then
   # Nsight Compute on the 3rd call of each case: PROF_CASES="4096x7168x16384 ...", PROF_ARGS
-  # (e.g. --grouped), PROF_KERNEL (name regex). Full reports in $OUT/ncu.txt.
+  # (e.g. --grouped), PROF_KERNEL (name regex). Full reports in $OUT/ncu.txt. data_bank_*:
+  # shared-memory bank use, to tell whether a kernel is bound by it.
   : > "$OUT/ncu.txt"
   for case in ${PROF_CASES:-4096x7168x16384}; do
     ncu --kernel-name regex:${PROF_KERNEL:-fp8_gemm} --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section LaunchStats \
-      --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,lts__t_sectors_srcunit_tex.sum,smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard \
+      --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,lts__t_sectors_srcunit_tex.sum,smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard,l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_gmma.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_gmma.sum \
       python3 benchmarks/profile_case.py ${PROF_ARGS:-} $case >> "$OUT/ncu.txt" 2>&1
     echo "ncu $case rc=$?"
   done
-  grep -E "profiled|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|gmma_cycles|Warp Cycles Per Issued|Issue Slots Busy|bank_conflicts|Registers Per|Stall" "$OUT/ncu.txt" | head -80
+  grep -E "profiled|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|gmma_cycles|Warp Cycles Per Issued|Issue Slots Busy|bank_conflicts|Registers Per|Stall|data_bank|op_gmma" "$OUT/ncu.txt" | head -80
 fi
 
 if has prof-src; then

@@ -42,4 +42,9 @@ std::string SupportedGroupedGemmConfigs();
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::string* config,
                       std::string* error);
 
+// Tile of the K-grouped (wgrad) kernel for G groups and an [N, K] output,
+// e.g. "block_m=192,block_n=128,stages=5". Honors JAX_DEEPGEMM_K_GROUPED_CONFIG.
+bool KGroupedConfigString(int64_t groups, int64_t n, int64_t k, std::string* config,
+                          std::string* error);
+
 }  // namespace jax_deepgemm

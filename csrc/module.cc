@@ -49,6 +49,19 @@ NB_MODULE(_C, m) {
       "JAX_DEEPGEMM_GEMM_CONFIG).");
 
   m.def(
+      "k_grouped_config",
+      [](int64_t groups, int64_t n_, int64_t k_) {
+        std::string config, error;
+        if (!jax_deepgemm::KGroupedConfigString(groups, n_, k_, &config, &error)) {
+          throw nb::value_error(error.c_str());
+        }
+        return config;
+      },
+      nb::arg("groups"), nb::arg("n"), nb::arg("k"),
+      "Tile chosen for the K-grouped wgrad GEMM with an [groups, N, K] output (honors "
+      "JAX_DEEPGEMM_K_GROUPED_CONFIG).");
+
+  m.def(
       "initialize",
       [](const std::vector<int>& devices) {
         std::string error;

@@ -72,3 +72,8 @@ def gemm_config(m: int, n: int, k: int, groups: int = 0) -> str:
   ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all.
   """
   return _C.gemm_config(m, n, k, groups) if _C is not None else "reference"
+
+
+def k_grouped_config(groups: int, n: int, k: int) -> str:
+  """The tile picked for the K-grouped wgrad GEMM with a ``[groups, n, k]`` output."""
+  return _C.k_grouped_config(groups, n, k) if _C is not None else "reference"

@@ -17,14 +17,18 @@ pytestmark = pytest.mark.skipif(not jd.extension_built(), reason="needs the CUDA
 _SCRIPT = """
 import sys, jax_deepgemm as jd
 for spec in sys.argv[1:]:
-  print(jd.gemm_config(*map(int, spec.split("x"))))
+  if spec.startswith("kg:"):  # the K-grouped tile for G x N x K
+    print(jd.k_grouped_config(*map(int, spec[3:].split("x"))))
+  else:
+    print(jd.gemm_config(*map(int, spec.split("x"))))
 """
 
 
-def _configs(override, *specs):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_DEEPGEMM_GEMM_CONFIG"}
+def _configs(override, *specs, var="JAX_DEEPGEMM_GEMM_CONFIG"):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_DEEPGEMM_GEMM_CONFIG", "JAX_DEEPGEMM_K_GROUPED_CONFIG")}
   if override is not None:
-    env["JAX_DEEPGEMM_GEMM_CONFIG"] = override
+    env[var] = override
   # -P and cwd: import the installed package (with its extension), not a source tree.
   r = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, *specs], env=env,
                      cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=120)
@@ -71,3 +75,25 @@ def test_bad_override_is_a_clear_error(override, message):
   rc, _, err = _configs(override, "4096x7168x16384")
   assert rc != 0
   assert "ValueError" in err and message in err, err[-2000:]
+
+
+def test_k_grouped_heuristic_and_override():
+  kg = "JAX_DEEPGEMM_K_GROUPED_CONFIG"
+  # The bar shapes get the 192-row tile (three math warpgroups); one group's 7168 x 4096
+  # (9.2 waves of 192-row tiles) keeps 128; a small output that leaves SMs idle gets 64.
+  rc, out, err = _configs(None, "kg:4x7168x4096", "kg:4x2048x7168", "kg:8x7168x4096",
+                          "kg:1x7168x4096", "kg:2x256x512")
+  assert rc == 0, err[-2000:]
+  assert [o.split(",")[0] for o in out] == ["block_m=192", "block_m=192", "block_m=192",
+                                            "block_m=128", "block_m=64"], out
+  assert all(",block_n=128,stages=" in o for o in out), out
+  rc, out, err = _configs("block_m=128", "kg:4x7168x4096", "kg:2x256x512", var=kg)
+  assert rc == 0 and [o.split(",")[0] for o in out] == ["block_m=128"] * 2, (out, err[-2000:])
+  # The dense override does not touch the K-grouped tile.
+  rc, out, err = _configs("block_m=64", "kg:4x7168x4096")
+  assert rc == 0 and out[0].startswith("block_m=192"), (out, err[-2000:])
+  for bad in ("block_m=96", "block_m=192,block_n=64", "stages=3", "block_m"):
+    rc, _, err = _configs(bad, "kg:4x7168x4096", var=kg)
+    assert rc != 0 and "ValueError" in err and kg in err, (bad, err[-2000:])
+  rc, _, err = _configs(None, "kg:0x7168x4096")
+  assert rc != 0 and "needs groups, N, K >= 1" in err, err[-2000:]

@@ -254,7 +254,8 @@ const KernelEntry kKernels[] = {
     JAX_DEEPGEMM_MAX_STAGES(64, 192, 1),  JAX_DEEPGEMM_MAX_STAGES(128, 64, 1),
     JAX_DEEPGEMM_MAX_STAGES(128, 96, 1),  JAX_DEEPGEMM_MAX_STAGES(128, 128, 1),
     JAX_DEEPGEMM_MAX_STAGES(128, 160, 1), JAX_DEEPGEMM_MAX_STAGES(128, 192, 1),
-    JAX_DEEPGEMM_ENTRY(128, 128, 4, false, 1), JAX_DEEPGEMM_MAX_STAGES(128, 128, 2),
+    JAX_DEEPGEMM_MAX_STAGES(128, 256, 1), JAX_DEEPGEMM_ENTRY(128, 128, 4, false, 1),
+    JAX_DEEPGEMM_MAX_STAGES(128, 128, 2),
 };
 
 // The M-grouped kernels (a smaller set: each costs two instantiations).
@@ -521,9 +522,23 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
   return e.stages == fp8_gemm_max_stages(e.block_m, e.block_n, grouped);
 }
 
+// Share of the tensor-core time of `rounds` full waves that a tile shape
+// spends on the m x n output (the rest: the last wave's idle SMs, padding).
+double WaveEfficiency(int64_t m, int64_t n, int bm, int bn, int64_t groups, int num_sms) {
+  const int64_t m_blocks = (m + bm - 1) / bm + (groups > 1 ? groups / 2 : 0);
+  const int64_t tiles = m_blocks * ((n + bn - 1) / bn);
+  const int64_t rounds = (tiles + num_sms - 1) / num_sms;
+  return static_cast<double>(m) * n / (static_cast<double>(rounds) * num_sms * bm * bn);
+}
+
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
 // two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
-// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22).
+// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22),
+// except that dense problems with K <= 2048 take 128x256 (two 128-wide wgmma
+// halves per K block) where its waves are nearly as full: each tile's fixed
+// cost (pipeline fill, epilogue) is spread over twice the work, +5% on
+// 4096x7168x2048 and 4096x24576x1536 (H200, 2026-12-03); at K 7168 and 16384
+// the two tiles measured the same. 128x256 is otherwise used only when forced.
 // The multicast build is only used when forced: on H200 it runs at 97-98% of
 // the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
 // Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K
@@ -531,19 +546,28 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
 // For grouped problems `m` is the total row count and `groups` adds one
 // partial m-block per group.
-const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t groups, int num_sms,
-                                   const KernelTable& table, const EnvOverride& env) {
+const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t groups,
+                                   int num_sms, const KernelTable& table,
+                                   const EnvOverride& env) {
   const int64_t tiles_128 = ((m + 127) / 128 + (groups > 1 ? groups / 2 : 0)) * ((n + 127) / 128);
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
-  for (const KernelEntry& e : table) {
-    if (!Allowed(e, env, table.grouped, n)) continue;
-    if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
-    if (m > 64 && tiles_128 > 2 * num_sms && e.block_m == 128 && e.block_n == 128) return &e;
+  const bool many_waves = m > 64 && tiles_128 > 2 * num_sms;
+  const bool wide = many_waves && !table.grouped && k <= 2048 &&
+                    WaveEfficiency(m, n, 128, 256, groups, num_sms) >=
+                        0.95 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
+  for (const int bn : {wide ? 256 : 128, 128}) {
+    for (const KernelEntry& e : table) {
+      if (!Allowed(e, env, table.grouped, n)) continue;
+      if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
+      if (many_waves && e.block_m == 128 && e.block_n == bn) return &e;
+    }
   }
   for (const KernelEntry& e : table) {
     if (!Allowed(e, env, table.grouped, n)) continue;
     if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
+    // Not in this cost model, which knows nothing of its two-half mainloop.
+    if (fp8_gemm_split_n(e.block_n) && env.block_n != e.block_n) continue;
     // Don't waste half of every tile (unless nothing else is allowed).
     const bool wasteful = m <= 64 * groups && e.block_m != 64;
     const int64_t m_blocks = (m + e.block_m - 1) / e.block_m + (groups > 1 ? groups / 2 : 0);
@@ -565,8 +589,9 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t groups, int num
   return best_entry;
 }
 
-bool SelectConfig(int64_t m, int64_t n, int64_t groups, int num_sms, const KernelTable& table,
-                  GemmConfig* cfg, const KernelEntry** entry, std::string* error) {
+bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, int num_sms,
+                  const KernelTable& table, GemmConfig* cfg, const KernelEntry** entry,
+                  std::string* error) {
   static const EnvOverride kNoOverride;
   const EnvOverride& env = GetEnvOverride();
   if (env.present && !env.error.empty()) {
@@ -574,12 +599,12 @@ bool SelectConfig(int64_t m, int64_t n, int64_t groups, int num_sms, const Kerne
     return false;
   }
   const KernelEntry* e =
-      HeuristicKernel(m, n, groups, num_sms, table, env.present ? env : kNoOverride);
+      HeuristicKernel(m, n, k, groups, num_sms, table, env.present ? env : kNoOverride);
   if (e == nullptr && env.present && env.multicast > 1) {
     // A forced multicast=2 on a problem with an odd N-block count: same tile, no multicast.
     EnvOverride relaxed = env;
     relaxed.multicast = 0;
-    e = HeuristicKernel(m, n, groups, num_sms, table, relaxed);
+    e = HeuristicKernel(m, n, k, groups, num_sms, table, relaxed);
   }
   if (e == nullptr) {
     *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
@@ -757,7 +782,7 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(m, n, 1, num_sms, kDenseTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(m, n, k, 1, num_sms, kDenseTable, &cfg, &entry, &error)) {
     return InvalidArg(error);
   }
 
@@ -834,7 +859,7 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(rows, n, g, num_sms, kGroupedTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(rows, n, k, g, num_sms, kGroupedTable, &cfg, &entry, &error)) {
     return GroupedInvalid(error);
   }
   LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
@@ -1011,7 +1036,7 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::stri
   const int num_sms = CurrentDeviceSms();
   GemmConfig cfg;
   const KernelTable& table = groups > 0 ? kGroupedTable : kDenseTable;
-  if (!SelectConfig(m, n, groups > 0 ? groups : 1, num_sms, table, &cfg, nullptr, error)) {
+  if (!SelectConfig(m, n, k, groups > 0 ? groups : 1, num_sms, table, &cfg, nullptr, error)) {
     return false;
   }
   *config = ConfigName(cfg.block_m, cfg.block_n, cfg.stages, cfg.multicast);

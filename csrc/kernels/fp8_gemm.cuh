@@ -15,6 +15,8 @@
 //     FFMAs run while the next k-block's wgmma is in flight (in chunks of up
 //     to 8 k-blocks; ptxas serializes wgmmas left in flight across a loop's
 //     back edge).
+//   * BLOCK_N 256: each k-block runs as two 128-wide wgmma halves through one
+//     result buffer, each promoted before the next is issued (registers).
 //
 // The same kernel runs the M-grouped (MoE) GEMMs when kGrouped: rows of `a`
 // belong to groups (experts) g, each with its own B[g] = b[g*N : (g+1)*N].
@@ -69,6 +71,10 @@ constexpr int fp8_gemm_d_bytes(int block_m, int block_n) {
 // Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
 // registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
 constexpr bool fp8_gemm_pipelined(int block_n) { return block_n <= 128; }
+// BLOCK_N 256 runs each k-block as two 128-column wgmma halves through one
+// 64-register buffer (acc 128 + 64 registers: a 256-wide buffer does not fit);
+// each half is one 128-wide scale block of B.
+constexpr bool fp8_gemm_split_n(int block_n) { return block_n == 256; }
 
 template <int BLOCK_M, int BLOCK_N, int STAGES, bool kGrouped = false>
 struct Fp8GemmLayout {
@@ -585,8 +591,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   using L = Fp8GemmLayout<BLOCK_M, BLOCK_N, STAGES, kGrouped>;
   // Each CTA's share of a multicast A tile is whole 8-row swizzle atoms.
   static_assert(kMulticast == 1 || (kMulticast == 2 && (BLOCK_M / 2) % 8 == 0), "bad multicast");
-  using Mma = ptx::WgmmaFp8<BLOCK_N>;
-  constexpr int kNumAccum = Mma::kNumAccum;  // BLOCK_N / 2 floats per thread
+  constexpr bool kSplitN = fp8_gemm_split_n(BLOCK_N);
+  constexpr int kWgmmaN = kSplitN ? BLOCK_N / 2 : BLOCK_N;
+  constexpr int kNumAccum = BLOCK_N / 2;  // accumulator floats per thread
+  constexpr int kNumBuf = ptx::WgmmaFp8<kWgmmaN>::kNumAccum;  // one wgmma result
   // Two wgmma result buffers + the accumulator fit in registers up to BLOCK_N 128.
   constexpr bool kPipelined = fp8_gemm_pipelined(BLOCK_N);
   constexpr int kTmaRegs = 40;
@@ -717,21 +725,25 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     const int a_wg_offset = wg * 64 * kBlockK;  // bytes; multiple of 1024
 
     float acc[kNumAccum];
-    float buf0[kNumAccum];  // wgmma results of one k-block, before promotion
-    float buf1[kPipelined ? kNumAccum : 1];
+    float buf0[kNumBuf];  // wgmma results of one k-block (or half), before promotion
+    float buf1[kPipelined ? kNumBuf : 1];
 
     // The ring is walked by two cursors: `issue` (next k-block whose wgmma is
     // issued) and `promo` (next k-block to promote and release).
     int issue_stage = 0, promo_stage = 0;
     uint32_t issue_phase = 0, promo_phase = 0;
 
-    // Waits for the next stage's TMA data and issues its 4 wgmmas (one commit group).
-    auto issue = [&](float (&d)[kNumAccum]) {
-      ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
+    // Waits for the next stage's TMA data and issues its 4 wgmmas (one commit
+    // group). Split tiles issue a stage in two calls, B rows [0, 128) (waits
+    // for the data) and [128, 256) (moves on to the next stage).
+    auto issue = [&](float (&d)[kNumBuf], int half) {
+      if (!kSplitN || half == 0) ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
       const uint64_t desc_a =
           ptx::make_smem_desc_k_sw128(smem_a + issue_stage * L::kBytesA + a_wg_offset);
-      const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + issue_stage * L::kBytesB);
-      ptx::wgmma_k_block<BLOCK_N>(d, desc_a, desc_b);
+      const uint64_t desc_b = ptx::make_smem_desc_k_sw128(
+          smem_b + issue_stage * L::kBytesB + (kSplitN ? half * kWgmmaN * kBlockK : 0));
+      ptx::wgmma_k_block<kWgmmaN>(d, desc_a, desc_b);
+      if (kSplitN && half == 0) return;
       if (++issue_stage == STAGES) {
         issue_stage = 0;
         issue_phase ^= 1u;
@@ -804,10 +816,23 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
       const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
 
-      // acc += d * scales of k-block kb, then release its stage.
-      auto promote = [&](float (&d)[kNumAccum], float sb_lo_val, float sb_hi_val) {
+      // Split tiles: acc[:64] += d * scales, d = columns [0, 128) of the tile,
+      // all in B's scale block n0/128; the stage stays (its second half is next).
+      auto promote_first_half = [&](float (&d)[kNumBuf], float sb_val) {
 #pragma unroll
-        for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
+        for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);
+        const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
+        const float s0 = sa_stage[0] * sb_val, s1 = sa_stage[8] * sb_val;
+#pragma unroll
+        for (int i = 0; i < kNumBuf; ++i) acc[i] = fmaf(d[i], (i & 2) ? s1 : s0, acc[i]);
+#pragma unroll
+        for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(acc[i]);
+      };
+      // acc += d * scales of k-block kb, then release its stage. Split tiles:
+      // d = columns [128, 256), all in scale block sb_lo_val's.
+      auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val) {
+#pragma unroll
+        for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);
         const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
         const float sa0 = sa_stage[0], sa1 = sa_stage[8];
         // All smem reads of this stage (wgmma operands and sa) are done:
@@ -824,7 +849,12 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
 
         const float s_lo0 = sa0 * sb_lo_val, s_lo1 = sa1 * sb_lo_val;
-        if (j_hi >= kNumAccum / 4) {  // the whole tile is in one scale block of B
+        if constexpr (kSplitN) {
+#pragma unroll
+          for (int i = 0; i < kNumBuf; ++i) {
+            acc[kNumBuf + i] = fmaf(d[i], (i & 2) ? s_lo1 : s_lo0, acc[kNumBuf + i]);
+          }
+        } else if (j_hi >= kNumAccum / 4) {  // the whole tile is in one scale block of B
 #pragma unroll
           for (int i = 0; i < kNumAccum; ++i) acc[i] = fmaf(d[i], (i & 2) ? s_lo1 : s_lo0, acc[i]);
         } else {
@@ -848,11 +878,11 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // before kb + 1 is issued, as their epilogue needs more registers).
       auto step = [&](auto& d, auto& d_next, int kb, bool last, auto&& mid) {
         const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
-        constexpr bool kMidEarly = sizeof(OutT) == 4;
         if constexpr (kPipelined) {
+          constexpr bool kMidEarly = sizeof(OutT) == 4;
           if (!last) {
             if constexpr (kMidEarly) mid();
-            issue(d_next);
+            issue(d_next, 1);
             if constexpr (!kMidEarly) mid();
             ptx::wgmma_wait_group<1>();
           } else {
@@ -872,17 +902,31 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       auto chunk = [&](int kb, auto u, auto&& first) {
         constexpr int U = decltype(u)::value;
         if constexpr (kPipelined) {
-          issue(buf0);
+          issue(buf0, 1);
 #pragma unroll
           for (int j = 0; j < U; ++j) {
             if (j == 0) step(buf0, buf1, kb, U == 1, first);
             else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
             else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
           }
+        } else if constexpr (kSplitN) {
+          // Two halves per k-block, each promoted before the next is issued
+          // (the other math warpgroup's wgmmas keep the tensor cores busy; making
+          // the two take turns through named barriers measured the same).
+          static_assert(U == 1, "the split loop runs one k-block per chunk");
+          const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
+          if constexpr (sizeof(OutT) == 4) first();
+          issue(buf0, 0);
+          if constexpr (sizeof(OutT) != 4) first();
+          ptx::wgmma_wait_group<0>();
+          promote_first_half(buf0, sb_lo_val);
+          issue(buf0, 1);
+          ptx::wgmma_wait_group<0>();
+          promote(buf0, sb_hi_val, 0.0f);
         } else {  // one k-block; fp32 outputs flush before the issue (registers)
           static_assert(U == 1, "the serial loop runs one k-block per chunk");
           if constexpr (sizeof(OutT) == 4) first();
-          issue(buf0);
+          issue(buf0, 1);
           if constexpr (sizeof(OutT) == 4) step(buf0, buf0, kb, true, no_flush);
           else step(buf0, buf0, kb, true, first);
         }

@@ -829,7 +829,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(acc[i]);
       };
       // acc += d * scales of k-block kb, then release its stage. Split tiles:
-      // d = columns [128, 256), all in scale block sb_lo_val's.
+      // d holds columns [128, 256), all in one scale block of B, passed as sb_lo_val.
       auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val) {
 #pragma unroll
         for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);

@@ -1,27 +1,33 @@
-// Standalone timing harness for the dense FP8 kernel: A/B runs of kernel
-// variants without rebuilding the Python extension or starting JAX.
-// Tile via -DKB_BLOCK_M / -DKB_BLOCK_N (the most stages that fit), -DKB_MULTICAST=2
-// for 2-CTA clusters; KB_STORE_MODE=0 in the environment: register-store epilogue.
+// Standalone timing harness for the FP8 kernels: A/B runs of kernel variants
+// without rebuilding the Python extension or starting JAX.
 //
 //   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-//        -Icsrc -o /tmp/kbench benchmarks/kernel_bench.cu [-DKB_BLOCK_N=128 ...]
-//   /tmp/kbench 4096x7168x16384 4096x7168x2048 ...
+//        -Icsrc -o /tmp/kbench benchmarks/kernel_bench.cu [-D...]
+//   /tmp/kbench 4096x7168x16384 4096x7168x2048          # dense: MxNxK
+//   /tmp/kbench_kg 4x8192x7168x4096                      # -DKB_K_GROUPED: GxTxNxK
+//
+// Dense (fp8_gemm_nt_kernel, bf16 out, no bias): tile via -DKB_BLOCK_M /
+// -DKB_BLOCK_N (the most stages that fit), -DKB_MULTICAST=2 for 2-CTA clusters;
+// KB_STORE_MODE=0 in the environment: the register-store epilogue.
+// K-grouped (k_grouped_gemm_tn_kernel, f32 out, no c; -DKB_K_GROUPED): G groups
+// of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192).
+// An experimental copy of csrc/kernels/ can come first on the include path.
 //
 // Per shape: the median of 20 launches, each timed alone (cudaEvent), on
 // operands rotated over copies (up to 8, 256 MB or more: beyond L2 for the
-// shapes of interest), and 64 sampled outputs
-// checked against a float64 sum on the host (a variant that computes wrong
-// results says WRONG). The max error is relative to the sum of |terms| /
-// sqrt(K); bf16 rounding alone gives a few 1e-2. This times the kernel alone
-// (bf16 out, no bias); the Python benchmarks time the op as JAX runs it and
-// sample the SM clock; these separate launches keep it near its maximum.
+// shapes of interest), and 64 sampled outputs checked against a float64 sum
+// on the host (a variant that computes wrong results says WRONG). The error is
+// relative to the sum of |terms| / sqrt(terms); bf16 rounding alone gives a
+// few 1e-2. This times a kernel alone; the Python benchmarks time the op as
+// JAX runs it and sample the SM clock (these separate launches keep it near
+// its maximum, where back-to-back work runs into the power cap).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
-#include <string>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -29,6 +35,7 @@
 
 #include "common/tma.cuh"
 #include "kernels/fp8_gemm.cuh"
+#include "kernels/k_grouped_gemm.cuh"
 
 #ifndef KB_BLOCK_M
 #define KB_BLOCK_M 128
@@ -58,154 +65,285 @@ static float e4m3_to_float(uint8_t v) {
   return s ? -mag : mag;
 }
 
-static float bf16_to_float(__nv_bfloat16 v) {
+[[maybe_unused]] static float bf16_to_float(__nv_bfloat16 v) {
   uint16_t u;
   std::memcpy(&u, &v, 2);
-  uint32_t w = static_cast<uint32_t>(u) << 16;
+  const uint32_t w = static_cast<uint32_t>(u) << 16;
   float f;
   std::memcpy(&f, &w, 4);
   return f;
 }
 
-struct Operands {
-  uint8_t *a, *b;
-  float *sa, *sb;
-  __nv_bfloat16* out;
-  CUtensorMap ta, tb, tsa, tout;
-};
+// Random e4m3 bytes with exponent <= 13 (no NaN) and random signs; scales in [1/128, 1/32].
+static std::vector<uint8_t> random_fp8(std::mt19937& rng, size_t count) {
+  std::vector<uint8_t> v(count);
+  for (auto& x : v) x = static_cast<uint8_t>(rng() % 0x70) | (rng() & 0x80);
+  return v;
+}
+static std::vector<float> random_scales(std::mt19937& rng, size_t count) {
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  std::vector<float> v(count);
+  for (auto& x : v) x = u(rng) / 64;
+  return v;
+}
 
-int main(int argc, char** argv) {
+template <typename T>
+static T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CHECK(cudaMalloc(&d, h.size() * sizeof(T)));
+  CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+static int num_copies(size_t bytes) {
+  return static_cast<int>(std::min<size_t>(8, 1 + (size_t{256} << 20) / bytes));
+}
+
+// Median and minimum (ms) of 20 launches, each timed alone; launch(i) uses copy i % copies.
+static void time_launches(const std::function<void(int)>& launch, int copies, double* median,
+                          double* min) {
+  for (int i = 0; i < 3 * copies; ++i) launch(i);
+  CHECK(cudaDeviceSynchronize());
+  constexpr int kIters = 20;
+  std::vector<float> ms(kIters);
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < kIters; ++i) {
+    CHECK(cudaEventRecord(e0));
+    launch(i);
+    CHECK(cudaEventRecord(e1));
+    CHECK(cudaEventSynchronize(e1));
+    CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+  }
+  CHECK(cudaGetLastError());
+  CHECK(cudaEventDestroy(e0));
+  CHECK(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  *median = ms[kIters / 2];
+  *min = ms[0];
+}
+
+static void report(const char* shape, double flops, double median_ms, double min_ms,
+                   double max_err) {
+  std::printf("%s  %.1f us  %.0f TFLOPS  (min %.1f us)  err %.3g%s\n", shape, median_ms * 1e3,
+              flops / (median_ms * 1e-3) * 1e-12, min_ms * 1e3, max_err,
+              max_err > 0.05 ? "  WRONG" : "");
+}
+
+#ifndef KB_K_GROUPED
+// out[m, n] = sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128]
+static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N, MC = KB_MULTICAST;
   constexpr int ST = fp8_gemm_max_stages(BM, BN);
   using L = Fp8GemmLayout<BM, BN, ST, false>;
   auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              L::kDynamicSmem));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  const int num_sms = prop.multiProcessorCount;
-  std::printf("# %s, %d SMs, tile %dx%d, %d stages, multicast %d\n", prop.name, num_sms, BM, BN,
-              ST, MC);
-
+  if (((n + BN - 1) / BN) % MC != 0) {  // as in the FFI: clusters pair N blocks
+    std::printf("%dx%dx%d  skipped: multicast needs an even number of N blocks\n", m, n, k);
+    return;
+  }
   // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA.
   const char* mode_env = std::getenv("KB_STORE_MODE");
   const int store_mode = mode_env != nullptr && mode_env[0] == '0' ? kStoreRegisters : kStoreTma;
+  const int kb = (k + 127) / 128, nb = (n + 127) / 128, mp = (m + 3) / 4 * 4;
+  const auto ha = random_fp8(rng, static_cast<size_t>(m) * k);
+  const auto hb = random_fp8(rng, static_cast<size_t>(n) * k);
+  const auto hsa = random_scales(rng, static_cast<size_t>(kb) * mp);
+  const auto hsb = random_scales(rng, static_cast<size_t>(nb) * kb);
+
+  struct Copy {
+    uint8_t *a, *b;
+    float *sa, *sb;
+    __nv_bfloat16* out;
+    CUtensorMap ta, tb, tsa, tout;
+  };
+  std::vector<Copy> ops(num_copies(ha.size() + hb.size() + static_cast<size_t>(m) * n * 2));
+  for (auto& o : ops) {
+    o.a = to_device(ha);
+    o.b = to_device(hb);
+    o.sa = to_device(hsa);
+    o.sb = to_device(hsb);
+    CHECK(cudaMalloc(&o.out, static_cast<size_t>(m) * n * 2));
+    int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, m, k, BM / MC,
+                               kBlockK, CU_TENSOR_MAP_SWIZZLE_128B);
+    r |= tma::make_2d_tiled(&o.tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.b, n, k, BN, kBlockK,
+                            CU_TENSOR_MAP_SWIZZLE_128B);
+    r |= tma::make_2d_tiled(&o.tsa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sa, kb, mp, 1,
+                            L::kSARows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, m, n, 64,
+                            fp8_gemm_out_box_cols<__nv_bfloat16>(), CU_TENSOR_MAP_SWIZZLE_128B);
+    if (r != 0) {
+      std::fprintf(stderr, "tensor map failed\n");
+      std::exit(1);
+    }
+  }
+  // Persistent grid: whole clusters, at most one CTA per SM (the FFI also caps
+  // it by cudaOccupancyMaxActiveClusters; here they are assumed to fit).
+  const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
+  const int grid = static_cast<int>(std::min<int64_t>(tiles / MC, num_sms / MC)) * MC;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = MC;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid, 1, 1);
+  config.blockDim = dim3(L::kNumThreads, 1, 1);
+  config.dynamicSmemBytes = L::kDynamicSmem;
+  config.attrs = &attr;
+  config.numAttrs = MC > 1 ? 1 : 0;
+  const GroupArgs grp{nullptr, 1, 0};
+  double median, min;
+  time_launches([&](int i) {
+    const Copy& o = ops[i % ops.size()];
+    CHECK(cudaLaunchKernelEx(&config, kernel, o.ta, o.tb, o.tsa, o.sb, nullptr, nullptr, o.out,
+                             o.tout, store_mode, m, n, k, grp));
+  }, static_cast<int>(ops.size()), &median, &min);
+
+  std::vector<__nv_bfloat16> hout(static_cast<size_t>(m) * n);
+  CHECK(cudaMemcpy(hout.data(), ops[0].out, hout.size() * 2, cudaMemcpyDeviceToHost));
+  double max_err = 0;
+  for (int s = 0; s < 64; ++s) {
+    const int i = static_cast<int>(rng() % m), j = static_cast<int>(rng() % n);
+    double ref = 0, mag = 0;
+    for (int kk = 0; kk < k; ++kk) {
+      const double v = static_cast<double>(e4m3_to_float(ha[static_cast<size_t>(i) * k + kk])) *
+                       e4m3_to_float(hb[static_cast<size_t>(j) * k + kk]) *
+                       hsa[static_cast<size_t>(kk / 128) * mp + i] *
+                       hsb[static_cast<size_t>(j / 128) * kb + kk / 128];
+      ref += v;
+      mag += std::fabs(v);
+    }
+    const double got = bf16_to_float(hout[static_cast<size_t>(i) * n + j]);
+    max_err = std::max(max_err, std::fabs(got - ref) / (mag / std::sqrt(k) + 1e-30));
+  }
+  char shape[64];
+  std::snprintf(shape, sizeof(shape), "%dx%dx%d", m, n, k);
+  report(shape, 2.0 * m * n * k, median, min, max_err);
+  for (auto& o : ops) {
+    for (void* p : {static_cast<void*>(o.a), static_cast<void*>(o.b), static_cast<void*>(o.sa),
+                    static_cast<void*>(o.sb), static_cast<void*>(o.out)}) {
+      CHECK(cudaFree(p));
+    }
+  }
+}
+
+#else
+// out[g, i, j] = sum over tokens t of group g of aT[i, t] bT[j, t] sa[t/128, i] sb[t/128, j],
+// G groups of tg tokens each (T = G * tg tokens in all).
+static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int num_sms) {
+  constexpr int BM = KB_BLOCK_M, BN = 128;
+  constexpr int ST = k_grouped_max_stages(BM, BN);
+  using L = KGroupedLayout<BM, BN, ST>;
+  auto* kernel = &k_grouped_gemm_tn_kernel<BM, BN, ST, float>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             L::kDynamicSmem));
+  const int t = g * tg, tb = (t + 127) / 128, np = (n + 3) / 4 * 4, kp = (k + 3) / 4 * 4;
+  const auto ha = random_fp8(rng, static_cast<size_t>(n) * t);  // aT [N, T]
+  const auto hb = random_fp8(rng, static_cast<size_t>(k) * t);  // bT [K, T]
+  const auto hsa = random_scales(rng, static_cast<size_t>(tb) * np);
+  const auto hsb = random_scales(rng, static_cast<size_t>(tb) * kp);
+  const std::vector<int> sizes(g, tg);
+  const size_t out_elems = static_cast<size_t>(g) * n * k;
+
+  struct Copy {
+    uint8_t *a, *b;
+    float *sa, *sb, *out;
+    int* sizes;
+    CUtensorMap ta, tb, tsa, tsb;
+  };
+  std::vector<Copy> ops(num_copies(ha.size() + hb.size() + out_elems * 4));
+  for (auto& o : ops) {
+    o.a = to_device(ha);
+    o.b = to_device(hb);
+    o.sa = to_device(hsa);
+    o.sb = to_device(hsb);
+    o.sizes = to_device(sizes);
+    CHECK(cudaMalloc(&o.out, out_elems * 4));
+    int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, n, t, BM, kBlockK,
+                               CU_TENSOR_MAP_SWIZZLE_128B);
+    r |= tma::make_2d_tiled(&o.tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.b, k, t, BN, kBlockK,
+                            CU_TENSOR_MAP_SWIZZLE_128B);
+    r |= tma::make_2d_tiled(&o.tsa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sa, tb, np, 1, BM,
+                            CU_TENSOR_MAP_SWIZZLE_NONE);
+    r |= tma::make_2d_tiled(&o.tsb, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sb, tb, kp, 1, BN,
+                            CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (r != 0) {
+      std::fprintf(stderr, "tensor map failed\n");
+      std::exit(1);
+    }
+  }
+  const int64_t tiles = static_cast<int64_t>(g) * ((n + BM - 1) / BM) * ((k + BN - 1) / BN);
+  const int grid = static_cast<int>(std::min<int64_t>(tiles, num_sms));
+  double median, min;
+  time_launches([&](int i) {
+    const Copy& o = ops[i % ops.size()];
+    const GroupArgs grp{o.sizes, g, 0};
+    kernel<<<grid, L::kNumThreads, L::kDynamicSmem>>>(o.ta, o.tb, o.tsa, o.tsb, nullptr, o.out,
+                                                      n, k, t, grp);
+  }, static_cast<int>(ops.size()), &median, &min);
+
+  std::vector<float> hout(out_elems);
+  CHECK(cudaMemcpy(hout.data(), ops[0].out, out_elems * 4, cudaMemcpyDeviceToHost));
+  double max_err = 0;
+  for (int s = 0; s < 64; ++s) {
+    const int gg = static_cast<int>(rng() % g), i = static_cast<int>(rng() % n),
+              j = static_cast<int>(rng() % k);
+    double ref = 0, mag = 0;
+    for (int tt = gg * tg; tt < (gg + 1) * tg; ++tt) {
+      const double v = static_cast<double>(e4m3_to_float(ha[static_cast<size_t>(i) * t + tt])) *
+                       e4m3_to_float(hb[static_cast<size_t>(j) * t + tt]) *
+                       hsa[static_cast<size_t>(tt / 128) * np + i] *
+                       hsb[static_cast<size_t>(tt / 128) * kp + j];
+      ref += v;
+      mag += std::fabs(v);
+    }
+    const double got = hout[(static_cast<size_t>(gg) * n + i) * k + j];
+    max_err = std::max(max_err, std::fabs(got - ref) / (mag / std::sqrt(tg) + 1e-30));
+  }
+  char shape[64];
+  std::snprintf(shape, sizeof(shape), "%dx%dx%dx%d", g, tg, n, k);
+  report(shape, 2.0 * t * n * k, median, min, max_err);
+  for (auto& o : ops) {
+    for (void* p : {static_cast<void*>(o.a), static_cast<void*>(o.b), static_cast<void*>(o.sa),
+                    static_cast<void*>(o.sb), static_cast<void*>(o.out),
+                    static_cast<void*>(o.sizes)}) {
+      CHECK(cudaFree(p));
+    }
+  }
+}
+#endif
+
+int main(int argc, char** argv) {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int num_sms = prop.multiProcessorCount;
+#ifdef KB_K_GROUPED
+  std::printf("# %s, %d SMs, K-grouped, tile %dx128, %d stages\n", prop.name, num_sms,
+              KB_BLOCK_M, k_grouped_max_stages(KB_BLOCK_M, 128));
+#else
+  std::printf("# %s, %d SMs, tile %dx%d, %d stages, multicast %d\n", prop.name, num_sms,
+              KB_BLOCK_M, KB_BLOCK_N, fp8_gemm_max_stages(KB_BLOCK_M, KB_BLOCK_N), KB_MULTICAST);
+#endif
   for (int arg = 1; arg < argc; ++arg) {
-    int m, n, k;
-    if (std::sscanf(argv[arg], "%dx%dx%d", &m, &n, &k) != 3) continue;
-    if (((n + BN - 1) / BN) % MC != 0) {  // as in the FFI: clusters pair N blocks
-      std::printf("%dx%dx%d  skipped: multicast needs an even number of N blocks\n", m, n, k);
-      continue;
-    }
-    const int kb = (k + 127) / 128, nb = (n + 127) / 128, mp = (m + 3) / 4 * 4;
     std::mt19937 rng(arg);
-    std::vector<uint8_t> ha(static_cast<size_t>(m) * k), hb(static_cast<size_t>(n) * k);
-    // e4m3 bytes with exponent <= 13 (no NaN), random signs.
-    for (auto& x : ha) x = static_cast<uint8_t>(rng() % 0x70) | (rng() & 0x80);
-    for (auto& x : hb) x = static_cast<uint8_t>(rng() % 0x70) | (rng() & 0x80);
-    std::vector<float> hsa(static_cast<size_t>(kb) * mp), hsb(static_cast<size_t>(nb) * kb);
-    std::uniform_real_distribution<float> u(0.5f, 2.0f);
-    for (auto& x : hsa) x = u(rng) / 64;
-    for (auto& x : hsb) x = u(rng) / 64;
-
-    const size_t bytes = ha.size() + hb.size() + (hsa.size() + hsb.size()) * 4 +
-                         static_cast<size_t>(m) * n * 2;
-    const int copies = static_cast<int>(std::min<size_t>(8, 1 + (256u << 20) / bytes));
-    std::vector<Operands> ops(copies);
-    for (auto& o : ops) {
-      CHECK(cudaMalloc(&o.a, ha.size()));
-      CHECK(cudaMalloc(&o.b, hb.size()));
-      CHECK(cudaMalloc(&o.sa, hsa.size() * 4));
-      CHECK(cudaMalloc(&o.sb, hsb.size() * 4));
-      CHECK(cudaMalloc(&o.out, static_cast<size_t>(m) * n * 2));
-      CHECK(cudaMemcpy(o.a, ha.data(), ha.size(), cudaMemcpyHostToDevice));
-      CHECK(cudaMemcpy(o.b, hb.data(), hb.size(), cudaMemcpyHostToDevice));
-      CHECK(cudaMemcpy(o.sa, hsa.data(), hsa.size() * 4, cudaMemcpyHostToDevice));
-      CHECK(cudaMemcpy(o.sb, hsb.data(), hsb.size() * 4, cudaMemcpyHostToDevice));
-      int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, m, k, BM / MC, kBlockK,
-                                 CU_TENSOR_MAP_SWIZZLE_128B);
-      r |= tma::make_2d_tiled(&o.tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.b, n, k, BN, kBlockK,
-                              CU_TENSOR_MAP_SWIZZLE_128B);
-      r |= tma::make_2d_tiled(&o.tsa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sa, kb, mp, 1,
-                              L::kSARows, CU_TENSOR_MAP_SWIZZLE_NONE);
-      r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, m, n, 64,
-                              fp8_gemm_out_box_cols<__nv_bfloat16>(), CU_TENSOR_MAP_SWIZZLE_128B);
-      if (r != 0) {
-        std::fprintf(stderr, "tensor map failed\n");
-        return 1;
-      }
+    int d[4];
+#ifdef KB_K_GROUPED
+    if (std::sscanf(argv[arg], "%dx%dx%dx%d", &d[0], &d[1], &d[2], &d[3]) == 4 &&
+        d[1] % 16 == 0) {
+      run_k_grouped(d[0], d[1], d[2], d[3], rng, num_sms);
+    } else {
+      std::printf("%s  skipped: expected GxTxNxK with T %% 16 == 0\n", argv[arg]);
     }
-    const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
-    // Persistent grid: whole clusters, at most one CTA per SM (the FFI also
-    // caps it by cudaOccupancyMaxActiveClusters; the harness assumes they fit).
-    const int grid = static_cast<int>(std::min<int64_t>(tiles / MC, num_sms / MC)) * MC;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = MC;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(grid, 1, 1);
-    config.blockDim = dim3(L::kNumThreads, 1, 1);
-    config.dynamicSmemBytes = L::kDynamicSmem;
-    config.attrs = &attr;
-    config.numAttrs = MC > 1 ? 1 : 0;
-    const GroupArgs grp{nullptr, 1, 0};
-    auto launch = [&](const Operands& o) {
-      CHECK(cudaLaunchKernelEx(&config, kernel, o.ta, o.tb, o.tsa, o.sb, nullptr, nullptr,
-                               o.out, o.tout, store_mode, m, n, k, grp));
-    };
-    for (int i = 0; i < 3 * copies; ++i) launch(ops[i % copies]);
-    CHECK(cudaDeviceSynchronize());
-    // Each launch timed alone: short gaps between them keep the GPU below its
-    // power cap, so variants compare at about the same (high) clock.
-    constexpr int kIters = 20;
-    std::vector<float> ms(kIters);
-    cudaEvent_t e0, e1;
-    CHECK(cudaEventCreate(&e0));
-    CHECK(cudaEventCreate(&e1));
-    for (int i = 0; i < kIters; ++i) {
-      CHECK(cudaEventRecord(e0));
-      launch(ops[i % copies]);
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+#else
+    if (std::sscanf(argv[arg], "%dx%dx%d", &d[0], &d[1], &d[2]) == 3 && d[2] % 16 == 0) {
+      run_dense(d[0], d[1], d[2], rng, num_sms);
+    } else {
+      std::printf("%s  skipped: expected MxNxK with K %% 16 == 0\n", argv[arg]);
     }
-    CHECK(cudaGetLastError());
-    CHECK(cudaEventDestroy(e0));
-    CHECK(cudaEventDestroy(e1));
-    std::vector<float> sorted = ms;
-    std::sort(sorted.begin(), sorted.end());
-    const double t = sorted[kIters / 2] * 1e-3;
-    const double tflops = 2.0 * m * n * k / t * 1e-12;
-
-    // 64 sampled outputs of copy 0 against a float64 sum.
-    std::vector<__nv_bfloat16> hout(static_cast<size_t>(m) * n);
-    CHECK(cudaMemcpy(hout.data(), ops[0].out, hout.size() * 2, cudaMemcpyDeviceToHost));
-    double max_rel = 0;
-    for (int s = 0; s < 64; ++s) {
-      const int i = static_cast<int>(rng() % m), j = static_cast<int>(rng() % n);
-      double ref = 0, mag = 0;
-      for (int kk = 0; kk < k; ++kk) {
-        const double v = static_cast<double>(e4m3_to_float(ha[static_cast<size_t>(i) * k + kk])) *
-                         e4m3_to_float(hb[static_cast<size_t>(j) * k + kk]) *
-                         hsa[static_cast<size_t>(kk / 128) * mp + i] *
-                         hsb[static_cast<size_t>(j / 128) * kb + kk / 128];
-        ref += v;
-        mag += std::fabs(v);
-      }
-      const double got = bf16_to_float(hout[static_cast<size_t>(i) * n + j]);
-      max_rel = std::max(max_rel, std::fabs(got - ref) / (mag / std::sqrt(k) + 1e-30));
-    }
-    std::printf("%dx%dx%d  %.1f us  %.0f TFLOPS  (min %.1f us)  err %.3g%s\n", m, n, k, t * 1e6,
-                tflops, sorted[0] * 1e3, max_rel, max_rel > 0.05 ? "  WRONG" : "");
-    for (auto& o : ops) {
-      cudaFree(o.a);
-      cudaFree(o.b);
-      cudaFree(o.sa);
-      cudaFree(o.sb);
-      cudaFree(o.out);
-    }
+#endif
   }
   return 0;
 }

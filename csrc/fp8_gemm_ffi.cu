@@ -469,6 +469,15 @@ const EnvOverride& GetEnvOverride() {
   return o;
 }
 
+// Share of the tensor-core time of `rounds` full waves that a tile shape
+// spends on the m x n output (the rest: the last wave's idle SMs, padding).
+double WaveEfficiency(int64_t m, int64_t n, int bm, int bn, int64_t groups, int num_sms) {
+  const int64_t m_blocks = (m + bm - 1) / bm + (groups > 1 ? groups / 2 : 0);
+  const int64_t tiles = m_blocks * ((n + bn - 1) / bn);
+  const int64_t rounds = (tiles + num_sms - 1) / num_sms;
+  return static_cast<double>(m) * n / (static_cast<double>(rounds) * num_sms * bm * bn);
+}
+
 // The tile with the best estimated throughput: rows of N used x SM-waves used
 // x the tile's work per clock. Three math warpgroups (192 rows) hide more of
 // the promotion's latency: +5-8% over 128 rows on the H200's bar shapes
@@ -476,12 +485,9 @@ const EnvOverride& GetEnvOverride() {
 const KGroupedEntry* KGroupedHeuristic(int64_t g, int64_t n, int64_t k, int num_sms) {
   const int64_t k_blocks = (k + 127) / 128;
   if (g * ((n + 127) / 128) * k_blocks < num_sms) return &kKGroupedKernels[1];
+  // The [G, N, K] output as N rows of G * k_blocks 128-wide column blocks.
   auto score = [&](int block_m, double speed) {
-    const int64_t m_blocks = (n + block_m - 1) / block_m;
-    const int64_t tiles = g * m_blocks * k_blocks;
-    const int64_t waves = (tiles + num_sms - 1) / num_sms;
-    return speed * static_cast<double>(n) / static_cast<double>(m_blocks * block_m) *
-           static_cast<double>(tiles) / static_cast<double>(waves * num_sms);
+    return speed * WaveEfficiency(n, g * k_blocks * 128, block_m, 128, 1, num_sms);
   };
   return score(192, 1.06) > score(128, 1.0) ? &kKGroupedKernels[2] : &kKGroupedKernels[0];
 }
@@ -520,15 +526,6 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
   if (((n + e.block_n - 1) / e.block_n) % e.multicast != 0) return false;
   if (env.stages) return e.stages == env.stages;
   return e.stages == fp8_gemm_max_stages(e.block_m, e.block_n, grouped);
-}
-
-// Share of the tensor-core time of `rounds` full waves that a tile shape
-// spends on the m x n output (the rest: the last wave's idle SMs, padding).
-double WaveEfficiency(int64_t m, int64_t n, int bm, int bn, int64_t groups, int num_sms) {
-  const int64_t m_blocks = (m + bm - 1) / bm + (groups > 1 ? groups / 2 : 0);
-  const int64_t tiles = m_blocks * ((n + bn - 1) / bn);
-  const int64_t rounds = (tiles + num_sms - 1) / num_sms;
-  return static_cast<double>(m) * n / (static_cast<double>(rounds) * num_sms * bm * bn);
 }
 
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over

@@ -262,7 +262,8 @@ const KernelEntry kKernels[] = {
 const KernelEntry kGroupedKernels[] = {
     JAX_DEEPGEMM_GROUPED(64, 64, 1),   JAX_DEEPGEMM_GROUPED(64, 128, 1),
     JAX_DEEPGEMM_GROUPED(128, 64, 1),  JAX_DEEPGEMM_GROUPED(128, 128, 1),
-    JAX_DEEPGEMM_GROUPED(128, 192, 1), JAX_DEEPGEMM_GROUPED(128, 128, 2),
+    JAX_DEEPGEMM_GROUPED(128, 192, 1), JAX_DEEPGEMM_GROUPED(128, 256, 1),
+    JAX_DEEPGEMM_GROUPED(128, 128, 2),
 };
 
 #undef JAX_DEEPGEMM_GROUPED
@@ -531,10 +532,10 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
 // two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
 // promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22),
-// except that dense problems with K <= 2048 take 128x256 (two 128-wide wgmma
-// halves per K block) where its waves are nearly as full: each tile's fixed
-// cost (pipeline fill, epilogue) is spread over twice the work, +5% on
-// 4096x7168x2048 and 4096x24576x1536 (H200, 2026-12-03); at K 7168 and 16384
+// except that problems with K <= 2048 take 128x256 (two 128-wide wgmma halves
+// per K block) where its waves are nearly as full: each tile's fixed cost
+// (pipeline fill, epilogue) is spread over twice the work, +5% on 4096x7168x2048,
+// 4096x24576x1536 and M-grouped 4x8192 x 7168 x 2048 (H200, 2026-12-03); at K 7168 and 16384
 // the two tiles measured the same. 128x256 is otherwise used only when forced.
 // The multicast build is only used when forced: on H200 it runs at 97-98% of
 // the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
@@ -550,7 +551,7 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
   const bool many_waves = m > 64 && tiles_128 > 2 * num_sms;
-  const bool wide = many_waves && !table.grouped && k <= 2048 &&
+  const bool wide = many_waves && k <= 2048 &&
                     WaveEfficiency(m, n, 128, 256, groups, num_sms) >=
                         0.95 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
   for (const int bn : {wide ? 256 : 128, 128}) {

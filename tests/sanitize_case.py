@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_deepgemm as jd
+from jax_deepgemm import _C
 
 rng = np.random.default_rng(0)
 for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16)]:
@@ -16,9 +17,12 @@ for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16)]:
   jax.block_until_ready(jax.jit(jd.fp8_gemm_nt)(a, sa, b, sb))
   jax.block_until_ready(jax.jit(lambda *x: jd.fp8_gemm_nt(*x, bias=bias, c=c))(a, sa, b, sb))
 # M-grouped: skewed routing with empty experts and unaligned sizes, all-empty, masked.
-# (Skipped when a forced dense config names a tile the grouped kernel is not built with.)
-grouped_cases = [] if os.environ.get("JAX_DEEPGEMM_GEMM_CONFIG") else [(300, 192, 256, [0, 7, 0, 290, 3]), (200, 64, 128, [0, 0, 0]),
-                       (129, 320, 384, [129, 0])]
+# (Skipped when a forced config names a tile the grouped kernels are not built with.)
+forced = [kv.strip() for kv in os.environ.get("JAX_DEEPGEMM_GEMM_CONFIG", "").split(",") if kv.strip()]
+grouped_built = any(all(kv in cfg.split(",") for kv in forced)
+                    for cfg in _C.supported_grouped_gemm_configs().split("; "))
+grouped_cases = [(300, 192, 256, [0, 7, 0, 290, 3]), (200, 64, 128, [0, 0, 0]),
+                 (129, 320, 384, [129, 0])] if grouped_built else []
 for m, n, k, sizes in grouped_cases:
   g = len(sizes)
   a, sa = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16))

@@ -50,17 +50,20 @@ def test_heuristic_picks_the_documented_tiles():
 
 
 def test_wide_tile_for_short_k():
-  # Dense K <= 2048 takes 128x256 where its waves are about as full as 128x128's; not
-  # 4096x2112 (9 column blocks of 256 in 3 rounds), not K > 2048, not grouped problems.
+  # K <= 2048 takes 128x256 where its waves are about as full as 128x128's (dense and
+  # M-grouped); not 4096x2112 (9 column blocks of 256 in 3 rounds), not K > 2048, not
+  # 4 groups in 4096 rows (8 rounds of 256-wide tiles, 94% as full as 15 of 128).
   rc, out, err = _configs(None, "4096x7168x2048", "4096x24576x1536", "4096x2112x2048",
-                          "4096x7168x2176", "32768x7168x2048x4", "256x7168x2048")
+                          "4096x7168x2176", "32768x7168x2048x4", "32768x7168x2176x4",
+                          "4096x7168x2048x4", "256x7168x2048")
   assert rc == 0, err[-2000:]
   assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
-                 _cfg(128, 128, 5), _cfg(128, 128, 5)], out
-  # Forced, it runs anywhere (dense); the grouped kernels are not built with it.
-  rc, out, err = _configs("block_n=256", "4096x7168x16384", "1x4096x7168")
-  assert rc == 0 and out == [_cfg(128, 256, 3)] * 2, (out, err[-2000:])
-  rc, out, err = _configs("block_n=256", "32768x7168x2048x4")
+                 _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
+                 _cfg(128, 128, 5)], out
+  # Forced, it runs anywhere; 160-wide tiles are built for dense problems only.
+  rc, out, err = _configs("block_n=256", "4096x7168x16384", "1x4096x7168", "256x7168x7168x2")
+  assert rc == 0 and out == [_cfg(128, 256, 3)] * 3, (out, err[-2000:])
+  rc, out, err = _configs("block_n=160", "32768x7168x2048x4")
   assert rc != 0 and "matches no grouped kernel that is built" in err, (out, err[-2000:])
 
 

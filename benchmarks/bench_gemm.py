@@ -379,7 +379,9 @@ def main(argv=None) -> int:
       if t_f32 and t_c is not None:
         ep["c"] = t_c / t_f32.time_us - 1
         records.append(T.make_record(impl="jax_deepgemm_c", time_us=t_c,
-                                     nbytes=bytes_ours + 6 * m * n, config=config,
+                                     nbytes=bytes_ours + 6 * m * n,
+                                     config=jd.gemm_config(m, n, k, accumulate=True)
+                                     if kernels else "reference",
                                      overhead_vs_plain=ep["c"], plain_time_us=t_f32.time_us,
                                      acc1_time_us=t_acc1.time_us, acc2_time_us=t_acc2.time_us,
                                      **common))

@@ -131,13 +131,31 @@ static void report(const char* shape, double flops, double median_ms, double min
               max_err > 0.05 ? "  WRONG" : "");
 }
 
+// KB_CUBIN=file.cubin in the environment: run the same kernel from that cubin
+// instead (e.g. one whose SASS was edited; benchmarks/sass_edit.py), looked up
+// by its mangled name.
+[[maybe_unused]] static const void* kernel_from_cubin(const void* kernel) {
+  const char* path = std::getenv("KB_CUBIN");
+  if (path == nullptr || path[0] == '\0') return kernel;
+  const char* name = nullptr;
+  CHECK(cudaFuncGetName(&name, kernel));
+  cudaLibrary_t lib;
+  CHECK(cudaLibraryLoadFromFile(&lib, path, nullptr, nullptr, 0, nullptr, nullptr, 0));
+  cudaKernel_t loaded;
+  CHECK(cudaLibraryGetKernel(&loaded, lib, name));
+  std::printf("# kernel %s from %s\n", name, path);
+  return reinterpret_cast<const void*>(loaded);
+}
+
 #ifndef KB_K_GROUPED
 // out[m, n] = sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128]
 static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N, MC = KB_MULTICAST;
   constexpr int ST = fp8_gemm_max_stages(BM, BN);
   using L = Fp8GemmLayout<BM, BN, ST, false>;
-  auto* kernel = &fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>;
+  const void* kernel =
+      reinterpret_cast<const void*>(&fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>);
+  kernel = kernel_from_cubin(kernel);
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              L::kDynamicSmem));
   if (((n + BN - 1) / BN) % MC != 0) {  // as in the FFI: clusters pair N blocks
@@ -197,9 +215,12 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   const GroupArgs grp{nullptr, 1, 0};
   double median, min;
   time_launches([&](int i) {
-    const Copy& o = ops[i % ops.size()];
-    CHECK(cudaLaunchKernelEx(&config, kernel, o.ta, o.tb, o.tsa, o.sb, nullptr, nullptr, o.out,
-                             o.tout, store_mode, m, n, k, grp));
+    Copy o = ops[i % ops.size()];
+    const float *bias = nullptr, *c = nullptr;
+    int sm = store_mode;
+    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &bias, &c, &o.out, &o.tout, &sm, &m, &n, &k,
+                    const_cast<GroupArgs*>(&grp)};
+    CHECK(cudaLaunchKernelExC(&config, kernel, args));
   }, static_cast<int>(ops.size()), &median, &min);
 
   std::vector<__nv_bfloat16> hout(static_cast<size_t>(m) * n);

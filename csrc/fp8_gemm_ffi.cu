@@ -536,7 +536,9 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // per K block) where its waves are nearly as full: each tile's fixed cost
 // (pipeline fill, epilogue) is spread over twice the work, +5% on 4096x7168x2048,
 // 4096x24576x1536 and M-grouped 4x8192 x 7168 x 2048 (H200, 2026-12-03); at K 7168 and 16384
-// the two tiles measured the same. 128x256 is otherwise used only when forced.
+// the two tiles measured the same. Not when accumulating into c (D = C + A*B, f32):
+// that reduce-add epilogue cost 19.5% over the f32 plain kernel with 128x256 on
+// 4096x24576x1536, against 3-9% with 128x128 (bench_gemm --epilogues, H200). 128x256 is otherwise used only when forced.
 // The multicast build is only used when forced: on H200 it runs at 97-98% of
 // the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
 // Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K
@@ -545,13 +547,13 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // For grouped problems `m` is the total row count and `groups` adds one
 // partial m-block per group.
 const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t groups,
-                                   int num_sms, const KernelTable& table,
+                                   bool accumulate, int num_sms, const KernelTable& table,
                                    const EnvOverride& env) {
   const int64_t tiles_128 = ((m + 127) / 128 + (groups > 1 ? groups / 2 : 0)) * ((n + 127) / 128);
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
   const bool many_waves = m > 64 && tiles_128 > 2 * num_sms;
-  const bool wide = many_waves && k <= 2048 &&
+  const bool wide = many_waves && k <= 2048 && !accumulate &&
                     WaveEfficiency(m, n, 128, 256, groups, num_sms) >=
                         0.95 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
   for (const int bn : {wide ? 256 : 128, 128}) {
@@ -587,7 +589,7 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   return best_entry;
 }
 
-bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, int num_sms,
+bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate, int num_sms,
                   const KernelTable& table, GemmConfig* cfg, const KernelEntry** entry,
                   std::string* error) {
   static const EnvOverride kNoOverride;
@@ -597,12 +599,13 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, int num_sms,
     return false;
   }
   const KernelEntry* e =
-      HeuristicKernel(m, n, k, groups, num_sms, table, env.present ? env : kNoOverride);
+      HeuristicKernel(m, n, k, groups, accumulate, num_sms, table,
+                      env.present ? env : kNoOverride);
   if (e == nullptr && env.present && env.multicast > 1) {
     // A forced multicast=2 on a problem with an odd N-block count: same tile, no multicast.
     EnvOverride relaxed = env;
     relaxed.multicast = 0;
-    e = HeuristicKernel(m, n, k, groups, num_sms, table, relaxed);
+    e = HeuristicKernel(m, n, k, groups, accumulate, num_sms, table, relaxed);
   }
   if (e == nullptr) {
     *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
@@ -780,7 +783,7 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(m, n, k, 1, num_sms, kDenseTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(m, n, k, 1, has_c, num_sms, kDenseTable, &cfg, &entry, &error)) {
     return InvalidArg(error);
   }
 
@@ -857,7 +860,7 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(rows, n, k, g, num_sms, kGroupedTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(rows, n, k, g, false, num_sms, kGroupedTable, &cfg, &entry, &error)) {
     return GroupedInvalid(error);
   }
   LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
@@ -1025,8 +1028,8 @@ int CurrentDeviceSms() {
   return num_sms;
 }
 
-bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::string* config,
-                      std::string* error) {
+bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
+                      std::string* config, std::string* error) {
   if (m < 1 || n < 1 || k < 1 || groups < 0) {
     *error = "jax_deepgemm: gemm_config needs M, N, K >= 1 and groups >= 0";
     return false;
@@ -1034,7 +1037,8 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::stri
   const int num_sms = CurrentDeviceSms();
   GemmConfig cfg;
   const KernelTable& table = groups > 0 ? kGroupedTable : kDenseTable;
-  if (!SelectConfig(m, n, k, groups > 0 ? groups : 1, num_sms, table, &cfg, nullptr, error)) {
+  if (!SelectConfig(m, n, k, groups > 0 ? groups : 1, accumulate && groups == 0, num_sms, table,
+                    &cfg, nullptr, error)) {
     return false;
   }
   *config = ConfigName(cfg.block_m, cfg.block_n, cfg.stages, cfg.multicast);

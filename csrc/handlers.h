@@ -39,8 +39,8 @@ std::string SupportedGroupedGemmConfigs();
 // "block_m=128,block_n=128,stages=6". Honors the environment variable
 // JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the problem or
 // the forced configuration is invalid.
-bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, std::string* config,
-                      std::string* error);
+bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
+                      std::string* config, std::string* error);
 
 // Tile of the K-grouped (wgrad) kernel for G groups and an [N, K] output,
 // e.g. "block_m=192,block_n=128,stages=5". Honors JAX_DEEPGEMM_K_GROUPED_CONFIG.

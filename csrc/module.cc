@@ -36,17 +36,18 @@ NB_MODULE(_C, m) {
 
   m.def(
       "gemm_config",
-      [](int64_t m_, int64_t n_, int64_t k_, int64_t groups) {
+      [](int64_t m_, int64_t n_, int64_t k_, int64_t groups, bool accumulate) {
         std::string config, error;
-        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, groups, &config, &error)) {
+        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, groups, accumulate, &config, &error)) {
           throw nb::value_error(error.c_str());
         }
         return config;
       },
       nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("groups") = 0,
+      nb::arg("accumulate") = false,
       "Kernel configuration chosen for an (M, N, K) problem (groups > 0: the M-grouped "
-      "kernel, M rows in all), e.g. 'block_m=128,block_n=128,stages=6' (honors "
-      "JAX_DEEPGEMM_GEMM_CONFIG).");
+      "kernel, M rows in all; accumulate: the dense GEMM with c), e.g. "
+      "'block_m=128,block_n=128,stages=6' (honors JAX_DEEPGEMM_GEMM_CONFIG).");
 
   m.def(
       "k_grouped_config",

@@ -66,12 +66,13 @@ def use_kernels() -> bool:
   return True
 
 
-def gemm_config(m: int, n: int, k: int, groups: int = 0) -> str:
+def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False) -> str:
   """The kernel config picked for this shape (for benchmarks and tuning).
 
-  ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all.
+  ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all; ``accumulate``
+  about the dense GEMM that adds into ``c`` (its epilogue prefers other tiles).
   """
-  return _C.gemm_config(m, n, k, groups) if _C is not None else "reference"
+  return _C.gemm_config(m, n, k, groups, accumulate) if _C is not None else "reference"
 
 
 def k_grouped_config(groups: int, n: int, k: int) -> str:

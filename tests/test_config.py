@@ -20,7 +20,8 @@ for spec in sys.argv[1:]:
   if spec.startswith("kg:"):  # the K-grouped tile for G x N x K
     print(jd.k_grouped_config(*map(int, spec[3:].split("x"))))
   else:
-    print(jd.gemm_config(*map(int, spec.split("x"))))
+    acc = spec.endswith("+c")  # the dense GEMM that accumulates into c
+    print(jd.gemm_config(*map(int, spec.removesuffix("+c").split("x")), accumulate=acc))
 """
 
 
@@ -60,6 +61,11 @@ def test_wide_tile_for_short_k():
   assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
                  _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
                  _cfg(128, 128, 5)], out
+  # Accumulating into c keeps 128x128 (its reduce-add epilogue cost more with 128x256);
+  # `accumulate` does not apply to grouped problems.
+  rc, out, err = _configs(None, "4096x24576x1536+c", "4096x7168x2048+c", "32768x7168x2048x4+c")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(128, 128, 5)] * 2 + [_cfg(128, 256, 3)], out
   # Forced, it runs anywhere; 160-wide tiles are built for dense problems only.
   rc, out, err = _configs("block_n=256", "4096x7168x16384", "1x4096x7168", "256x7168x7168x2")
   assert rc == 0 and out == [_cfg(128, 256, 3)] * 3, (out, err[-2000:])

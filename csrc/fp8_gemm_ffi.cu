@@ -538,7 +538,8 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 // 4096x24576x1536 and M-grouped 4x8192 x 7168 x 2048 (H200, 2026-12-03); at K 7168 and 16384
 // the two tiles measured the same. Not when accumulating into c (D = C + A*B, f32):
 // that reduce-add epilogue cost 19.5% over the f32 plain kernel with 128x256 on
-// 4096x24576x1536, against 3-9% with 128x128 (bench_gemm --epilogues, H200). 128x256 is otherwise used only when forced.
+// 4096x24576x1536, against 8.6% with 128x128 in an earlier run (bench_gemm
+// --epilogues, H200). 128x256 is otherwise used only when forced.
 // The multicast build is only used when forced: on H200 it runs at 97-98% of
 // the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
 // Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K

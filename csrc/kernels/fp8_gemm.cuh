@@ -816,25 +816,23 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
       const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
 
-      // Split tiles: acc[:64] += d * scales, d = columns [0, 128) of the tile,
-      // all in B's scale block n0/128; the stage stays (its second half is next).
-      auto promote_first_half = [&](float (&d)[kNumBuf], float sb_val) {
-#pragma unroll
-        for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);
-        const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
-        const float s0 = sa_stage[0] * sb_val, s1 = sa_stage[8] * sb_val;
-#pragma unroll
-        for (int i = 0; i < kNumBuf; ++i) acc[i] = fmaf(d[i], (i & 2) ? s1 : s0, acc[i]);
-#pragma unroll
-        for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(acc[i]);
-      };
-      // acc += d * scales of k-block kb, then release its stage. Split tiles:
-      // d holds columns [128, 256), all in one scale block of B, passed as sb_lo_val.
-      auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val) {
+      // acc += d * scales of k-block kb, then release its stage. Split tiles
+      // promote a stage in two calls, as `issue` issues it: d holds columns
+      // [half * 128, half * 128 + 128), all in one scale block of B (passed as
+      // sb_lo_val); the first half keeps the stage (its second half is next).
+      auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val, int half) {
 #pragma unroll
         for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);
         const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
         const float sa0 = sa_stage[0], sa1 = sa_stage[8];
+        if (kSplitN && half == 0) {
+          const float s0 = sa0 * sb_lo_val, s1 = sa1 * sb_lo_val;
+#pragma unroll
+          for (int i = 0; i < kNumBuf; ++i) acc[i] = fmaf(d[i], (i & 2) ? s1 : s0, acc[i]);
+#pragma unroll
+          for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(acc[i]);
+          return;
+        }
         // All smem reads of this stage (wgmma operands and sa) are done:
         // release the slot, one arrival per warp (to every CTA that fills it).
         __syncwarp();
@@ -893,7 +891,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           mid();
           ptx::wgmma_wait_group<0>();
         }
-        promote(d, sb_lo_val, sb_hi_val);
+        promote(d, sb_lo_val, sb_hi_val, 1);
       };
 
       // U consecutive k-blocks, alternating buffers; `first` runs in the first
@@ -919,10 +917,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           issue(buf0, 0);
           if constexpr (sizeof(OutT) != 4) first();
           ptx::wgmma_wait_group<0>();
-          promote_first_half(buf0, sb_lo_val);
+          promote(buf0, sb_lo_val, 0.0f, 0);
           issue(buf0, 1);
           ptx::wgmma_wait_group<0>();
-          promote(buf0, sb_hi_val, 0.0f);
+          promote(buf0, sb_hi_val, 0.0f, 1);
         } else {  // one k-block; fp32 outputs flush before the issue (registers)
           static_assert(U == 1, "the serial loop runs one k-block per chunk");
           if constexpr (sizeof(OutT) == 4) first();

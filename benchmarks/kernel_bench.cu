@@ -227,14 +227,15 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   config.dynamicSmemBytes = L::kDynamicSmem;
   config.attrs = attrs;
   config.numAttrs = num_attrs;
-  const GroupArgs grp{nullptr, 1, 0};
+  // The kernel's arguments by address (it may come from a cubin: no typed launch).
+  GroupArgs grp{nullptr, 1, 0};
+  const float *no_bias = nullptr, *no_c = nullptr;
+  int mode = store_mode;
   double median, min;
   time_launches([&](int i) {
-    Copy o = ops[i % ops.size()];
-    const float *bias = nullptr, *c = nullptr;
-    int sm = store_mode;
-    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &bias, &c, &o.out, &o.tout, &sm, &m, &n, &k,
-                    const_cast<GroupArgs*>(&grp)};
+    Copy& o = ops[i % ops.size()];
+    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &no_bias, &no_c, &o.out, &o.tout, &mode,
+                    &m, &n, &k, &grp};
     CHECK(cudaLaunchKernelExC(&config, kernel, args));
   }, static_cast<int>(ops.size()), &median, &min);
 

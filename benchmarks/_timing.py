@@ -278,6 +278,76 @@ def bench(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
                 host_bound=host_bound, sm_clock_mhz=clock, power_w=power)
 
 
+@dataclasses.dataclass
+class KernelTimes:
+  """Device time of one op from a profiler (CUPTI) trace: what its kernels ran for.
+
+  ``bench`` times bursts on the host clock; at small sizes (M = 128) a call's device
+  work is shorter than the host's dispatch of it and the gaps between kernels count.
+  This is the time the GPU spent in the op's kernels alone (DeepGEMM's figures are
+  such kernel times), summed over every kernel one call runs.
+  """
+  total_us: float                # mean over calls of the summed kernel time of one call
+  kernels: dict[str, float]      # kernel name -> median microseconds per launch
+  launches_per_call: float
+
+  def extras(self) -> dict:
+    return {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
+            "kernel_breakdown_us": self.kernels}
+
+
+def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
+  """(name, duration in us) of every event on the GPU streams of a trace, or None."""
+  import glob
+  from jax.profiler import ProfileData  # jax >= 0.4.36
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    return None
+  events = []
+  for plane in ProfileData.from_file(paths[0]).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    lines = list(plane.lines)
+    streams = [ln for ln in lines if "Stream" in ln.name] or lines
+    for ln in streams:
+      for ev in ln.events:
+        if not ev.name.startswith(("Memcpy", "Memset")):
+          events.append((ev.name, ev.duration_ns / 1e3))
+  return events
+
+
+def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
+                 n_sets: int = 16, reps: int = 10, seed: int = 0) -> KernelTimes | None:
+  """Kernel time per call of ``fn(*make_inputs(key))`` on the GPU (None elsewhere, or
+  when the profiler gives no GPU events): ``reps`` calls of one jitted function that
+  runs the op on ``n_sets`` distinct input sets, traced with ``jax.profiler``."""
+  if jax.devices()[0].platform != "gpu":
+    return None
+  base = jax.random.PRNGKey(seed)
+  sets = [tuple(make_inputs(jax.random.fold_in(base, i))) for i in range(n_sets)]
+  call = jax.jit(lambda s: [fn(*args) for args in s])
+  for _ in range(3):
+    jax.block_until_ready(call(sets))
+  try:
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d):
+        for _ in range(reps):
+          jax.block_until_ready(call(sets))
+      events = _trace_events(d)
+  except (ImportError, RuntimeError, OSError) as e:  # no CUPTI: keep the benchmark going
+    print(f"warning: no kernel times ({e})", file=sys.stderr)
+    return None
+  if not events:
+    return None
+  calls = reps * n_sets
+  by_name: dict[str, list[float]] = {}
+  for name, us in events:
+    by_name.setdefault(name, []).append(us)
+  return KernelTimes(total_us=sum(us for _, us in events) / calls,
+                     kernels={k: statistics.median(v) for k, v in by_name.items()},
+                     launches_per_call=len(events) / calls)
+
+
 def tflops(flops: float, time_us: float) -> float:
   return flops / (time_us * 1e-6) / 1e12 if time_us > 0 else float("nan")
 

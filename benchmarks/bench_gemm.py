@@ -29,6 +29,13 @@ Timing method: see ``_timing.py``.
   python benchmarks/bench_gemm.py --quick --no-write   # CPU smoke run
   python benchmarks/bench_gemm.py --shapes 128x2112x7168,4096x7168x2048
   python benchmarks/bench_gemm.py --epilogues     # also bias / accumulate epilogue overheads
+
+Kernel times (``--kernel-times``, default: shapes with M <= 512): at M = 128 one call's
+device work (~10-20 us) is shorter than JAX's dispatch of it, so the burst timing above
+measures the host as much as the kernels. There the run also traces every implementation
+with ``jax.profiler`` and records ``kernel_us``, the summed time of the kernels one call
+runs (ours: the GEMM and the transpose of ``sa``; XLA's: its GEMM and any fusion around
+it), and ``kernel_ratio_vs_xla_fp8`` = kernel_us(XLA FP8) / kernel_us(ours).
 """
 from __future__ import annotations
 
@@ -237,6 +244,8 @@ def main(argv=None) -> int:
   p.add_argument("--epilogues", action="store_true",
                  help="also time the bias and accumulate (c) epilogues at M >= 4096 "
                       "(records jax_deepgemm_bias / jax_deepgemm_f32 / jax_deepgemm_c)")
+  p.add_argument("--kernel-times", choices=("auto", "on", "off"), default="auto",
+                 help="also record profiler (CUPTI) kernel times: auto = shapes with M <= 512")
   p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken)")
   p.add_argument("--min-time", type=float, default=None, help="seconds of timing per impl")
   p.add_argument("--rotate-mb", type=float, default=None,
@@ -340,21 +349,37 @@ def main(argv=None) -> int:
       t_bf16 = attempt("xla_bf16_dot", lambda: T.bench(xla_bf16, bf16_inputs(m, n, k), **timing))
       gc.collect()
 
+    k_ours = k_fp8 = k_bf16 = None
+    if args.kernel_times == "on" or (args.kernel_times == "auto" and m <= 512):
+      k_ours = attempt("kernel times jax_deepgemm",
+                       lambda: T.kernel_times(ours, ours_inputs(m, n, k)))
+      if t_fp8 is not None:
+        best = XLA_FP8_PATTERNS[fp8_cfg.split(":")[0]]
+        k_fp8 = attempt("kernel times xla_fp8_dot",
+                        lambda: T.kernel_times(best, fp8_inputs(m, n, k)))
+      if t_bf16 is not None:
+        k_bf16 = attempt("kernel times xla_bf16_dot",
+                         lambda: T.kernel_times(xla_bf16, bf16_inputs(m, n, k)))
+      gc.collect()
+    k_extras = lambda kt: kt.extras() if kt else {}  # noqa: E731
+    kr_fp8 = k_fp8.total_us / k_ours.total_us if k_ours and k_fp8 else None
+
     r_fp8 = t_fp8.time_us / t_ours.time_us if t_ours and t_fp8 else None
     r_bf16 = t_bf16.time_us / t_ours.time_us if t_ours and t_bf16 else None
     if t_ours:
       records.append(T.make_record(impl="jax_deepgemm", time_us=t_ours.time_us, nbytes=bytes_ours,
                                    config=config, ratio_vs_xla_fp8=r_fp8,
                                    ratio_vs_xla_bf16=r_bf16, diff=diff, **t_ours.extras(),
+                                   kernel_ratio_vs_xla_fp8=kr_fp8, **k_extras(k_ours),
                                    **common))
     if t_fp8:
       records.append(T.make_record(impl="xla_fp8_dot", time_us=t_fp8.time_us, nbytes=bytes_fp8,
                                    config=fp8_cfg, pattern_time_us=pattern_us,
-                                   **t_fp8.extras(), **common))
+                                   **t_fp8.extras(), **k_extras(k_fp8), **common))
     if t_bf16:
       records.append(T.make_record(impl="xla_bf16_dot", time_us=t_bf16.time_us,
                                    nbytes=bytes_bf16, config=bf16_cfg, **t_bf16.extras(),
-                                   **common))
+                                   **k_extras(k_bf16), **common))
 
     if args.epilogues and m >= 4096 and t_ours:
       t_bias = attempt("bias", lambda: T.bench(ours_bias, epilogue_inputs(m, n, k, "bias"),
@@ -396,8 +421,17 @@ def main(argv=None) -> int:
            t_ours.time_us if t_ours else None, tf(t_ours),
            T.gbps(bytes_ours, t_ours.time_us) if t_ours else None,
            tf(t_fp8), fp8_cfg or "-", tf(t_bf16),
-           r_fp8, r_bf16, T.fmt(diff, 2) if diff is not None else "-"]
+           r_fp8, r_bf16, T.fmt(diff, 2) if diff is not None else "-",
+           k_ours.total_us if k_ours else None,
+           T.gbps(bytes_ours, k_ours.total_us) if k_ours else None,
+           k_fp8.total_us if k_fp8 else None, kr_fp8]
     rows.append(row)
+    if k_ours:
+      print(f"[{shape}] kernel time per call: ours {T.fmt(k_ours.total_us)} us "
+            f"({T.fmt(T.gbps(bytes_ours, k_ours.total_us), 0)} GB/s; "
+            + ", ".join(f"{name[:48]} {T.fmt(us)}" for name, us in k_ours.kernels.items())
+            + f") | xla_fp8 {T.fmt(k_fp8 and k_fp8.total_us)} us | xla_bf16 "
+            f"{T.fmt(k_bf16 and k_bf16.total_us)} us", flush=True)
     print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
           f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]} | SM MHz "
           f"{T.mhz(t_ours)}/{T.mhz(t_fp8)}/{T.mhz(t_bf16)} | W "
@@ -410,9 +444,11 @@ def main(argv=None) -> int:
   T.print_table(
       [[r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],
         T.fmt(r[8], 2) if r[8] is not None else "-", T.fmt(r[9], 2) if r[9] is not None else "-",
-        r[10]] for r in rows],
+        r[10], r[11], T.fmt(r[12], 0) if r[12] is not None else "-", r[13],
+        T.fmt(r[14], 2) if r[14] is not None else "-"] for r in rows],
       ["shape MxNxK", "config", "ours us", "ours TFLOPS", "ours GB/s", "xla_fp8 TFLOPS",
-       "xla_fp8 via", "xla_bf16 TFLOPS", "x vs fp8", "x vs bf16", "diff"],
+       "xla_fp8 via", "xla_bf16 TFLOPS", "x vs fp8", "x vs bf16", "diff", "kern us",
+       "kern GB/s", "xla_fp8 kern us", "kern x vs fp8"],
       title=f"fp8_gemm_nt on {T.device_name()} (x vs ...: t_xla / t_ours, > 1 = ours faster)")
 
   return T.finish(args.out, args.no_write, records, failures)

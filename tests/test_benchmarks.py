@@ -137,3 +137,15 @@ def test_peak_frac(monkeypatch):
   rec = T.make_record(op="x", impl="y", m=1, n=1, k=1, time_us=847.0,
                       flops=2.0 * 4096 * 7168 * 16384, nbytes=0, sm_clock_mhz=1410.0)
   assert abs(rec["fp8_peak_frac_at_clock"] - rec["tflops"] / 1524.7) < 1e-3
+
+
+def test_kernel_times_trace_parsing(tmp_path):
+  T = bench_module("_timing")
+  # Off GPUs there are no kernels to time: None, not a crash or a made-up number.
+  assert T.kernel_times(lambda x: x * 2, lambda key: (jax.random.normal(key, (64,)),),
+                        n_sets=2, reps=2) is None
+  # The trace reader works on a real trace (this CPU one has host planes only: no GPU events).
+  with jax.profiler.trace(str(tmp_path)):
+    jax.block_until_ready(jax.jit(lambda x: x @ x)(jax.numpy.ones((64, 64))))
+  assert T._trace_events(str(tmp_path)) == []
+  assert T._trace_events(str(tmp_path / "missing")) is None

@@ -348,6 +348,33 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
                      launches_per_call=len(events) / calls)
 
 
+# --------------------------------------------------------------------------- flags
+
+def add_timing_args(p, *, iters: int = 25, min_time_s: float = 1.0) -> None:
+  """The timing flags every benchmark takes (``--iters``, ``--min-time``, ``--rotate-mb``)."""
+  p.add_argument("--iters", type=int, default=None,
+                 help=f"timed bursts (median taken; default {iters})")
+  p.add_argument("--min-time", type=float, default=None,
+                 help=f"seconds of timing per implementation (default {min_time_s:g})")
+  p.add_argument("--rotate-mb", type=float, default=None,
+                 help="MB of rotating input sets per implementation (default 512; must exceed L2)")
+
+
+def timing_from_args(args, *, warmup: int = 3, iters: int = 25, min_time_s: float = 1.0) -> dict:
+  """``bench`` keyword arguments from the timing flags and ``--quick`` (tiny, for CPU smoke runs)."""
+  timing = dict(warmup=warmup, iters=iters, min_time_s=min_time_s,
+                rotate_bytes=DEFAULT_ROTATE_BYTES, max_rot=DEFAULT_MAX_ROT)
+  if getattr(args, "quick", False):
+    timing.update(warmup=1, iters=3, min_time_s=0.05, rotate_bytes=0, max_rot=2)
+  if args.iters is not None:
+    timing["iters"] = max(1, args.iters)
+  if args.min_time is not None:
+    timing["min_time_s"] = args.min_time
+  if args.rotate_mb is not None:
+    timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
+  return timing
+
+
 def tflops(flops: float, time_us: float) -> float:
   return flops / (time_us * 1e-6) / 1e12 if time_us > 0 else float("nan")
 

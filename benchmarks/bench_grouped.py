@@ -124,17 +124,7 @@ def ours_config(backends: str | None) -> str | None:
 
 def timing_config(args) -> dict:
   """``_timing.bench`` keyword arguments from the common flags (modest defaults, --quick tiny)."""
-  timing = dict(warmup=2, iters=10, min_time_s=0.3, rotate_bytes=T.DEFAULT_ROTATE_BYTES,
-                max_rot=T.DEFAULT_MAX_ROT)
-  if args.quick:
-    timing.update(warmup=1, iters=3, min_time_s=0.05, rotate_bytes=0, max_rot=2)
-  if args.iters is not None:
-    timing["iters"] = max(1, args.iters)
-  if args.min_time is not None:
-    timing["min_time_s"] = args.min_time
-  if args.rotate_mb is not None:
-    timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
-  return timing
+  return T.timing_from_args(args, warmup=2, iters=10, min_time_s=0.3)
 
 
 def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -142,11 +132,7 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
   p.add_argument("--out", default=default_out,
                  help=f"results/<OUT>.json (default: {default_out})")
   p.add_argument("--no-write", action="store_true", help="do not write the results file")
-  p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken; default 10)")
-  p.add_argument("--min-time", type=float, default=None,
-                 help="seconds of timing per implementation (default 0.3)")
-  p.add_argument("--rotate-mb", type=float, default=None,
-                 help="MB of rotating input sets per implementation (default 512; must exceed L2)")
+  T.add_timing_args(p, iters=10, min_time_s=0.3)
   p.add_argument("--budget", type=float, default=8.0,
                  help="seconds one implementation's timing may take before falling back to a few "
                       "single calls (default 8)")

@@ -172,25 +172,13 @@ def main(argv=None) -> int:
   p.add_argument("--skip-xla", action="store_true", help="time jax_deepgemm only")
   p.add_argument("--peak-tbps", type=float, default=None,
                  help="peak HBM bandwidth in TB/s (default: from the device name)")
-  p.add_argument("--iters", type=int, default=None, help="timed bursts (median taken)")
-  p.add_argument("--min-time", type=float, default=None, help="seconds of timing per impl")
-  p.add_argument("--rotate-mb", type=float, default=None,
-                 help="MB of rotating input sets per impl (default 512; must exceed L2)")
+  T.add_timing_args(p)
   args = p.parse_args(argv)
 
   cases = args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES)
   if args.filter:
     cases = [c for c in cases if args.filter in c.name]
-  timing = dict(warmup=3, iters=25, min_time_s=1.0, rotate_bytes=T.DEFAULT_ROTATE_BYTES,
-                max_rot=T.DEFAULT_MAX_ROT)
-  if args.quick:
-    timing.update(warmup=1, iters=3, min_time_s=0.05, rotate_bytes=0, max_rot=2)
-  if args.iters is not None:
-    timing["iters"] = max(1, args.iters)
-  if args.min_time is not None:
-    timing["min_time_s"] = args.min_time
-  if args.rotate_mb is not None:
-    timing["rotate_bytes"] = int(args.rotate_mb * 1e6)
+  timing = T.timing_from_args(args)
 
   T.print_header()
   dev = jax.devices()[0]

@@ -36,6 +36,30 @@ def gemm_nt(a, sa, b, sb, bias=None, c=None):
   return d
 
 
+def abs_terms(fn, a, sa, b, sb, *args):
+  """``fn`` (an oracle GEMM) on |a| and |b|: Σ_k |a·sa| |b·sb| for every output, the scale of
+  its accumulation error (the scales are positive)."""
+  return fn(np.abs(f64(a)), sa, np.abs(f64(b)), sb, *args)
+
+
+def gemm_nt_abs(a, sa, b, sb):
+  return abs_terms(gemm_nt, a, sa, b, sb)
+
+
+def assert_elementwise(got, want, mag, out_dtype):
+  """Each element of ``got`` within its own rounding (bf16: 2^-8 relative, f32: 2^-20) plus
+  2^-10 of its Σ|terms| (FP8 tensor cores accumulate a 128-deep block to ~14 bits before the
+  FP32 promotion). Loose next to ``calc_diff``, but per element: a wrong row, column, scale
+  block or tile, which a global metric averages away over a large output, fails here."""
+  got = f64(got)
+  rel = 2.0 ** -8 if np.dtype(out_dtype).itemsize == 2 else 2.0 ** -20
+  bad = np.abs(got - want) > rel * np.abs(want) + 2.0 ** -10 * mag + 1e-30
+  if bad.any():
+    idx = tuple(int(i[0]) for i in np.nonzero(bad))
+    raise AssertionError(f"{int(bad.sum())} of {bad.size} elements off, first at {idx}: got "
+                         f"{got[idx]:.6g}, float64 {want[idx]:.6g}, sum|terms| {mag[idx]:.6g}")
+
+
 def offsets(group_sizes, m):
   """Row ranges of the groups, with the op's clipping rules."""
   ends = np.minimum(np.cumsum(np.maximum(np.asarray(group_sizes, np.int64), 0)), m)

@@ -19,7 +19,22 @@ def test_matches_float64(rng, m, n, k, out_dtype):
   b, sb = quant_w(rng, n, k)
   d = jax.jit(jd.fp8_gemm_nt, static_argnames="out_dtype")(a, sa, b, sb, out_dtype=out_dtype)
   assert d.shape == (m, n) and d.dtype == out_dtype
-  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb)) < 1e-5
+  want = oracle.gemm_nt(a, sa, b, sb)
+  assert oracle.calc_diff(d, want) < 1e-5
+  oracle.assert_elementwise(d, want, oracle.gemm_nt_abs(a, sa, b, sb), out_dtype)
+
+
+def test_elementwise_check_can_fail(rng):
+  # One element off by 5% of the output's typical size passes calc_diff and fails here.
+  a, sa = quant_act(rng, 300, 1000)
+  b, sb = quant_w(rng, 512, 1000)
+  want, mag = oracle.gemm_nt(a, sa, b, sb), oracle.gemm_nt_abs(a, sa, b, sb)
+  d = np.array(jd.fp8_gemm_nt(a, sa, b, sb).astype(jnp.float32))
+  oracle.assert_elementwise(d, want, mag, jnp.bfloat16)
+  d[123, 45] += 0.05 * np.sqrt(np.mean(want ** 2))
+  assert oracle.calc_diff(d, want) < 1e-5
+  with pytest.raises(AssertionError, match=r"1 of 153600 elements off, first at \(123, 45\)"):
+    oracle.assert_elementwise(d, want, mag, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("bias_dtype", [jnp.float32, jnp.bfloat16])
@@ -28,7 +43,9 @@ def test_bias(rng, bias_dtype):
   b, sb = quant_w(rng, 190, 256)
   bias = randn(rng, (190,), bias_dtype, scale=10.0)
   d = jd.fp8_gemm_nt(a, sa, b, sb, bias=bias)
-  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb, bias=bias)) < 1e-5
+  want = oracle.gemm_nt(a, sa, b, sb, bias=bias)
+  assert oracle.calc_diff(d, want) < 1e-5
+  oracle.assert_elementwise(d, want, oracle.gemm_nt_abs(a, sa, b, sb), jnp.bfloat16)
 
 
 def test_accumulate_into_c(rng):

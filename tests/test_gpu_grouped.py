@@ -40,7 +40,11 @@ def test_contiguous(rng, kind, g, m, n, k):
   b, sb = quant_w(rng, g, n, k)
   gs = _routing(rng, m, g, kind)
   d = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)(a, sa, b, sb, gs)
-  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, gs)) < 1e-5
+  want = oracle.grouped_contiguous(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, want) < 1e-5
+  # Per element: a tile that strays across a group boundary fails here.
+  oracle.assert_elementwise(d, want, oracle.abs_terms(oracle.grouped_contiguous, a, sa, b, sb, gs),
+                            d.dtype)
 
 
 def test_contiguous_partial_and_f32(rng):

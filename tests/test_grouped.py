@@ -30,6 +30,8 @@ def test_contiguous_matches_float64(rng, routing):
     assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
   else:
     assert oracle.calc_diff(d, want) < 1e-5
+  mag = oracle.abs_terms(oracle.grouped_contiguous, a, sa, b, sb, ROUTINGS[routing])
+  oracle.assert_elementwise(d, want, mag, d.dtype)  # no row of another expert
   _, ends = oracle.offsets(ROUTINGS[routing], m)
   assert float(jnp.abs(d[int(ends[-1]):].astype(jnp.float32)).max(initial=0.0)) == 0.0
 
@@ -41,7 +43,10 @@ def test_contiguous_random_routing_f32(rng):
   gs = np.bincount(rng.integers(0, g, size=m), minlength=g).astype(np.int32)
   d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=jnp.float32)
   assert d.dtype == jnp.float32
-  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, gs)) < 1e-5
+  want = oracle.grouped_contiguous(a, sa, b, sb, gs)
+  assert oracle.calc_diff(d, want) < 1e-5
+  oracle.assert_elementwise(d, want, oracle.abs_terms(oracle.grouped_contiguous, a, sa, b, sb, gs),
+                            d.dtype)
 
 
 def test_contiguous_vmap(rng):
@@ -85,6 +90,8 @@ def test_masked_matches_float64(rng, masked):
     assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
   else:
     assert oracle.calc_diff(d, want) < 1e-5
+    mag = oracle.abs_terms(oracle.grouped_masked, a, sa, b, sb, np.clip(masked, 0, m_max))
+    oracle.assert_elementwise(d, want, mag, d.dtype)
     for gi, mi in enumerate(masked):
       assert float(jnp.abs(d[gi, max(mi, 0):].astype(jnp.float32)).max(initial=0.0)) == 0.0
 

@@ -72,6 +72,7 @@ import jax_deepgemm as jd
 OP_CONTIGUOUS = "m_grouped_contiguous"
 OP_MASKED = "m_grouped_masked"
 DIFF_WARN = 1e-5
+KERNEL_TIMES_BELOW_US = 100.0  # --kernel-times auto: calls this short are dispatch-sensitive
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -466,6 +467,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   add_common_args(p, "grouped")
+  p.add_argument("--kernel-times", choices=("auto", "on", "off"), default="auto",
+                 help="also record profiler (CUPTI) kernel times (auto: calls under "
+                      f"{KERNEL_TIMES_BELOW_US:g} us, where host dispatch shows in the timing)")
   p.add_argument("--zipf-s", type=float, default=0.5,
                  help="routing skew: expert weight 1/rank^s (default 0.5; 0 = uniform random)")
   p.add_argument("--filter", default=None,
@@ -530,6 +534,20 @@ def main(argv=None) -> int:
       if diff is not None and not diff <= DIFF_WARN:
         print(f"WARNING [{name}]: diff {diff:.3e} > {DIFF_WARN:g}", file=sys.stderr)
 
+    # Short calls (decode): also the profiler's kernel times, free of host dispatch.
+    k_ours = k_base = None
+    if args.kernel_times == "on" or (args.kernel_times == "auto" and t_ours is not None
+                                     and t_ours.time_us < KERNEL_TIMES_BELOW_US):
+      k_ours, _ = runner.attempt(f"{name}] [kernel times",
+                                 lambda: T.kernel_times(ours_fn, ours_inputs, n_sets=8))
+      if t_base is not None:
+        k_base, _ = runner.attempt(f"{name}] [kernel times {base_impl}",
+                                   lambda: T.kernel_times(base_fn, base_inputs, n_sets=8))
+      if k_ours:
+        print(f"[{name}] kernel time per call: ours {T.fmt(k_ours.total_us)} us, {base_impl} "
+              f"{T.fmt(k_base and k_base.total_us)} us", flush=True)
+    kt = lambda x: x.extras() if x else {}  # noqa: E731
+
     r = ratio(t_base, t_ours)
     cfg = ours_config(via_ours)
     if is_gpu and cfg is not None and cfg.startswith("reference"):
@@ -538,10 +556,10 @@ def main(argv=None) -> int:
     common = dict(op=op, m=m, n=n, k=k, groups=g, flops=flops, **extras)
     records.append(impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
                                nbytes=bytes_ours, config=cfg, diff=diff, **{ratio_key: r},
-                               **common))
+                               **kt(k_ours), **common))
     if not args.skip_baseline:
       records.append(impl_record(impl=base_impl, timing=t_base, error=e_base, nbytes=bytes_bf16,
-                                 config=via_base, **common))
+                                 config=via_base, **kt(k_base), **common))
 
     tf = lambda t: T.tflops(flops, t.time_us) if t else None  # noqa: E731
     row = [op.replace("m_grouped_", ""), name, g, m,

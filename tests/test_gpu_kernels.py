@@ -19,22 +19,19 @@ pytestmark = pytest.mark.skipif(not jd.use_kernels(),
 NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
-def _run(m, n, k, rng, **kw):
-  a, sa = quant_act(rng, m, k)
-  b, sb = quant_w(rng, n, k)
+def _run(m, n, k, rng, operands=None, **kw):
+  a, sa, b, sb = operands or (*quant_act(rng, m, k), *quant_w(rng, n, k))
   d = jax.jit(jd.fp8_gemm_nt)(a, sa, b, sb, **kw)
   return d, oracle.gemm_nt(a, sa, b, sb, **kw)
 
 
 def _check(m, n, k, rng, elementwise=True):
   """calc_diff against float64, and (the float64 |terms| product permitting) per element."""
-  a, sa = quant_act(rng, m, k)
-  b, sb = quant_w(rng, n, k)
-  d = jax.jit(jd.fp8_gemm_nt)(a, sa, b, sb)
-  want = oracle.gemm_nt(a, sa, b, sb)
+  operands = (*quant_act(rng, m, k), *quant_w(rng, n, k))
+  d, want = _run(m, n, k, rng, operands)
   assert oracle.calc_diff(d, want) < 1e-5
   if elementwise:
-    oracle.assert_elementwise(d, want, oracle.gemm_nt_abs(a, sa, b, sb), d.dtype)
+    oracle.assert_elementwise(d, want, oracle.gemm_nt_abs(*operands), d.dtype)
 
 
 @pytest.mark.parametrize("m", [1, 7, 127, 128, 4096])

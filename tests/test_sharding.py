@@ -182,8 +182,12 @@ def case_m_grouped(partitioner):
   op = functools.partial(jd.m_grouped_fp8_gemm_nt_contiguous, out_dtype=jnp.float32)
   args = (a, sa, b, sb, gs)
   # Rows split: each device derives its groups from the global sizes; no communication.
-  _check(mesh, op, args, (P("x"), P("x"), P(), P(), P()), expect={}, out_spec=P("x"))
-  _check(mesh, op, args, (P(("x", "y")), P(("x", "y")), P(), P(), P()), expect={})
+  # The CPU reference's f32 ragged_dot may block K differently for fewer rows (seen on a
+  # 2-core CI machine: 1.1e-6 of max|want| on 32 rows per device), hence the atol.
+  _check(mesh, op, args, (P("x"), P("x"), P(), P(), P()), expect={}, out_spec=P("x"),
+         rtol=1e-5, atol=3e-5)
+  _check(mesh, op, args, (P(("x", "y")), P(("x", "y")), P(), P(), P()), expect={},
+         rtol=1e-5, atol=3e-5)
   # N split (b's output features): local.
   _check(mesh, op, args, (P(), P(), P(None, "y"), P(None, "y"), P()), expect={},
          out_spec=P(None, "y"))
@@ -208,8 +212,9 @@ def case_m_grouped(partitioner):
   gs250 = jnp.asarray([40, 0, 70, 33, 0, 51, 29, 20], jnp.int32)  # 243 rows
   lowered = jax.jit(uneven).lower(*args[:4], gs250)
   assert "CustomSPMDPartitioning" in lowered.as_text()
-  np.testing.assert_allclose(np.asarray(lowered.compile()(*args[:4], gs250)),
-                             np.asarray(op(a[:250], sa[:250], b, sb, gs250)), rtol=1e-6)
+  want = np.asarray(op(a[:250], sa[:250], b, sb, gs250))
+  np.testing.assert_allclose(np.asarray(lowered.compile()(*args[:4], gs250)), want,
+                             rtol=1e-5, atol=3e-5 * float(np.abs(want).max()))
 
 
 def case_k_grouped(partitioner):

@@ -190,12 +190,14 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
     o.sa = to_device(hsa);
     o.sb = to_device(hsb);
     CHECK(cudaMalloc(&o.out, static_cast<size_t>(m) * n * 2));
-    int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, m, k, BM / MC,
-                               kBlockK, CU_TENSOR_MAP_SWIZZLE_128B);
+    int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, m, k,
+                               fp8_gemm_a_rows(BM, false, MC, m), kBlockK,
+                               CU_TENSOR_MAP_SWIZZLE_128B);
     r |= tma::make_2d_tiled(&o.tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.b, n, k, BN, kBlockK,
                             CU_TENSOR_MAP_SWIZZLE_128B);
     r |= tma::make_2d_tiled(&o.tsa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sa, kb, mp, 1,
-                            L::kSARows, CU_TENSOR_MAP_SWIZZLE_NONE);
+                            MC == 1 ? fp8_gemm_a_rows(BM, false, 1, m) : L::kSARows,
+                            CU_TENSOR_MAP_SWIZZLE_NONE);
     r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, m, n, 64,
                             fp8_gemm_out_box_cols<__nv_bfloat16>(), CU_TENSOR_MAP_SWIZZLE_128B);
     if (r != 0) {

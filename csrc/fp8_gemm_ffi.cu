@@ -153,9 +153,12 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   }
 
   CUtensorMap tmap_a, tmap_b, tmap_sa;
-  // With multicast each CTA of a cluster loads BM / MC rows of the A tile.
+  // With multicast each CTA of a cluster loads BM / MC rows of the A tile;
+  // dense problems of fewer rows than BM load them rounded up to 8 (and as many scales).
+  const int a_rows = fp8_gemm_a_rows(BM, kGrouped, MC, args.m);
+  const bool short_a = a_rows * MC != BM;
   CUresult res = tma::make_2d_tiled(&tmap_a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1,
-                                    args.a, args.m, args.k, BM / MC, kBlockK,
+                                    args.a, args.m, args.k, a_rows, kBlockK,
                                     CU_TENSOR_MAP_SWIZZLE_128B);
   if (res == CUDA_SUCCESS) {
     res = tma::make_2d_tiled(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.b,
@@ -164,7 +167,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   }
   if (res == CUDA_SUCCESS) {
     res = tma::make_2d_tiled(&tmap_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
-                             args.sa, args.kb, args.mp, 1, L::kSARows,
+                             args.sa, args.kb, args.mp, 1, short_a ? a_rows : L::kSARows,
                              CU_TENSOR_MAP_SWIZZLE_NONE);
   }
   if (res != CUDA_SUCCESS) {

@@ -573,10 +573,6 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
     if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
     // Not in this cost model, which knows nothing of its two-half mainloop.
     if (fp8_gemm_split_n(e.block_n) && env.block_n != e.block_n) continue;
-    // 64x32 doubles the CTAs streaming B where 64x64 leaves half the SMs idle
-    // (128x2112x7168: 12.8 vs 16.2 us kernel time), but with fewer than 64 rows
-    // it measured slower (1x4096x7168: 25.9 vs 22.5 us; H200, 2026-12-04).
-    if (e.block_n < 64 && m < 64 && env.block_n != e.block_n) continue;
     // Don't waste half of every tile (unless nothing else is allowed).
     const bool wasteful = m <= 64 * groups && e.block_m != 64;
     const int64_t m_blocks = (m + e.block_m - 1) / e.block_m + (groups > 1 ? groups / 2 : 0);
@@ -587,6 +583,9 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
     const double load = 4.0 * (e.block_m + e.block_n);
     const double cost = static_cast<double>(waves) * (math > load ? math : load) *
                         (wasteful ? 2.0 : 1.0);
+    // So 64x32 takes one-wave problems where 64x64 leaves half the SMs idle, decode
+    // included now that A's box is short (kernel_bench, H200, 2026-12-04, us, 64x32
+    // vs 64x64: 128x2112x7168 17.9 vs 19.9; 1x4096x7168 18.6 vs 20.9).
     // Ties go to the larger tile (fewer bytes per FLOP).
     if (best_entry == nullptr || cost < best * 0.999 ||
         (cost <= best * 1.001 &&

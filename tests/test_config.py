@@ -45,11 +45,12 @@ def test_heuristic_picks_the_documented_tiles():
   rc, out, err = _configs(None, "4096x7168x16384", "128x7168x16384", "128x24576x1536",
                           "128x4096x7168", "128x7168x2048", "1x4096x7168",
                           "32768x4096x7168x4", "128x2112x7168", "64x2112x7168",
-                          "7x2112x7168")
+                          "7x2112x7168", "1x7168x2048")
   assert rc == 0, err[-2000:]
+  # Decode: 64x32 where it fits one wave (1x4096x7168), 64x64 where 64x32 would take two.
   assert out == [_cfg(128, 128, 5), _cfg(64, 128, 8), _cfg(128, 192, 4), _cfg(64, 64, 13),
-                 _cfg(64, 128, 8), _cfg(64, 64, 13), _cfg(128, 128, 5), _cfg(64, 32, 18),
-                 _cfg(64, 32, 18), _cfg(64, 64, 13)], out
+                 _cfg(64, 128, 8), _cfg(64, 32, 18), _cfg(128, 128, 5), _cfg(64, 32, 18),
+                 _cfg(64, 32, 18), _cfg(64, 32, 18), _cfg(64, 64, 13)], out
 
 
 def test_wide_tile_for_short_k():

@@ -215,7 +215,7 @@ ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
                              : &quant::token_axis_cast_kernel<T, false, true>)
                   : (aligned ? &quant::token_axis_cast_kernel<T, true, false>
                              : &quant::token_axis_cast_kernel<T, false, false>);
-    kernel<<<static_cast<int>(batch * tg * nt), kThreads, 0, stream>>>(
+    kernel<<<static_cast<int>(batch * tg * nt), S::kThreads, 0, stream>>>(
         xp, qp, sp, static_cast<int>(t), static_cast<int>(n), static_cast<int>(tg),
         static_cast<int>(nt), use_ue8m0, recip, vec_store_t);
     return LaunchStatus(kTokenAxisOp);

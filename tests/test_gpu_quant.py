@@ -4,6 +4,7 @@ Skips without the CUDA extension and an sm_90 GPU. The reference is the code the
 reference lowering runs (``quant_kernels.*_reference``), compiled by XLA for the same GPU;
 one test also runs the public API in a subprocess with ``JAX_DEEPGEMM_FORCE_REFERENCE=1``.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -139,15 +140,20 @@ def test_non_finite_inputs(rng):
   x[7, 200] = np.inf
   x[9, 300] = -np.inf
   x[100 % 64, 130] = np.nan
-  x = jnp.asarray(x)
-  for use_ue8m0 in (False, True):
-    for fn, ref in [(jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
-                    (jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
-                    (jd.per_token_cast_transpose_to_fp8,
-                     lambda x, **kw: qk.token_axis_cast_reference(x, transpose=True, **kw))]:
+  # (bf16 too: 2-byte inputs take their own code in the token-axis kernel.)
+  for x, use_ue8m0 in itertools.product((jnp.asarray(x), jnp.asarray(x, jnp.bfloat16)),
+                                        (False, True)):
+    for name, fn, ref in [
+        ("per_token", jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
+        ("per_block", jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
+        ("token_axis", lambda x, **kw: jd.per_token_cast_to_fp8(x, axis=0, **kw),
+         qk.token_axis_cast_reference),
+        ("transpose", jd.per_token_cast_transpose_to_fp8,
+         lambda x, **kw: qk.token_axis_cast_reference(x, transpose=True, **kw))]:
       (q, s), (qr, sr) = _jit(fn, use_ue8m0=use_ue8m0)(x), _jit(ref, use_ue8m0=use_ue8m0)(x)
-      np.testing.assert_array_equal(_bits(q), _bits(qr), err_msg=f"{fn.__name__} {use_ue8m0}")
-      np.testing.assert_array_equal(np.asarray(s), np.asarray(sr))  # NaN == NaN here
+      what = f"{name} {x.dtype} ue8m0={use_ue8m0}"
+      np.testing.assert_array_equal(_bits(q), _bits(qr), err_msg=what)
+      np.testing.assert_array_equal(np.asarray(s), np.asarray(sr), err_msg=what)  # NaN == NaN
 
 
 def test_vmap_folds_into_the_kernel(rng):

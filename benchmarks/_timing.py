@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 # Every benchmark imports this module first: from a source checkout without the package
 # installed, fall back to the repository's jax_deepgemm.
@@ -317,26 +318,52 @@ def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
 
 
 def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
-                 n_sets: int = 16, reps: int = 10, seed: int = 0) -> KernelTimes | None:
+                 n_sets: int = 16, reps: int = 10, seed: int = 0, chill_bytes: int = 0,
+                 only: Sequence[str] | None = None) -> KernelTimes | None:
   """Kernel time per call of ``fn(*make_inputs(key))`` on the GPU (None elsewhere, or
   when the profiler gives no GPU events): ``reps`` calls of one jitted function that
-  runs the op on ``n_sets`` distinct input sets, traced with ``jax.profiler``."""
+  runs the op on ``n_sets`` distinct input sets, traced with ``jax.profiler``.
+
+  ``chill_bytes``: DeepGEMM's protocol (``bench_kineto``) instead. Every call is preceded
+  by zeroing that many bytes, so the GPU spends most of the time in a memory-bound fill
+  and each GEMM starts at a high clock rather than at the power cap of back-to-back
+  GEMMs; calls run one at a time. ``only``: count just these kernel names (the op's
+  kernels from a plain run), so that the fill never counts.
+  """
   if jax.devices()[0].platform != "gpu":
     return None
   base = jax.random.PRNGKey(seed)
   sets = [tuple(make_inputs(jax.random.fold_in(base, i))) for i in range(n_sets)]
-  call = jax.jit(lambda s: [fn(*args) for args in s])
+  if chill_bytes:
+    # Two executables per call, dispatched in order onto the same stream: the fill, then
+    # the op (one jitted function would let XLA schedule them in either order).
+    fill_fn = jax.jit(lambda: jnp.zeros((max(1, chill_bytes // 4),), jnp.int32))
+    op = jax.jit(fn)
+
+    def run():
+      for args in sets:
+        fill = fill_fn()
+        out = op(*args)
+        del fill  # (freed once done, before the next call's fill is allocated)
+      jax.block_until_ready(out)
+  else:
+    call = jax.jit(lambda s: [fn(*args) for args in s])
+
+    def run():
+      jax.block_until_ready(call(sets))
   for _ in range(3):
-    jax.block_until_ready(call(sets))
+    run()
   try:
     with tempfile.TemporaryDirectory() as d:
       with jax.profiler.trace(d):
         for _ in range(reps):
-          jax.block_until_ready(call(sets))
+          run()
       events = _trace_events(d)
   except (ImportError, RuntimeError, OSError) as e:  # no CUPTI: keep the benchmark going
     print(f"warning: no kernel times ({e})", file=sys.stderr)
     return None
+  if only is not None:
+    events = [(name, us) for name, us in (events or []) if name in set(only)]
   if not events:
     return None
   calls = reps * n_sets

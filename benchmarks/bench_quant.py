@@ -10,6 +10,7 @@ For every case, in one process:
 Ops and default cases (bf16 inputs unless noted):
   per_token        [4096, 7168], [16384, 7168], [8192, 2048], [4096, 7168] f32  (1x128 groups)
   per_block        [7168, 16384], [7168, 16384] f32, [32, 4096, 7168] (experts)  (128x128)
+  per_block_t      [7168, 16384] (the same, writing the transposed cast)
   token_axis       [32768, 7168]  (128x1 groups: the wgrad operands, q [T, N])
   token_axis_t     [32768, 7168]  (the same, q written transposed [N, T])
 
@@ -64,12 +65,13 @@ DEFAULT_CASES = [
     Case("per_token", (4096, 7168)), Case("per_token", (16384, 7168)),
     Case("per_token", (8192, 2048)), Case("per_token", (4096, 7168), F32),
     Case("per_block", (7168, 16384)), Case("per_block", (7168, 16384), F32),
-    Case("per_block", (32, 4096, 7168)),
+    Case("per_block", (32, 4096, 7168)), Case("per_block_t", (7168, 16384)),
     Case("token_axis", (32768, 7168)), Case("token_axis_t", (32768, 7168)),
 ]
 QUICK_CASES = [
     Case("per_token", (256, 384)), Case("per_token", (7, 300), F32),
     Case("per_block", (256, 384)), Case("per_block", (2, 130, 257)),
+    Case("per_block_t", (130, 257)),
     Case("token_axis", (300, 256)), Case("token_axis_t", (300, 256)),
 ]
 
@@ -77,12 +79,15 @@ QUICK_CASES = [
 IMPLS = {
     "per_token": (jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
     "per_block": (jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
+    "per_block_t": (lambda w: jd.per_block_cast_to_fp8(w, transpose=True),
+                    lambda w: qk.per_block_cast_reference(w, transpose=True)),
     "token_axis": (lambda x: jd.per_token_cast_to_fp8(x, axis=-2),
                    lambda x: qk.token_axis_cast_reference(x)),
     "token_axis_t": (jd.per_token_cast_transpose_to_fp8,
                      lambda x: qk.token_axis_cast_reference(x, transpose=True)),
 }
 KERNEL_TARGETS = {"per_token": "per_token_cast", "per_block": "per_block_cast",
+                  "per_block_t": "per_block_cast",
                   "token_axis": "token_axis_cast", "token_axis_t": "token_axis_cast"}
 
 
@@ -103,7 +108,7 @@ def peak_bandwidth(name: str) -> float | None:
 def scale_shape(op, shape):
   if op == "per_token":
     return shape[:-1] + (qk.ceil_div(shape[-1], 128),)
-  if op == "per_block":
+  if op in ("per_block", "per_block_t"):  # (the same number of scales either way)
     return shape[:-2] + (qk.ceil_div(shape[-2], 128), qk.ceil_div(shape[-1], 128))
   return shape[:-2] + (qk.ceil_div(shape[-2], 128), shape[-1])
 
@@ -215,6 +220,8 @@ def main(argv=None) -> int:
     shape = case.shape
     dims = dict(per_token=dict(m=math.prod(shape[:-1]), n=None, k=shape[-1], groups=None),
                 per_block=dict(m=None, n=shape[-2], k=shape[-1], groups=math.prod(shape[:-2])),
+                per_block_t=dict(m=None, n=shape[-2], k=shape[-1],
+                                 groups=math.prod(shape[:-2])),
                 ).get(case.op, dict(m=shape[-2], n=shape[-1], k=None,
                                     groups=math.prod(shape[:-2])))
 

@@ -7,7 +7,8 @@
 //   "jax_deepgemm_per_token_cast"   x [R, C]    -> q [R, C],    s [R, ceil(C/128)]
 //                                   attrs use_ue8m0, recip
 //   "jax_deepgemm_per_block_cast"   x [B, N, K] -> q [B, N, K], s [B, ceil(N/128), ceil(K/128)]
-//                                   attrs use_ue8m0, recip
+//                                   (transpose = 1: q [B, K, N], s [B, ceil(K/128), ceil(N/128)])
+//                                   attrs use_ue8m0, recip, transpose
 //   "jax_deepgemm_token_axis_cast"  x [A, T, N] -> q [A, T, N] (transpose = 0) or
 //                                                  q [A, N, T] (transpose = 1),
 //                                                  s [A, ceil(T/128), N]
@@ -142,17 +143,19 @@ constexpr char kPerBlockOp[] = "jax_deepgemm_per_block_cast";
 
 ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
-                            int32_t use_ue8m0, int32_t recip) {
+                            int32_t use_ue8m0, int32_t recip, int32_t transpose) {
   if (ffi::Error e = CheckInput(kPerBlockOp, x, 3, "[B, N, K]"); e.failure()) return e;
   const int64_t batch = x.dimensions()[0], n = x.dimensions()[1], k = x.dimensions()[2];
   const int64_t nb = CeilDiv(n, kGroup), kb = CeilDiv(k, kGroup);
-  if (ffi::Error e = CheckOutputs(kPerBlockOp, *q, {batch, n, k}, *s, {batch, nb, kb});
-      e.failure()) {
-    return e;
-  }
+  const ffi::Error shapes =
+      transpose ? CheckOutputs(kPerBlockOp, *q, {batch, k, n}, *s, {batch, kb, nb})
+                : CheckOutputs(kPerBlockOp, *q, {batch, n, k}, *s, {batch, nb, kb});
+  if (shapes.failure()) return shapes;
   if (batch == 0 || n == 0 || k == 0) return ffi::Error::Success();
-  // The kernel addresses a block's elements with 32-bit offsets (row * k).
-  if (n >= INT32_MAX || k * kGroup >= INT32_MAX || batch * nb * kb >= INT32_MAX) {
+  // The kernel addresses a block's elements with 32-bit offsets (row * k, and
+  // transposed row * n).
+  if (n >= INT32_MAX || k * kGroup >= INT32_MAX || (transpose && n * kGroup >= INT32_MAX) ||
+      batch * nb * kb >= INT32_MAX) {
     return InvalidArg(kPerBlockOp, "x " + Dims(x) + " is too large");
   }
 
@@ -164,12 +167,18 @@ ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     const T* xp = static_cast<const T*>(x.untyped_data());
     uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
     float* sp = static_cast<float*>(s->untyped_data());
-    const bool aligned = k % kVec == 0 && Aligned(xp, 16) && Aligned(qp, kVec);
-    auto* kernel = aligned ? &quant::per_block_cast_kernel<T, true>
-                           : &quant::per_block_cast_kernel<T, false>;
+    // Loads: 16-byte chunks along K. Stores: kVec-byte chunks along K, or
+    // (transposed) 16-byte pieces along N when whole pieces fit.
+    const bool aligned = k % kVec == 0 && Aligned(xp, 16) && (transpose || Aligned(qp, kVec));
+    const int vec_store_t = transpose && n % 16 == 0 && Aligned(qp, 16);
+    auto* kernel =
+        transpose ? (aligned ? &quant::per_block_cast_kernel<T, true, true>
+                             : &quant::per_block_cast_kernel<T, false, true>)
+                  : (aligned ? &quant::per_block_cast_kernel<T, true, false>
+                             : &quant::per_block_cast_kernel<T, false, false>);
     kernel<<<static_cast<int>(batch * nb * kb), kThreads, 0, stream>>>(
         xp, qp, sp, static_cast<int>(n), static_cast<int>(k), static_cast<int>(nb),
-        static_cast<int>(kb), use_ue8m0, recip);
+        static_cast<int>(kb), use_ue8m0, recip, vec_store_t);
     return LaunchStatus(kPerBlockOp);
   });
 }
@@ -246,7 +255,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // q
         .Ret<xla::ffi::AnyBuffer>()  // s
         .Attr<int32_t>("use_ue8m0")
-        .Attr<int32_t>("recip"),
+        .Attr<int32_t>("recip")
+        .Attr<int32_t>("transpose"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

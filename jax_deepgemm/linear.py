@@ -53,10 +53,8 @@ def _check_float(op, name, x):
 @jax.custom_vjp
 def _linear(x2, w, bias):
   xq, xs = per_token_cast_to_fp8(x2)
-  # W's 128x128 blocks transpose exactly: cast W as it is and transpose the e4m3 result
-  # (half the bytes of transposing W first).
-  wq, ws = per_block_cast_to_fp8(w)
-  wq, ws = wq.T, ws.T  # [N, K]
+  # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
+  wq, ws = per_block_cast_to_fp8(w, transpose=True)
   bias32 = None if bias is None else bias.astype(jnp.float32)
   y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias32, out_dtype=_gemm_dtype(x2.dtype))
   return y.astype(x2.dtype)
@@ -114,8 +112,7 @@ def fp8_linear(x, w, bias=None):
 @jax.custom_vjp
 def _grouped(x, w, group_sizes):
   xq, xs = per_token_cast_to_fp8(x)
-  wq, ws = per_block_cast_to_fp8(w)  # cast as is, then transpose the e4m3 blocks
-  wq, ws = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2)  # [G, N, K]
+  wq, ws = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
   y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, group_sizes,
                                        out_dtype=_gemm_dtype(x.dtype))
   return y.astype(x.dtype)

@@ -73,17 +73,23 @@ def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
   return q, s
 
 
-def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False):
+def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False):
   """Quantizes ``w [..., N, K]`` to e4m3 with one float32 scale per 128x128 block.
 
   Returns ``(w_fp8 [..., N, K], scale [..., ceil(N/128), ceil(K/128)])``. Leading axes
   (e.g. experts ``[G, N, K]``) are kept. Because blocks are square, the scales of
   ``w.T`` are exactly ``scale.T``: the backward pass reuses them.
+
+  ``transpose=True`` returns the cast of ``w``'s transpose instead,
+  ``(w_fp8 [..., K, N], scale [..., ceil(K/128), ceil(N/128)])``, bitwise equal to
+  ``per_block_cast_to_fp8(jnp.swapaxes(w, -1, -2))`` and, on Hopper, one pass over ``w``:
+  a ``[K, N]`` weight becomes the ``[N, K]`` operand of ``fp8_gemm_nt`` without a
+  separate transpose.
   """
   w = _check_float("per_block_cast_to_fp8", w)
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
-  q, s = per_block_cast_p.bind(w, use_ue8m0=bool(use_ue8m0))
+  q, s = per_block_cast_p.bind(w, use_ue8m0=bool(use_ue8m0), transpose=bool(transpose))
   return q, s
 
 

@@ -8,6 +8,8 @@ primitive                          x                            q, scale
 ``jax_deepgemm_per_token_cast``    ``[..., C]``                 ``[..., C]``, ``[..., ceil(C/128)]``
 ``jax_deepgemm_per_block_cast``    ``[..., N, K]``              ``[..., N, K]``,
                                                                 ``[..., ceil(N/128), ceil(K/128)]``
+                                                                (both transposed with
+                                                                ``transpose``)
 ``jax_deepgemm_token_axis_cast``   ``[..., T, N]``              ``[..., T, N]`` (or ``[..., N, T]``
                                                                 with ``transpose``),
                                                                 ``[..., ceil(T/128), N]``
@@ -86,8 +88,15 @@ def per_token_cast_reference(x, *, use_ue8m0=False):
   return q, scale
 
 
-def per_block_cast_reference(w, *, use_ue8m0=False):
-  """128x128 blocks: ``w [..., N, K]`` → ``(q [..., N, K], s [..., ceil(N/128), ceil(K/128)])``."""
+def per_block_cast_reference(w, *, use_ue8m0=False, transpose=False):
+  """128x128 blocks: ``w [..., N, K]`` → ``(q [..., N, K], s [..., ceil(N/128), ceil(K/128)])``.
+
+  ``transpose``: both outputs transposed on their last two axes (the cast of ``w``'s
+  transpose: the blocks are square).
+  """
+  if transpose:
+    q, s = per_block_cast_reference(w, use_ue8m0=use_ue8m0)
+    return jnp.swapaxes(q, -1, -2), jnp.swapaxes(s, -1, -2)
   *lead, n, k = w.shape
   nb, kb = ceil_div(n, BLOCK), ceil_div(k, BLOCK)
   wp = jnp.pad(w.astype(jnp.float32),
@@ -237,23 +246,27 @@ per_token_cast_p = _define(
 
 # --- per-block (128x128 over the last two axes)
 
-def _per_block_abstract(w, *, use_ue8m0):
+def _per_block_abstract(w, *, use_ue8m0, transpose):
   del use_ue8m0
   *lead, n, k = w.shape
-  return _out_avals(w, (w.shape, FP8_DTYPE),
+  if transpose:
+    n, k = k, n
+  return _out_avals(w, (tuple(lead) + (n, k), FP8_DTYPE),
                     (tuple(lead) + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)), F32))
 
 
-def _per_block_cuda(w, *, use_ue8m0):
+def _per_block_cuda(w, *, use_ue8m0, transpose):
   if not _kernel_ok(w):
-    return per_block_cast_reference(w, use_ue8m0=use_ue8m0)
+    return per_block_cast_reference(w, use_ue8m0=use_ue8m0, transpose=transpose)
   *lead, n, k = w.shape
   b, nb, kb = math.prod(lead), ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  q_shape, s_shape = ((b, k, n), (b, kb, nb)) if transpose else ((b, n, k), (b, nb, kb))
   call = jax.ffi.ffi_call("jax_deepgemm_per_block_cast",
-                          (jax.ShapeDtypeStruct((b, n, k), FP8_DTYPE),
-                           jax.ShapeDtypeStruct((b, nb, kb), F32)))
-  q, s = call(w.reshape(b, n, k), **_flags("block", use_ue8m0))
-  return q.reshape(w.shape), s.reshape(*lead, nb, kb)
+                          (jax.ShapeDtypeStruct(q_shape, FP8_DTYPE),
+                           jax.ShapeDtypeStruct(s_shape, F32)))
+  q, s = call(w.reshape(b, n, k), transpose=np.int32(bool(transpose)),
+              **_flags("block", use_ue8m0))
+  return q.reshape(*lead, *q_shape[1:]), s.reshape(*lead, *s_shape[1:])
 
 
 per_block_cast_p = _define(

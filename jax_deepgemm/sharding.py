@@ -308,9 +308,10 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
 
 
 # ----------------------------------------------------------------------------- FP8 casts
-def _cast_rule(shapes, *, blocked, transpose=False, **_):
+def _cast_rule(shapes, *, blocked, transposed_scales=False, transpose=False, **_):
   """A cast of ``x``: ``q`` is ``x`` (its last two axes swapped with ``transpose``), the
-  scales are ``x`` with each axis in ``blocked`` (negative indices) counted in 128-blocks."""
+  scales are ``x`` with each axis in ``blocked`` (negative indices) counted in 128-blocks
+  (their last two axes swapped too with ``transpose`` where ``transposed_scales``)."""
   x, s, rep, sizes = [], [], (), {}
   for i, n in enumerate(shapes[0]):
     if i - len(shapes[0]) in blocked:
@@ -319,17 +320,21 @@ def _cast_rule(shapes, *, blocked, transpose=False, **_):
     else:
       x, s = x + [f"d{i}"], s + [f"d{i}"]
   q = x[:-2] + x[:-3:-1] if transpose else x
+  s = s[:-2] + s[:-3:-1] if transpose and transposed_scales else s
   return _rule([" ".join(x)], f"{' '.join(q)}, {' '.join(s)}", (), rep, **sizes)
 
 
-def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, **params):
+def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, transposed_scales=False,
+               **params):
   del out_dims
   shape = shapes[0]
   axes = [_blocked(mesh, d, n) if i - len(shape) in blocked else d
           for i, (d, n) in enumerate(zip(dims[0], shape))]
   x = _spec(*axes)  # the scales split as x does: a blocked axis holds whole blocks
-  q = _spec(*axes[:-2], *axes[:-3:-1]) if params.get("transpose") else x
-  return [x], (q, x), lambda x: prim.local.bind(x, **params)
+  swapped = _spec(*axes[:-2], *axes[:-3:-1])
+  q = swapped if params.get("transpose") else x
+  s = swapped if params.get("transpose") and transposed_scales else x
+  return [x], (q, s), lambda x: prim.local.bind(x, **params)
 
 
 # ----------------------------------------------------------------------------- install
@@ -392,8 +397,10 @@ _install(fp8_gemm_nt_p, _gemm_rule, _gemm_plan)
 _install(m_grouped_contiguous_p, _grouped_rule, _grouped_plan)
 _install(k_grouped_p, _k_grouped_rule, _k_grouped_plan)
 _install(masked_p, _masked_rule, _masked_plan)
-for _prim, _blocked_axes in ((per_token_cast_p, (-1,)), (per_block_cast_p, (-2, -1)),
-                             (token_axis_cast_p, (-2,))):
-  _install(_prim, functools.partial(_cast_rule, blocked=_blocked_axes),
-           functools.partial(_cast_plan, _prim, blocked=_blocked_axes),
+# (per_block_cast with transpose transposes its scales too; the token-axis cast does not.)
+for _prim, _blocked_axes, _ts in ((per_token_cast_p, (-1,), False),
+                                  (per_block_cast_p, (-2, -1), True),
+                                  (token_axis_cast_p, (-2,), False)):
+  _install(_prim, functools.partial(_cast_rule, blocked=_blocked_axes, transposed_scales=_ts),
+           functools.partial(_cast_plan, _prim, blocked=_blocked_axes, transposed_scales=_ts),
            prepare=warm_up_division_probes)

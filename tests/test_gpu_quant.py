@@ -86,11 +86,13 @@ def test_per_token_shapes(rng, shape):
 @pytest.mark.parametrize("use_ue8m0", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 100), (257, 129), (129, 7168), (300, 256),
                                    (2, 130, 257), (3, 256, 384)])
-def test_per_block(rng, dtype, use_ue8m0, shape):
+@pytest.mark.parametrize("transpose", [False, True])
+def test_per_block(rng, dtype, use_ue8m0, shape, transpose):
   x = _data(rng, shape, dtype)
-  got = _jit(jd.per_block_cast_to_fp8, use_ue8m0=use_ue8m0)(x)
-  want = _jit(qk.per_block_cast_reference, use_ue8m0=use_ue8m0)(x)
-  _assert_bitwise(got, want, f"per_block {dtype.__name__} {shape} ue8m0={use_ue8m0}")
+  got = _jit(jd.per_block_cast_to_fp8, use_ue8m0=use_ue8m0, transpose=transpose)(x)
+  want = _jit(qk.per_block_cast_reference, use_ue8m0=use_ue8m0, transpose=transpose)(x)
+  _assert_bitwise(got, want, f"per_block {dtype.__name__} {shape} ue8m0={use_ue8m0} "
+                             f"transpose={transpose}")
 
 
 # ----------------------------------------------------------------------------- token axis
@@ -146,6 +148,8 @@ def test_non_finite_inputs(rng):
     for name, fn, ref in [
         ("per_token", jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
         ("per_block", jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
+        ("per_block_t", lambda x, **kw: jd.per_block_cast_to_fp8(x, transpose=True, **kw),
+         lambda x, **kw: qk.per_block_cast_reference(x, transpose=True, **kw)),
         ("token_axis", lambda x, **kw: jd.per_token_cast_to_fp8(x, axis=0, **kw),
          qk.token_axis_cast_reference),
         ("transpose", jd.per_token_cast_transpose_to_fp8,

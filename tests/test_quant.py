@@ -49,6 +49,23 @@ def test_block_scales_transpose_exactly(rng):
   np.testing.assert_array_equal(np.asarray(s).T, np.asarray(st))
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (1, 1), (3, 130, 257)])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_per_block_transpose_is_the_cast_of_the_transpose(rng, shape, use_ue8m0):
+  w = randn(rng, shape)
+  q, s = jax.jit(lambda w: jd.per_block_cast_to_fp8(w, use_ue8m0=use_ue8m0, transpose=True))(w)
+  qt, st = jd.per_block_cast_to_fp8(jnp.swapaxes(w, -1, -2), use_ue8m0=use_ue8m0)
+  assert q.shape == shape[:-2] + shape[:-3:-1] and q.dtype == jnp.float8_e4m3fn
+  np.testing.assert_array_equal(f64(q), f64(qt))
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(st))
+  # vmap over a leading axis folds into the one cast.
+  if len(shape) == 3:
+    qv, sv = jax.vmap(lambda v: jd.per_block_cast_to_fp8(v, transpose=True))(w)
+    q0, s0 = jd.per_block_cast_to_fp8(w, transpose=True)
+    np.testing.assert_array_equal(f64(qv), f64(q0))
+    np.testing.assert_array_equal(np.asarray(sv), np.asarray(s0))
+
+
 def test_ue8m0_scales_are_powers_of_two(rng):
   x = randn(rng, (9, 256))
   q, s = jd.per_token_cast_to_fp8(x, use_ue8m0=True)

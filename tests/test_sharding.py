@@ -307,6 +307,10 @@ def case_casts(partitioner):
   _check_cast(mesh, functools.partial(block, **ue8m0), x, P(None, "y"), (P(None, "y"),) * 2)
   _check_cast(mesh, block, xb, P("y", "x"), (P("y", "x"),) * 2)
   _check_cast(mesh, block, xb, P("x", None, "y"), (P("x", None, "y"),) * 2)
+  # Transposed, [..., N, K] -> [..., K, N], [..., K/128, N/128]: both outputs swap.
+  block_t = functools.partial(block, transpose=True)
+  _check_cast(mesh, block_t, x, P("x", "y"), (P("y", "x"),) * 2)
+  _check_cast(mesh, block_t, xb, P("x", None, "y"), (P("x", "y"),) * 2)
   # Along tokens, [..., T, N] -> q [..., T, N] (or [..., N, T] transposed), s [..., T/128, N]:
   # T in whole blocks (here 1 or 2 per shard), N anywhere.
   xt = helpers.randn(rng, (1024, 96), jnp.bfloat16)

@@ -5,7 +5,8 @@
 //   per_token_cast_kernel    x [R, C]    -> q [R, C],          s [R, ceil(C/128)]
 //                            (one scale per 1x128 group along the last axis)
 //   per_block_cast_kernel    x [B, N, K] -> q [B, N, K],       s [B, ceil(N/128), ceil(K/128)]
-//                            (one scale per 128x128 block)
+//                            (one scale per 128x128 block; the transposed
+//                            variant writes q [B, K, N], s [B, ceil(K/128), ceil(N/128)])
 //   token_axis_cast_kernel   x [A, T, N] -> q [A, T, N] or qT [A, N, T],
 //                                           s [A, ceil(T/128), N]
 //                            (one scale per 128x1 group along the token axis;
@@ -284,6 +285,52 @@ __device__ __forceinline__ void transpose_4x4_bytes(const uint32_t* in, uint32_t
   out[3] = __byte_perm(t2, t3, 0x7632);
 }
 
+// Four rows' quantized bytes (words[i]: row i's kVec bytes, columns col0..) into a
+// byte tile stored by column: tile[col0 + e][word] gets the 4 rows' bytes of column e.
+template <int kVec>
+__device__ __forceinline__ void put_4_rows_by_column(const uint32_t (*words)[kVec / 4],
+                                                     uint32_t (*tile)[kGroup / 4 + 1], int col0,
+                                                     int word) {
+#pragma unroll
+  for (int cg = 0; cg < kVec / 4; ++cg) {
+    const uint32_t rows4[4] = {words[0][cg], words[1][cg], words[2][cg], words[3][cg]};
+    uint32_t cols4[4];
+    transpose_4x4_bytes(rows4, cols4);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) tile[col0 + 4 * cg + k][word] = cols4[k];
+  }
+}
+
+// Stores a shared-memory tile of kRows rows of 128 bytes (kGroup / 4 + 1 words a
+// row: one of padding) at `dst`, rows `stride` bytes apart: the rows below
+// valid_rows and their bytes below valid_bytes; 16-byte stores when `vec` (whole
+// pieces fit and dst is 16-byte aligned), else byte by byte. 8 consecutive
+// threads store a row.
+template <int kRows, int kCtaThreads>
+__device__ __forceinline__ void store_byte_tile(const uint32_t (*tile)[kGroup / 4 + 1],
+                                                uint8_t* dst, int stride, int valid_rows,
+                                                int valid_bytes, bool vec) {
+  constexpr int kPieces = kRows * (kGroup / 16);
+#pragma unroll
+  for (int it = 0; it < kPieces / kCtaThreads; ++it) {
+    const int piece = threadIdx.x + it * kCtaThreads;
+    const int r = piece / (kGroup / 16);
+    const int part = piece % (kGroup / 16);
+    if (r >= valid_rows || part * 16 >= valid_bytes) continue;
+    const uint32_t* src = &tile[r][part * 4];
+    uint8_t* d = dst + r * stride + part * 16;
+    if (vec) {
+      *reinterpret_cast<uint4*>(d) = make_uint4(src[0], src[1], src[2], src[3]);
+    } else {
+      const int valid = valid_bytes - part * 16;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        if (i < valid) d[i] = static_cast<uint8_t>(src[i / 4] >> (8 * (i % 4)));
+      }
+    }
+  }
+}
+
 // Stores kVec e4m3 bytes (kVec / 4 words) at `p`, of which the first `valid`
 // exist. kAligned: `p` is kVec-byte aligned and all or none are valid.
 template <int kVec, bool kAligned>
@@ -383,42 +430,55 @@ __global__ void __launch_bounds__(kThreads)
 // CTA covers kRowsPerPass rows per pass and holds all kPasses chunks of each
 // thread in registers: one read of the input, amax, then quantize from
 // registers.
+//
+// kTranspose: q's transpose [batch, k, n] and the scales' [batch, kb, nb] are
+// written instead (what per_block_cast of x's transpose gives: the blocks are
+// square), so that a [K, N] weight becomes the [N, K] operand without a
+// separate transpose of its e4m3 bytes. Each thread then owns kPasses
+// consecutive rows (the same two 256-byte rows per warp load), quantizes them
+// four at a time into words of 4 consecutive rows per column (a 4x4 byte
+// transpose), and the block goes through shared memory as 128 rows of 128
+// bytes, stored with 16-byte stores where whole pieces fit.
 template <typename T>
 struct BlockCastShape {
   static constexpr int kVec = Elem<T>::kVec;
   static constexpr int kChunksPerRow = kGroup / kVec;            // 16 or 32
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 16 or 8
   static constexpr int kPasses = kGroup / kRowsPerPass;          // 8 or 16
+  static constexpr int kTileWords = kGroup / 4 + 1;              // +1: fewer bank conflicts
 };
 
 // 3 CTAs per SM (<= 80 registers, no spills): with a whole block in registers,
 // CTAs in their load phase overlap the others' quantize and store phases.
-template <typename T, bool kAligned>
+template <typename T, bool kAligned, bool kTranspose = false>
 __global__ void __launch_bounds__(kThreads, 3)
     per_block_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
                           float* __restrict__ s, int n, int k, int nb, int kb, int ue8m0,
-                          int recip) {
+                          int recip, int vec_store_t) {
   using S = BlockCastShape<T>;
   __shared__ float warp_amax[kWarps];
+  __shared__ uint32_t tile[kTranspose ? kGroup : 1][kTranspose ? S::kTileWords : 1];
 
   const int block = blockIdx.x;  // = (b * nb + bn) * kb + bk, also the scale's index
   const int b = block / (nb * kb);
   const int bn = block / kb - b * nb;
   const int bk = block % kb;
   // The block's first element; offsets inside the block fit in 32 bits (the
-  // host checks 128 * k < 2^31), which keeps the per-pass addresses cheap.
+  // host checks 128 * k < 2^31, and transposed 128 * n < 2^31), which keeps the
+  // per-pass addresses cheap.
   const int64_t origin = (static_cast<int64_t>(b) * n + bn * kGroup) * k + bk * kGroup;
   const T* xb = x + origin;
-  uint8_t* qb = q + origin;
-  const int r0 = threadIdx.x / S::kChunksPerRow;
+  const int rg = threadIdx.x / S::kChunksPerRow;
   const int c0 = (threadIdx.x % S::kChunksPerRow) * S::kVec;
   const int rows = n - bn * kGroup;             // rows of the block inside x
   const int valid_cols = k - bk * kGroup - c0;  // elements of this thread's chunks inside x
+  // Row of pass p: strided by default, consecutive when transposing.
+  auto row = [&](int p) { return kTranspose ? rg * S::kPasses + p : rg + p * S::kRowsPerPass; };
 
   uint4 chunk[S::kPasses];
 #pragma unroll
   for (int p = 0; p < S::kPasses; ++p) {
-    const int r = r0 + p * S::kRowsPerPass;
+    const int r = row(p);
     const int valid = r < rows ? valid_cols : 0;
     chunk[p] = load_chunk<T, kAligned>(xb + (valid > 0 ? r * k + c0 : 0), valid);
   }
@@ -436,17 +496,35 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) amax = max_nan(amax, warp_amax[w]);
   const float scale = group_scale(amax, ue8m0 != 0);
-  if (threadIdx.x == 0) s[block] = scale;
+  if (threadIdx.x == 0) s[kTranspose ? (b * kb + bk) * nb + bn : block] = scale;
 
   // (The division here, not quantize_chunk_rcp: with a branch on a finite scale
   // this kernel spills at 80 registers, and it runs at 93-96% of a copy anyway.)
+  if constexpr (!kTranspose) {
+    uint8_t* qb = q + origin;
 #pragma unroll
-  for (int p = 0; p < S::kPasses; ++p) {
-    const int r = r0 + p * S::kRowsPerPass;
-    if (r >= rows) break;  // rows only grow with p
-    uint32_t words[S::kVec / 4];
-    quantize_chunk<T, true>(chunk[p], &scale, recip != 0, words);
-    store_bytes<S::kVec, kAligned>(qb + r * k + c0, words, valid_cols);
+    for (int p = 0; p < S::kPasses; ++p) {
+      const int r = row(p);
+      if (r >= rows) break;  // rows only grow with p
+      uint32_t words[S::kVec / 4];
+      quantize_chunk<T, true>(chunk[p], &scale, recip != 0, words);
+      store_bytes<S::kVec, kAligned>(qb + r * k + c0, words, valid_cols);
+    }
+  } else {
+    // Rows past n quantize zeros; they are never stored.
+#pragma unroll
+    for (int w = 0; w < S::kPasses / 4; ++w) {
+      uint32_t words[4][S::kVec / 4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) quantize_chunk<T, true>(chunk[4 * w + i], &scale, recip != 0,
+                                                          words[i]);
+      put_4_rows_by_column<S::kVec>(words, tile, c0, rg * (S::kPasses / 4) + w);
+    }
+    __syncthreads();
+    // 128 rows (columns of x) x 8 pieces of 16 bytes; 8 consecutive threads store a row.
+    uint8_t* qt = q + (static_cast<int64_t>(b) * k + bk * kGroup) * n + bn * kGroup;
+    // (vec_store_t: n % 16 == 0 and q 16-byte aligned.)
+    store_byte_tile<kGroup, kThreads>(tile, qt, n, k - bk * kGroup, rows, vec_store_t != 0);
   }
 }
 
@@ -598,16 +676,7 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
         uint32_t words[4][S::kVec / 4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) quantize_row(4 * w + i, words[i]);
-#pragma unroll
-        for (int cg = 0; cg < S::kVec / 4; ++cg) {
-          const uint32_t rows4[4] = {words[0][cg], words[1][cg], words[2][cg], words[3][cg]};
-          uint32_t cols4[4];
-          transpose_4x4_bytes(rows4, cols4);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            tile[vc * S::kVec + 4 * cg + k][rg * S::kWordsPerThread + w] = cols4[k];
-          }
-        }
+        put_4_rows_by_column<S::kVec>(words, tile, vc * S::kVec, rg * S::kWordsPerThread + w);
       }
     }
   };
@@ -622,26 +691,9 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
     // kTileN rows x 8 pieces of 16 bytes; 8 consecutive threads store one row.
     // qT's tile origin: row (column of x) j * kTileN, column (token) g * 128.
     uint8_t* qt = q + (static_cast<int64_t>(a) * n + j * S::kTileN) * t_len + g * kGroup;
-    const int tile_cols = n - j * S::kTileN;  // rows of the qT tile inside qT
-    constexpr int kPieces = S::kTileN * (kGroup / 16);
-#pragma unroll
-    for (int it = 0; it < kPieces / S::kThreads; ++it) {
-      const int piece = threadIdx.x + it * S::kThreads;
-      const int nl = piece / (kGroup / 16);
-      const int part = piece % (kGroup / 16);
-      if (nl >= tile_cols || part * 16 >= rows) continue;
-      const uint32_t* src = &tile[nl][part * 4];
-      uint8_t* dst = qt + nl * t_len + part * 16;
-      if (vec_store_t) {  // t_len % 16 == 0 and q 16-byte aligned: whole pieces
-        *reinterpret_cast<uint4*>(dst) = make_uint4(src[0], src[1], src[2], src[3]);
-      } else {
-        const int valid = rows - part * 16;
-#pragma unroll
-        for (int b = 0; b < 16; ++b) {
-          if (b < valid) dst[b] = static_cast<uint8_t>(src[b / 4] >> (8 * (b % 4)));
-        }
-      }
-    }
+    // (vec_store_t: t_len % 16 == 0 and q 16-byte aligned.)
+    store_byte_tile<S::kTileN, S::kThreads>(tile, qt, t_len, n - j * S::kTileN, rows,
+                                            vec_store_t != 0);
   }
 }
 

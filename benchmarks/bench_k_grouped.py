@@ -16,6 +16,7 @@ dimensions, groups = G. TFLOPS = 2·T·N·K / t. ``ratio_vs_ragged_dot`` = t_bas
 
   python benchmarks/bench_k_grouped.py               # writes results/k_grouped.json
   python benchmarks/bench_k_grouped.py --quick --no-write
+  python benchmarks/bench_k_grouped.py --chill-gb 8  # also DeepGEMM's protocol (kernel_us_chill)
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
       y = jd.dequantize_per_token(b.T, sb, axis=0)[:t0]
       want = jnp.dot(x.T, y, precision=jax.lax.Precision.HIGHEST)
       diff = float(1 - 2 * jnp.sum(d * want) / jnp.sum(d * d + want * want))
+    chill = (BG.chill_extras(runner, name, ours(gs), fp8_inputs(t, n, k), args.chill_gb, flops)
+             if t_ours is not None else {})
     r = BG.ratio(t_base, t_ours)
     nbytes = t * (n + k) + 4 * g * n * k
     common = dict(op=OP, m=t, n=n, k=k, groups=g, flops=flops, tokens_per_group=per,
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
                                   nbytes=nbytes, config=f"{BG.ours_config(via_ours)} {tile}",
                                   diff=diff,
-                                  ratio_vs_ragged_dot=r, **common))
+                                  ratio_vs_ragged_dot=r, **chill, **common))
     if not args.skip_baseline:
       records.append(BG.impl_record(impl="ragged_dot_bf16", timing=t_base, error=e_base,
                                     nbytes=2 * t * (n + k) + 4 * g * n * k, config=via_base,

@@ -121,7 +121,7 @@ def grad_diff(ours, base, make_inputs) -> float:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  BG.add_common_args(p, "train")
+  BG.add_common_args(p, "train", chill=False)
   p.add_argument("--skip-baseline", action="store_true", help="time jax_deepgemm only")
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
   p.add_argument("--only", choices=("grouped", "dense"), default=None,

@@ -208,7 +208,14 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   // Persistent grid: whole clusters, at most one CTA per SM (the FFI also caps
   // it by cudaOccupancyMaxActiveClusters; here they are assumed to fit).
   const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
-  const int grid = static_cast<int>(std::min<int64_t>(tiles / MC, num_sms / MC)) * MC;
+  int grid = static_cast<int>(std::min<int64_t>(tiles / MC, num_sms / MC)) * MC;
+  // As the FFI launches: only as many CTAs as the last wave needs to finish with
+  // the others (same waves, fewer busy SMs); KB_BALANCED=0: one per SM.
+  const char* balanced_env = std::getenv("KB_BALANCED");
+  if (balanced_env == nullptr || balanced_env[0] != '0') {
+    const int64_t clusters = tiles / MC, waves = (clusters + grid / MC - 1) / (grid / MC);
+    grid = static_cast<int>((clusters + waves - 1) / waves) * MC;
+  }
   cudaLaunchAttribute attrs[2];
   int num_attrs = 0;
   if (MC > 1) {

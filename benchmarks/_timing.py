@@ -317,6 +317,19 @@ def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
   return events
 
 
+def _profile(run: Callable[[], Any], reps: int) -> list[tuple[str, float]] | None:
+  """GPU events of ``reps`` calls of ``run()`` under ``jax.profiler`` (None without CUPTI)."""
+  try:
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d):
+        for _ in range(reps):
+          run()
+      return _trace_events(d)
+  except (ImportError, RuntimeError, OSError) as e:  # no CUPTI: keep the benchmark going
+    print(f"warning: no kernel times ({e})", file=sys.stderr)
+    return None
+
+
 def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
                  n_sets: int = 16, reps: int = 10, seed: int = 0, chill_bytes: int = 0,
                  only: Sequence[str] | None = None) -> KernelTimes | None:
@@ -336,9 +349,17 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
   sets = [tuple(make_inputs(jax.random.fold_in(base, i))) for i in range(n_sets)]
   if chill_bytes:
     # Two executables per call, dispatched in order onto the same stream: the fill, then
-    # the op (one jitted function would let XLA schedule them in either order).
-    fill_fn = jax.jit(lambda: jnp.zeros((max(1, chill_bytes // 4),), jnp.int32))
+    # the op (one jitted function would let XLA schedule them in either order). The fill
+    # is an iota, not zeros: an op that zero-fills its output runs a kernel of the same
+    # name as a zeros fill (the K-grouped GEMM does), and `only` would count the fill.
+    fill_fn = jax.jit(lambda: jax.lax.iota(jnp.int32, max(1, chill_bytes // 4)))
     op = jax.jit(fn)
+    if only is not None:
+      fill_names = {name for name, _ in _profile(lambda: jax.block_until_ready(fill_fn()), 1)
+                    or []}
+      if fill_names & set(only):
+        raise ValueError(f"the fill's kernels {sorted(fill_names & set(only))} are also the "
+                         "op's: chilled kernel times cannot tell them apart")
 
     def run():
       for args in sets:
@@ -353,15 +374,7 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
       jax.block_until_ready(call(sets))
   for _ in range(3):
     run()
-  try:
-    with tempfile.TemporaryDirectory() as d:
-      with jax.profiler.trace(d):
-        for _ in range(reps):
-          run()
-      events = _trace_events(d)
-  except (ImportError, RuntimeError, OSError) as e:  # no CUPTI: keep the benchmark going
-    print(f"warning: no kernel times ({e})", file=sys.stderr)
-    return None
+  events = _profile(run, reps)
   if only is not None:
     events = [(name, us) for name, us in (events or []) if name in set(only)]
   if not events:

@@ -61,20 +61,22 @@ def _linear(x2, w, bias):
 
 
 def _linear_fwd(x2, w, bias):
-  return _linear(x2, w, bias), (x2, w, bias)
+  # The backward needs X only as the wgrad operand, cast along tokens: that cast is
+  # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
+  xt, xts = per_token_cast_transpose_to_fp8(x2)
+  return _linear(x2, w, bias), (xt, xts, w, bias)
 
 
 def _linear_bwd(res, dy):
-  x2, w, bias = res
+  xt, xts, w, bias = res  # dy has X's dtype and row count
   # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] directly.
   dyq, dys = per_token_cast_to_fp8(dy)
   wq, ws = per_block_cast_to_fp8(w)
-  dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(x2.dtype)).astype(x2.dtype)
+  dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
   # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens),
   # written token-major by the cast: the layout the wgrad kernel reads.
-  xt, xts = per_token_cast_transpose_to_fp8(x2)
   dyt, dyts = per_token_cast_transpose_to_fp8(dy)
-  m = jnp.full((1,), x2.shape[0], jnp.int32)
+  m = jnp.full((1,), dy.shape[0], jnp.int32)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
                                         out_dtype=_gemm_dtype(w.dtype))[0].astype(w.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
@@ -119,19 +121,20 @@ def _grouped(x, w, group_sizes):
 
 
 def _grouped_fwd(x, w, group_sizes):
-  return _grouped(x, w, group_sizes), (x, w, group_sizes)
+  # As _linear_fwd: X's token-axis cast is saved instead of X.
+  xt, xts = per_token_cast_transpose_to_fp8(x)
+  return _grouped(x, w, group_sizes), (xt, xts, w, group_sizes)
 
 
 def _grouped_bwd(res, dy):
-  x, w, group_sizes = res
+  xt, xts, w, group_sizes = res  # dy has X's dtype
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dyq, dys = per_token_cast_to_fp8(dy)
   wq, ws = per_block_cast_to_fp8(w)
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
-                                        out_dtype=_gemm_dtype(x.dtype)).astype(x.dtype)
+                                        out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
-  # operands cast token-major.
-  xt, xts = per_token_cast_transpose_to_fp8(x)
+  # operands cast token-major (X's in the forward).
   dyt, dyts = per_token_cast_transpose_to_fp8(dy)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w.dtype)).astype(w.dtype)

@@ -44,6 +44,27 @@ def test_linear_leading_dims_vmap_checkpoint(rng):
   np.testing.assert_array_equal(f64(g1), f64(g2))
 
 
+def _residuals(f, *args):
+  """The arrays ``jax.vjp`` keeps for the backward pass of ``f(*args)``."""
+  _, vjp_fn = jax.vjp(f, *args)
+  return [(tuple(r.shape), jnp.dtype(r.dtype)) for r in jax.tree_util.tree_leaves(vjp_fn)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_backward_keeps_fp8_activations_not_x(rng, dtype):
+  # The forward saves X cast along tokens, [K, M] e4m3, instead of X [M, K] itself.
+  m, k, n = 130, 384, 256
+  x, w = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+  res = _residuals(jd.fp8_linear, x, w)
+  assert ((m, k), jnp.dtype(dtype)) not in res
+  assert ((k, m), jnp.dtype(jnp.float8_e4m3fn)) in res
+  gs = jnp.asarray([100, 0, 30], jnp.int32)
+  w3 = randn(rng, (3, k, n), dtype)
+  res = _residuals(lambda x, w: jd.fp8_grouped_linear(x, w, gs), x, w3)
+  assert ((m, k), jnp.dtype(dtype)) not in res
+  assert ((k, m), jnp.dtype(jnp.float8_e4m3fn)) in res
+
+
 ROUTING = [30, 0, 1, 129, 0, 40]
 
 

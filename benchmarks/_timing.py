@@ -291,10 +291,15 @@ class KernelTimes:
   total_us: float                # mean over calls of the summed kernel time of one call
   kernels: dict[str, float]      # kernel name -> median microseconds per launch
   launches_per_call: float
+  per_call_us: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> us per call
 
   def extras(self) -> dict:
     return {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
             "kernel_breakdown_us": self.kernels}
+
+  def top(self, n: int = 12) -> list[tuple[str, float]]:
+    """The ``n`` kernels that take the most time per call: (name, us per call)."""
+    return sorted(self.per_call_us.items(), key=lambda kv: -kv[1])[:n]
 
 
 def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
@@ -385,7 +390,8 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
     by_name.setdefault(name, []).append(us)
   return KernelTimes(total_us=sum(us for _, us in events) / calls,
                      kernels={k: statistics.median(v) for k, v in by_name.items()},
-                     launches_per_call=len(events) / calls)
+                     launches_per_call=len(events) / calls,
+                     per_call_us={k: sum(v) / calls for k, v in by_name.items()})
 
 
 # --------------------------------------------------------------------------- flags

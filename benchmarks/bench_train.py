@@ -28,6 +28,7 @@ message). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped
   python benchmarks/bench_train.py                 # writes results/train.json
   python benchmarks/bench_train.py --quick --no-write   # CPU smoke run
   python benchmarks/bench_train.py --only dense         # fp8_linear only
+  python benchmarks/bench_train.py --kernel-times       # + the kernels of one call, us each
 """
 from __future__ import annotations
 
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
   BG.add_common_args(p, "train", chill=False)
   p.add_argument("--skip-baseline", action="store_true", help="time jax_deepgemm only")
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
+  p.add_argument("--kernel-times", action="store_true",
+                 help="also profile one fwd+bwd call of ours: the kernels it runs, us per call "
+                      "(kernel_us / kernel_per_call_us in the records)")
   p.add_argument("--only", choices=("grouped", "dense"), default=None,
                  help="time only the grouped or only the dense layer")
   args = p.parse_args(argv)
@@ -171,12 +175,26 @@ def main(argv=None) -> int:
             f"{name}] [grad_diff",
             lambda: grad_diff(impls["jax_deepgemm"], impls[base_impl], make))
 
+    kt = {}
+    if args.kernel_times and t_ours is not None:
+      k_ours, _ = runner.attempt(f"{name}] [kernel times",
+                                 lambda: T.kernel_times(impls["jax_deepgemm"], make, n_sets=4,
+                                                        reps=5))
+      if k_ours:
+        kt = dict(kernel_us=k_ours.total_us, kernels_per_call=k_ours.launches_per_call,
+                  kernel_per_call_us=k_ours.per_call_us)
+        print(f"[{name}] kernels of one fwd+bwd call: {T.fmt(k_ours.total_us)} us in "
+              f"{k_ours.launches_per_call:.0f} launches; the largest (us per call):", flush=True)
+        for kname, us in k_ours.top():
+          print(f"    {us:9.1f}  {kname[:110]}", flush=True)
+
     r = BG.ratio(t_base, t_ours)
     cfg = BG.ours_config(via_ours)
     nbytes = None  # no single meaningful byte count for a training step: gbps is null
     common = dict(op=op, m=m, n=n, k=k, groups=g, flops=flops, rows_per_group=m // g)
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours, nbytes=nbytes,
-                                  config=cfg, grad_diff=diff, **{ratio_key: r}, **common))
+                                  config=cfg, grad_diff=diff, **{ratio_key: r}, **kt,
+                                  **common))
     if not args.skip_baseline:
       records.append(BG.impl_record(impl=base_impl, timing=t_base, error=e_base, nbytes=nbytes,
                                     config=via_base, **common))

@@ -7,8 +7,10 @@
 //   /tmp/kbench_kg 4x8192x7168x4096                      # -DKB_K_GROUPED: GxTxNxK
 //
 // Dense (fp8_gemm_nt_kernel, bf16 out, no bias): tile via -DKB_BLOCK_M /
-// -DKB_BLOCK_N (the most stages that fit), -DKB_MULTICAST=2 for 2-CTA clusters;
-// KB_STORE_MODE=0 in the environment: the register-store epilogue.
+// -DKB_BLOCK_N (the most stages that fit, or -DKB_STAGES=n), -DKB_MULTICAST=2 for
+// 2-CTA clusters; KB_STORE_MODE=0 in the environment: the register-store epilogue
+// (-DJAX_DEEPGEMM_NO_TMA_STORE: that epilogue only, and no shared-memory D tile,
+// which leaves room for a 6th stage at 128x128).
 // K-grouped (k_grouped_gemm_tn_kernel, f32 out, no c; -DKB_K_GROUPED): G groups
 // of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192).
 // An experimental copy of csrc/kernels/ can come first on the include path.
@@ -45,6 +47,9 @@
 #endif
 #ifndef KB_MULTICAST
 #define KB_MULTICAST 1
+#endif
+#ifndef KB_STAGES
+#define KB_STAGES 0  // dense: 0 = the most that fit (with -DJAX_DEEPGEMM_NO_TMA_STORE, one more)
 #endif
 
 using namespace jax_deepgemm;
@@ -157,7 +162,7 @@ static void report(const char* shape, double flops, double median_ms, double min
 // out[m, n] = sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128]
 static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N, MC = KB_MULTICAST;
-  constexpr int ST = fp8_gemm_max_stages(BM, BN);
+  constexpr int ST = KB_STAGES > 0 ? KB_STAGES : fp8_gemm_max_stages(BM, BN);
   using L = Fp8GemmLayout<BM, BN, ST, false>;
   const void* kernel =
       reinterpret_cast<const void*>(&fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>);
@@ -170,7 +175,8 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   }
   // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA.
   const char* mode_env = std::getenv("KB_STORE_MODE");
-  const int store_mode = mode_env != nullptr && mode_env[0] == '0' ? kStoreRegisters : kStoreTma;
+  const int store_mode = (mode_env != nullptr && mode_env[0] == '0') || !fp8_gemm_tma_store(BN)
+                             ? kStoreRegisters : kStoreTma;
   const int kb = (k + 127) / 128, nb = (n + 127) / 128, mp = (m + 3) / 4 * 4;
   const auto ha = random_fp8(rng, static_cast<size_t>(m) * k);
   const auto hb = random_fp8(rng, static_cast<size_t>(n) * k);
@@ -377,7 +383,9 @@ int main(int argc, char** argv) {
               KB_BLOCK_M, k_grouped_max_stages(KB_BLOCK_M, 128));
 #else
   std::printf("# %s, %d SMs, tile %dx%d, %d stages, multicast %d\n", prop.name, num_sms,
-              KB_BLOCK_M, KB_BLOCK_N, fp8_gemm_max_stages(KB_BLOCK_M, KB_BLOCK_N), KB_MULTICAST);
+              KB_BLOCK_M, KB_BLOCK_N,
+              KB_STAGES > 0 ? KB_STAGES : fp8_gemm_max_stages(KB_BLOCK_M, KB_BLOCK_N),
+              KB_MULTICAST);
 #endif
   for (int arg = 1; arg < argc; ++arg) {
     std::mt19937 rng(arg);

@@ -60,7 +60,13 @@ constexpr int fp8_gemm_bias_bytes(int block_n, bool grouped) {
 // BLOCK_M rows x BLOCK_N bf16 (fp32 outputs go through it in two column
 // halves), as 128-byte-wide, 128B-swizzled boxes of 64 rows. Only built for
 // BLOCK_N % 64 == 0; other tiles store from registers.
-constexpr bool fp8_gemm_tma_store(int block_n) { return block_n % 64 == 0; }
+constexpr bool fp8_gemm_tma_store(int block_n) {
+#ifdef JAX_DEEPGEMM_NO_TMA_STORE  // kernel_bench experiments: no D tile, room for a stage more
+  return false;
+#else
+  return block_n % 64 == 0;
+#endif
+}
 // The output's TMA box (tmap_out): 64 rows x one 128-byte swizzle row.
 template <typename OutT>
 constexpr int fp8_gemm_out_box_cols() { return 128 / static_cast<int>(sizeof(OutT)); }

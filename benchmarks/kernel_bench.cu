@@ -51,6 +51,11 @@
 #ifndef KB_STAGES
 #define KB_STAGES 0  // dense: 0 = the most that fit (with -DJAX_DEEPGEMM_NO_TMA_STORE, one more)
 #endif
+#ifndef KB_K_GROUPED
+constexpr int kDenseStages = KB_STAGES > 0
+                                 ? KB_STAGES
+                                 : jax_deepgemm::fp8_gemm_max_stages(KB_BLOCK_M, KB_BLOCK_N);
+#endif
 
 using namespace jax_deepgemm;
 
@@ -162,7 +167,7 @@ static void report(const char* shape, double flops, double median_ms, double min
 // out[m, n] = sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128]
 static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N, MC = KB_MULTICAST;
-  constexpr int ST = KB_STAGES > 0 ? KB_STAGES : fp8_gemm_max_stages(BM, BN);
+  constexpr int ST = kDenseStages;
   using L = Fp8GemmLayout<BM, BN, ST, false>;
   const void* kernel =
       reinterpret_cast<const void*>(&fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>);
@@ -214,14 +219,12 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   // Persistent grid: whole clusters, at most one CTA per SM (the FFI also caps
   // it by cudaOccupancyMaxActiveClusters; here they are assumed to fit).
   const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
-  int grid = static_cast<int>(std::min<int64_t>(tiles / MC, num_sms / MC)) * MC;
-  // As the FFI launches: only as many CTAs as the last wave needs to finish with
-  // the others (same waves, fewer busy SMs); KB_BALANCED=0: one per SM.
+  // As the FFI launches (fp8_gemm_balanced_clusters); KB_BALANCED=0: one per SM.
   const char* balanced_env = std::getenv("KB_BALANCED");
-  if (balanced_env == nullptr || balanced_env[0] != '0') {
-    const int64_t clusters = tiles / MC, waves = (clusters + grid / MC - 1) / (grid / MC);
-    grid = static_cast<int>((clusters + waves - 1) / waves) * MC;
-  }
+  const bool balanced = balanced_env == nullptr || balanced_env[0] != '0';
+  const int grid = static_cast<int>(balanced ? fp8_gemm_balanced_clusters(tiles / MC, num_sms / MC)
+                                             : std::min<int64_t>(tiles / MC, num_sms / MC)) *
+                   MC;
   cudaLaunchAttribute attrs[2];
   int num_attrs = 0;
   if (MC > 1) {
@@ -383,9 +386,7 @@ int main(int argc, char** argv) {
               KB_BLOCK_M, k_grouped_max_stages(KB_BLOCK_M, 128));
 #else
   std::printf("# %s, %d SMs, tile %dx%d, %d stages, multicast %d\n", prop.name, num_sms,
-              KB_BLOCK_M, KB_BLOCK_N,
-              KB_STAGES > 0 ? KB_STAGES : fp8_gemm_max_stages(KB_BLOCK_M, KB_BLOCK_N),
-              KB_MULTICAST);
+              KB_BLOCK_M, KB_BLOCK_N, kDenseStages, KB_MULTICAST);
 #endif
   for (int arg = 1; arg < argc; ++arg) {
     std::mt19937 rng(arg);

@@ -203,15 +203,13 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "jax_deepgemm: problem too large (tile count overflows int32)");
   }
-  // Dense: only as many clusters as the last wave needs to finish with the others,
-  // the same number of waves on fewer busy SMs. 4096x2112x7168 (544 tiles, 5 waves):
-  // 109 CTAs instead of 132, 125.5 -> 118.9 us; the other M = 4096 shapes within
-  // +-2% (kernel_bench, H200, 2026-12-04). DeepGEMM launches this way too. (Not
+  // Dense: fp8_gemm_balanced_clusters. 4096x2112x7168 (544 tiles, 5 waves): 109
+  // CTAs instead of 132, 125.5 -> 118.9 us; the other M = 4096 shapes within +-2%
+  // (kernel_bench, H200, 2026-12-04). DeepGEMM launches this way too. (Not
   // grouped: there the tile count is only an upper bound.)
   const int64_t max_grid = std::max<int64_t>(std::min<int64_t>(num_sms / MC, max_clusters), 1);
-  const int64_t waves = (num_tiles + max_grid - 1) / max_grid;
-  const int64_t clusters = kGrouped || waves <= 1 ? std::min(num_tiles, max_grid)
-                                                  : (num_tiles + waves - 1) / waves;
+  const int64_t clusters = kGrouped ? std::min(num_tiles, max_grid)
+                                    : fp8_gemm_balanced_clusters(num_tiles, max_grid);
   const int grid = static_cast<int>(std::max<int64_t>(clusters, 1)) * MC;
 
   cudaLaunchAttribute attr;

@@ -135,6 +135,15 @@ __host__ __device__ constexpr int fp8_gemm_a_rows(int block_m, bool grouped, int
   return !grouped && multicast == 1 && m < block_m ? (m + 7) / 8 * 8 : block_m / multicast;
 }
 
+// Clusters a dense persistent launch of `tiles` cluster tiles uses, at most
+// `max_clusters`: only as many as the last wave needs to finish with the others
+// (the same number of waves on fewer busy SMs). Host and kernel_bench share this rule.
+__host__ __device__ constexpr int64_t fp8_gemm_balanced_clusters(int64_t tiles,
+                                                                 int64_t max_clusters) {
+  const int64_t waves = (tiles + max_clusters - 1) / max_clusters;
+  return waves <= 1 ? tiles : (tiles + waves - 1) / waves;
+}
+
 // Largest number of stages that fits in shared memory.
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
   return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0) -

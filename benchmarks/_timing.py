@@ -297,6 +297,11 @@ class KernelTimes:
     return {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
             "kernel_breakdown_us": self.kernels}
 
+  def chill_extras(self, chill_gb: float, flops: float) -> dict:
+    """Record fields of these times taken under DeepGEMM's protocol (``chill_bytes``)."""
+    return {"kernel_us_chill": self.total_us, "chill_gb": chill_gb,
+            "tflops_kernel_chill": tflops(flops, self.total_us)}
+
   def top(self, n: int = 12) -> list[tuple[str, float]]:
     """The ``n`` kernels that take the most time per call: (name, us per call)."""
     return sorted(self.per_call_us.items(), key=lambda kv: -kv[1])[:n]

@@ -375,8 +375,7 @@ def main(argv=None) -> int:
     def k_extras(kt, chilled=None):
       out = kt.extras() if kt else {}
       if chilled:
-        out.update(kernel_us_chill=chilled.total_us, chill_gb=args.chill_gb,
-                   tflops_kernel_chill=T.tflops(flops, chilled.total_us))
+        out.update(chilled.chill_extras(args.chill_gb, flops))
       return out
     kr_fp8 = k_fp8.total_us / k_ours.total_us if k_ours and k_fp8 else None
 

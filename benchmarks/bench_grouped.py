@@ -162,10 +162,10 @@ def chill_extras(runner, name: str, fn, make_inputs, chill_gb: float, flops: flo
                              only=list(plain.kernels)))
   if not chilled:
     return {}
-  tf = T.tflops(flops, chilled.total_us)
+  out = chilled.chill_extras(chill_gb, flops)
   print(f"[{name}] kernel time after a {chill_gb:g} GB fill (DeepGEMM's protocol): "
-        f"{T.fmt(chilled.total_us)} us {T.fmt(tf)} TFLOPS", flush=True)
-  return dict(kernel_us_chill=chilled.total_us, chill_gb=chill_gb, tflops_kernel_chill=tf)
+        f"{T.fmt(chilled.total_us)} us {T.fmt(out['tflops_kernel_chill'])} TFLOPS", flush=True)
+  return out
 
 
 def measure(fn, make_inputs, timing: dict, budget_s: float):

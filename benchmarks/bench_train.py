@@ -181,8 +181,7 @@ def main(argv=None) -> int:
                                  lambda: T.kernel_times(impls["jax_deepgemm"], make, n_sets=4,
                                                         reps=5))
       if k_ours:
-        kt = dict(kernel_us=k_ours.total_us, kernels_per_call=k_ours.launches_per_call,
-                  kernel_per_call_us=k_ours.per_call_us)
+        kt = dict(k_ours.extras(), kernel_per_call_us=k_ours.per_call_us)
         print(f"[{name}] kernels of one fwd+bwd call: {T.fmt(k_ours.total_us)} us in "
               f"{k_ours.launches_per_call:.0f} launches; the largest (us per call):", flush=True)
         for kname, us in k_ours.top():

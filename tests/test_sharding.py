@@ -324,6 +324,15 @@ def case_casts(partitioner):
   _check_cast(mesh, functools.partial(transposed, **ue8m0), xb, P("y", "x"),
               (P("y", None, "x"), P("y", "x")))
   _check_cast(mesh, transposed, xb, P("x", None, "y"), (P("x", "y"), P("x", None, "y")))
+  # Both casts at once, [..., T, C] -> q [..., T, C], s [..., T, C/128], qt [..., C, T],
+  # st [..., T/128, C]: T and C in whole blocks (x: 2 and 4 blocks), leading axes anywhere.
+  dual = jd.per_token_cast_to_fp8_and_transpose
+  _check_cast(mesh, dual, x, P("x", "y"), (P("x", "y"),) * 2 + (P("y", "x"), P("x", "y")))
+  _check_cast(mesh, dual, x, P(None, "y"), (P(None, "y"),) * 2 + (P("y"), P(None, "y")))
+  _check_cast(mesh, functools.partial(dual, **ue8m0), xb, P("y", "x"),
+              (P("y", "x"),) * 2 + (P("y", None, "x"), P("y", "x")))
+  _check_cast(mesh, dual, xb, P("x", None, "y"), (P("x", None, "y"),) * 2 + (P("x", "y"),
+                                                                            P("x", None, "y")))
 
 
 def case_layers_data_parallel(partitioner):
@@ -407,6 +416,8 @@ def case_unaligned_falls_back_to_gather(partitioner):
   # no PartitionSpec names; gathered as well.
   _check_cast(mesh, jd.per_block_cast_to_fp8, x, P("y"), (None, None), gathered=True)
   _check_cast(mesh, jd.per_token_cast_transpose_to_fp8, x, P("y"), (None, None),
+              gathered=True)
+  _check_cast(mesh, jd.per_token_cast_to_fp8_and_transpose, x, P(None, "y"), (None,) * 4,
               gathered=True)
 
 

@@ -13,9 +13,10 @@
 //                                                  q [A, N, T] (transpose = 1),
 //                                                  s [A, ceil(T/128), N]
 //                                   attrs use_ue8m0, recip, transpose
-//   "jax_deepgemm_dual_cast"        x [A, T, C] -> q [A, T, C],  s [A, T, ceil(C/128)]   (per-token)
-//                                                  qt [A, C, T], st [A, ceil(T/128), C] (token axis,
-//                                                  q transposed), one read of x
+//   "jax_deepgemm_dual_cast"        x [A, T, C] -> q [A, T, C],  s [A, T, ceil(C/128)]
+//                                                  (per-token) and qt [A, C, T],
+//                                                  st [A, ceil(T/128), C] (token axis, q
+//                                                  transposed), from one read of x
 //                                   attrs use_ue8m0, recip_token, recip_axis (the recip
 //                                   flags of the per-token and the token-axis cast)
 // Every size may be 0 (nothing is launched). The handlers check shapes and

@@ -13,6 +13,12 @@
 //                                                  q [A, N, T] (transpose = 1),
 //                                                  s [A, ceil(T/128), N]
 //                                   attrs use_ue8m0, recip, transpose
+//   "jax_deepgemm_dual_cast"        x [A, T, C] -> q [A, T, C],  s [A, T, ceil(C/128)]
+//                                                  (per-token) and qt [A, C, T],
+//                                                  st [A, ceil(T/128), C] (token axis, q
+//                                                  transposed), from one read of x
+//                                   attrs use_ue8m0, recip_token, recip_axis (the recip
+//                                   flags of the per-token and the token-axis cast)
 // Every size may be 0 (nothing is launched). The handlers check shapes and
 // launch one kernel: no host synchronization, no allocation (CUDA-graph safe).
 
@@ -231,6 +237,56 @@ ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   });
 }
 
+
+// ---------------------------------------------------------------------------
+// (d) both activation casts from one read: per-token q, s and token-axis qt, st
+// ---------------------------------------------------------------------------
+constexpr char kDualOp[] = "jax_deepgemm_dual_cast";
+
+ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                        ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                        ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
+                        int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis) {
+  if (ffi::Error e = CheckInput(kDualOp, x, 3, "[A, T, C]"); e.failure()) return e;
+  const int64_t batch = x.dimensions()[0], t = x.dimensions()[1], c = x.dimensions()[2];
+  const int64_t tg = CeilDiv(t, kGroup), cg = CeilDiv(c, kGroup);
+  if (ffi::Error e = CheckOutputs(kDualOp, *q, {batch, t, c}, *s, {batch, t, cg}); e.failure()) {
+    return e;
+  }
+  if (ffi::Error e = CheckOutputs(kDualOp, *qt, {batch, c, t}, *st, {batch, tg, c});
+      e.failure()) {
+    return e;
+  }
+  if (batch == 0 || t == 0 || c == 0) return ffi::Error::Success();
+  // The kernel addresses a tile's elements with 32-bit offsets (row * c, and
+  // transposed row * t).
+  if (t * kGroup >= INT32_MAX || c * kGroup >= INT32_MAX || batch * tg * cg >= INT32_MAX) {
+    return InvalidArg(kDualOp, "x " + Dims(x) + " is too large");
+  }
+
+  ScopedDevice scoped(device);
+  if (!scoped.ok()) return ffi::Error(ffi::ErrorCode::kInternal, "cudaSetDevice failed");
+  return DispatchInput(x.element_type(), [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    using S = quant::DualCastShape<T>;
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
+    float* sp = static_cast<float*>(s->untyped_data());
+    uint8_t* qtp = static_cast<uint8_t*>(qt->untyped_data());
+    float* stp = static_cast<float*>(st->untyped_data());
+    // Loads: 16-byte chunks along C; q's stores kVec-byte chunks along C; qt's
+    // 16-byte pieces along T when whole pieces fit.
+    const bool aligned = c % S::kVec == 0 && Aligned(xp, 16) && Aligned(qp, S::kVec);
+    const int vec_store_t = t % 16 == 0 && Aligned(qtp, 16);
+    auto* kernel = aligned ? &quant::dual_cast_kernel<T, true>
+                           : &quant::dual_cast_kernel<T, false>;
+    kernel<<<static_cast<int>(batch * tg * cg), S::kThreads, 0, stream>>>(
+        xp, qp, sp, qtp, stp, static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
+        static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t);
+    return LaunchStatus(kDualOp);
+  });
+}
+
 }  // namespace
 }  // namespace jax_deepgemm
 
@@ -270,4 +326,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("use_ue8m0")
         .Attr<int32_t>("recip")
         .Attr<int32_t>("transpose"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DualCastFp8, jax_deepgemm::DualCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Ret<xla::ffi::AnyBuffer>()  // qt
+        .Ret<xla::ffi::AnyBuffer>()  // st
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip_token")
+        .Attr<int32_t>("recip_axis"),
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -17,7 +17,7 @@ from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (per_block_cast_to_fp8, per_token_cast_to_fp8,
-                                per_token_cast_transpose_to_fp8)
+                                per_token_cast_to_fp8_and_transpose)
 
 
 def _gemm_dtype(dtype):
@@ -53,29 +53,34 @@ def _check_float(op, name, x):
 @jax.custom_vjp
 def _linear(x2, w, bias):
   xq, xs = per_token_cast_to_fp8(x2)
+  return _linear_gemm(xq, xs, x2.dtype, w, bias)
+
+
+def _linear_gemm(xq, xs, dtype, w, bias):
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
   wq, ws = per_block_cast_to_fp8(w, transpose=True)
   bias32 = None if bias is None else bias.astype(jnp.float32)
-  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias32, out_dtype=_gemm_dtype(x2.dtype))
-  return y.astype(x2.dtype)
+  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias32, out_dtype=_gemm_dtype(dtype))
+  return y.astype(dtype)
 
 
 def _linear_fwd(x2, w, bias):
   # The backward needs X only as the wgrad operand, cast along tokens: that cast is
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
-  xt, xts = per_token_cast_transpose_to_fp8(x2)
-  return _linear(x2, w, bias), (xt, xts, w, bias)
+  # Both casts of X come from one read (the per-token one feeds the GEMM here).
+  xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x2)
+  return _linear_gemm(xq, xs, x2.dtype, w, bias), (xt, xts, w, bias)
 
 
 def _linear_bwd(res, dy):
   xt, xts, w, bias = res  # dy has X's dtype and row count
+  # dY's two casts from one read: per 1x128 for dgrad, along tokens (written token-major,
+  # the layout the wgrad kernel reads) for wgrad.
+  dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
   # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] directly.
-  dyq, dys = per_token_cast_to_fp8(dy)
   wq, ws = per_block_cast_to_fp8(w)
   dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
-  # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens),
-  # written token-major by the cast: the layout the wgrad kernel reads.
-  dyt, dyts = per_token_cast_transpose_to_fp8(dy)
+  # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
   m = jnp.full((1,), dy.shape[0], jnp.int32)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
                                         out_dtype=_gemm_dtype(w.dtype))[0].astype(w.dtype)
@@ -114,28 +119,32 @@ def fp8_linear(x, w, bias=None):
 @jax.custom_vjp
 def _grouped(x, w, group_sizes):
   xq, xs = per_token_cast_to_fp8(x)
+  return _grouped_gemm(xq, xs, x.dtype, w, group_sizes)
+
+
+def _grouped_gemm(xq, xs, dtype, w, group_sizes):
   wq, ws = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
   y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, group_sizes,
-                                       out_dtype=_gemm_dtype(x.dtype))
-  return y.astype(x.dtype)
+                                       out_dtype=_gemm_dtype(dtype))
+  return y.astype(dtype)
 
 
 def _grouped_fwd(x, w, group_sizes):
-  # As _linear_fwd: X's token-axis cast is saved instead of X.
-  xt, xts = per_token_cast_transpose_to_fp8(x)
-  return _grouped(x, w, group_sizes), (xt, xts, w, group_sizes)
+  # As _linear_fwd: X's token-axis cast is saved instead of X, both casts from one read.
+  xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x)
+  return _grouped_gemm(xq, xs, x.dtype, w, group_sizes), (xt, xts, w, group_sizes)
 
 
 def _grouped_bwd(res, dy):
   xt, xts, w, group_sizes = res  # dy has X's dtype
+  # dY's two casts from one read (as in _linear_bwd).
+  dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
-  dyq, dys = per_token_cast_to_fp8(dy)
   wq, ws = per_block_cast_to_fp8(w)
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
   # operands cast token-major (X's in the forward).
-  dyt, dyts = per_token_cast_transpose_to_fp8(dy)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w.dtype)).astype(w.dtype)
   return dx, dw, None

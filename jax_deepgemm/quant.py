@@ -2,7 +2,8 @@
 
 Activations get one scale per 1x128 group along an axis (``per_token_cast_to_fp8``),
 weights one scale per 128x128 block (``per_block_cast_to_fp8``); the backward pass's
-token-axis cast can write its e4m3 result transposed (``per_token_cast_transpose_to_fp8``).
+token-axis cast can write its e4m3 result transposed (``per_token_cast_transpose_to_fp8``), and
+``per_token_cast_to_fp8_and_transpose`` does both activation casts from one read.
 Scales are float32 ``amax / 448`` (optionally rounded up to a power of two, UE8M0-style), so
 that ``dequantize(x_fp8, scale) ≈ x`` elementwise.
 
@@ -18,8 +19,8 @@ import jax.numpy as jnp
 
 # The casts are primitives (fused CUDA kernels on Hopper); their pure-JAX reference lives there.
 from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  # noqa: F401
-                                        ceil_div, per_block_cast_p, per_token_cast_p,
-                                        token_axis_cast_p)
+                                        ceil_div, dual_cast_p, per_block_cast_p,
+                                        per_token_cast_p, token_axis_cast_p)
 
 
 def _check_float(name, x):
@@ -71,6 +72,22 @@ def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
     raise ValueError(f"per_token_cast_transpose_to_fp8: expected [..., T, N], got shape {x.shape}")
   q, s = token_axis_cast_p.bind(x, use_ue8m0=bool(use_ue8m0), transpose=True)
   return q, s
+
+
+def per_token_cast_to_fp8_and_transpose(x, *, use_ue8m0: bool = False):
+  """Both casts of activations ``x [..., T, C]`` at once: ``(q, s, qt, st)``.
+
+  ``(q [..., T, C], s [..., T, ceil(C/128)])`` is ``per_token_cast_to_fp8(x)`` and
+  ``(qt [..., C, T], st [..., ceil(T/128), C])`` is ``per_token_cast_transpose_to_fp8(x)``,
+  bitwise; on Hopper one kernel reads ``x`` once for both (what ``fp8_linear``'s forward
+  needs of X and its backward of dY: the GEMM operand and the wgrad operand).
+  """
+  x = _check_float("per_token_cast_to_fp8_and_transpose", x)
+  if x.ndim < 2:
+    raise ValueError(f"per_token_cast_to_fp8_and_transpose: expected [..., T, C], got shape "
+                     f"{x.shape}")
+  q, s, qt, st = dual_cast_p.bind(x, use_ue8m0=bool(use_ue8m0))
+  return q, s, qt, st
 
 
 def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False):

@@ -1,6 +1,6 @@
 """The FP8 casts as primitives: fused CUDA kernels on Hopper, plain JAX everywhere else.
 
-Three primitives, each with two outputs ``(q, scale)`` (``quant.py`` is the public API):
+Four primitives, three with two outputs ``(q, scale)`` (``quant.py`` is the public API):
 
 =================================  ===========================  ==================================
 primitive                          x                            q, scale
@@ -13,6 +13,10 @@ primitive                          x                            q, scale
 ``jax_deepgemm_token_axis_cast``   ``[..., T, N]``              ``[..., T, N]`` (or ``[..., N, T]``
                                                                 with ``transpose``),
                                                                 ``[..., ceil(T/128), N]``
+``jax_deepgemm_dual_cast``         ``[..., T, C]``              four: per-token ``q [..., T, C]``,
+                                                                ``s [..., T, ceil(C/128)]`` and
+                                                                token-axis ``qt [..., C, T]``,
+                                                                ``st [..., ceil(T/128), C]``
 =================================  ===========================  ==================================
 
 The reference lowering (every platform, and CUDA without our kernels) is the pure-JAX code
@@ -116,6 +120,17 @@ def token_axis_cast_reference(x, *, use_ue8m0=False, transpose=False):
   return (q if transpose else jnp.swapaxes(q, -1, -2)), jnp.swapaxes(s, -1, -2)
 
 
+def dual_cast_reference(x, *, use_ue8m0=False):
+  """Both activation casts of ``x [..., T, C]``: ``(q, s, qt, st)``.
+
+  ``q, s`` is the per-token (1x128 along C) cast, ``qt, st`` the token-axis (128x1 along T)
+  cast with ``qt`` transposed, ``[..., C, T]``.
+  """
+  q, s = per_token_cast_reference(x, use_ue8m0=use_ue8m0)
+  qt, st = token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=True)
+  return q, s, qt, st
+
+
 # ----------------------------------------------------------------------------- division probe
 
 DIVISION_ENV = "JAX_DEEPGEMM_QUANT_DIVISION"
@@ -188,8 +203,8 @@ def _out_avals(x, *specs):
   return outs
 
 
-def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
-  """A two-output primitive with one operand whose leading axes are a batch.
+def _define(name, *, abstract_eval, reference, cuda, outputs=2) -> Primitive:
+  """A primitive of ``outputs`` results with one operand whose leading axes are a batch.
 
   vmap moves the batch axis to the front; differentiation follows the reference (the
   casts were plain JAX and differentiable before they were primitives).
@@ -199,7 +214,7 @@ def _define(name, *, abstract_eval, reference, cuda) -> Primitive:
 
   def batching_rule(args, dims, **params):
     (x,), (d,) = args, dims
-    return prim.bind(jnp.moveaxis(x, d, 0), **params), [0, 0]
+    return prim.bind(jnp.moveaxis(x, d, 0), **params), [0] * outputs
 
   def jvp_rule(primals, tangents, **params):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
@@ -299,3 +314,36 @@ def _token_axis_cuda(x, *, use_ue8m0, transpose):
 token_axis_cast_p = _define(
     "jax_deepgemm_token_axis_cast", abstract_eval=_token_axis_abstract,
     reference=token_axis_cast_reference, cuda=_token_axis_cuda)
+
+
+# --- both activation casts of x [..., T, C] from one read (fp8_linear's forward and backward)
+
+def _dual_abstract(x, *, use_ue8m0):
+  del use_ue8m0
+  *lead, t, c = x.shape
+  lead = tuple(lead)
+  return _out_avals(x, (x.shape, FP8_DTYPE), (lead + (t, ceil_div(c, BLOCK)), F32),
+                    (lead + (c, t), FP8_DTYPE), (lead + (ceil_div(t, BLOCK), c), F32))
+
+
+def _dual_cuda(x, *, use_ue8m0):
+  if not _kernel_ok(x):
+    return dual_cast_reference(x, use_ue8m0=use_ue8m0)
+  *lead, t, c = x.shape
+  a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
+  call = jax.ffi.ffi_call("jax_deepgemm_dual_cast",
+                          (jax.ShapeDtypeStruct((a, t, c), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((a, t, cg), F32),
+                           jax.ShapeDtypeStruct((a, c, t), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((a, tg, c), F32)))
+  # Each half quantizes as its own op does: the two references are probed separately.
+  q, s, qt, st = call(x.reshape(a, t, c), use_ue8m0=np.int32(bool(use_ue8m0)),
+                      recip_token=np.int32(_kernel_recip("token")),
+                      recip_axis=np.int32(_kernel_recip("token_axis")))
+  return (q.reshape(x.shape), s.reshape(*lead, t, cg), qt.reshape(*lead, c, t),
+          st.reshape(*lead, tg, c))
+
+
+dual_cast_p = _define(
+    "jax_deepgemm_dual_cast", abstract_eval=_dual_abstract, reference=dual_cast_reference,
+    cuda=_dual_cuda, outputs=4)

@@ -55,8 +55,8 @@ from jax_deepgemm.gemm import fp8_gemm_nt_p
 from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p
 from jax_deepgemm.grouped_masked import masked_p
 from jax_deepgemm.k_grouped import k_grouped_p
-from jax_deepgemm.quant_kernels import (per_block_cast_p, per_token_cast_p, token_axis_cast_p,
-                                        warm_up_division_probes)
+from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_token_cast_p,
+                                        token_axis_cast_p, warm_up_division_probes)
 
 BLOCK = 128
 F32 = jnp.dtype(jnp.float32)
@@ -337,6 +337,27 @@ def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, transposed_scales
   return [x], (q, s), lambda x: prim.local.bind(x, **params)
 
 
+def _dual_rule(shapes, **_):
+  """The dual cast of ``x [..., T, C]``: ``q`` is ``x``, ``s`` counts C in 128-blocks, ``qt``
+  is ``x`` with T and C swapped, ``st`` counts T in 128-blocks."""
+  lead = [f"d{i}" for i in range(len(shapes[0]) - 2)]
+  t, c = shapes[0][-2:]
+  td, ts, _, trep, tsizes = _blocks_rule("t", t)
+  cd, cs, _, crep, csizes = _blocks_rule("c", c)
+  x = " ".join(lead + [td, cd])
+  outs = [x, " ".join(lead + [td, cs]), " ".join(lead + [cd, td]), " ".join(lead + [ts, cd])]
+  return _rule([x], ", ".join(outs), (), trep + crep, **tsizes, **csizes)
+
+
+def _dual_plan(mesh, shapes, dims, out_dims, **params):
+  del out_dims
+  shape = shapes[0]
+  axes = list(dims[0][:-2]) + [_blocked(mesh, d, n) for d, n in zip(dims[0][-2:], shape[-2:])]
+  x = _spec(*axes)  # T and C hold whole 128-blocks (or are not split): the scales split as x
+  qt = _spec(*axes[:-2], axes[-1], axes[-2])
+  return [x], (x, x, qt, x), lambda x: dual_cast_p.local.bind(x, **params)
+
+
 # ----------------------------------------------------------------------------- install
 def _install(prim, rule, plan, prepare=None):
   """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
@@ -404,3 +425,4 @@ for _prim, _blocked_axes, _ts in ((per_token_cast_p, (-1,), False),
   _install(_prim, functools.partial(_cast_rule, blocked=_blocked_axes, transposed_scales=_ts),
            functools.partial(_cast_plan, _prim, blocked=_blocked_axes, transposed_scales=_ts),
            prepare=warm_up_division_probes)
+_install(dual_cast_p, _dual_rule, _dual_plan, prepare=warm_up_division_probes)

@@ -252,3 +252,71 @@ def test_matches_forced_reference_subprocess(rng, tmp_path):
       for i in range(2):
         np.testing.assert_array_equal(np.asarray(v[i]).view(np.uint8), ref[f"{k}{ue}_{i}"],
                                       err_msg=f"{k} ue8m0={ue} output {i}")
+
+
+# ----------------------------------------------------------------------------- dual cast
+
+def _separate(x, use_ue8m0=False):
+  return (*jd.per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0),
+          *jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=use_ue8m0))
+
+
+def _assert_dual(got, want, what):
+  _assert_bitwise(got[:2], want[:2], what + " (per-token q, s)")
+  _assert_bitwise(got[2:], want[2:], what + " (token-axis qt, st)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("t", [1, 7, 129, 300])
+@pytest.mark.parametrize("c", [1, 100, 130, 256, 1000, 7168])
+def test_dual_cast(rng, dtype, use_ue8m0, t, c):
+  # The fused kernel against the two separate kernels (and so, by the tests above, XLA).
+  x = _data(rng, (t, c), dtype)
+  got = _jit(jd.per_token_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(x)
+  want = _jit(_separate, use_ue8m0=use_ue8m0)(x)
+  _assert_dual(got, want, f"dual {dtype.__name__} {x.shape} ue8m0={use_ue8m0}")
+  ref = _jit(qk.dual_cast_reference, use_ue8m0=use_ue8m0)(x)
+  _assert_dual(got, ref, f"dual vs reference {dtype.__name__} {x.shape} ue8m0={use_ue8m0}")
+
+
+@pytest.mark.parametrize("shape,dtype", [((32768, 7168), jnp.bfloat16),
+                                         ((4096, 16384), jnp.bfloat16),
+                                         ((3, 300, 1000), jnp.float32),
+                                         ((2, 4096, 7168), jnp.float16)])
+def test_dual_cast_large(rng, shape, dtype):
+  x = _data(rng, shape, dtype)
+  for use_ue8m0 in (False, True):
+    got = _jit(jd.per_token_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(x)
+    _assert_dual(got, _jit(_separate, use_ue8m0=use_ue8m0)(x),
+                 f"dual {shape} {dtype.__name__} ue8m0={use_ue8m0}")
+    del got
+
+
+def test_dual_cast_non_finite_vmap_and_lowering(rng):
+  x = np.array(_data(rng, (130, 512), jnp.float32))
+  x[3, 5], x[7, 200], x[9, 300], x[129, 511] = np.nan, np.inf, -np.inf, np.nan
+  for xd, use_ue8m0 in itertools.product((jnp.asarray(x), jnp.asarray(x, jnp.bfloat16),
+                                          jnp.asarray(x, jnp.float16)), (False, True)):
+    got = _jit(jd.per_token_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(xd)
+    want = _jit(_separate, use_ue8m0=use_ue8m0)(xd)
+    what = f"dual non-finite {xd.dtype} ue8m0={use_ue8m0}"
+    for g, w in zip(got, want):  # (NaN scales: compare bits)
+      np.testing.assert_array_equal(_bits(g), _bits(w), err_msg=what)
+  xb = _data(rng, (3, 200, 130), jnp.bfloat16)
+  f = jax.jit(jax.vmap(jd.per_token_cast_to_fp8_and_transpose, in_axes=1))
+  assert 'custom_call_target="jax_deepgemm_dual_cast"' in f.lower(xb).compile().as_text()
+  _assert_dual(f(xb), jax.jit(jax.vmap(_separate, in_axes=1))(xb), "dual vmap")
+  for shape in [(0, 128), (4, 0), (0, 0)]:
+    jax.block_until_ready(jax.jit(jd.per_token_cast_to_fp8_and_transpose)(
+        jnp.zeros(shape, jnp.bfloat16)))
+
+
+def test_fp8_linear_uses_the_dual_cast(rng):
+  x = _data(rng, (256, 384), jnp.bfloat16)
+  w = _data(rng, (384, 256), jnp.bfloat16)
+  f = jax.jit(jax.grad(lambda x, w: jd.fp8_linear(x, w).astype(jnp.float32).sum(),
+                       argnums=(0, 1)))
+  hlo = f.lower(x, w).compile().as_text()
+  assert hlo.count('custom_call_target="jax_deepgemm_dual_cast"') == 2
+  jax.block_until_ready(f(x, w))

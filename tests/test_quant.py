@@ -268,3 +268,99 @@ def test_cuda_lowering_calls_the_kernels(monkeypatch):
       assert shape in calls[0] and attr in calls[0], calls[0]
   finally:
     quant_kernels._kernel_recip.cache_clear()
+
+
+# ----------------------------------------------------------------------------- dual cast
+
+def _separate_casts(x, use_ue8m0=False):
+  return (*jd.per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0),
+          *jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=use_ue8m0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("shape", [(7, 130), (129, 256), (300, 1000), (1, 1), (2, 129, 130),
+                                   (2, 3, 7, 256)])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_dual_cast_is_both_casts(rng, dtype, shape, use_ue8m0):
+  x = randn(rng, shape, dtype)
+  got = jax.jit(lambda x: jd.per_token_cast_to_fp8_and_transpose(x, use_ue8m0=use_ue8m0))(x)
+  want = jax.jit(lambda x: _separate_casts(x, use_ue8m0))(x)
+  *lead, t, c = shape
+  lead = tuple(lead)
+  assert [g.shape for g in got] == [shape, lead + (t, -(-c // 128)), lead + (c, t),
+                                    lead + (-(-t // 128), c)]
+  _assert_bitwise(got, want)
+
+
+def test_dual_cast_non_finite(rng):
+  x = np.array(randn(rng, (130, 300), jnp.float32))
+  x[3, 5], x[7, 200], x[9, 130], x[129, 299] = np.nan, np.inf, -np.inf, np.nan
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for use_ue8m0 in (False, True):
+      xd = jnp.asarray(x, dtype)
+      got = jd.per_token_cast_to_fp8_and_transpose(xd, use_ue8m0=use_ue8m0)
+      _assert_bitwise(got, _separate_casts(xd, use_ue8m0))
+
+
+@pytest.mark.parametrize("in_axis", [0, 1, 2])
+def test_dual_cast_vmap(rng, in_axis):
+  x = jnp.moveaxis(randn(rng, (3, 200, 130), jnp.bfloat16), 0, in_axis)
+  cast = jd.per_token_cast_to_fp8_and_transpose
+  got = jax.vmap(cast, in_axes=in_axis)(x)
+  want = [jnp.stack(o) for o in zip(*[cast(jnp.take(x, i, axis=in_axis)) for i in range(3)])]
+  _assert_bitwise(got, want)
+  _assert_bitwise(got, jax.vmap(_separate_casts, in_axes=in_axis)(x))
+
+
+def test_dual_cast_differentiable(rng):
+  x = randn(rng, (4, 300), jnp.float32)
+  got = jax.grad(lambda x: sum(o.sum() for o in jd.per_token_cast_to_fp8_and_transpose(x)[1::2]))(x)
+  want = jax.grad(lambda x: sum(o.sum() for o in _separate_casts(x)[1::2]))(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_dual_cast_bad_input():
+  with pytest.raises(ValueError, match="per_token_cast_to_fp8_and_transpose"):
+    jd.per_token_cast_to_fp8_and_transpose(jnp.ones((128,)))
+  with pytest.raises(TypeError, match="per_token_cast_to_fp8_and_transpose"):
+    jd.per_token_cast_to_fp8_and_transpose(jnp.ones((4, 128), jnp.int32))
+  with pytest.raises(TypeError, match="per_token_cast_to_fp8_and_transpose"):
+    jd.per_token_cast_to_fp8_and_transpose(jnp.ones((4, 128), jnp.float8_e4m3fn))
+
+
+def test_dual_cast_cuda_lowering(monkeypatch):
+  # One custom call with four results and both recip flags (no GPU needed).
+  from jax_deepgemm import _ffi, quant_kernels
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  monkeypatch.setenv(quant_kernels.DIVISION_ENV, "recip")
+  quant_kernels._kernel_recip.cache_clear()
+  try:
+    for fn, x_type in [(jd.per_token_cast_to_fp8_and_transpose, "tensor<3x300x130xbf16>"),
+                       (jax.vmap(jd.per_token_cast_to_fp8_and_transpose, in_axes=2),
+                        "tensor<130x3x300xbf16>")]:
+      x = jax.ShapeDtypeStruct((3, 300, 130), jnp.bfloat16)
+      text = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+      calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+      assert len(calls) == 1 and "@jax_deepgemm_dual_cast(" in calls[0], calls
+      for part in (x_type, "recip_token = 1", "recip_axis = 1", "use_ue8m0 = 0"):
+        assert part in calls[0], (part, calls[0])
+  finally:
+    quant_kernels._kernel_recip.cache_clear()
+
+
+def test_fp8_linear_casts_each_operand_once(monkeypatch):
+  # fp8_linear's forward casts X, its backward dY, each with one dual cast (no GPU needed).
+  from jax_deepgemm import _ffi, quant_kernels
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  quant_kernels._kernel_recip.cache_clear()
+  try:
+    x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((384, 256), jnp.bfloat16)
+    f = jax.grad(lambda x, w: jd.fp8_linear(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+    text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+    assert sum("@jax_deepgemm_dual_cast(" in l for l in calls) == 2, calls
+    assert not any("@jax_deepgemm_token_axis_cast(" in l or "@jax_deepgemm_per_token_cast(" in l
+                   for l in calls), calls
+  finally:
+    quant_kernels._kernel_recip.cache_clear()

@@ -324,6 +324,15 @@ def case_casts(partitioner):
   _check_cast(mesh, functools.partial(transposed, **ue8m0), xb, P("y", "x"),
               (P("y", None, "x"), P("y", "x")))
   _check_cast(mesh, transposed, xb, P("x", None, "y"), (P("x", "y"), P("x", None, "y")))
+  # Both casts at once, [..., T, C] -> q [..., T, C], s [..., T, C/128], qt [..., C, T],
+  # st [..., T/128, C]: T and C in whole blocks (x: 2 and 4 blocks), leading axes anywhere.
+  dual = jd.per_token_cast_to_fp8_and_transpose
+  _check_cast(mesh, dual, x, P("x", "y"), (P("x", "y"),) * 2 + (P("y", "x"), P("x", "y")))
+  _check_cast(mesh, dual, x, P(None, "y"), (P(None, "y"),) * 2 + (P("y"), P(None, "y")))
+  _check_cast(mesh, functools.partial(dual, **ue8m0), xb, P("y", "x"),
+              (P("y", "x"),) * 2 + (P("y", None, "x"), P("y", "x")))
+  _check_cast(mesh, dual, xb, P("x", None, "y"), (P("x", None, "y"),) * 2 + (P("x", "y"),
+                                                                            P("x", None, "y")))
 
 
 def case_layers_data_parallel(partitioner):
@@ -357,9 +366,9 @@ def case_layers_data_parallel(partitioner):
   _check(mesh, lambda x, w: grouped(x, w)[1], (x, wg), (tokens, P()), expect={},
          out_spec=tokens, rtol=1e-5, atol=3e-5)
 
-  # The whole training step, value_and_grad under one jit: every cast (forward: x and w;
-  # backward: dY and w, then x and dY along tokens) runs through our rules, nothing is
-  # gathered, and the one collective all-reduces the weight gradient (XLA combines the
+  # The whole training step, value_and_grad under one jit: every cast (forward: x, both
+  # ways in one dual cast, and w; backward: dY's dual cast and w) runs through our rules,
+  # nothing is gathered, and the one collective all-reduces the weight gradient (XLA combines the
   # loss' scalar sum into it; uncombined it would be a second all-reduce of one element).
   from jax.sharding import NamedSharding
   layers = [(lambda w, x: jnp.sum(jd.fp8_linear(x, w) ** 2), w),
@@ -369,7 +378,7 @@ def case_layers_data_parallel(partitioner):
     placed = (jax.device_put(weight, NamedSharding(mesh, P())),
               jax.device_put(x, NamedSharding(mesh, tokens)))
     lowered = step.lower(*placed)
-    assert _partitioned_casts(lowered.as_text()) == 6
+    assert _partitioned_casts(lowered.as_text()) == 4
     hlo = lowered.compile().as_text()
     counts = multidevice.collectives(hlo)
     assert counts["all-gather"] == 0 and counts["all-reduce"] in (1, 2), counts
@@ -407,6 +416,8 @@ def case_unaligned_falls_back_to_gather(partitioner):
   # no PartitionSpec names; gathered as well.
   _check_cast(mesh, jd.per_block_cast_to_fp8, x, P("y"), (None, None), gathered=True)
   _check_cast(mesh, jd.per_token_cast_transpose_to_fp8, x, P("y"), (None, None),
+              gathered=True)
+  _check_cast(mesh, jd.per_token_cast_to_fp8_and_transpose, x, P(None, "y"), (None,) * 4,
               gathered=True)
 
 

@@ -1,6 +1,6 @@
 // FP8 (e4m3) quantization kernels with DeepSeek-V3's fine-grained scales.
 //
-// Three casts, all memory-bound (they read the input once, write q and the
+// Four casts, all memory-bound (they read the input once, write q and the
 // scales once):
 //   per_token_cast_kernel    x [R, C]    -> q [R, C],          s [R, ceil(C/128)]
 //                            (one scale per 1x128 group along the last axis)
@@ -11,6 +11,8 @@
 //                                           s [A, ceil(T/128), N]
 //                            (one scale per 128x1 group along the token axis;
 //                            the transposed variant writes q's transpose)
+//   dual_cast_kernel         x [A, T, C] -> (a)'s q, s and (c)'s transposed qT, s
+//                            from one read of x
 // Inputs are bf16, f16 or f32; ragged last groups (sizes not multiples of
 // 128) are allowed: the missing elements count as zeros for the amax and are
 // not written.
@@ -695,6 +697,179 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
     store_byte_tile<S::kTileN, S::kThreads>(tile, qt, t_len, n - j * S::kTileN, rows,
                                             vec_store_t != 0);
   }
+}
+
+// ---------------------------------------------------------------------------
+// (d) Both activation casts of x [batch, t, n] from one read: 1x128 groups
+//     along n (q [batch, t, n], s [batch, t, ceil(n/128)], as (a)) and 128x1
+//     groups along t written transposed (qt [batch, n, t], st [batch,
+//     ceil(t/128), n], as (c) with kTranspose)
+// ---------------------------------------------------------------------------
+// fp8_linear needs both casts of X (forward GEMM operand, wgrad residual) and
+// of dY (dgrad, wgrad); two kernels read x twice. One CTA per tile of 128
+// tokens x 128 columns: a tile row is exactly one per-token group, a tile
+// column one token-axis group, so both amaxes are tile-local. Each thread owns
+// kRowsPerThread = 8 consecutive tokens of one 16-byte column chunk (8 loads
+// in flight), so a row's 128 columns are kLanesPerRow = 16 (2-byte) or 32
+// (f32) consecutive lanes: the per-token amax is a shuffle among them, the
+// token-axis amax is as in (c) (within the thread, shuffles across the warp's
+// row groups, shared memory across the warps). The per-token half (quantize,
+// store q and s) runs between the column amax's shared-memory write and its
+// __syncthreads, hiding that barrier. The arithmetic is (a)'s and (c)'s
+// exactly (quantize_chunk_one per row; quantize_chunk_rcp or quantize_chunk
+// per column), each with its own recip flag (the Python side probes the two
+// references separately), so the results are bitwise theirs.
+template <typename T>
+struct DualCastShape {
+  static constexpr int kVec = Elem<T>::kVec;
+  static constexpr int kLanesPerRow = kGroup / kVec;             // 16 or 32
+  static constexpr int kRowsPerThread = 8;
+  static constexpr int kRowGroups = kGroup / kRowsPerThread;     // 16
+  static constexpr int kThreads = kRowGroups * kLanesPerRow;     // 256 or 512
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kWordsPerThread = kRowsPerThread / 4;     // 2
+  static constexpr int kTileWords = kGroup / 4 + 1;  // +1 word: fewer bank conflicts
+  // CTAs per SM the registers must allow (__launch_bounds__), the most without
+  // spills: f32 2 (<= 64 registers, 1024 threads), 2-byte inputs 2 (<= 128;
+  // at 3, <= 80, the inf/NaN path of the transposed half spills ~50-90 bytes).
+  static constexpr int kMinBlocks = 2;
+  static_assert(kLanesPerRow <= 32 && kRowsPerThread % 4 == 0, "tile shape");
+};
+
+template <typename T, bool kAligned>
+__global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::kMinBlocks)
+    dual_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s,
+                     uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
+                     int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t) {
+  using S = DualCastShape<T>;
+  __shared__ float col_amax[S::kWarps][kGroup];
+  __shared__ float col_scale[kGroup];
+  __shared__ uint32_t tile[kGroup][S::kTileWords];
+
+  const int block = blockIdx.x;  // = (a * tg + g) * nt + j
+  const int a = block / (tg * nt);
+  const int g = block / nt - a * tg;
+  const int j = block % nt;
+  // The tile's first element; offsets inside the tile fit in 32 bits (the host
+  // checks 128 * n < 2^31 and 128 * t_len < 2^31).
+  const int64_t origin = (static_cast<int64_t>(a) * t_len + g * kGroup) * n + j * kGroup;
+  const T* xt = x + origin;
+  const int vc = threadIdx.x % S::kLanesPerRow;
+  const int rg = threadIdx.x / S::kLanesPerRow;
+  const int c0 = vc * S::kVec;                  // first column of this thread in the tile
+  const int r0 = rg * S::kRowsPerThread;        // first row (token) of this thread
+  const int rows = t_len - g * kGroup;          // rows of the tile inside x
+  const int valid_cols = n - j * kGroup - c0;   // elements of this thread's chunks inside x
+
+  uint4 chunk[S::kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < S::kRowsPerThread; ++i) {
+    const int r = r0 + i;
+    const int valid = r < rows ? valid_cols : 0;
+    chunk[i] = load_chunk<T, kAligned>(xt + (valid > 0 ? r * n + c0 : 0), valid);
+  }
+
+  // Token-axis column amax, as in (c): this thread's rows, the warp's row
+  // groups, then (after the per-token half) the warps.
+  uint32_t cm[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < S::kRowsPerThread; ++i) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) cm[w] = Elem<T>::abs_max(cm[w], word(chunk[i], w));
+  }
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int off = S::kLanesPerRow; off < 32; off *= 2) {
+      cm[w] = Elem<T>::abs_max(cm[w], __shfl_xor_sync(0xFFFFFFFFu, cm[w], off));
+    }
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 < S::kLanesPerRow) {
+    const uint4 c = make_uint4(cm[0], cm[1], cm[2], cm[3]);
+#pragma unroll
+    for (int e = 0; e < S::kVec; ++e) col_amax[warp][c0 + e] = Elem<T>::get(c, e);
+  }
+
+  // Per-token half, as in (a): row r's group is the tile row (columns
+  // j * 128 ..), its amax a shuffle among the row's kLanesPerRow lanes. Rows
+  // past t_len are all zeros (their shuffles still run: the whole warp takes
+  // part); they are not stored.
+  {
+    uint8_t* qb = q + origin;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      float amax = chunk_amax<T>(chunk[i], 0.0f);
+#pragma unroll
+      for (int off = S::kLanesPerRow / 2; off >= 1; off /= 2) {
+        amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, off));
+      }
+      const int r = r0 + i;
+      // (continue, not break: the warp's other row group may still shuffle)
+      if (r >= rows) continue;
+      const float scale = group_scale(amax, ue8m0 != 0);
+      if (vc == 0) s[(static_cast<int64_t>(a) * t_len + g * kGroup + r) * nt + j] = scale;
+      uint32_t words[S::kVec / 4];
+      quantize_chunk_one<T>(chunk[i], scale, rcp_approx(scale), recip_token != 0, words);
+      store_bytes<S::kVec, kAligned>(qb + r * n + c0, words, valid_cols);
+    }
+  }
+
+  // Token-axis half, as in (c) with kTranspose.
+  __syncthreads();
+  if (threadIdx.x < kGroup) {
+    float m = col_amax[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < S::kWarps; ++w) m = max_nan(m, col_amax[w][threadIdx.x]);
+    const float scale = group_scale(m, ue8m0 != 0);
+    col_scale[threadIdx.x] = scale;
+    const int c = j * kGroup + threadIdx.x;
+    if (c < n) st[(static_cast<int64_t>(a) * tg + g) * n + c] = scale;
+  }
+  __syncthreads();
+  float rcp[S::kVec];
+  bool finite = true;  // all of the thread's columns rcp_ok (finite inputs)
+#pragma unroll
+  for (int e = 0; e < S::kVec; ++e) {
+    const float scale = col_scale[c0 + e];
+    rcp[e] = rcp_approx(scale);
+    finite = finite && rcp_ok(scale);
+  }
+  // Bytes of (row i, column e) -> tile[column][token / 4], byte token % 4, four
+  // rows at a time (put_4_rows_by_column). Rows past t_len quantize zeros; they
+  // are never stored. kFast: all of the thread's column scales are rcp_ok.
+  auto quantize_rows = [&](auto fast) {
+    constexpr bool kFast = decltype(fast)::value;
+    float scale[kFast ? 1 : S::kVec];
+    if constexpr (!kFast) {
+#pragma unroll
+      for (int e = 0; e < S::kVec; ++e) scale[e] = col_scale[c0 + e];
+    }
+#pragma unroll
+    for (int w = 0; w < S::kWordsPerThread; ++w) {
+      uint32_t words[4][S::kVec / 4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (kFast) {
+          quantize_chunk_rcp<T, false>(chunk[4 * w + i], rcp, words[i]);
+        } else {
+          quantize_chunk<T, false>(chunk[4 * w + i], scale, recip_axis != 0, words[i]);
+        }
+      }
+      put_4_rows_by_column<S::kVec>(words, tile, c0, rg * S::kWordsPerThread + w);
+    }
+  };
+  if (finite) {
+    quantize_rows(std::true_type{});
+  } else {
+    quantize_rows(std::false_type{});
+  }
+  __syncthreads();
+  // 128 rows (columns of x) x 8 pieces of 16 bytes; 8 consecutive threads
+  // store a row. qt's tile origin: row (column of x) j * 128, column (token)
+  // g * 128. (vec_store_t: t_len % 16 == 0 and qt 16-byte aligned.)
+  uint8_t* qtb = qt + (static_cast<int64_t>(a) * n + j * kGroup) * t_len + g * kGroup;
+  store_byte_tile<kGroup, S::kThreads>(tile, qtb, t_len, n - j * kGroup, rows, vec_store_t != 0);
 }
 
 }  // namespace quant

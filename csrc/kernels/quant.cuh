@@ -709,9 +709,9 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
 // of dY (dgrad, wgrad); two kernels read x twice. One CTA per tile of 128
 // tokens x 128 columns: a tile row is exactly one per-token group, a tile
 // column one token-axis group, so both amaxes are tile-local. Each thread owns
-// kRowsPerThread = 8 consecutive tokens of one 16-byte column chunk (8 loads
-// in flight), so a row's 128 columns are kLanesPerRow = 16 (2-byte) or 32
-// (f32) consecutive lanes: the per-token amax is a shuffle among them, the
+// kRowsPerThread consecutive tokens of one 16-byte column chunk, so a
+// row's 128 columns are kLanesPerRow = 16 (2-byte) or 32 (f32) consecutive
+// lanes: the per-token amax is a shuffle among them, the
 // token-axis amax is as in (c) (within the thread, shuffles across the warp's
 // row groups, shared memory across the warps). The per-token half (quantize,
 // store q and s) runs between the column amax's shared-memory write and its
@@ -723,16 +723,19 @@ template <typename T>
 struct DualCastShape {
   static constexpr int kVec = Elem<T>::kVec;
   static constexpr int kLanesPerRow = kGroup / kVec;             // 16 or 32
-  static constexpr int kRowsPerThread = 8;
-  static constexpr int kRowGroups = kGroup / kRowsPerThread;     // 16
-  static constexpr int kThreads = kRowGroups * kLanesPerRow;     // 256 or 512
+  // 512 threads of <= 64 registers, 2 CTAs per SM, for every input type: 4
+  // rows per thread for 2-byte inputs (8 for f32). Against 8 rows x 256
+  // threads for bf16 (the same bytes in flight per CTA, half the threads per
+  // SM): 304.7 vs 324.7 us on 32768x7168, 92.0 vs 98.1 on 4096x16384 (H200,
+  // harness, back-to-back), as one CTA's loads overlap more of the other's
+  // quantize and stores. At 3 CTAs per SM either spills (311.7 / 367.8 us).
+  static constexpr int kRowsPerThread = kLanesPerRow / 4;       // 4 or 8
+  static constexpr int kRowGroups = kGroup / kRowsPerThread;     // 32 or 16
+  static constexpr int kThreads = kRowGroups * kLanesPerRow;     // 512
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kWordsPerThread = kRowsPerThread / 4;     // 2
+  static constexpr int kWordsPerThread = kRowsPerThread / 4;     // 1 or 2
   static constexpr int kTileWords = kGroup / 4 + 1;  // +1 word: fewer bank conflicts
-  // CTAs per SM the registers must allow (__launch_bounds__), the most without
-  // spills: f32 2 (<= 64 registers, 1024 threads), 2-byte inputs 2 (<= 128;
-  // at 3, <= 80, the inf/NaN path of the transposed half spills ~50-90 bytes).
-  static constexpr int kMinBlocks = 2;
+  static constexpr int kMinBlocks = 2;  // CTAs per SM the registers must allow
   static_assert(kLanesPerRow <= 32 && kRowsPerThread % 4 == 0, "tile shape");
 };
 

@@ -24,6 +24,8 @@ NB_MODULE(_C, m) {
             nb::capsule(reinterpret_cast<void*>(&PerTokenCastFp8));
         d["jax_deepgemm_per_block_cast"] =
             nb::capsule(reinterpret_cast<void*>(&PerBlockCastFp8));
+        d["jax_deepgemm_per_block_dual_cast"] =
+            nb::capsule(reinterpret_cast<void*>(&PerBlockDualCastFp8));
         d["jax_deepgemm_token_axis_cast"] =
             nb::capsule(reinterpret_cast<void*>(&TokenAxisCastFp8));
         d["jax_deepgemm_dual_cast"] =

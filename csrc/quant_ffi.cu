@@ -9,6 +9,11 @@
 //   "jax_deepgemm_per_block_cast"   x [B, N, K] -> q [B, N, K], s [B, ceil(N/128), ceil(K/128)]
 //                                   (transpose = 1: q [B, K, N], s [B, ceil(K/128), ceil(N/128)])
 //                                   attrs use_ue8m0, recip, transpose
+//   "jax_deepgemm_per_block_dual_cast"
+//                                   x [B, N, K] -> q [B, N, K], qt [B, K, N] (q transposed),
+//                                                  s [B, ceil(N/128), ceil(K/128)] (q's; qt's
+//                                                  are their transpose), from one read of x
+//                                   attrs use_ue8m0, recip
 //   "jax_deepgemm_token_axis_cast"  x [A, T, N] -> q [A, T, N] (transpose = 0) or
 //                                                  q [A, N, T] (transpose = 1),
 //                                                  s [A, ceil(T/128), N]
@@ -143,26 +148,38 @@ ffi::Error PerTokenCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
 }
 
 // ---------------------------------------------------------------------------
-// (b) per-block 128x128 cast
+// (b) per-block 128x128 cast, q and / or its transpose
 // ---------------------------------------------------------------------------
 constexpr char kPerBlockOp[] = "jax_deepgemm_per_block_cast";
+constexpr char kPerBlockDualOp[] = "jax_deepgemm_per_block_dual_cast";
 
-ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                            ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
-                            int32_t use_ue8m0, int32_t recip, int32_t transpose) {
-  if (ffi::Error e = CheckInput(kPerBlockOp, x, 3, "[B, N, K]"); e.failure()) return e;
+template <typename T, bool kPlain, bool kTransposed>
+auto* PerBlockKernel(bool aligned) {
+  return aligned ? &quant::per_block_cast_kernel<T, true, kPlain, kTransposed>
+                 : &quant::per_block_cast_kernel<T, false, kPlain, kTransposed>;
+}
+
+// Both per-block handlers: one kernel writes q [B, N, K] and / or qt [B, K, N]
+// (null: not written). s is [B, nb, kb], or [B, kb, nb] when qt is written alone
+// (the cast of x's transpose).
+ffi::Error PerBlockCast(cudaStream_t stream, int32_t device, const char* op,
+                        const ffi::AnyBuffer& x, ffi::AnyBuffer* q, ffi::AnyBuffer* qt,
+                        ffi::AnyBuffer& s, int32_t use_ue8m0, int32_t recip) {
+  if (ffi::Error e = CheckInput(op, x, 3, "[B, N, K]"); e.failure()) return e;
   const int64_t batch = x.dimensions()[0], n = x.dimensions()[1], k = x.dimensions()[2];
   const int64_t nb = CeilDiv(n, kGroup), kb = CeilDiv(k, kGroup);
-  const ffi::Error shapes =
-      transpose ? CheckOutputs(kPerBlockOp, *q, {batch, k, n}, *s, {batch, kb, nb})
-                : CheckOutputs(kPerBlockOp, *q, {batch, n, k}, *s, {batch, nb, kb});
+  ffi::Error shapes = q ? CheckOutputs(op, *q, {batch, n, k}, s, {batch, nb, kb})
+                        : CheckOutputs(op, *qt, {batch, k, n}, s, {batch, kb, nb});
+  if (shapes.success() && q && qt) {
+    shapes = CheckOutputs(op, *qt, {batch, k, n}, s, {batch, nb, kb});
+  }
   if (shapes.failure()) return shapes;
   if (batch == 0 || n == 0 || k == 0) return ffi::Error::Success();
   // The kernel addresses a block's elements with 32-bit offsets (row * k, and
   // transposed row * n).
-  if (n >= INT32_MAX || k * kGroup >= INT32_MAX || (transpose && n * kGroup >= INT32_MAX) ||
+  if (n >= INT32_MAX || k * kGroup >= INT32_MAX || (qt && n * kGroup >= INT32_MAX) ||
       batch * nb * kb >= INT32_MAX) {
-    return InvalidArg(kPerBlockOp, "x " + Dims(x) + " is too large");
+    return InvalidArg(op, "x " + Dims(x) + " is too large");
   }
 
   ScopedDevice scoped(device);
@@ -171,22 +188,37 @@ ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     using T = decltype(tag);
     constexpr int kVec = quant::Elem<T>::kVec;
     const T* xp = static_cast<const T*>(x.untyped_data());
-    uint8_t* qp = static_cast<uint8_t*>(q->untyped_data());
-    float* sp = static_cast<float*>(s->untyped_data());
-    // Loads: 16-byte chunks along K. Stores: kVec-byte chunks along K, or
-    // (transposed) 16-byte pieces along N when whole pieces fit.
-    const bool aligned = k % kVec == 0 && Aligned(xp, 16) && (transpose || Aligned(qp, kVec));
-    const int vec_store_t = transpose && n % 16 == 0 && Aligned(qp, 16);
-    auto* kernel =
-        transpose ? (aligned ? &quant::per_block_cast_kernel<T, true, true>
-                             : &quant::per_block_cast_kernel<T, false, true>)
-                  : (aligned ? &quant::per_block_cast_kernel<T, true, false>
-                             : &quant::per_block_cast_kernel<T, false, false>);
+    uint8_t* qp = q ? static_cast<uint8_t*>(q->untyped_data()) : nullptr;
+    uint8_t* qtp = qt ? static_cast<uint8_t*>(qt->untyped_data()) : nullptr;
+    float* sp = static_cast<float*>(s.untyped_data());
+    // Loads: 16-byte chunks along K. Stores: q's kVec-byte chunks along K; qt's
+    // 16-byte pieces along N when whole pieces fit.
+    const bool aligned = k % kVec == 0 && Aligned(xp, 16) && (!qp || Aligned(qp, kVec));
+    const int vec_store_t = qtp && n % 16 == 0 && Aligned(qtp, 16);
+    auto* kernel = !qtp  ? PerBlockKernel<T, true, false>(aligned)
+                   : !qp ? PerBlockKernel<T, false, true>(aligned)
+                         : PerBlockKernel<T, true, true>(aligned);
     kernel<<<static_cast<int>(batch * nb * kb), kThreads, 0, stream>>>(
-        xp, qp, sp, static_cast<int>(n), static_cast<int>(k), static_cast<int>(nb),
+        xp, qp, qtp, sp, static_cast<int>(n), static_cast<int>(k), static_cast<int>(nb),
         static_cast<int>(kb), use_ue8m0, recip, vec_store_t);
-    return LaunchStatus(kPerBlockOp);
+    return LaunchStatus(op);
   });
+}
+
+// q, or (transpose = 1) its transpose alone.
+ffi::Error PerBlockCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                            ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                            int32_t use_ue8m0, int32_t recip, int32_t transpose) {
+  return PerBlockCast(stream, device, kPerBlockOp, x, transpose ? nullptr : &*q,
+                      transpose ? &*q : nullptr, *s, use_ue8m0, recip);
+}
+
+// Both, from one read of x.
+ffi::Error PerBlockDualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                                ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> qt,
+                                ffi::Result<ffi::AnyBuffer> s, int32_t use_ue8m0,
+                                int32_t recip) {
+  return PerBlockCast(stream, device, kPerBlockDualOp, x, &*q, &*qt, *s, use_ue8m0, recip);
 }
 
 // ---------------------------------------------------------------------------
@@ -313,6 +345,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("use_ue8m0")
         .Attr<int32_t>("recip")
         .Attr<int32_t>("transpose"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PerBlockDualCastFp8, jax_deepgemm::PerBlockDualCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // qt
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

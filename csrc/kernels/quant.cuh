@@ -6,7 +6,8 @@
 //                            (one scale per 1x128 group along the last axis)
 //   per_block_cast_kernel    x [B, N, K] -> q [B, N, K],       s [B, ceil(N/128), ceil(K/128)]
 //                            (one scale per 128x128 block; the transposed
-//                            variant writes q [B, K, N], s [B, ceil(K/128), ceil(N/128)])
+//                            variant writes q [B, K, N], s [B, ceil(K/128), ceil(N/128)],
+//                            the dual one both q and qT with s as above, from one read)
 //   token_axis_cast_kernel   x [A, T, N] -> q [A, T, N] or qT [A, N, T],
 //                                           s [A, ceil(T/128), N]
 //                            (one scale per 128x1 group along the token axis;
@@ -433,14 +434,19 @@ __global__ void __launch_bounds__(kThreads)
 // thread in registers: one read of the input, amax, then quantize from
 // registers.
 //
-// kTranspose: q's transpose [batch, k, n] and the scales' [batch, kb, nb] are
-// written instead (what per_block_cast of x's transpose gives: the blocks are
-// square), so that a [K, N] weight becomes the [N, K] operand without a
-// separate transpose of its e4m3 bytes. Each thread then owns kPasses
-// consecutive rows (the same two 256-byte rows per warp load), quantizes them
-// four at a time into words of 4 consecutive rows per column (a 4x4 byte
-// transpose), and the block goes through shared memory as 128 rows of 128
-// bytes, stored with 16-byte stores where whole pieces fit.
+// kTransposed: q's transpose [batch, k, n] is written to qt (what per_block_cast
+// of x's transpose gives: the blocks are square), so that a [K, N] weight becomes
+// the [N, K] operand without a separate transpose of its e4m3 bytes. Each thread
+// then owns kPasses consecutive rows (the same two 256-byte rows per warp load),
+// quantizes them four at a time into words of 4 consecutive rows per column (a
+// 4x4 byte transpose), and the block goes through shared memory as 128 rows of
+// 128 bytes, stored with 16-byte stores where whole pieces fit.
+//
+// kPlain and kTransposed: both q and qt from one read of x (fp8_linear needs the
+// [N, K] operand forward and the [K, N] one for dgrad). The rows are the
+// transposed variant's; each group of 4 quantized rows is stored to q (rows
+// still grow with p) and put into the tile. The scales keep q's layout [batch,
+// nb, kb]; with kTransposed alone they are written as [batch, kb, nb].
 template <typename T>
 struct BlockCastShape {
   static constexpr int kVec = Elem<T>::kVec;
@@ -452,14 +458,15 @@ struct BlockCastShape {
 
 // 3 CTAs per SM (<= 80 registers, no spills): with a whole block in registers,
 // CTAs in their load phase overlap the others' quantize and store phases.
-template <typename T, bool kAligned, bool kTranspose = false>
+template <typename T, bool kAligned, bool kPlain = true, bool kTransposed = false>
 __global__ void __launch_bounds__(kThreads, 3)
     per_block_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
-                          float* __restrict__ s, int n, int k, int nb, int kb, int ue8m0,
-                          int recip, int vec_store_t) {
+                          uint8_t* __restrict__ qt, float* __restrict__ s, int n, int k,
+                          int nb, int kb, int ue8m0, int recip, int vec_store_t) {
+  static_assert(kPlain || kTransposed, "nothing to write");
   using S = BlockCastShape<T>;
   __shared__ float warp_amax[kWarps];
-  __shared__ uint32_t tile[kTranspose ? kGroup : 1][kTranspose ? S::kTileWords : 1];
+  __shared__ uint32_t tile[kTransposed ? kGroup : 1][kTransposed ? S::kTileWords : 1];
 
   const int block = blockIdx.x;  // = (b * nb + bn) * kb + bk, also the scale's index
   const int b = block / (nb * kb);
@@ -474,8 +481,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int c0 = (threadIdx.x % S::kChunksPerRow) * S::kVec;
   const int rows = n - bn * kGroup;             // rows of the block inside x
   const int valid_cols = k - bk * kGroup - c0;  // elements of this thread's chunks inside x
-  // Row of pass p: strided by default, consecutive when transposing.
-  auto row = [&](int p) { return kTranspose ? rg * S::kPasses + p : rg + p * S::kRowsPerPass; };
+  // Row of pass p: strided by default, consecutive when writing qt.
+  auto row = [&](int p) { return kTransposed ? rg * S::kPasses + p : rg + p * S::kRowsPerPass; };
 
   uint4 chunk[S::kPasses];
 #pragma unroll
@@ -498,11 +505,11 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) amax = max_nan(amax, warp_amax[w]);
   const float scale = group_scale(amax, ue8m0 != 0);
-  if (threadIdx.x == 0) s[kTranspose ? (b * kb + bk) * nb + bn : block] = scale;
+  if (threadIdx.x == 0) s[kPlain ? block : (b * kb + bk) * nb + bn] = scale;
 
   // (The division here, not quantize_chunk_rcp: with a branch on a finite scale
   // this kernel spills at 80 registers, and it runs at 93-96% of a copy anyway.)
-  if constexpr (!kTranspose) {
+  if constexpr (!kTransposed) {
     uint8_t* qb = q + origin;
 #pragma unroll
     for (int p = 0; p < S::kPasses; ++p) {
@@ -520,13 +527,23 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
       for (int i = 0; i < 4; ++i) quantize_chunk<T, true>(chunk[4 * w + i], &scale, recip != 0,
                                                           words[i]);
+      if constexpr (kPlain) {
+        // The 4 rows from row(4 * w), those inside x. (From one pointer: indexing q
+        // by row, as the plain-only path does, spills f32 at 80 registers.)
+        uint8_t* qr = q + origin + row(4 * w) * k + c0;
+        const int left = rows - row(4 * w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (i < left) store_bytes<S::kVec, kAligned>(qr + i * k, words[i], valid_cols);
+        }
+      }
       put_4_rows_by_column<S::kVec>(words, tile, c0, rg * (S::kPasses / 4) + w);
     }
     __syncthreads();
     // 128 rows (columns of x) x 8 pieces of 16 bytes; 8 consecutive threads store a row.
-    uint8_t* qt = q + (static_cast<int64_t>(b) * k + bk * kGroup) * n + bn * kGroup;
-    // (vec_store_t: n % 16 == 0 and q 16-byte aligned.)
-    store_byte_tile<kGroup, kThreads>(tile, qt, n, k - bk * kGroup, rows, vec_store_t != 0);
+    uint8_t* qtb = qt + (static_cast<int64_t>(b) * k + bk * kGroup) * n + bn * kGroup;
+    // (vec_store_t: n % 16 == 0 and qt 16-byte aligned.)
+    store_byte_tile<kGroup, kThreads>(tile, qtb, n, k - bk * kGroup, rows, vec_store_t != 0);
   }
 }
 

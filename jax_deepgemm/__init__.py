@@ -7,7 +7,8 @@ from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
 from jax_deepgemm import sharding as _sharding  # noqa: F401  (installs the partitioning rules)
 from jax_deepgemm.quant import (dequantize_per_block, dequantize_per_token,
-                                per_block_cast_to_fp8, per_token_cast_to_fp8,
+                                per_block_cast_to_fp8, per_block_cast_to_fp8_and_transpose,
+                                per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose,
                                 per_token_cast_transpose_to_fp8)
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "per_token_cast_to_fp8", "per_token_cast_transpose_to_fp8",
     "per_token_cast_to_fp8_and_transpose", "per_block_cast_to_fp8",
+    "per_block_cast_to_fp8_and_transpose",
     "dequantize_per_token",
     "dequantize_per_block", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked", "k_grouped_fp8_gemm_tn_contiguous", "extension_built",

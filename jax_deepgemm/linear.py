@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
-from jax_deepgemm.quant import (per_block_cast_to_fp8, per_token_cast_to_fp8,
-                                per_token_cast_to_fp8_and_transpose)
+from jax_deepgemm.quant import (per_block_cast_to_fp8, per_block_cast_to_fp8_and_transpose,
+                                per_token_cast_to_fp8, per_token_cast_to_fp8_and_transpose)
 
 
 def _gemm_dtype(dtype):
@@ -53,14 +53,14 @@ def _check_float(op, name, x):
 @jax.custom_vjp
 def _linear(x2, w, bias):
   xq, xs = per_token_cast_to_fp8(x2)
-  return _linear_gemm(xq, xs, x2.dtype, w, bias)
-
-
-def _linear_gemm(xq, xs, dtype, w, bias):
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
-  wq, ws = per_block_cast_to_fp8(w, transpose=True)
+  wtq, wts = per_block_cast_to_fp8(w, transpose=True)
+  return _linear_gemm(xq, xs, wtq, wts, x2.dtype, bias)
+
+
+def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
   bias32 = None if bias is None else bias.astype(jnp.float32)
-  y = fp8_gemm_nt(xq, xs, wq, ws, bias=bias32, out_dtype=_gemm_dtype(dtype))
+  y = fp8_gemm_nt(xq, xs, wtq, wts, bias=bias32, out_dtype=_gemm_dtype(dtype))
   return y.astype(dtype)
 
 
@@ -69,21 +69,25 @@ def _linear_fwd(x2, w, bias):
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
   # Both casts of X come from one read (the per-token one feeds the GEMM here).
   xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x2)
-  return _linear_gemm(xq, xs, x2.dtype, w, bias), (xt, xts, w, bias)
+  # Likewise W: both block casts from one read, the [N, K] one for the GEMM here, the
+  # [K, N] one (dgrad's operand) saved instead of W. (An empty array keeps W's dtype.)
+  wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
+  y = _linear_gemm(xq, xs, wtq, wts, x2.dtype, bias)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), bias)
 
 
 def _linear_bwd(res, dy):
-  xt, xts, w, bias = res  # dy has X's dtype and row count
+  xt, xts, wq, ws, w_like, bias = res  # dy has X's dtype and row count
   # dY's two casts from one read: per 1x128 for dgrad, along tokens (written token-major,
   # the layout the wgrad kernel reads) for wgrad.
   dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
-  # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] directly.
-  wq, ws = per_block_cast_to_fp8(w)
+  # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] (forward).
   dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
   # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
   m = jnp.full((1,), dy.shape[0], jnp.int32)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
-                                        out_dtype=_gemm_dtype(w.dtype))[0].astype(w.dtype)
+                                        out_dtype=_gemm_dtype(w_like.dtype))
+  dw = dw[0].astype(w_like.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
   return dx, dw, db
 
@@ -119,35 +123,37 @@ def fp8_linear(x, w, bias=None):
 @jax.custom_vjp
 def _grouped(x, w, group_sizes):
   xq, xs = per_token_cast_to_fp8(x)
-  return _grouped_gemm(xq, xs, x.dtype, w, group_sizes)
+  wtq, wts = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
+  return _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
 
 
-def _grouped_gemm(xq, xs, dtype, w, group_sizes):
-  wq, ws = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
-  y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, group_sizes,
+def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
+  y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wtq, wts, group_sizes,
                                        out_dtype=_gemm_dtype(dtype))
   return y.astype(dtype)
 
 
 def _grouped_fwd(x, w, group_sizes):
-  # As _linear_fwd: X's token-axis cast is saved instead of X, both casts from one read.
+  # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
+  # W, each cast pair from one read.
   xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x)
-  return _grouped_gemm(xq, xs, x.dtype, w, group_sizes), (xt, xts, w, group_sizes)
+  wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
+  y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes)
 
 
 def _grouped_bwd(res, dy):
-  xt, xts, w, group_sizes = res  # dy has X's dtype
+  xt, xts, wq, ws, w_like, group_sizes = res  # dy has X's dtype
   # dY's two casts from one read (as in _linear_bwd).
   dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
-  wq, ws = per_block_cast_to_fp8(w)
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
-                                        out_dtype=_gemm_dtype(w.dtype)).astype(w.dtype)
-  return dx, dw, None
+                                        out_dtype=_gemm_dtype(w_like.dtype))
+  return dx, dw.astype(w_like.dtype), None
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)

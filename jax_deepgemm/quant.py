@@ -3,7 +3,8 @@
 Activations get one scale per 1x128 group along an axis (``per_token_cast_to_fp8``),
 weights one scale per 128x128 block (``per_block_cast_to_fp8``); the backward pass's
 token-axis cast can write its e4m3 result transposed (``per_token_cast_transpose_to_fp8``), and
-``per_token_cast_to_fp8_and_transpose`` does both activation casts from one read.
+``per_token_cast_to_fp8_and_transpose`` does both activation casts from one read
+(``per_block_cast_to_fp8_and_transpose`` both weight casts, plain and transposed).
 Scales are float32 ``amax / 448`` (optionally rounded up to a power of two, UE8M0-style), so
 that ``dequantize(x_fp8, scale) ≈ x`` elementwise.
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 # The casts are primitives (fused CUDA kernels on Hopper); their pure-JAX reference lives there.
 from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  # noqa: F401
                                         ceil_div, dual_cast_p, per_block_cast_p,
-                                        per_token_cast_p, token_axis_cast_p)
+                                        per_block_dual_cast_p, per_token_cast_p,
+                                        token_axis_cast_p)
 
 
 def _check_float(name, x):
@@ -108,6 +110,24 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False
     raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
   q, s = per_block_cast_p.bind(w, use_ue8m0=bool(use_ue8m0), transpose=bool(transpose))
   return q, s
+
+
+def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
+  """Both 128x128 block casts of ``w [..., N, K]`` at once: ``(q, s, qt, st)``.
+
+  ``(q [..., N, K], s [..., ceil(N/128), ceil(K/128)])`` is ``per_block_cast_to_fp8(w)`` and
+  ``(qt [..., K, N], st [..., ceil(K/128), ceil(N/128)])`` is
+  ``per_block_cast_to_fp8(w, transpose=True)``, bitwise: the blocks are square, so the cast of
+  ``w``'s transpose has the same blocks and scales, transposed. On Hopper one kernel reads ``w``
+  once and writes ``q`` and ``qt`` (``st`` is ``s``'s small transpose), where the two casts
+  read it twice: ``fp8_linear``'s forward GEMM takes ``qt`` and its backward's dgrad ``q``.
+  """
+  w = _check_float("per_block_cast_to_fp8_and_transpose", w)
+  if w.ndim < 2:
+    raise ValueError(f"per_block_cast_to_fp8_and_transpose: expected [..., N, K], got shape "
+                     f"{w.shape}")
+  q, qt, s = per_block_dual_cast_p.bind(w, use_ue8m0=bool(use_ue8m0))
+  return q, s, qt, jnp.swapaxes(s, -1, -2)
 
 
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):

@@ -1,23 +1,26 @@
 """The FP8 casts as primitives: fused CUDA kernels on Hopper, plain JAX everywhere else.
 
-Four primitives, three with two outputs ``(q, scale)`` (``quant.py`` is the public API):
+Five primitives, three with two outputs ``(q, scale)`` (``quant.py`` is the public API):
 
-=================================  ===========================  ==================================
-primitive                          x                            q, scale
-=================================  ===========================  ==================================
-``jax_deepgemm_per_token_cast``    ``[..., C]``                 ``[..., C]``, ``[..., ceil(C/128)]``
-``jax_deepgemm_per_block_cast``    ``[..., N, K]``              ``[..., N, K]``,
+====================================  ========================  ==================================
+primitive                             x                         q, scale
+====================================  ========================  ==================================
+``jax_deepgemm_per_token_cast``       ``[..., C]``              ``[..., C]``, ``[..., ceil(C/128)]``
+``jax_deepgemm_per_block_cast``       ``[..., N, K]``           ``[..., N, K]``,
                                                                 ``[..., ceil(N/128), ceil(K/128)]``
                                                                 (both transposed with
                                                                 ``transpose``)
-``jax_deepgemm_token_axis_cast``   ``[..., T, N]``              ``[..., T, N]`` (or ``[..., N, T]``
+``jax_deepgemm_per_block_dual_cast``  ``[..., N, K]``           three: ``q [..., N, K]``, its
+                                                                transpose ``qt [..., K, N]`` and
+                                                                ``[..., ceil(N/128), ceil(K/128)]``
+``jax_deepgemm_token_axis_cast``      ``[..., T, N]``           ``[..., T, N]`` (or ``[..., N, T]``
                                                                 with ``transpose``),
                                                                 ``[..., ceil(T/128), N]``
-``jax_deepgemm_dual_cast``         ``[..., T, C]``              four: per-token ``q [..., T, C]``,
+``jax_deepgemm_dual_cast``            ``[..., T, C]``           four: per-token ``q [..., T, C]``,
                                                                 ``s [..., T, ceil(C/128)]`` and
                                                                 token-axis ``qt [..., C, T]``,
                                                                 ``st [..., ceil(T/128), C]``
-=================================  ===========================  ==================================
+====================================  ========================  ==================================
 
 The reference lowering (every platform, and CUDA without our kernels) is the pure-JAX code
 below. On Hopper with the extension (``_ffi.use_kernels()``) each op is one kernel that reads
@@ -129,6 +132,16 @@ def dual_cast_reference(x, *, use_ue8m0=False):
   q, s = per_token_cast_reference(x, use_ue8m0=use_ue8m0)
   qt, st = token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=True)
   return q, s, qt, st
+
+
+def per_block_dual_cast_reference(w, *, use_ue8m0=False):
+  """Both block casts of ``w [..., N, K]``: ``(q [..., N, K], qt [..., K, N], s)``.
+
+  ``q, s`` is the per-block cast, ``qt`` its transpose: the transposed cast's ``q`` (the
+  blocks are square; its scales are ``s`` transposed).
+  """
+  q, s = per_block_cast_reference(w, use_ue8m0=use_ue8m0)
+  return q, jnp.swapaxes(q, -1, -2), s
 
 
 # ----------------------------------------------------------------------------- division probe
@@ -347,3 +360,32 @@ def _dual_cuda(x, *, use_ue8m0):
 dual_cast_p = _define(
     "jax_deepgemm_dual_cast", abstract_eval=_dual_abstract, reference=dual_cast_reference,
     cuda=_dual_cuda, outputs=4)
+
+
+# --- both block casts of w [..., N, K] from one read (fp8_linear's forward: qt feeds the
+# GEMM, q is the backward's dgrad operand)
+
+def _per_block_dual_abstract(w, *, use_ue8m0):
+  del use_ue8m0
+  *lead, n, k = w.shape
+  lead = tuple(lead)
+  return _out_avals(w, (w.shape, FP8_DTYPE), (lead + (k, n), FP8_DTYPE),
+                    (lead + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)), F32))
+
+
+def _per_block_dual_cuda(w, *, use_ue8m0):
+  if not _kernel_ok(w):
+    return per_block_dual_cast_reference(w, use_ue8m0=use_ue8m0)
+  *lead, n, k = w.shape
+  b, nb, kb = math.prod(lead), ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  call = jax.ffi.ffi_call("jax_deepgemm_per_block_dual_cast",
+                          (jax.ShapeDtypeStruct((b, n, k), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((b, k, n), FP8_DTYPE),
+                           jax.ShapeDtypeStruct((b, nb, kb), F32)))
+  q, qt, s = call(w.reshape(b, n, k), **_flags("block", use_ue8m0))
+  return q.reshape(w.shape), qt.reshape(*lead, k, n), s.reshape(*lead, nb, kb)
+
+
+per_block_dual_cast_p = _define(
+    "jax_deepgemm_per_block_dual_cast", abstract_eval=_per_block_dual_abstract,
+    reference=per_block_dual_cast_reference, cuda=_per_block_dual_cuda, outputs=3)

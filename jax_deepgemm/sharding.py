@@ -28,8 +28,9 @@ op                                     sharded axes stay local      partial prod
 * The FP8 casts (``quant_kernels``) quantize each 128-group on its own: split on group
   boundaries they run on each device's shard with no communication, bitwise as unsharded.
   Every axis may be split, but the grouped ones only in whole 128-blocks (else gathered):
-  C of ``per_token_cast`` (``[..., R, C]``), N and K of ``per_block_cast`` (``[..., N, K]``),
-  T of ``token_axis_cast`` (``[..., T, N]``; its ``q`` may be ``[..., N, T]``). So a
+  C of ``per_token_cast`` (``[..., R, C]``), N and K of ``per_block_cast`` (``[..., N, K]``)
+  and ``per_block_dual_cast``, T of ``token_axis_cast`` (``[..., T, N]``; its ``q`` may be
+  ``[..., N, T]``), T and C of ``dual_cast`` (``[..., T, C]``). So a
   data-parallel layer (tokens split, weights replicated) casts its shards in place, forward
   and backward.
 
@@ -55,8 +56,9 @@ from jax_deepgemm.gemm import fp8_gemm_nt_p
 from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p
 from jax_deepgemm.grouped_masked import masked_p
 from jax_deepgemm.k_grouped import k_grouped_p
-from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_token_cast_p,
-                                        token_axis_cast_p, warm_up_division_probes)
+from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_block_dual_cast_p,
+                                        per_token_cast_p, token_axis_cast_p,
+                                        warm_up_division_probes)
 
 BLOCK = 128
 F32 = jnp.dtype(jnp.float32)
@@ -337,25 +339,27 @@ def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, transposed_scales
   return [x], (q, s), lambda x: prim.local.bind(x, **params)
 
 
-def _dual_rule(shapes, **_):
-  """The dual cast of ``x [..., T, C]``: ``q`` is ``x``, ``s`` counts C in 128-blocks, ``qt``
-  is ``x`` with T and C swapped, ``st`` counts T in 128-blocks."""
+def _pair_rule(shapes, *, axes, results, **_):
+  """A cast of ``x [..., A, B]`` (``axes`` = "AB") with both A and B in 128-blocks: each
+  result's last two axes as in ``results``, an upper-case letter an axis of ``x``, the
+  lower-case one that axis counted in blocks (the scales')."""
   lead = [f"d{i}" for i in range(len(shapes[0]) - 2)]
-  t, c = shapes[0][-2:]
-  td, ts, _, trep, tsizes = _blocks_rule("t", t)
-  cd, cs, _, crep, csizes = _blocks_rule("c", c)
-  x = " ".join(lead + [td, cd])
-  outs = [x, " ".join(lead + [td, cs]), " ".join(lead + [cd, td]), " ".join(lead + [ts, cd])]
-  return _rule([x], ", ".join(outs), (), trep + crep, **tsizes, **csizes)
+  names, rep, sizes = {}, (), {}
+  for a, n in zip(axes, shapes[0][-2:]):
+    d, ds, _, r, sz = _blocks_rule(a.lower(), n)
+    names, rep, sizes = {**names, a: d, a.lower(): ds}, rep + r, {**sizes, **sz}
+  dims = lambda letters: " ".join(lead + [names[c] for c in letters])
+  return _rule([dims(axes)], ", ".join(map(dims, results)), (), rep, **sizes)
 
 
-def _dual_plan(mesh, shapes, dims, out_dims, **params):
+def _pair_plan(prim, mesh, shapes, dims, out_dims, *, axes, results, **params):
   del out_dims
   shape = shapes[0]
-  axes = list(dims[0][:-2]) + [_blocked(mesh, d, n) for d, n in zip(dims[0][-2:], shape[-2:])]
-  x = _spec(*axes)  # T and C hold whole 128-blocks (or are not split): the scales split as x
-  qt = _spec(*axes[:-2], axes[-1], axes[-2])
-  return [x], (x, x, qt, x), lambda x: dual_cast_p.local.bind(x, **params)
+  split = list(dims[0][:-2]) + [_blocked(mesh, d, n) for d, n in zip(dims[0][-2:], shape[-2:])]
+  x = _spec(*split)  # A and B hold whole 128-blocks (or are not split): the scales split as x
+  swapped = _spec(*split[:-2], split[-1], split[-2])
+  outs = tuple(x if r[0].upper() == axes[0] else swapped for r in results)
+  return [x], outs, lambda x: prim.local.bind(x, **params)
 
 
 # ----------------------------------------------------------------------------- install
@@ -425,4 +429,10 @@ for _prim, _blocked_axes, _ts in ((per_token_cast_p, (-1,), False),
   _install(_prim, functools.partial(_cast_rule, blocked=_blocked_axes, transposed_scales=_ts),
            functools.partial(_cast_plan, _prim, blocked=_blocked_axes, transposed_scales=_ts),
            prepare=warm_up_division_probes)
-_install(dual_cast_p, _dual_rule, _dual_plan, prepare=warm_up_division_probes)
+# Both casts from one read: the dual cast of x [..., T, C] -> q, s (per token), qt, st (along
+# tokens, q transposed); the per-block one of w [..., N, K] -> q, qt, s.
+for _prim, _axes, _results in ((dual_cast_p, "TC", ("TC", "Tc", "CT", "tC")),
+                               (per_block_dual_cast_p, "NK", ("NK", "KN", "nk"))):
+  _pair = dict(axes=_axes, results=_results)
+  _install(_prim, functools.partial(_pair_rule, **_pair),
+           functools.partial(_pair_plan, _prim, **_pair), prepare=warm_up_division_probes)

@@ -65,6 +65,22 @@ def test_backward_keeps_fp8_activations_not_x(rng, dtype):
   assert ((k, m), jnp.dtype(jnp.float8_e4m3fn)) in res
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_backward_keeps_fp8_weights_not_w(rng, dtype):
+  # The forward saves W's [K, N] block cast (dgrad's operand, from the same read of W as the
+  # forward GEMM's [N, K] one) instead of W; the backward does not cast W again.
+  m, k, n = 130, 384, 256
+  x, w = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+  res = _residuals(jd.fp8_linear, x, w)
+  assert ((k, n), jnp.dtype(dtype)) not in res
+  assert ((k, n), jnp.dtype(jnp.float8_e4m3fn)) in res and ((3, 2), jnp.dtype(jnp.float32)) in res
+  gs = jnp.asarray([100, 0, 30], jnp.int32)
+  w3 = randn(rng, (3, k, n), dtype)
+  res = _residuals(lambda x, w: jd.fp8_grouped_linear(x, w, gs), x, w3)
+  assert ((3, k, n), jnp.dtype(dtype)) not in res
+  assert ((3, k, n), jnp.dtype(jnp.float8_e4m3fn)) in res
+
+
 ROUTING = [30, 0, 1, 129, 0, 40]
 
 

@@ -349,18 +349,106 @@ def test_dual_cast_cuda_lowering(monkeypatch):
 
 
 def test_fp8_linear_casts_each_operand_once(monkeypatch):
-  # fp8_linear's forward casts X, its backward dY, each with one dual cast (no GPU needed).
+  # fp8_linear's forward casts X and W, its backward dY, each with one dual cast; the
+  # backward does not cast W again (no GPU needed). Likewise fp8_grouped_linear.
   from jax_deepgemm import _ffi, quant_kernels
   monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
   quant_kernels._kernel_recip.cache_clear()
+  x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
+  gs = jnp.asarray([100, 156], jnp.int32)
+  layers = [(jd.fp8_linear, jax.ShapeDtypeStruct((384, 256), jnp.bfloat16)),
+            (lambda x, w: jd.fp8_grouped_linear(x, w, gs),
+             jax.ShapeDtypeStruct((2, 384, 256), jnp.bfloat16))]
   try:
-    x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((384, 256), jnp.bfloat16)
-    f = jax.grad(lambda x, w: jd.fp8_linear(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
-    text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
-    assert sum("@jax_deepgemm_dual_cast(" in l for l in calls) == 2, calls
-    assert not any("@jax_deepgemm_token_axis_cast(" in l or "@jax_deepgemm_per_token_cast(" in l
-                   for l in calls), calls
+    for layer, w in layers:
+      f = jax.grad(lambda x, w: layer(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+      text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+      calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+      assert sum("@jax_deepgemm_dual_cast(" in l for l in calls) == 2, calls
+      assert sum("@jax_deepgemm_per_block_dual_cast(" in l for l in calls) == 1, calls
+      assert not any(f"@jax_deepgemm_{op}(" in l for l in calls
+                     for op in ("token_axis_cast", "per_token_cast", "per_block_cast")), calls
+  finally:
+    quant_kernels._kernel_recip.cache_clear()
+
+
+# ----------------------------------------------------------------------------- per-block dual cast
+
+def _separate_block_casts(w, use_ue8m0=False):
+  return (*jd.per_block_cast_to_fp8(w, use_ue8m0=use_ue8m0),
+          *jd.per_block_cast_to_fp8(w, use_ue8m0=use_ue8m0, transpose=True))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("shape", [(300, 200), (129, 1000), (1, 1), (128, 256), (3, 257, 130),
+                                   (2, 3, 7, 129)])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_block_dual_cast_is_both_casts(rng, dtype, shape, use_ue8m0):
+  w = randn(rng, shape, dtype)
+  got = jax.jit(lambda w: jd.per_block_cast_to_fp8_and_transpose(w, use_ue8m0=use_ue8m0))(w)
+  want = jax.jit(lambda w: _separate_block_casts(w, use_ue8m0))(w)
+  *lead, n, k = shape
+  lead, nb, kb = tuple(lead), -(-n // 128), -(-k // 128)
+  assert [g.shape for g in got] == [shape, lead + (nb, kb), lead + (k, n), lead + (kb, nb)]
+  _assert_bitwise(got, want)
+  # The primitive's reference: q, its transpose (the transposed reference's q, bitwise), s.
+  from jax_deepgemm.quant_kernels import per_block_cast_reference, per_block_dual_cast_reference
+  q, qt, s = per_block_dual_cast_reference(w, use_ue8m0=use_ue8m0)
+  _assert_bitwise((q, s), per_block_cast_reference(w, use_ue8m0=use_ue8m0))
+  _assert_bitwise((qt,), per_block_cast_reference(w, use_ue8m0=use_ue8m0, transpose=True))
+
+
+def test_block_dual_cast_non_finite(rng):
+  w = np.array(randn(rng, (130, 300), jnp.float32))
+  w[3, 5], w[7, 200], w[9, 130], w[129, 299] = np.nan, np.inf, -np.inf, np.nan
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for use_ue8m0 in (False, True):
+      wd = jnp.asarray(w, dtype)
+      got = jd.per_block_cast_to_fp8_and_transpose(wd, use_ue8m0=use_ue8m0)
+      _assert_bitwise(got, _separate_block_casts(wd, use_ue8m0))
+
+
+@pytest.mark.parametrize("in_axis", [0, 1, 2])
+def test_block_dual_cast_vmap(rng, in_axis):
+  w = jnp.moveaxis(randn(rng, (3, 200, 130), jnp.bfloat16), 0, in_axis)
+  cast = jd.per_block_cast_to_fp8_and_transpose
+  got = jax.vmap(cast, in_axes=in_axis)(w)
+  want = [jnp.stack(o) for o in zip(*[cast(jnp.take(w, i, axis=in_axis)) for i in range(3)])]
+  _assert_bitwise(got, want)
+  _assert_bitwise(got, jax.vmap(_separate_block_casts, in_axes=in_axis)(w))
+
+
+def test_block_dual_cast_differentiable(rng):
+  w = randn(rng, (130, 300), jnp.float32)
+  got = jax.grad(lambda w: sum(o.sum() for o in jd.per_block_cast_to_fp8_and_transpose(w)[1::2]))(w)
+  want = jax.grad(lambda w: sum(o.sum() for o in _separate_block_casts(w)[1::2]))(w)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_block_dual_cast_bad_input():
+  with pytest.raises(ValueError, match="per_block_cast_to_fp8_and_transpose"):
+    jd.per_block_cast_to_fp8_and_transpose(jnp.ones((128,)))
+  with pytest.raises(TypeError, match="per_block_cast_to_fp8_and_transpose"):
+    jd.per_block_cast_to_fp8_and_transpose(jnp.ones((4, 128), jnp.int32))
+  with pytest.raises(TypeError, match="per_block_cast_to_fp8_and_transpose"):
+    jd.per_block_cast_to_fp8_and_transpose(jnp.ones((4, 128), jnp.float8_e4m3fn))
+
+
+def test_block_dual_cast_cuda_lowering(monkeypatch):
+  # One custom call with three results, [B, N, K] in (no GPU needed).
+  from jax_deepgemm import _ffi, quant_kernels
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  monkeypatch.setenv(quant_kernels.DIVISION_ENV, "recip")
+  quant_kernels._kernel_recip.cache_clear()
+  try:
+    for fn, x_type in [(jd.per_block_cast_to_fp8_and_transpose, "tensor<3x300x130xbf16>"),
+                       (jax.vmap(jd.per_block_cast_to_fp8_and_transpose, in_axes=2),
+                        "tensor<130x3x300xbf16>")]:
+      w = jax.ShapeDtypeStruct((3, 300, 130), jnp.bfloat16)
+      text = jax.jit(fn).trace(w).lower(lowering_platforms=("cuda",)).as_text()
+      calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+      assert len(calls) == 1 and "@jax_deepgemm_per_block_dual_cast(" in calls[0], calls
+      for part in (x_type, "recip = 1", "use_ue8m0 = 0"):
+        assert part in calls[0], (part, calls[0])
   finally:
     quant_kernels._kernel_recip.cache_clear()

@@ -11,6 +11,8 @@ Ops and default cases (bf16 inputs unless noted):
   per_token        [4096, 7168], [16384, 7168], [8192, 2048], [4096, 7168] f32  (1x128 groups)
   per_block        [7168, 16384], [7168, 16384] f32, [32, 4096, 7168] (experts)  (128x128)
   per_block_t      [7168, 16384] (the same, writing the transposed cast)
+  per_block_dual   [7168, 16384]  (per_block_cast_to_fp8_and_transpose: per_block and
+                   per_block_t from one read; its baseline is our two separate casts, as dual's)
   token_axis       [32768, 7168]  (128x1 groups: the wgrad operands, q [T, N])
   token_axis_t     [32768, 7168]  (the same, q written transposed [N, T])
   dual             [32768, 7168], [4096, 16384]  (per_token_cast_to_fp8_and_transpose: per_token
@@ -69,24 +71,28 @@ DEFAULT_CASES = [
     Case("per_token", (8192, 2048)), Case("per_token", (4096, 7168), F32),
     Case("per_block", (7168, 16384)), Case("per_block", (7168, 16384), F32),
     Case("per_block", (32, 4096, 7168)), Case("per_block_t", (7168, 16384)),
+    Case("per_block_dual", (7168, 16384)),
     Case("token_axis", (32768, 7168)), Case("token_axis_t", (32768, 7168)),
     Case("dual", (32768, 7168)), Case("dual", (4096, 16384)),
 ]
 QUICK_CASES = [
     Case("per_token", (256, 384)), Case("per_token", (7, 300), F32),
     Case("per_block", (256, 384)), Case("per_block", (2, 130, 257)),
-    Case("per_block_t", (130, 257)),
+    Case("per_block_t", (130, 257)), Case("per_block_dual", (2, 130, 257)),
     Case("token_axis", (300, 256)), Case("token_axis_t", (300, 256)),
     Case("dual", (300, 257)),
 ]
 
-# op -> (ours, pure-JAX reference); both take x and return (q, scales) (dual: (q, s, qt, st),
-# against our two separate casts).
+# op -> (ours, pure-JAX reference); both take x and return (q, scales) (the duals: (q, s, qt,
+# st), against our two separate casts).
 IMPLS = {
     "per_token": (jd.per_token_cast_to_fp8, qk.per_token_cast_reference),
     "per_block": (jd.per_block_cast_to_fp8, qk.per_block_cast_reference),
     "per_block_t": (lambda w: jd.per_block_cast_to_fp8(w, transpose=True),
                     lambda w: qk.per_block_cast_reference(w, transpose=True)),
+    "per_block_dual": (jd.per_block_cast_to_fp8_and_transpose,
+                       lambda w: (*jd.per_block_cast_to_fp8(w),
+                                  *jd.per_block_cast_to_fp8(w, transpose=True))),
     "token_axis": (lambda x: jd.per_token_cast_to_fp8(x, axis=-2),
                    lambda x: qk.token_axis_cast_reference(x)),
     "token_axis_t": (jd.per_token_cast_transpose_to_fp8,
@@ -95,9 +101,11 @@ IMPLS = {
              lambda x: (*jd.per_token_cast_to_fp8(x), *jd.per_token_cast_transpose_to_fp8(x))),
 }
 KERNEL_TARGETS = {"per_token": "per_token_cast", "per_block": "per_block_cast",
-                  "per_block_t": "per_block_cast",
+                  "per_block_t": "per_block_cast", "per_block_dual": "per_block_dual_cast",
                   "token_axis": "token_axis_cast", "token_axis_t": "token_axis_cast",
                   "dual": "dual_cast"}
+# The casts of two others from one read: op -> those two.
+DUALS = {"dual": ("per_token", "token_axis_t"), "per_block_dual": ("per_block", "per_block_t")}
 
 
 def peak_bandwidth(name: str) -> float | None:
@@ -117,7 +125,7 @@ def peak_bandwidth(name: str) -> float | None:
 def scale_shape(op, shape):
   if op == "per_token":
     return shape[:-1] + (qk.ceil_div(shape[-1], 128),)
-  if op in ("per_block", "per_block_t"):  # (the same number of scales either way)
+  if op in ("per_block", "per_block_t", "per_block_dual"):  # (as many scales either way)
     return shape[:-2] + (qk.ceil_div(shape[-2], 128), qk.ceil_div(shape[-1], 128))
   return shape[:-2] + (qk.ceil_div(shape[-2], 128), shape[-1])
 
@@ -125,8 +133,8 @@ def scale_shape(op, shape):
 def moved_bytes(case: Case) -> int:
   """x read + e4m3 q written + f32 scales written."""
   elems = math.prod(case.shape)
-  if case.op == "dual":  # both casts' q and scales, one read of x
-    scales = sum(math.prod(scale_shape(op, case.shape)) for op in ("per_token", "token_axis_t"))
+  if case.op in DUALS:  # both casts' q and scales, one read of x
+    scales = sum(math.prod(scale_shape(op, case.shape)) for op in DUALS[case.op])
     return elems * jnp.dtype(case.dtype).itemsize + 2 * elems + 4 * scales
   scales = math.prod(scale_shape(case.op, case.shape))
   return elems * jnp.dtype(case.dtype).itemsize + elems + 4 * scales
@@ -235,6 +243,8 @@ def main(argv=None) -> int:
                 per_block=dict(m=None, n=shape[-2], k=shape[-1], groups=math.prod(shape[:-2])),
                 per_block_t=dict(m=None, n=shape[-2], k=shape[-1],
                                  groups=math.prod(shape[:-2])),
+                per_block_dual=dict(m=None, n=shape[-2], k=shape[-1],
+                                    groups=math.prod(shape[:-2])),
                 ).get(case.op, dict(m=shape[-2], n=shape[-1], k=None,
                                     groups=math.prod(shape[:-2])))
 
@@ -293,7 +303,7 @@ def main(argv=None) -> int:
         print(f"WARNING [{case.name}]: {frac_copy(t_ours):.0%} of a same-size copy's bandwidth "
               f"(< {PEAK_WARN:.0%})", file=sys.stderr)
     if t_xla:
-      base = ("separate", "two_casts") if case.op == "dual" else ("xla", "pure_jax")
+      base = ("separate", "two_casts") if case.op in DUALS else ("xla", "pure_jax")
       records.append(T.make_record(impl=base[0], time_us=t_xla.time_us, config=base[1],
                                    frac_peak=frac(t_xla), frac_copy=frac_copy(t_xla),
                                    **t_xla.extras(), **common))

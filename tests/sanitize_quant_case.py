@@ -1,7 +1,8 @@
 """A small run of every quantization kernel variant, for compute-sanitizer.
 
 Ragged shapes (aligned and unaligned rows, 1-element edges) in bf16, f16 and f32, each cast
-(per-token, per-block and its transpose, token axis and its transpose, the dual cast):
+(per-token, per-block, its transpose and both at once, token axis and its transpose, the
+dual cast):
 
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     compute-sanitizer --tool memcheck python3 tests/sanitize_quant_case.py
@@ -16,7 +17,7 @@ rng = np.random.default_rng(0)
 casts = [jd.per_token_cast_to_fp8, lambda x, **kw: jd.per_token_cast_to_fp8(x, axis=0, **kw),
          jd.per_token_cast_transpose_to_fp8, jd.per_block_cast_to_fp8,
          lambda x, **kw: jd.per_block_cast_to_fp8(x, transpose=True, **kw),
-         jd.per_token_cast_to_fp8_and_transpose]
+         jd.per_token_cast_to_fp8_and_transpose, jd.per_block_cast_to_fp8_and_transpose]
 for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
   # Unaligned rows (100, 129, 65 elements), aligned ones, single elements, a batch.
   for shape in [(1, 1), (7, 100), (257, 129), (130, 256), (300, 16), (2, 129, 65)]:

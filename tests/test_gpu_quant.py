@@ -176,7 +176,8 @@ def test_lowers_to_our_kernels(rng):
   for fn, target in [(jd.per_token_cast_to_fp8, "per_token_cast"),
                      (jd.per_block_cast_to_fp8, "per_block_cast"),
                      (jd.per_token_cast_transpose_to_fp8, "token_axis_cast"),
-                     (lambda x: jd.per_token_cast_to_fp8(x, axis=0), "token_axis_cast")]:
+                     (lambda x: jd.per_token_cast_to_fp8(x, axis=0), "token_axis_cast"),
+                     (jd.per_block_cast_to_fp8_and_transpose, "per_block_dual_cast")]:
     hlo = jax.jit(fn).lower(x).compile().as_text()
     assert f'custom_call_target="jax_deepgemm_{target}"' in hlo
 
@@ -185,7 +186,7 @@ def test_empty_inputs():
   for shape in [(0, 128), (4, 0), (0, 0)]:
     x = jnp.zeros(shape, jnp.bfloat16)
     for fn in (jd.per_token_cast_to_fp8, jd.per_block_cast_to_fp8,
-               jd.per_token_cast_transpose_to_fp8):
+               jd.per_token_cast_transpose_to_fp8, jd.per_block_cast_to_fp8_and_transpose):
       jax.block_until_ready(jax.jit(fn)(x))
 
 
@@ -228,8 +229,9 @@ for ue in (0, 1):
   out[f"ax0{ue}"] = jd.per_token_cast_to_fp8(x, axis=0, use_ue8m0=bool(ue))
   out[f"tr{ue}"] = jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=bool(ue))
   out[f"blk{ue}"] = jd.per_block_cast_to_fp8(x, use_ue8m0=bool(ue))
-np.savez(sys.argv[2], **{f"{k}_{i}": np.asarray(v[i]).view(np.uint8) for k, v in out.items()
-                         for i in range(2)})
+  out[f"bdual{ue}"] = jd.per_block_cast_to_fp8_and_transpose(x, use_ue8m0=bool(ue))
+np.savez(sys.argv[2], **{f"{k}_{i}": np.asarray(o).view(np.uint8) for k, v in out.items()
+                         for i, o in enumerate(v)})
 """
 
 
@@ -247,10 +249,11 @@ def test_matches_forced_reference_subprocess(rng, tmp_path):
     got = {"tok": jd.per_token_cast_to_fp8(x, use_ue8m0=bool(ue)),
            "ax0": jd.per_token_cast_to_fp8(x, axis=0, use_ue8m0=bool(ue)),
            "tr": jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=bool(ue)),
-           "blk": jd.per_block_cast_to_fp8(x, use_ue8m0=bool(ue))}
+           "blk": jd.per_block_cast_to_fp8(x, use_ue8m0=bool(ue)),
+           "bdual": jd.per_block_cast_to_fp8_and_transpose(x, use_ue8m0=bool(ue))}
     for k, v in got.items():
-      for i in range(2):
-        np.testing.assert_array_equal(np.asarray(v[i]).view(np.uint8), ref[f"{k}{ue}_{i}"],
+      for i, o in enumerate(v):
+        np.testing.assert_array_equal(np.asarray(o).view(np.uint8), ref[f"{k}{ue}_{i}"],
                                       err_msg=f"{k} ue8m0={ue} output {i}")
 
 
@@ -261,9 +264,9 @@ def _separate(x, use_ue8m0=False):
           *jd.per_token_cast_transpose_to_fp8(x, use_ue8m0=use_ue8m0))
 
 
-def _assert_dual(got, want, what):
-  _assert_bitwise(got[:2], want[:2], what + " (per-token q, s)")
-  _assert_bitwise(got[2:], want[2:], what + " (token-axis qt, st)")
+def _assert_dual(got, want, what, halves=("per-token q, s", "token-axis qt, st")):
+  _assert_bitwise(got[:2], want[:2], f"{what} ({halves[0]})")
+  _assert_bitwise(got[2:], want[2:], f"{what} ({halves[1]})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -319,4 +322,82 @@ def test_fp8_linear_uses_the_dual_cast(rng):
                        argnums=(0, 1)))
   hlo = f.lower(x, w).compile().as_text()
   assert hlo.count('custom_call_target="jax_deepgemm_dual_cast"') == 2
+  jax.block_until_ready(f(x, w))
+
+
+# ----------------------------------------------------------------------------- per-block dual cast
+
+def _separate_block(x, use_ue8m0=False):
+  return (*jd.per_block_cast_to_fp8(x, use_ue8m0=use_ue8m0),
+          *jd.per_block_cast_to_fp8(x, use_ue8m0=use_ue8m0, transpose=True))
+
+
+def _block_reference(x, use_ue8m0=False):
+  return (*qk.per_block_cast_reference(x, use_ue8m0=use_ue8m0),
+          *qk.per_block_cast_reference(x, use_ue8m0=use_ue8m0, transpose=True))
+
+
+def _assert_block_dual(got, want, what):
+  _assert_dual(got, want, what, halves=("q, s", "transposed qt, st"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 100), (257, 129), (129, 7168), (300, 200),
+                                   (129, 1000), (2, 130, 257), (3, 256, 384)])
+def test_block_dual_cast(rng, dtype, use_ue8m0, shape):
+  # The fused kernel against the two separate kernels and XLA's reference.
+  x = _data(rng, shape, dtype)
+  got = _jit(jd.per_block_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(x)
+  what = f"block dual {dtype.__name__} {shape} ue8m0={use_ue8m0}"
+  _assert_block_dual(got, _jit(_separate_block, use_ue8m0=use_ue8m0)(x), what)
+  _assert_block_dual(got, _jit(_block_reference, use_ue8m0=use_ue8m0)(x), what + " vs reference")
+
+
+@pytest.mark.parametrize("shape,dtype", [((7168, 16384), jnp.bfloat16),
+                                         ((16384, 7168), jnp.bfloat16),
+                                         ((4, 2048, 7168), jnp.float16),
+                                         ((3, 300, 1000), jnp.float32)])
+def test_block_dual_cast_large(rng, shape, dtype):
+  x = _data(rng, shape, dtype)
+  for use_ue8m0 in (False, True):
+    got = _jit(jd.per_block_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(x)
+    _assert_block_dual(got, _jit(_separate_block, use_ue8m0=use_ue8m0)(x),
+                       f"block dual {shape} {dtype.__name__} ue8m0={use_ue8m0}")
+    del got
+
+
+def test_block_dual_cast_non_finite_vmap_and_lowering(rng):
+  x = np.array(_data(rng, (130, 512), jnp.float32))
+  x[3, 5], x[7, 200], x[9, 300], x[129, 511] = np.nan, np.inf, -np.inf, np.nan
+  for xd, use_ue8m0 in itertools.product((jnp.asarray(x), jnp.asarray(x, jnp.bfloat16),
+                                          jnp.asarray(x, jnp.float16)), (False, True)):
+    got = _jit(jd.per_block_cast_to_fp8_and_transpose, use_ue8m0=use_ue8m0)(xd)
+    want = _jit(_block_reference, use_ue8m0=use_ue8m0)(xd)
+    what = f"block dual non-finite {xd.dtype} ue8m0={use_ue8m0}"
+    for g, w in zip(got, want):  # (NaN scales: compare bits)
+      np.testing.assert_array_equal(_bits(g), _bits(w), err_msg=what)
+  xb = _data(rng, (3, 200, 130), jnp.bfloat16)
+  f = jax.jit(jax.vmap(jd.per_block_cast_to_fp8_and_transpose, in_axes=1))
+  hlo = f.lower(xb).compile().as_text()
+  assert 'custom_call_target="jax_deepgemm_per_block_dual_cast"' in hlo
+  _assert_block_dual(f(xb), jax.jit(jax.vmap(_separate_block, in_axes=1))(xb), "block dual vmap")
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_linear_casts_w_once(rng, grouped):
+  # One per-block dual cast of W in the forward (its [K, N] half kept for dgrad), no other
+  # per-block cast, forward or backward.
+  x = _data(rng, (256, 384), jnp.bfloat16)
+  if grouped:
+    w = _data(rng, (2, 384, 256), jnp.bfloat16)
+    gs = jnp.asarray([100, 156], jnp.int32)
+    layer = lambda x, w: jd.fp8_grouped_linear(x, w, gs)
+  else:
+    w = _data(rng, (384, 256), jnp.bfloat16)
+    layer = jd.fp8_linear
+  f = jax.jit(jax.grad(lambda x, w: layer(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))
+  hlo = f.lower(x, w).compile().as_text()
+  assert hlo.count('custom_call_target="jax_deepgemm_per_block_dual_cast"') == 1
+  assert 'custom_call_target="jax_deepgemm_per_block_cast"' not in hlo
   jax.block_until_ready(f(x, w))

@@ -127,7 +127,7 @@ def case_rules_in_lowering(partitioner):
   x = helpers.randn(rng, (64, 256), jnp.bfloat16)
   x_rows = jax.device_put(x, NamedSharding(mesh, P("x")))
   for cast in (jd.per_token_cast_to_fp8, jd.per_block_cast_to_fp8,
-               jd.per_token_cast_transpose_to_fp8):
+               jd.per_token_cast_transpose_to_fp8, jd.per_block_cast_to_fp8_and_transpose):
     assert _partitioned_casts(jax.jit(cast).lower(x_rows).as_text()) == 1
     assert marker not in jax.jit(cast).lower(x).as_text()
   cast_per_device = jax.shard_map(jd.per_token_cast_to_fp8, mesh=mesh, in_specs=P("x"),
@@ -333,6 +333,15 @@ def case_casts(partitioner):
               (P("y", "x"),) * 2 + (P("y", None, "x"), P("y", "x")))
   _check_cast(mesh, dual, xb, P("x", None, "y"), (P("x", None, "y"),) * 2 + (P("x", "y"),
                                                                             P("x", None, "y")))
+  # Both block casts at once, [..., N, K] -> q [..., N, K], s [..., N/128, K/128] and the
+  # transposed qt [..., K, N], st [..., K/128, N/128]: N and K in whole blocks, as per block.
+  block_dual = jd.per_block_cast_to_fp8_and_transpose
+  _check_cast(mesh, block_dual, x, P("x", "y"), (P("x", "y"),) * 2 + (P("y", "x"),) * 2)
+  _check_cast(mesh, functools.partial(block_dual, **ue8m0), x, P(None, "y"),
+              (P(None, "y"),) * 2 + (P("y"),) * 2)
+  _check_cast(mesh, block_dual, xb, P("y", "x"), (P("y", "x"),) * 2 + (P("y", None, "x"),) * 2)
+  _check_cast(mesh, block_dual, xb, P("x", None, "y"),
+              (P("x", None, "y"),) * 2 + (P("x", "y"),) * 2)
 
 
 def case_layers_data_parallel(partitioner):
@@ -418,6 +427,8 @@ def case_unaligned_falls_back_to_gather(partitioner):
   _check_cast(mesh, jd.per_token_cast_transpose_to_fp8, x, P("y"), (None, None),
               gathered=True)
   _check_cast(mesh, jd.per_token_cast_to_fp8_and_transpose, x, P(None, "y"), (None,) * 4,
+              gathered=True)
+  _check_cast(mesh, jd.per_block_cast_to_fp8_and_transpose, x, P("y"), (None,) * 4,
               gathered=True)
 
 

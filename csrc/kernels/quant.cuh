@@ -547,6 +547,49 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+// A tile of token-axis groups ((c) and (d)): the thread's kRows consecutive
+// rows from r0, one 16-byte chunk each at column c0 (rows past `rows` and
+// elements past valid_cols read as zeros; 8-ish loads in flight per thread).
+template <typename T, bool kAligned, int kRows>
+__device__ __forceinline__ void load_column_chunks(uint4 (&chunk)[kRows], const T* xt, int r0,
+                                                   int rows, int n, int c0, int valid_cols) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = r0 + i;
+    const int valid = r < rows ? valid_cols : 0;
+    chunk[i] = load_chunk<T, kAligned>(xt + (valid > 0 ? r * n + c0 : 0), valid);
+  }
+}
+
+// Column amax over this thread's rows, then over the warp's row groups (lanes
+// that differ in the bits above kLanesPerRow), written to col_amax_warp[c0 ..
+// c0 + kVec) by the warp's first row group; the caller reduces over the warps.
+// In the input's format, two 2-byte elements per instruction (exact: the max
+// is one of the values; NaN becomes the canonical f32 NaN in the f32 max
+// across warps, as in the other kernels).
+template <typename T, int kRows, int kLanesPerRow>
+__device__ __forceinline__ void column_amax(const uint4 (&chunk)[kRows], float* col_amax_warp,
+                                            int c0) {
+  uint32_t cm[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) cm[w] = Elem<T>::abs_max(cm[w], word(chunk[i], w));
+  }
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int off = kLanesPerRow; off < 32; off *= 2) {
+      cm[w] = Elem<T>::abs_max(cm[w], __shfl_xor_sync(0xFFFFFFFFu, cm[w], off));
+    }
+  }
+  if (threadIdx.x % 32 < kLanesPerRow) {
+    const uint4 c = make_uint4(cm[0], cm[1], cm[2], cm[3]);
+#pragma unroll
+    for (int e = 0; e < Elem<T>::kVec; ++e) col_amax_warp[c0 + e] = Elem<T>::get(c, e);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // (c) 128x1 groups along the token axis of x [batch, t, n]
 // ---------------------------------------------------------------------------
@@ -609,37 +652,10 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
   const int valid_cols = n - j * S::kTileN - c0;   // elements of this thread's chunks inside x
 
   uint4 chunk[S::kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < S::kRowsPerThread; ++i) {
-    const int r = r0 + i;
-    const int valid = r < rows ? valid_cols : 0;
-    chunk[i] = load_chunk<T, kAligned>(xt + (valid > 0 ? r * n + c0 : 0), valid);
-  }
-
-  // Column amax over this thread's rows, then over the warp's row groups
-  // (lanes that differ in the bits above kLanesPerRow), then over the warps.
-  // In the input's format, two 2-byte elements per instruction (exact: the max
-  // is one of the values; NaN becomes the canonical f32 NaN in the f32 max
-  // across warps, as in the other kernels).
-  uint32_t cm[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < S::kRowsPerThread; ++i) {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) cm[w] = Elem<T>::abs_max(cm[w], word(chunk[i], w));
-  }
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int off = S::kLanesPerRow; off < 32; off *= 2) {
-      cm[w] = Elem<T>::abs_max(cm[w], __shfl_xor_sync(0xFFFFFFFFu, cm[w], off));
-    }
-  }
+  load_column_chunks<T, kAligned>(chunk, xt, r0, rows, n, c0, valid_cols);
+  // Column amax: the thread's rows and the warp's row groups, then the warps.
   const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 < S::kLanesPerRow) {
-    const uint4 c = make_uint4(cm[0], cm[1], cm[2], cm[3]);
-#pragma unroll
-    for (int e = 0; e < S::kVec; ++e) col_amax[warp][vc * S::kVec + e] = Elem<T>::get(c, e);
-  }
+  column_amax<T, S::kRowsPerThread, S::kLanesPerRow>(chunk, col_amax[warp], c0);
   __syncthreads();
   if (threadIdx.x < S::kTileN) {
     float m = col_amax[0][threadIdx.x];
@@ -782,34 +798,11 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
   const int valid_cols = n - j * kGroup - c0;   // elements of this thread's chunks inside x
 
   uint4 chunk[S::kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < S::kRowsPerThread; ++i) {
-    const int r = r0 + i;
-    const int valid = r < rows ? valid_cols : 0;
-    chunk[i] = load_chunk<T, kAligned>(xt + (valid > 0 ? r * n + c0 : 0), valid);
-  }
-
+  load_column_chunks<T, kAligned>(chunk, xt, r0, rows, n, c0, valid_cols);
   // Token-axis column amax, as in (c): this thread's rows, the warp's row
   // groups, then (after the per-token half) the warps.
-  uint32_t cm[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < S::kRowsPerThread; ++i) {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) cm[w] = Elem<T>::abs_max(cm[w], word(chunk[i], w));
-  }
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int off = S::kLanesPerRow; off < 32; off *= 2) {
-      cm[w] = Elem<T>::abs_max(cm[w], __shfl_xor_sync(0xFFFFFFFFu, cm[w], off));
-    }
-  }
   const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 < S::kLanesPerRow) {
-    const uint4 c = make_uint4(cm[0], cm[1], cm[2], cm[3]);
-#pragma unroll
-    for (int e = 0; e < S::kVec; ++e) col_amax[warp][c0 + e] = Elem<T>::get(c, e);
-  }
+  column_amax<T, S::kRowsPerThread, S::kLanesPerRow>(chunk, col_amax[warp], c0);
 
   // Per-token half, as in (a): row r's group is the tile row (columns
   // j * 128 ..), its amax a shuffle among the row's kLanesPerRow lanes. Rows

@@ -547,6 +547,20 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+// The reciprocals of a thread's kVec column scales (col_scale points at its
+// first column); true when all of them are rcp_ok (the fast, x * rcp path).
+template <int kVec>
+__device__ __forceinline__ bool column_rcp(const float* col_scale, float (&rcp)[kVec]) {
+  bool finite = true;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const float scale = col_scale[e];
+    rcp[e] = rcp_approx(scale);
+    finite = finite && rcp_ok(scale);
+  }
+  return finite;
+}
+
 // A tile of token-axis groups ((c) and (d)): the thread's kRows consecutive
 // rows from r0, one 16-byte chunk each at column c0 (rows past `rows` and
 // elements past valid_cols read as zeros; 8-ish loads in flight per thread).
@@ -668,13 +682,7 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
   }
   __syncthreads();
   float rcp[S::kVec];
-  bool finite = true;  // all of the thread's columns rcp_ok (finite inputs)
-#pragma unroll
-  for (int e = 0; e < S::kVec; ++e) {
-    const float scale = col_scale[vc * S::kVec + e];
-    rcp[e] = rcp_approx(scale);
-    finite = finite && rcp_ok(scale);
-  }
+  const bool finite = column_rcp(col_scale + vc * S::kVec, rcp);  // no inf/NaN column
   // Quantizes and stores (or, transposed, writes to `tile`) the thread's rows;
   // kFast: all of its columns' scales are rcp_ok (no inf or NaN input).
   auto quantize_rows = [&](auto fast) {
@@ -841,13 +849,7 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
   }
   __syncthreads();
   float rcp[S::kVec];
-  bool finite = true;  // all of the thread's columns rcp_ok (finite inputs)
-#pragma unroll
-  for (int e = 0; e < S::kVec; ++e) {
-    const float scale = col_scale[c0 + e];
-    rcp[e] = rcp_approx(scale);
-    finite = finite && rcp_ok(scale);
-  }
+  const bool finite = column_rcp(col_scale + c0, rcp);  // no inf/NaN column
   // Bytes of (row i, column e) -> tile[column][token / 4], byte token % 4, four
   // rows at a time (put_4_rows_by_column). Rows past t_len quantize zeros; they
   // are never stored. kFast: all of the thread's column scales are rcp_ok.

@@ -575,7 +575,8 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   const bool tall = many_waves && !wide && !accumulate &&
                     WaveEfficiency(m, n, 192, 128, groups, num_sms) >
                         1.01 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
-  const int shapes[3][2] = {{tall ? 192 : 128, 128}, {128, wide ? 256 : 128}, {128, 128}};
+  // (tall and wide exclude each other.) The preferred tile, then 128x128.
+  const int shapes[2][2] = {{tall ? 192 : 128, wide ? 256 : 128}, {128, 128}};
   for (const auto& shape : shapes) {
     for (const KernelEntry& e : table) {
       if (!Allowed(e, env, table.grouped, n)) continue;

@@ -55,13 +55,14 @@ def test_heuristic_picks_the_documented_tiles():
 
 def test_wide_tile_for_short_k():
   # K <= 2048 takes 128x256 where its waves are about as full as 128x128's (dense and
-  # M-grouped); not 4096x2112 (9 column blocks of 256 in 3 rounds), not K > 2048, not
-  # 4 groups in 4096 rows (8 rounds of 256-wide tiles, 94% as full as 15 of 128).
+  # M-grouped); not 4096x2112 (9 column blocks of 256 in 3 rounds: there 192x128's 3
+  # rounds are fuller than 128x128's 5), not K > 2048, not 4 groups in 4096 rows (8 rounds
+  # of 256-wide tiles, 94% as full as 15 of 128).
   rc, out, err = _configs(None, "4096x7168x2048", "4096x24576x1536", "4096x2112x2048",
                           "4096x7168x2176", "32768x7168x2048x4", "32768x7168x2176x4",
                           "4096x7168x2048x4", "256x7168x2048")
   assert rc == 0, err[-2000:]
-  assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
+  assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(192, 128, 4), _cfg(128, 128, 5),
                  _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
                  _cfg(128, 128, 5)], out
   # Accumulating into c keeps 128x128 (its reduce-add epilogue cost more with 128x256);
@@ -73,6 +74,24 @@ def test_wide_tile_for_short_k():
   rc, out, err = _configs("block_n=256", "4096x7168x16384", "1x4096x7168", "256x7168x7168x2")
   assert rc == 0 and out == [_cfg(128, 256, 3)] * 3, (out, err[-2000:])
   rc, out, err = _configs("block_n=160", "32768x7168x2048x4")
+  assert rc != 0 and "matches no grouped kernel that is built" in err, (out, err[-2000:])
+
+
+def test_tall_tile_where_its_waves_are_fuller():
+  # 192x128 (dense) where its waves are fuller than 128x128's: 4096x2112 (3 rounds of 374
+  # tiles against 5 of 544), 8192^3 (21 rounds against 32, 98.5% vs 97.0% full); not
+  # 4096 rows otherwise (21.3 tiles of 192), not grouped problems (not built for them),
+  # not when accumulating into c (unmeasured), nor by the small-problem cost model
+  # (384x7168: there 192x128 would take one round, like the 128x192 it picks).
+  rc, out, err = _configs(None, "4096x2112x7168", "8192x8192x8192", "4096x4096x7168",
+                          "32768x2112x7168x4", "4096x2112x7168+c", "384x7168x7168")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(192, 128, 4), _cfg(192, 128, 4), _cfg(128, 128, 5), _cfg(128, 128, 5),
+                 _cfg(128, 128, 5), _cfg(128, 192, 4)], out
+  # Forced, it runs any dense problem (the cost model never picks it on its own).
+  rc, out, err = _configs("block_m=192", "4096x7168x16384", "1x4096x7168")
+  assert rc == 0 and out == [_cfg(192, 128, 4)] * 2, (out, err[-2000:])
+  rc, out, err = _configs("block_m=192", "32768x7168x2048x4")
   assert rc != 0 and "matches no grouped kernel that is built" in err, (out, err[-2000:])
 
 

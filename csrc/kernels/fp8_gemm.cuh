@@ -76,7 +76,11 @@ constexpr int fp8_gemm_d_bytes(int block_m, int block_n) {
 
 // Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
 // registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
-constexpr bool fp8_gemm_pipelined(int block_n) { return block_n <= 128; }
+// Three math warpgroups (BLOCK_M 192) have 160 registers each: one buffer, and
+// each promotes while the other two's wgmmas run.
+constexpr bool fp8_gemm_pipelined(int block_m, int block_n) {
+  return block_n <= 128 && block_m <= 128;
+}
 // BLOCK_N 256 runs each k-block as two 128-column wgmma halves through one
 // 64-register buffer (acc 128 + 64 registers: a 256-wide buffer does not fit);
 // each half is one 128-wide scale block of B.
@@ -110,7 +114,8 @@ struct Fp8GemmLayout {
   static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
   static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
 
-  static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192,
+                "BLOCK_M must be 64, 128 or 192");
   static_assert(BLOCK_N % 32 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
   // A tile starts at a multiple of gcd(BLOCK_N, 128) inside a 128-wide scale
   // block of B, so it touches at most two of them (the kernel's lo/hi scales).
@@ -621,9 +626,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   constexpr int kNumAccum = BLOCK_N / 2;  // accumulator floats per thread
   constexpr int kNumBuf = ptx::WgmmaFp8<kWgmmaN>::kNumAccum;  // one wgmma result
   // Two wgmma result buffers + the accumulator fit in registers up to BLOCK_N 128.
-  constexpr bool kPipelined = fp8_gemm_pipelined(BLOCK_N);
-  constexpr int kTmaRegs = 40;
-  constexpr int kMathRegs = L::kNumMathWG == 2 ? 232 : 240;
+  constexpr bool kPipelined = fp8_gemm_pipelined(BLOCK_M, BLOCK_N);
+  // 512 threads (BLOCK_M 192) share 64K registers: 128 x 24 + 384 x 160.
+  constexpr int kTmaRegs = L::kNumMathWG == 3 ? 24 : 40;
+  constexpr int kMathRegs = L::kNumMathWG == 3 ? 160 : L::kNumMathWG == 2 ? 232 : 240;
 
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled TMA destinations / wgmma operands need 1024B alignment.

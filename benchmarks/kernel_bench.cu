@@ -180,7 +180,7 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   }
   // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA.
   const char* mode_env = std::getenv("KB_STORE_MODE");
-  const int store_mode = (mode_env != nullptr && mode_env[0] == '0') || !fp8_gemm_tma_store(BN)
+  const int store_mode = (mode_env != nullptr && mode_env[0] == '0') || !fp8_gemm_tma_store(BM, BN)
                              ? kStoreRegisters : kStoreTma;
   const int kb = (k + 127) / 128, nb = (n + 127) / 128, mp = (m + 3) / 4 * 4;
   const auto ha = random_fp8(rng, static_cast<size_t>(m) * k);

@@ -182,7 +182,7 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
   CUtensorMap tmap_out;
   std::memset(&tmap_out, 0, sizeof(tmap_out));
   constexpr int kOutBytes = sizeof(OutT);
-  if (fp8_gemm_tma_store(BN) && args.tma_store &&
+  if (fp8_gemm_tma_store(BM, BN) && args.tma_store &&
       (static_cast<int64_t>(args.n) * kOutBytes) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(args.out) % 16 == 0 &&
       (args.c == nullptr || static_cast<const void*>(args.c) == args.out) &&

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
-#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [bench]
+#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [tiles] [bench]
 #   (pytest arguments via PYTEST_ARGS)
 # With no stage named: build test sanitize bench. The build carries CUTLASS from .gpu/ (no network there).
 set -uo pipefail
@@ -87,6 +87,27 @@ if has prof-src; then
   echo "ncu source $case rc=$?"
   ncu -i /tmp/jdg_src.ncu-rep --page source --csv --print-source sass | gzip > "$OUT/src.csv.gz"
   python3 benchmarks/ncu_source_summary.py "$OUT/src.csv.gz" | tee "$OUT/src_summary.txt" | head -30
+fi
+
+if has tiles; then
+  # kernel_bench A/B of tiles without the extension (so no build stage needed): each
+  # TILES entry (BMxBN) is compiled here, ~10 s each in parallel, then all run alone on
+  # SHAPES, alternating, twice. TILE_FLAGS: more nvcc flags (-DKB_K_GROUPED: K-grouped,
+  # SHAPES as GxTxNxK; -DJAX_DEEPGEMM_NO_TMA_STORE; -DKB_STAGES=n).
+  tiles=${TILES:-128x128 128x160 128x192 192x128}
+  for t in $tiles; do
+    nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+      -DKB_BLOCK_M=${t%x*} -DKB_BLOCK_N=${t#*x} ${TILE_FLAGS:-} -o /tmp/kb_$t \
+      benchmarks/kernel_bench.cu > "$OUT/tiles_build_$t.log" 2>&1 &
+  done
+  wait
+  for r in 1 2; do
+    for t in $tiles; do
+      echo "== $t (run $r)"
+      [ -x /tmp/kb_$t ] || { echo "BUILD FAILED"; tail -5 "$OUT/tiles_build_$t.log"; continue; }
+      /tmp/kb_$t ${SHAPES:-4096x7168x16384 4096x16384x7168 4096x4096x7168 4096x2112x7168}
+    done
+  done 2>&1 | tee "$OUT/tiles.log" | grep -v "^#"
 fi
 
 if has bench; then

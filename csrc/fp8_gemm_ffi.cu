@@ -572,6 +572,9 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   // (8192^3: 849-862 vs 878 us); so it is taken where its waves are fuller:
   // 4096x2112x7168 (3 rounds of 374 tiles against 5 of 544) 110-112 vs 118 us
   // (kernel_bench alone, H200, 2026-12-04), not at 4096 rows otherwise (21.3 tiles).
+  // Through JAX under DeepGEMM's protocol: 105.5 vs 118.7 us and 818 vs 852 us.
+  // In the M-grouped kernels it did not pay (contiguous 4x8192: 1309 vs 1302
+  // TFLOPS, 1214 vs 1237), so they are not built with it.
   const bool tall = many_waves && !wide && !accumulate &&
                     WaveEfficiency(m, n, 192, 128, groups, num_sms) >
                         1.01 * WaveEfficiency(m, n, 128, 128, groups, num_sms);

@@ -91,21 +91,30 @@ fi
 
 if has tiles; then
   # kernel_bench A/B of tiles without the extension (so no build stage needed): each
-  # TILES entry (BMxBN) is compiled here, ~10 s each in parallel, then all run alone on
-  # SHAPES, alternating, twice. TILE_FLAGS: more nvcc flags (-DKB_K_GROUPED: K-grouped,
-  # SHAPES as GxTxNxK; -DJAX_DEEPGEMM_NO_TMA_STORE; -DKB_STAGES=n).
+  # TILES entry (BMxBN) is compiled here against each VARIANTS entry (name:include dir,
+  # e.g. "main:.gpu/v/main/csrc wip:csrc" for a copy of another revision's csrc/ carried
+  # in .gpu/), ~10 s each in parallel, then all run alone on SHAPES, alternating, twice.
+  # TILE_FLAGS: more nvcc flags (-DKB_K_GROUPED: K-grouped, SHAPES as GxTxNxK, TILES
+  # 192x128 / 128x128 / 64x128; -DJAX_DEEPGEMM_NO_TMA_STORE; -DKB_STAGES=n); KB_BURST=1
+  # in the environment times back-to-back bursts instead.
   tiles=${TILES:-128x128 128x160 128x192 192x128}
-  for t in $tiles; do
-    nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-      -DKB_BLOCK_M=${t%x*} -DKB_BLOCK_N=${t#*x} ${TILE_FLAGS:-} -o /tmp/kb_$t \
-      benchmarks/kernel_bench.cu > "$OUT/tiles_build_$t.log" 2>&1 &
+  variants=${VARIANTS:-cur:csrc}
+  for v in $variants; do
+    for t in $tiles; do
+      nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+        -I"${v#*:}" -DKB_BLOCK_M=${t%x*} -DKB_BLOCK_N=${t#*x} ${TILE_FLAGS:-} \
+        -o /tmp/kb_${v%%:*}_$t benchmarks/kernel_bench.cu > "$OUT/tiles_build_${v%%:*}_$t.log" 2>&1 &
+    done
   done
   wait
   for r in 1 2; do
     for t in $tiles; do
-      echo "== $t (run $r)"
-      [ -x /tmp/kb_$t ] || { echo "BUILD FAILED"; tail -5 "$OUT/tiles_build_$t.log"; continue; }
-      /tmp/kb_$t ${SHAPES:-4096x7168x16384 4096x16384x7168 4096x4096x7168 4096x2112x7168}
+      for v in $variants; do
+        b=/tmp/kb_${v%%:*}_$t
+        echo "== ${v%%:*} $t (run $r)"
+        [ -x $b ] || { echo "BUILD FAILED"; tail -5 "$OUT/tiles_build_${v%%:*}_$t.log"; continue; }
+        $b ${SHAPES:-4096x7168x16384 4096x16384x7168 4096x4096x7168 4096x2112x7168}
+      done
     done
   done 2>&1 | tee "$OUT/tiles.log" | grep -v "^#"
 fi

@@ -216,21 +216,33 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
       std::exit(1);
     }
   }
-  // Persistent grid: whole clusters, at most one CTA per SM (the FFI also caps
-  // it by cudaOccupancyMaxActiveClusters; here they are assumed to fit).
-  const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
-  // As the FFI launches (fp8_gemm_balanced_clusters); KB_BALANCED=0: one per SM.
-  const char* balanced_env = std::getenv("KB_BALANCED");
-  const bool balanced = balanced_env == nullptr || balanced_env[0] != '0';
-  const int grid = static_cast<int>(balanced ? fp8_gemm_balanced_clusters(tiles / MC, num_sms / MC)
-                                             : std::min<int64_t>(tiles / MC, num_sms / MC)) *
-                   MC;
   cudaLaunchAttribute attrs[2];
   int num_attrs = 0;
   if (MC > 1) {
     attrs[num_attrs].id = cudaLaunchAttributeClusterDimension;
     attrs[num_attrs++].val.clusterDim = {MC, 1, 1};
   }
+  // Persistent grid: whole clusters, at most one CTA per SM and, as in the FFI,
+  // no more clusters than fit at once (clusters of 4 may not tile every GPC).
+  int max_clusters = num_sms / MC;
+  if (MC > 1) {
+    cudaLaunchConfig_t probe = {};
+    probe.gridDim = dim3(MC, 1, 1);
+    probe.blockDim = dim3(L::kNumThreads, 1, 1);
+    probe.dynamicSmemBytes = L::kDynamicSmem;
+    probe.attrs = attrs;
+    probe.numAttrs = 1;
+    int fit = 0;
+    CHECK(cudaOccupancyMaxActiveClusters(&fit, kernel, &probe));
+    max_clusters = std::min(max_clusters, fit);
+  }
+  const int64_t tiles = static_cast<int64_t>((m + BM - 1) / BM) * ((n + BN - 1) / BN);
+  // As the FFI launches (fp8_gemm_balanced_clusters); KB_BALANCED=0: one per SM.
+  const char* balanced_env = std::getenv("KB_BALANCED");
+  const bool balanced = balanced_env == nullptr || balanced_env[0] != '0';
+  const int grid = static_cast<int>(balanced ? fp8_gemm_balanced_clusters(tiles / MC, max_clusters)
+                                             : std::min<int64_t>(tiles / MC, max_clusters)) *
+                   MC;
   // KB_PDL=1: programmatic dependent launch, so that a launch may start while the
   // previous one finishes; only meaningful with a kernel that waits for its
   // predecessor (griddepcontrol.wait) before touching global memory.

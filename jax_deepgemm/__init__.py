@@ -1,5 +1,6 @@
 """jax_deepgemm: DeepSeek-style FP8 GEMMs (1x128 / 128x128 scales) for JAX on Hopper."""
-from jax_deepgemm._ffi import extension_built, gemm_config, k_grouped_config, use_kernels
+from jax_deepgemm._ffi import (export_safety_checks, extension_built, gemm_config,
+                               k_grouped_config, use_kernels)
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.grouped_masked import m_grouped_fp8_gemm_nt_masked
@@ -21,5 +22,5 @@ __all__ = [
     "dequantize_per_token",
     "dequantize_per_block", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked", "k_grouped_fp8_gemm_tn_contiguous", "extension_built",
-    "use_kernels", "gemm_config", "k_grouped_config", "fp8_linear", "fp8_grouped_linear",
+    "use_kernels", "export_safety_checks", "gemm_config", "k_grouped_config", "fp8_linear", "fp8_grouped_linear",
 ]

@@ -11,6 +11,7 @@ import logging
 import os
 
 import jax
+from jax import export as jax_export
 
 logger = logging.getLogger("jax_deepgemm")
 
@@ -23,6 +24,34 @@ else:
   _IMPORT_ERROR = None
   for _name, _capsule in _C.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA", api_version=1)
+
+
+# Every XLA FFI target our CUDA lowerings call (csrc/module.cc registers the same names).
+FFI_TARGETS = (
+    "jax_deepgemm_fp8_gemm_nt",
+    "jax_deepgemm_m_grouped_fp8_gemm_nt",
+    "jax_deepgemm_k_grouped_fp8_gemm_tn",
+    "jax_deepgemm_per_token_cast",
+    "jax_deepgemm_per_block_cast",
+    "jax_deepgemm_token_axis_cast",
+    "jax_deepgemm_dual_cast",
+    "jax_deepgemm_per_block_dual_cast",
+)
+
+
+def export_safety_checks() -> list:
+  """``disabled_checks`` for ``jax.export.export`` of code that calls our CUDA kernels.
+
+  ``jax.export`` refuses custom calls that have no compatibility guarantee, and ours have
+  none: an exported module must run with the jax_deepgemm version that exported it (import
+  it in the process that calls the module: that registers the kernels). Only lowerings for
+  CUDA on a Hopper GPU contain our custom calls (see ``use_kernels``); exported for any other
+  platform, or from a machine without Hopper, the ops are plain JAX and need no checks.
+
+      exp = jax.export.export(jax.jit(f), platforms=("cuda",),
+                              disabled_checks=jax_deepgemm.export_safety_checks())(*args)
+  """
+  return [jax_export.DisabledSafetyCheck.custom_call(name) for name in FFI_TARGETS]
 
 
 def extension_built() -> bool:

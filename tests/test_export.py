@@ -1,0 +1,85 @@
+"""jax.export of code that uses jax_deepgemm (no GPU needed).
+
+The CUDA lowering is taken as if a Hopper GPU were present (``use_kernels`` patched), so these
+tests see the custom calls a GPU machine would export, without running them.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jax_deepgemm as jd
+from jax_deepgemm import _ffi
+from helpers import quant_act, quant_w, randn
+
+
+def _loss_linear(x, w, b):
+  return jnp.sum(jd.fp8_linear(x, w, b).astype(jnp.float32) ** 2)
+
+
+def _loss_grouped(x, w, gs):
+  return jnp.sum(jd.fp8_grouped_linear(x, w, gs).astype(jnp.float32) ** 2)
+
+
+def _cases(rng):
+  """(jitted function, args): together they lower to every FFI target we register."""
+  x = randn(rng, (256, 512), jnp.bfloat16)
+  w = randn(rng, (512, 384), jnp.bfloat16, scale=0.05)
+  b = randn(rng, (384,), jnp.bfloat16)
+  xg = randn(rng, (640, 256), jnp.bfloat16)
+  wg = randn(rng, (3, 256, 384), jnp.bfloat16, scale=0.05)
+  gs = jnp.asarray([300, 0, 340], jnp.int32)
+  a, sa = quant_act(rng, 4 * 128, 256)
+  bm, sbm = quant_w(rng, 4, 384, 256)
+  am, sam = a.reshape(4, 128, 256), sa.reshape(4, 128, -1)
+  mm = jnp.asarray([128, 0, 7, 100], jnp.int32)
+  return [
+      (jax.jit(jax.value_and_grad(_loss_linear, argnums=(0, 1, 2))), (x, w, b)),
+      (jax.jit(jax.value_and_grad(_loss_grouped, argnums=(0, 1))), (xg, wg, gs)),
+      (jax.jit(lambda *z: jd.m_grouped_fp8_gemm_nt_masked(*z, expected_m=64)),
+       (am, sam, bm, sbm, mm)),
+      (jax.jit(jd.per_token_cast_to_fp8), (x,)),
+      (jax.jit(jd.per_block_cast_to_fp8), (w,)),
+      (jax.jit(jd.per_token_cast_transpose_to_fp8), (x,)),
+  ]
+
+
+def _targets(exported):
+  return set(re.findall(r"custom_call @(jax_deepgemm_\w+)", exported.mlir_module()))
+
+
+def test_cuda_export_needs_and_takes_our_safety_checks(rng, monkeypatch):
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)  # lower as on a Hopper GPU
+  seen = set()
+  for fn, args in _cases(rng):
+    with pytest.raises(ValueError, match="custom calls whose targets have no compatibility"):
+      export.export(fn, platforms=("cuda",))(*args)
+    exp = export.export(fn, platforms=("cuda",),
+                        disabled_checks=jd.export_safety_checks())(*args)
+    assert _targets(exp) <= set(_ffi.FFI_TARGETS)
+    seen |= _targets(exp)
+  # Every target is reachable from the public API, and the list names no stale one.
+  assert seen == set(_ffi.FFI_TARGETS)
+
+
+def test_ffi_targets_are_the_extensions():
+  if not jd.extension_built():
+    pytest.skip("needs the CUDA extension (CI builds it)")
+  assert set(_ffi._C.registrations()) == set(_ffi.FFI_TARGETS)
+
+
+@pytest.mark.parametrize("platforms", [("cpu",), ("cpu", "cuda")])
+def test_export_runs_where_the_kernels_do_not(rng, platforms):
+  # Without a Hopper GPU every op lowers to plain JAX: no custom call, no check to disable,
+  # and the exported module computes what the jitted function does.
+  for fn, args in _cases(rng)[:3]:
+    exp = export.export(fn, platforms=platforms)(*args)
+    assert not _targets(exp)
+    got, want = exp.call(*args), fn(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.shape == w.shape and g.dtype == w.dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                 rtol=1e-6, atol=1e-6)

@@ -44,7 +44,8 @@ def export_safety_checks() -> list:
 
   ``jax.export`` refuses custom calls that have no compatibility guarantee, and ours have
   none: an exported module must run with the jax_deepgemm version that exported it (import
-  it in the process that calls the module: that registers the kernels). Only lowerings for
+  it in the process that calls the module, which registers the kernels, and call
+  ``use_kernels()`` once before the first call, which sets them up). Only lowerings for
   CUDA on a Hopper GPU contain our custom calls (see ``use_kernels``); exported for any other
   platform, or from a machine without Hopper, the ops are plain JAX and need no checks.
 

@@ -22,5 +22,6 @@ __all__ = [
     "dequantize_per_token",
     "dequantize_per_block", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked", "k_grouped_fp8_gemm_tn_contiguous", "extension_built",
-    "use_kernels", "export_safety_checks", "gemm_config", "k_grouped_config", "fp8_linear", "fp8_grouped_linear",
+    "use_kernels", "export_safety_checks", "gemm_config", "k_grouped_config", "fp8_linear",
+    "fp8_grouped_linear",
 ]

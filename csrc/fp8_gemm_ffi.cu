@@ -539,19 +539,41 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
   return e.stages == fp8_gemm_max_stages(e.block_m, e.block_n, grouped);
 }
 
+// Work per clock of a tile in problems of over two waves, relative to 128x128
+// at equally full waves (H200); 0: not a candidate there.
+//  * 128x128 overlaps promotion with the next wgmma (two result buffers).
+//  * 192x128 (dense only: three math warpgroups) reads 17% fewer bytes per FLOP
+//    and ran at about 128x128's speed where their waves were as full (8192^3:
+//    849-862 vs 878 us); so it wins where its waves are fuller: 4096x2112x7168 (3
+//    rounds of 374 tiles against 5 of 544) 110-112 vs 118 us (kernel_bench alone,
+//    2026-12-04); through JAX under DeepGEMM's protocol 105.5 vs 118.7 us and 818
+//    vs 852 us. In the M-grouped kernels it did not pay (contiguous 4x8192: 1309
+//    vs 1302 TFLOPS, 1214 vs 1237), so they are not built with it.
+//  * 128x256 (two 128-wide wgmma halves per K block) spreads each tile's fixed cost
+//    (pipeline fill, epilogue) over twice the work: +5% at K <= 2048 (4096x7168x2048,
+//    4096x24576x1536, M-grouped 4x8192 x 7168 x 2048; 2026-12-03), so it is taken down
+//    to 95% of 128x128's wave fill. At K 7168 and 16384 the two measured the same.
+//  * 128x160 / 128x192 (serial promotion): 27% / 16% slower per FLOP than 128x128
+//    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04) while each straddling tile
+//    picked its B scale per accumulator at run time.
+//  * Accumulating into c (D = C + A*B, f32) keeps 128x128: that reduce-add epilogue
+//    cost 19.5% over the f32 plain kernel with 128x256 on 4096x24576x1536, against
+//    8.6% with 128x128 (bench_gemm --epilogues); the others are unmeasured.
+double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate) {
+  if (block_m == 128 && block_n == 128) return 1.0;
+  if (accumulate) return 0.0;
+  if (block_m == 192 && block_n == 128) return 1.0;
+  if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 0.0;
+  if (block_m == 128 && block_n == 160) return 0.79;
+  if (block_m == 128 && block_n == 192) return 0.86;
+  return 0.0;
+}
+
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
-// two waves use 128x128 tiles: measured fastest on H200 (its mainloop overlaps
-// promotion with the next wgmma; BLOCK_N 160/192/96 lose 8-24%, 2026-11-22),
-// except that problems with K <= 2048 take 128x256 (two 128-wide wgmma halves
-// per K block) where its waves are nearly as full: each tile's fixed cost
-// (pipeline fill, epilogue) is spread over twice the work, +5% on 4096x7168x2048,
-// 4096x24576x1536 and M-grouped 4x8192 x 7168 x 2048 (H200, 2026-12-03); at K 7168 and 16384
-// the two tiles measured the same. Not when accumulating into c (D = C + A*B, f32):
-// that reduce-add epilogue cost 19.5% over the f32 plain kernel with 128x256 on
-// 4096x24576x1536, against 8.6% with 128x128 in an earlier run (bench_gemm
-// --epilogues, H200). 128x256 is otherwise used only when forced.
-// The multicast build is only used when forced: on H200 it runs at 97-98% of
-// the plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
+// two waves take the tile of the highest speed x wave efficiency (above); another
+// tile must beat 128x128 by 1%, and exact ties go to the later entry of the table. The multicast build is only used when forced: on
+// H200 it runs at 97-98% of the plain kernel's speed (1045 vs 1071 TFLOPS on
+// 4096x7168x16384, 2026-11-22).
 // Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
@@ -563,29 +585,21 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   const int64_t tiles_128 = ((m + 127) / 128 + (groups > 1 ? groups / 2 : 0)) * ((n + 127) / 128);
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
-  const bool many_waves = m > 64 && tiles_128 > 2 * num_sms;
-  const bool wide = many_waves && k <= 2048 && !accumulate &&
-                    WaveEfficiency(m, n, 128, 256, groups, num_sms) >=
-                        0.95 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
-  // 192x128 (dense, three math warpgroups) reads 17% fewer bytes per FLOP and
-  // ran at about 128x128's work per clock where their waves were as full
-  // (8192^3: 849-862 vs 878 us); so it is taken where its waves are fuller:
-  // 4096x2112x7168 (3 rounds of 374 tiles against 5 of 544) 110-112 vs 118 us
-  // (kernel_bench alone, H200, 2026-12-04), not at 4096 rows otherwise (21.3 tiles).
-  // Through JAX under DeepGEMM's protocol: 105.5 vs 118.7 us and 818 vs 852 us.
-  // In the M-grouped kernels it did not pay (contiguous 4x8192: 1309 vs 1302
-  // TFLOPS, 1214 vs 1237), so they are not built with it.
-  const bool tall = many_waves && !wide && !accumulate &&
-                    WaveEfficiency(m, n, 192, 128, groups, num_sms) >
-                        1.01 * WaveEfficiency(m, n, 128, 128, groups, num_sms);
-  // (tall and wide exclude each other.) The preferred tile, then 128x128.
-  const int shapes[2][2] = {{tall ? 192 : 128, wide ? 256 : 128}, {128, 128}};
-  for (const auto& shape : shapes) {
+  if (m > 64 && tiles_128 > 2 * num_sms) {  // many waves
     for (const KernelEntry& e : table) {
       if (!Allowed(e, env, table.grouped, n)) continue;
       if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
-      if (many_waves && e.block_m == shape[0] && e.block_n == shape[1]) return &e;
+      const double speed = ManyWaveSpeed(e.block_m, e.block_n, k, accumulate);
+      const bool base = e.block_m == 128 && e.block_n == 128;
+      const double score = speed * (base ? 1.01 : 1.0) *
+                           WaveEfficiency(m, n, e.block_m, e.block_n, groups, num_sms);
+      if (speed > 0.0 && (best_entry == nullptr || score > best * (1.0 - 1e-12))) {
+        best = score;
+        best_entry = &e;
+      }
     }
+    if (best_entry != nullptr) return best_entry;
+    best = 1e300;
   }
   for (const KernelEntry& e : table) {
     if (!Allowed(e, env, table.grouped, n)) continue;

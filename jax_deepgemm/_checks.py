@@ -31,8 +31,9 @@ def ndim(op, name, x, n, layout):
     raise ValueError(f"{op}: {name} must be {n}-D {layout}, got shape {tuple(x.shape)}")
 
 
-def out_dtype(op, d):
-  d = jnp.dtype(d)
+def out_dtype(op, d, default=jnp.bfloat16):
+  """``out_dtype``, with ``None`` meaning the op's default."""
+  d = jnp.dtype(default if d is None else d)
   if d not in OUT_DTYPES:
     raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {d}")
   return d

@@ -46,6 +46,7 @@ from flax import nnx
 
 from jax_deepgemm import expert_parallel
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
+from jax_deepgemm.quant import is_wide_float
 
 _SCORES = ("softmax", "sigmoid")
 _IMPLS = ("fp8", "bf16")
@@ -215,6 +216,8 @@ class MoE(nnx.Module):
 
   def __call__(self, x):
     x = jnp.asarray(x)
+    if not is_wide_float(x.dtype):
+      raise TypeError(f"MoE: x must be bf16, f16 or f32, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != self.hidden:
       raise ValueError(f"MoE: x must be [..., {self.hidden}], got {x.shape}")
     lead = x.shape[:-1]

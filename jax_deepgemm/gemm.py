@@ -129,7 +129,7 @@ def fp8_gemm_nt(a, sa, b, sb, *, bias=None, c=None, out_dtype=None):
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
       raise TypeError(f"{OP}: accumulating into c produces float32; got out_dtype={out_dtype}")
     out_dtype = jnp.float32
-  out_dtype = _checks.out_dtype(OP, jnp.bfloat16 if out_dtype is None else out_dtype)
+  out_dtype = _checks.out_dtype(OP, out_dtype)
   args = [a, sa, b, sb] + ([bias] if bias is not None else []) + ([c] if c is not None else [])
   return fp8_gemm_nt_p.bind(*map(jnp.asarray, args), out_dtype=out_dtype,
                             has_bias=bias is not None, has_c=c is not None)

@@ -88,5 +88,6 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     expected_m = a.shape[1] if expected_m is None else expected_m
     _checks.concrete_int(OP, "expected_m", expected_m)
     if jnp.issubdtype(masked_m.dtype, jnp.integer):
-      masked_m = jnp.clip(masked_m.astype(jnp.int32), 0, a.shape[1])
+      # Clip in its own type first: huge sizes must not wrap negative.
+      masked_m = jnp.clip(masked_m, 0, a.shape[1]).astype(jnp.int32)
   return masked_p.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)

@@ -22,9 +22,6 @@ from jax_deepgemm.quant import ceil_div, dequantize_per_token
 OP = "k_grouped_fp8_gemm_tn_contiguous"
 
 
-_OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
 def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   _checks.fp8(OP, "a", a)
   _checks.fp8(OP, "b", b)
@@ -107,9 +104,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
   Returns:
     ``[G, N, K]`` in ``out_dtype``.
   """
-  out_dtype = jnp.dtype(out_dtype)
-  if out_dtype not in _OUT_DTYPES:
-    raise TypeError(f"{OP}: out_dtype must be float32 or bfloat16, got {out_dtype}")
+  out_dtype = _checks.out_dtype(OP, out_dtype, default=jnp.float32)
   if c is not None and out_dtype != jnp.float32:
     raise ValueError(f"{OP}: accumulating into c needs out_dtype float32, got {out_dtype}")
   a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))

@@ -10,14 +10,18 @@ on H100/H200, the pure-JAX references elsewhere).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jax_deepgemm.gemm import fp8_gemm_nt
-from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
+                                             sanitize_group_sizes)
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
-from jax_deepgemm.quant import (per_block_cast_to_fp8, per_block_cast_to_fp8_and_transpose,
-                                per_token_cast_to_fp8, per_token_cast_to_fp8_and_transpose)
+from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
+                                per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
+                                per_token_cast_to_fp8_and_transpose)
 
 
 def _gemm_dtype(dtype):
@@ -45,7 +49,7 @@ def _match_vma(*xs):
 
 
 def _check_float(op, name, x):
-  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float8_e4m3fn:
+  if not is_wide_float(x.dtype):
     raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
 
 
@@ -115,7 +119,7 @@ def fp8_linear(x, w, bias=None):
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
-  y = _linear(x.reshape(-1, x.shape[-1]), w, bias)
+  y = _linear(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w, bias)  # (K may be 0)
   return y.reshape(x.shape[:-1] + (w.shape[1],))
 
 
@@ -179,4 +183,5 @@ def fp8_grouped_linear(x, w, group_sizes):
     raise ValueError(f"fp8_grouped_linear: group_sizes must be int [{w.shape[0]}], got "
                      f"{group_sizes.dtype}{list(group_sizes.shape)}")
   x, w, group_sizes = _match_vma(x, w, group_sizes)
-  return _grouped(x, w, group_sizes.astype(jnp.int32))
+  # Clipped in their own type (huge sizes must not wrap), as the ops do.
+  return _grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0]))

@@ -25,9 +25,15 @@ from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  
                                         token_axis_cast_p)
 
 
+def is_wide_float(dtype) -> bool:
+  """bf16, f16, f32 (or f64): the inputs the casts and layers take. 8-bit floats (any FP8
+  flavour) are not: casting them again would silently keep their few mantissa bits."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 2
+
+
 def _check_float(name, x):
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == FP8_DTYPE:
+  if not is_wide_float(x.dtype):
     raise TypeError(f"{name}: expected a bf16/f16/f32 array, got {x.dtype}")
   return x
 
@@ -130,12 +136,23 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
   return q, s, qt, jnp.swapaxes(s, -1, -2)
 
 
+def _check_scale(op, scale, expected, what):
+  if not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise TypeError(f"{op}: scale must be float32, got {scale.dtype}")
+  if tuple(scale.shape) != tuple(expected):
+    raise ValueError(f"{op}: scale must have shape {tuple(expected)} ({what}), got "
+                     f"{tuple(scale.shape)}")
+
+
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   """Inverse of ``per_token_cast_to_fp8`` (float32 result)."""
-  if not -x_fp8.ndim <= axis < x_fp8.ndim:
+  x_fp8, scale = jnp.asarray(x_fp8), jnp.asarray(scale)
+  if x_fp8.ndim == 0 or not -x_fp8.ndim <= axis < x_fp8.ndim:
     raise ValueError(f"dequantize_per_token: axis {axis} is out of range for shape {x_fp8.shape}")
   axis = axis % x_fp8.ndim
   n = x_fp8.shape[axis]
+  expected = x_fp8.shape[:axis] + (ceil_div(n, BLOCK),) + x_fp8.shape[axis + 1:]
+  _check_scale("dequantize_per_token", scale, expected, f"one scale per {BLOCK} along axis {axis}")
   s = jnp.repeat(scale, BLOCK, axis=axis, total_repeat_length=scale.shape[axis] * BLOCK)
   s = jax.lax.slice_in_dim(s, 0, n, axis=axis)
   return x_fp8.astype(jnp.float32) * s
@@ -143,6 +160,12 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
 
 def dequantize_per_block(w_fp8, scale):
   """Inverse of ``per_block_cast_to_fp8`` (float32 result)."""
+  w_fp8, scale = jnp.asarray(w_fp8), jnp.asarray(scale)
+  if w_fp8.ndim < 2:
+    raise ValueError(f"dequantize_per_block: expected [..., N, K], got shape {w_fp8.shape}")
   n, k = w_fp8.shape[-2:]
+  _check_scale("dequantize_per_block", scale,
+               w_fp8.shape[:-2] + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)),
+               f"one scale per {BLOCK}x{BLOCK} block")
   s = jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)[..., :n, :k]
   return w_fp8.astype(jnp.float32) * s

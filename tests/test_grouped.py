@@ -126,6 +126,31 @@ def test_masked_errors(rng):
     f(a[0], sa[0], b, sb, jnp.zeros((2,), jnp.int32))
 
 
+def test_masked_huge_unsigned_sizes_saturate(rng):
+  # 3e9 as uint32 would wrap negative in an int32 cast (all rows skipped); it means M_max.
+  a, sa = quant_act(rng, 32, 128)
+  a, sa = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)
+  b, sb = quant_w(rng, 2, 32, 128)
+  f = jd.m_grouped_fp8_gemm_nt_masked
+  d = f(a, sa, b, sb, jnp.asarray([3_000_000_000, 5], jnp.uint32))
+  ref = f(a, sa, b, sb, jnp.asarray([16, 5], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(d), np.asarray(ref))
+  assert np.abs(np.asarray(ref[0], np.float32)).min(axis=1).min() > 0
+
+
+def test_out_dtype_none_is_the_default(rng):
+  a, sa = quant_act(rng, 32, 128)
+  b, sb = quant_w(rng, 2, 32, 128)
+  gs = jnp.asarray([20, 12], jnp.int32)
+  assert jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs, out_dtype=None).dtype == jnp.bfloat16
+  a3, sa3 = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)
+  assert jd.m_grouped_fp8_gemm_nt_masked(a3, sa3, b, sb, gs, out_dtype=None).dtype == jnp.bfloat16
+  at, sat = quant_act(rng, 32, 64, axis=0)
+  assert jd.k_grouped_fp8_gemm_tn_contiguous(at, sat, at, sat, gs,
+                                             out_dtype=None).dtype == jnp.float32
+  assert jd.fp8_gemm_nt(a, sa, b[0], sb[0], out_dtype=None).dtype == jnp.bfloat16
+
+
 def test_huge_group_sizes_saturate(rng):
   a, sa = quant_act(rng, 10, 128)
   b, sb = quant_w(rng, 3, 16, 128)

@@ -67,7 +67,7 @@ def test_bf16_out(rng):
   np.testing.assert_array_equal(np.asarray(d16.astype(jnp.float32)),
                                 np.asarray(f(a, sa, b, sb, gs).astype(jnp.bfloat16)
                                            .astype(jnp.float32)))
-  with pytest.raises(TypeError, match="out_dtype must be float32 or bfloat16"):
+  with pytest.raises(TypeError, match="out_dtype must be bfloat16 or float32"):
     f(a, sa, b, sb, gs, out_dtype=jnp.float16)
   with pytest.raises(ValueError, match="needs out_dtype float32"):
     f(a, sa, b, sb, gs, c=jnp.zeros((3, n, k)), out_dtype=jnp.bfloat16)

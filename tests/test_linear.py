@@ -141,3 +141,31 @@ def test_errors():
     jd.fp8_linear(jnp.ones((4, 128), jnp.int32), jnp.ones((128, 32)))
   with pytest.raises(ValueError, match="group_sizes"):
     jd.fp8_grouped_linear(jnp.ones((4, 128)), jnp.ones((2, 128, 32)), jnp.ones((3,), jnp.int32))
+  # Any 8-bit float is rejected, not re-quantized (its output would keep its few bits).
+  for dt in (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float8_e4m3fnuz):
+    with pytest.raises(TypeError, match="fp8_linear: x must be bf16"):
+      jd.fp8_linear(jnp.ones((4, 128), dt), jnp.ones((128, 32)))
+    with pytest.raises(TypeError, match="fp8_grouped_linear: w must be bf16"):
+      jd.fp8_grouped_linear(jnp.ones((4, 128)), jnp.ones((2, 128, 32), dt),
+                            jnp.ones((2,), jnp.int32))
+
+
+def test_linear_empty_k_and_m():
+  # K = 0 gives zeros (and zero gradients), M = 0 an empty result, as x @ w does.
+  w = jnp.ones((0, 256))
+  y, (dx, dw) = jax.value_and_grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w)),
+                                   argnums=(0, 1))(jnp.ones((3, 5, 0)), w)
+  assert y == 0.0 and dx.shape == (3, 5, 0) and dw.shape == (0, 256)
+  assert jd.fp8_linear(jnp.ones((2, 0, 128)), jnp.ones((128, 8))).shape == (2, 0, 8)
+  y = jd.fp8_linear(jnp.ones((3, 0)), w)
+  assert y.shape == (3, 256) and not np.asarray(y).any()
+
+
+def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
+  # 3e9 as uint32 would wrap negative in an int32 cast; it must saturate at M instead.
+  x = randn(rng, (64, 128), jnp.float32)
+  w = randn(rng, (2, 128, 32), jnp.float32, scale=0.1)
+  big = jd.fp8_grouped_linear(x, w, jnp.asarray([3_000_000_000, 5], jnp.uint32))
+  ref = jd.fp8_grouped_linear(x, w, jnp.asarray([64, 0], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(big), np.asarray(ref))
+  assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every row computed

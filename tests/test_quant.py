@@ -91,6 +91,31 @@ def test_jit_and_bad_input():
     jd.per_token_cast_to_fp8(jnp.ones((4, 128), jnp.int32))
   with pytest.raises(ValueError, match="per_block_cast_to_fp8"):
     jd.per_block_cast_to_fp8(jnp.ones((128,)))
+  for dt in (jnp.float8_e4m3fn, jnp.float8_e5m2):  # not re-quantized silently
+    with pytest.raises(TypeError, match="per_token_cast_to_fp8"):
+      jd.per_token_cast_to_fp8(jnp.ones((4, 128), dt))
+    with pytest.raises(TypeError, match="per_block_cast_to_fp8"):
+      jd.per_block_cast_to_fp8(jnp.ones((128, 128), dt))
+
+
+def test_dequantize_checks_the_scales(rng):
+  q, s = jd.per_token_cast_to_fp8(randn(rng, (256, 384)))
+  np.testing.assert_array_equal(np.asarray(jd.dequantize_per_token(np.asarray(q), np.asarray(s))),
+                                np.asarray(jd.dequantize_per_token(q, s)))
+  for bad in (jnp.concatenate([s, s], 1), s[:, :2], s.T):
+    with pytest.raises(ValueError, match=r"dequantize_per_token: scale must have shape \(256, 3\)"):
+      jd.dequantize_per_token(q, bad)
+  with pytest.raises(TypeError, match="scale must be float32"):
+    jd.dequantize_per_token(q, s.astype(jnp.int32))
+  qt, st = jd.per_token_cast_to_fp8(randn(rng, (300, 8)), axis=0)
+  assert jd.dequantize_per_token(qt, st, axis=0).shape == (300, 8)
+  with pytest.raises(ValueError, match=r"shape \(3, 8\)"):
+    jd.dequantize_per_token(qt, st[:2], axis=0)
+  qb, sb = jd.per_block_cast_to_fp8(randn(rng, (2, 200, 300)))
+  assert jd.dequantize_per_block(qb, sb).shape == (2, 200, 300)
+  for bad in (jnp.ones((2, 5, 5)), sb[0], sb[:, :1]):
+    with pytest.raises(ValueError, match=r"dequantize_per_block: scale must have shape \(2, 2, 3\)"):
+      jd.dequantize_per_block(qb, bad)
 
 
 def test_axis_out_of_range():

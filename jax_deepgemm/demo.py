@@ -1,4 +1,4 @@
-"""``python -m jax_deepgemm.demo``: quantize, run every op under jit, compare with bf16.
+"""``python -m jax_deepgemm.demo``: every cast, op and layer under jit, compared with bf16.
 
 Prints which path ran (Hopper kernel or pure-JAX reference) and DeepGEMM's diff metric of
 each FP8 result against the same product in float32 on the unquantized inputs.
@@ -30,8 +30,8 @@ def main():
   x = jax.random.normal(kx, (m, k), jnp.bfloat16)
   w = jax.random.normal(kw, (g, n, k), jnp.bfloat16) / np.sqrt(k)
 
-  xq, xs = jd.per_token_cast_to_fp8(x)
-  wq, ws = jd.per_block_cast_to_fp8(w)
+  xq, xs = jax.jit(jd.per_token_cast_to_fp8)(x)
+  wq, ws = jax.jit(jd.per_block_cast_to_fp8)(w)
   d = jax.jit(jd.fp8_gemm_nt)(xq, xs, wq[0], ws[0])
   want = jnp.dot(x, w[0].T, preferred_element_type=jnp.float32)
   print(f"fp8_gemm_nt                      [{m}x{k}]·[{n}x{k}]ᵀ  diff vs bf16: {diff(d, want):.2e}")
@@ -54,13 +54,30 @@ def main():
         f"{diff(d, want):.2e}")
 
   dy = jax.random.normal(kx, (m, n), jnp.bfloat16)
-  xt, xts = jd.per_token_cast_to_fp8(x, axis=0)
-  dyt, dyts = jd.per_token_cast_to_fp8(dy, axis=0)
+  cast_tokens = jax.jit(lambda v: jd.per_token_cast_to_fp8(v, axis=0))
+  xt, xts = cast_tokens(x)
+  dyt, dyts = cast_tokens(dy)
   dw = jax.jit(jd.k_grouped_fp8_gemm_tn_contiguous)(dyt, dyts, xt, xts, sizes)
   ends = np.cumsum(np.asarray(sizes))
   want = jnp.stack([dy[e - s:e].astype(jnp.float32).T @ x[e - s:e].astype(jnp.float32)
                     for s, e in zip(np.asarray(sizes), ends)])
   print(f"k_grouped_fp8_gemm_tn_contiguous  dW [{g}x{n}x{k}]  diff: {diff(dw, want):.2e}")
+
+  # The layers: forward and both gradients, against the same in bf16 (f32 accumulation).
+  def fwd_bwd(layer):  # dy is an argument: a closed-over array would be constant-folded
+    loss = lambda x, w, ct: jnp.sum(layer(x, w).astype(jnp.float32) * ct.astype(jnp.float32))
+    return lambda x, w: jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w, dy)
+  w0 = jnp.swapaxes(w[0], 0, 1)  # [K, N], flax.nnx.Linear's layout
+  bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+  (_, got), (_, want) = fwd_bwd(jd.fp8_linear)(x, w0), fwd_bwd(bf16_dot)(x, w0)
+  print(f"fp8_linear (fwd+bwd)              dx diff: {diff(got[0], want[0]):.2e}  "
+        f"dw diff: {diff(got[1], want[1]):.2e}")
+  wk = jnp.swapaxes(w, 1, 2)  # [G, K, N], ragged_dot's layout
+  grouped = lambda x, w: jd.fp8_grouped_linear(x, w, sizes)
+  ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+  (_, got), (_, want) = fwd_bwd(grouped)(x, wk), fwd_bwd(ragged)(x, wk)
+  print(f"fp8_grouped_linear (fwd+bwd)      dx diff: {diff(got[0], want[0]):.2e}  "
+        f"dw diff: {diff(got[1], want[1]):.2e}")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,42 @@ def test_public_api():
                "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
                "k_grouped_fp8_gemm_tn_contiguous"]:
     assert callable(getattr(jd, name)), name
+
+
+def _readme_section_python_blocks(heading):
+  """The ```python blocks of README.md's section ``heading``, in order."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  if not os.path.exists(path):
+    pytest.skip("README.md is not next to tests/ (installed tests)")
+  text = open(path, encoding="utf-8").read()
+  start = text.index(f"\n## {heading}\n")
+  end = text.find("\n## ", start + 1)
+  section = text[start:end if end >= 0 else len(text)]
+  return [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+
+
+def test_readme_api_examples_run():
+  # The API section's examples run as written, one after another, as a reader would.
+  import jax.numpy as jnp
+  blocks = _readme_section_python_blocks("API")
+  assert len(blocks) >= 2, blocks
+  ns = {}
+  for block in blocks:
+    exec(compile(block, "README.md (API)", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["d"].shape == (4, 64, 384) and ns["dw"].dtype == jnp.bfloat16
+  assert ns["dx"].dtype == jnp.bfloat16 and ns["dx"].shape == ns["x"].shape
+
+
+def test_demo_runs_every_op_and_layer():
+  import re
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-m", "jax_deepgemm.demo", "--m", "256", "--n", "256",
+                      "--k", "384", "--groups", "3"], capture_output=True, text=True, timeout=600,
+                     cwd=os.path.dirname(__file__))
+  assert r.returncode == 0, r.stderr[-2000:]
+  for name in ("fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+               "k_grouped_fp8_gemm_tn_contiguous", "fp8_linear", "fp8_grouped_linear"):
+    assert name in r.stdout, r.stdout
+  diffs = [float(v) for v in re.findall(r"diff[^:]*: ([0-9.e+-]+)", r.stdout)]
+  assert len(diffs) == 8 and all(0 < d < 2e-3 for d in diffs), r.stdout  # FP8's error, ~7e-4

@@ -101,8 +101,9 @@ def test_clock_sampler_parse():
 def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   # A stand-in for `nvidia-smi -lms`: a sample every 20 ms, stamped like the real one, its
   # output block-buffered into the pipe (as a C program's is): stopping it must not lose it.
-  fake = tmp_path / "fake-smi"
+  fake, ready = tmp_path / "fake-smi", tmp_path / "ready"
   fake.write_text(f"#!{sys.executable}\nimport datetime, os, time\n"
+                  f"open({str(ready)!r}, 'w').close()\n"
                   "out = os.fdopen(1, 'w', buffering=65536)\nwhile True:\n"
                   "  out.write(datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]"
                   " + ', 1755, 612.25\\n')\n  time.sleep(0.02)\n")
@@ -111,9 +112,13 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")
   s = T.ClockSampler(command=str(fake)).start()
   import time  # noqa: PLC0415
-  time.sleep(0.2)
+  # Its start-up (a Python interpreter) can take seconds on a loaded machine: wait for it.
+  deadline = time.monotonic() + 60
+  while not ready.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.1)
   s.window(begin=True)
-  time.sleep(0.3)
+  time.sleep(0.4)
   s.window(begin=False)
   assert s.stop() == (1755.0, 612.25)
   # Off GPUs (this CPU run) there is nothing to sample and the timing says so.

@@ -31,6 +31,9 @@ The auxiliary load-balancing loss is Switch/DeepSeek's ``E * Σ_e f_e P_e`` (``f
 of token-choices routed to ``e``, no gradient; ``P_e``: the mean router probability of ``e``),
 scaled by ``aux_loss_coef``; it is 1 * coef for perfectly balanced routing.
 
+``Fp8Linear`` is ``nnx.Linear`` with the FP8 GEMM (:func:`jax_deepgemm.fp8_linear`) as its
+matmul: the same parameters, so a model can swap one for the other.
+
 Expert parallelism: ``MoE(..., mesh=mesh, expert_axis="expert")`` splits the routed experts
 over ``expert_axis`` and the tokens over every axis of ``mesh``, and exchanges tokens with
 ``all_to_all`` inside ``jax.shard_map`` (see :mod:`jax_deepgemm.expert_parallel`). Same
@@ -97,6 +100,35 @@ _combine_gather.defvjp(_combine_gather_fwd, _combine_gather_bwd)
 
 def _silu_glu(gate, up):
   return jax.nn.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- Linear
+class Fp8Linear(nnx.Linear):
+  """``nnx.Linear`` whose matmul is :func:`jax_deepgemm.fp8_linear` (DeepSeek-V3's FP8 recipe).
+
+  A drop-in: same arguments, initializers, parameters (``kernel [in, out]``, ``bias [out]``)
+  and metadata as ``nnx.Linear``, so a model's state moves between the two unchanged (e.g. train
+  in FP8, evaluate in bf16). The inputs and parameters are promoted to ``dtype`` as
+  ``nnx.Linear`` does; the FP8 GEMM then takes them (x per 1x128, the kernel per 128x128 block)
+  and returns the promoted dtype (``preferred_element_type``, if given, casts the result).
+  ``precision`` and ``dot_general`` have no meaning for an FP8 GEMM and are refused.
+  """
+
+  def __init__(self, in_features: int, out_features: int, **kwargs):
+    for name, default in (("precision", None), ("dot_general", jax.lax.dot_general)):
+      if kwargs.get(name, default) is not default:
+        raise ValueError(f"Fp8Linear: {name} is not supported (the matmul is the FP8 GEMM)")
+    super().__init__(in_features, out_features, **kwargs)
+
+  def __call__(self, inputs, out_sharding=None):
+    if out_sharding is not None:
+      raise ValueError("Fp8Linear: out_sharding is not supported; shard the inputs instead "
+                       "(the op has partitioning rules)")
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    y = fp8_linear(inputs, kernel, bias)
+    return y if self.preferred_element_type is None else y.astype(self.preferred_element_type)
 
 
 # ----------------------------------------------------------------------------- module

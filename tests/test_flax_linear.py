@@ -1,0 +1,81 @@
+"""jax_deepgemm.flax.Fp8Linear: an nnx.Linear drop-in whose matmul is the FP8 GEMM."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import oracle
+from jax_deepgemm.flax import Fp8Linear
+from helpers import randn
+
+
+def _pair(k, n, **kw):
+  # Same seed: the same initial parameters in both.
+  return Fp8Linear(k, n, rngs=nnx.Rngs(3), **kw), nnx.Linear(k, n, rngs=nnx.Rngs(3), **kw)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_matches_nnx_linear_values_and_grads(rng, dtype):
+  fp8, ref = _pair(300, 136, dtype=dtype, bias_init=nnx.initializers.normal(1.0))
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(getattr(fp8, name)[...], getattr(ref, name)[...])
+  x = randn(rng, (2, 5, 300), jnp.float32)
+  r = randn(rng, (2, 5, 136), jnp.float32)
+  y, y_ref = fp8(x), ref(x)
+  assert y.dtype == y_ref.dtype and y.shape == y_ref.shape == (2, 5, 136)
+  assert 0 < oracle.calc_diff(y, y_ref) < 2e-3  # FP8 rounding, not exact
+
+  loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * r)
+  (gm, gx), (gm_ref, gx_ref) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fp8, ref))
+  assert gx.dtype == x.dtype and oracle.calc_diff(gx, gx_ref) < 2e-3
+  for name in ("kernel", "bias"):
+    g, g_ref = getattr(gm, name)[...], getattr(gm_ref, name)[...]
+    assert g.dtype == g_ref.dtype and oracle.calc_diff(g, g_ref) < 2e-3, name
+
+
+def test_state_moves_between_fp8_and_nnx_linear(rng):
+  fp8, ref = _pair(256, 128, use_bias=False)
+  ref.kernel[...] = randn(rng, (256, 128), jnp.float32, scale=0.05)
+  assert jax.tree.structure(nnx.state(fp8)) == jax.tree.structure(nnx.state(ref))
+  nnx.update(fp8, nnx.state(ref))
+  np.testing.assert_array_equal(fp8.kernel[...], ref.kernel[...])
+  x = randn(rng, (64, 256), jnp.bfloat16)
+  assert oracle.calc_diff(fp8(x), ref(x)) < 2e-3
+
+
+def test_trains_under_nnx_jit(rng):
+  model = nnx.Sequential(Fp8Linear(128, 256, rngs=nnx.Rngs(0), dtype=jnp.bfloat16),
+                         jax.nn.gelu,
+                         Fp8Linear(256, 128, rngs=nnx.Rngs(1), dtype=jnp.bfloat16))
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  x = randn(rng, (256, 128), jnp.float32)
+  target = jnp.tanh(x @ randn(rng, (128, 128), jnp.float32, scale=128 ** -0.5))
+
+  @nnx.jit
+  def step(model, opt, x, t):
+    loss_fn = lambda m: jnp.mean((m(x).astype(jnp.float32) - t) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt, x, target)) for _ in range(30)]
+  assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_refuses_what_an_fp8_gemm_cannot_honour():
+  with pytest.raises(ValueError, match="precision is not supported"):
+    Fp8Linear(128, 128, rngs=nnx.Rngs(0), precision=jax.lax.Precision.HIGHEST)
+  with pytest.raises(ValueError, match="dot_general is not supported"):
+    Fp8Linear(128, 128, rngs=nnx.Rngs(0), dot_general=lambda *a, **k: None)
+  layer = Fp8Linear(128, 64, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="out_sharding is not supported"):
+    layer(jnp.ones((4, 128)), out_sharding=jax.sharding.PartitionSpec())
+  # Inputs promote with the parameters as in nnx.Linear: FP8 ones refuse to (JAX's rule).
+  with pytest.raises(jax.dtypes.TypePromotionError):
+    layer(jnp.ones((4, 128), jnp.float8_e5m2))
+  assert layer(jnp.ones((4, 128), jnp.int32)).dtype == jnp.float32
+  y = Fp8Linear(128, 64, rngs=nnx.Rngs(0), preferred_element_type=jnp.float32,
+                dtype=jnp.bfloat16)(jnp.ones((4, 128)))
+  assert y.dtype == jnp.float32

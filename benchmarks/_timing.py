@@ -45,6 +45,7 @@ time_us, tflops, gbps`` plus free-form extras (``config``, ``ratio_vs_xla_fp8``,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -117,6 +118,25 @@ class Timing:
             "sm_clock_mhz": self.sm_clock_mhz, "power_w": self.power_w}
 
 
+@contextlib.contextmanager
+def _sigint_default_in_children():
+  """``stop()`` ends the sampler with SIGINT. A benchmark started as a background job (``cmd &``
+  in a script) has SIGINT ignored, and an ignored signal stays ignored across exec: the sampler
+  would then be killed instead, losing its buffered samples. A handler, unlike SIG_IGN, is reset
+  to the default at exec, so hold one while the child starts."""
+  try:
+    old = signal.getsignal(signal.SIGINT)
+    if old is signal.SIG_IGN:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+  except ValueError:  # not the main thread: leave it
+    old = None
+  try:
+    yield
+  finally:
+    if old is signal.SIG_IGN:
+      signal.signal(signal.SIGINT, old)
+
+
 class ClockSampler:
   """Samples SM clock (MHz) and power (W) of the benchmarked GPU with ``nvidia-smi -lms``.
 
@@ -155,8 +175,9 @@ class ClockSampler:
         stdbuf = shutil.which("stdbuf")
         if stdbuf:
           cmd = [stdbuf, "-oL", *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        with _sigint_default_in_children():
+          self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
     except (OSError, ValueError):  # measuring clocks must never break a benchmark
       self.proc = None
     return self

@@ -110,7 +110,14 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   fake.chmod(0o755)
   T = bench_module("_timing")
   monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")
-  s = T.ClockSampler(command=str(fake)).start()
+  # As in a benchmark started in the background (`cmd &` in a script): SIGINT ignored, which
+  # the sampler would inherit (then stop() kills it and its buffered samples are lost).
+  import signal  # noqa: PLC0415
+  old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    s = T.ClockSampler(command=str(fake)).start()
+  finally:
+    signal.signal(signal.SIGINT, old)
   import time  # noqa: PLC0415
   # Its start-up (a Python interpreter) can take seconds on a loaded machine: wait for it.
   deadline = time.monotonic() + 60

@@ -313,10 +313,15 @@ class KernelTimes:
   kernels: dict[str, float]      # kernel name -> median microseconds per launch
   launches_per_call: float
   per_call_us: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> us per call
+  # GPU idle time per call between its kernels (launch gaps, waits on the host), where known.
+  gap_us: float | None = None
 
   def extras(self) -> dict:
-    return {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
-            "kernel_breakdown_us": self.kernels}
+    out = {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
+           "kernel_breakdown_us": self.kernels}
+    if self.gap_us is not None:
+      out["kernel_gap_us"] = self.gap_us
+    return out
 
   def chill_extras(self, chill_gb: float, flops: float) -> dict:
     """Record fields of these times taken under DeepGEMM's protocol (``chill_bytes``)."""
@@ -328,8 +333,8 @@ class KernelTimes:
     return sorted(self.per_call_us.items(), key=lambda kv: -kv[1])[:n]
 
 
-def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
-  """(name, duration in us) of every event on the GPU streams of a trace, or None."""
+def _trace_events(trace_dir: str) -> list[tuple[str, float, float]] | None:
+  """(name, duration in us, start in us) of every event on the GPU streams of a trace, or None."""
   import glob
   from jax.profiler import ProfileData  # jax >= 0.4.36
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -344,11 +349,24 @@ def _trace_events(trace_dir: str) -> list[tuple[str, float]] | None:
     for ln in streams:
       for ev in ln.events:
         if not ev.name.startswith(("Memcpy", "Memset")):
-          events.append((ev.name, ev.duration_ns / 1e3))
+          events.append((ev.name, ev.duration_ns / 1e3, ev.start_ns / 1e3))
   return events
 
 
-def _profile(run: Callable[[], Any], reps: int) -> list[tuple[str, float]] | None:
+def inner_gaps_us(events: Sequence[tuple[str, float, float]], runs: int) -> float:
+  """GPU idle time between the kernels of ``runs`` dispatches, each waited for before the
+  next: all gaps between consecutive kernels (overlaps count as none) but the ``runs - 1``
+  largest, which are the host's wait and re-dispatch between runs."""
+  spans = sorted((start, start + us) for _, us, start in events)
+  gaps, end = [], spans[0][1] if spans else 0.0
+  for start, stop in spans[1:]:
+    gaps.append(max(0.0, start - end))
+    end = max(end, stop)
+  gaps.sort()
+  return sum(gaps[:max(0, len(gaps) - (runs - 1))])
+
+
+def _profile(run: Callable[[], Any], reps: int) -> list[tuple[str, float, float]] | None:
   """GPU events of ``reps`` calls of ``run()`` under ``jax.profiler`` (None without CUPTI)."""
   try:
     with tempfile.TemporaryDirectory() as d:
@@ -386,7 +404,7 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
     fill_fn = jax.jit(lambda: jax.lax.iota(jnp.int32, max(1, chill_bytes // 4)))
     op = jax.jit(fn)
     if only is not None:
-      fill_names = {name for name, _ in _profile(lambda: jax.block_until_ready(fill_fn()), 1)
+      fill_names = {ev[0] for ev in _profile(lambda: jax.block_until_ready(fill_fn()), 1)
                     or []}
       if fill_names & set(only):
         raise ValueError(f"the fill's kernels {sorted(fill_names & set(only))} are also the "
@@ -407,17 +425,19 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
     run()
   events = _profile(run, reps)
   if only is not None:
-    events = [(name, us) for name, us in (events or []) if name in set(only)]
+    events = [ev for ev in (events or []) if ev[0] in set(only)]
   if not events:
     return None
   calls = reps * n_sets
   by_name: dict[str, list[float]] = {}
-  for name, us in events:
+  for name, us, _ in events:
     by_name.setdefault(name, []).append(us)
-  return KernelTimes(total_us=sum(us for _, us in events) / calls,
+  # (Under the chill protocol the fills sit between the op's calls: no gaps to speak of.)
+  gap = None if chill_bytes else inner_gaps_us(events, reps) / calls
+  return KernelTimes(total_us=sum(ev[1] for ev in events) / calls,
                      kernels={k: statistics.median(v) for k, v in by_name.items()},
                      launches_per_call=len(events) / calls,
-                     per_call_us={k: sum(v) / calls for k, v in by_name.items()})
+                     per_call_us={k: sum(v) / calls for k, v in by_name.items()}, gap_us=gap)
 
 
 # --------------------------------------------------------------------------- flags

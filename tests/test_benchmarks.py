@@ -161,3 +161,10 @@ def test_kernel_times_trace_parsing(tmp_path):
     jax.block_until_ready(jax.jit(lambda x: x @ x)(jax.numpy.ones((64, 64))))
   assert T._trace_events(str(tmp_path)) == []
   assert T._trace_events(str(tmp_path / "missing")) is None
+  # Idle time between kernels: two runs of three kernels (us), the host's wait between runs
+  # (the largest gap) left out, overlapping kernels (two streams) counting no gap.
+  ev = [("a", 10.0, 0.0), ("b", 5.0, 12.0), ("c", 4.0, 15.0),    # gaps 2, 0 (overlap)
+        ("a", 10.0, 500.0), ("b", 5.0, 513.0), ("c", 4.0, 519.0)]  # host wait 481; gaps 3, 1
+  assert T.inner_gaps_us(ev, runs=2) == 6.0
+  assert T.inner_gaps_us(ev, runs=1) == 487.0
+  assert T.inner_gaps_us(ev[:1], runs=1) == 0.0 and T.inner_gaps_us([], runs=3) == 0.0

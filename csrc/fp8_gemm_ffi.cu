@@ -555,15 +555,18 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 //    to 95% of 128x128's wave fill. At K 7168 and 16384 the two measured the same.
 //  * 128x160 / 128x192 (serial promotion): 27% / 16% slower per FLOP than 128x128
 //    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04) while each straddling tile
-//    picked its B scale per accumulator at run time.
+//    picked its B scale per accumulator at run time. So they win only where their
+//    waves are much fuller (e.g. 3072x2112x4096: 2 full rounds of 128x192 against 4
+//    at 75%). Measured on dense problems only: the M-grouped kernels keep 128x128.
 //  * Accumulating into c (D = C + A*B, f32) keeps 128x128: that reduce-add epilogue
 //    cost 19.5% over the f32 plain kernel with 128x256 on 4096x24576x1536, against
 //    8.6% with 128x128 (bench_gemm --epilogues); the others are unmeasured.
-double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate) {
+double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool grouped) {
   if (block_m == 128 && block_n == 128) return 1.0;
   if (accumulate) return 0.0;
   if (block_m == 192 && block_n == 128) return 1.0;
   if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 0.0;
+  if (grouped) return 0.0;
   if (block_m == 128 && block_n == 160) return 0.79;
   if (block_m == 128 && block_n == 192) return 0.86;
   return 0.0;
@@ -589,7 +592,7 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
     for (const KernelEntry& e : table) {
       if (!Allowed(e, env, table.grouped, n)) continue;
       if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
-      const double speed = ManyWaveSpeed(e.block_m, e.block_n, k, accumulate);
+      const double speed = ManyWaveSpeed(e.block_m, e.block_n, k, accumulate, table.grouped);
       const bool base = e.block_m == 128 && e.block_n == 128;
       const double score = speed * (base ? 1.01 : 1.0) *
                            WaveEfficiency(m, n, e.block_m, e.block_n, groups, num_sms);
@@ -644,9 +647,12 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumula
       HeuristicKernel(m, n, k, groups, accumulate, num_sms, table,
                       env.present ? env : kNoOverride);
   if (e == nullptr && env.present && env.multicast > 1) {
-    // A forced multicast=2 on a problem with an odd N-block count: same tile, no multicast.
+    // A forced multicast=2 on a problem with an odd N-block count: same tile (multicast
+    // builds are 128x128), no multicast.
     EnvOverride relaxed = env;
     relaxed.multicast = 0;
+    relaxed.block_m = relaxed.block_m ? relaxed.block_m : 128;
+    relaxed.block_n = relaxed.block_n ? relaxed.block_n : 128;
     e = HeuristicKernel(m, n, k, groups, accumulate, num_sms, table, relaxed);
   }
   if (e == nullptr) {

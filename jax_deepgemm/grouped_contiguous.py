@@ -81,14 +81,20 @@ m_grouped_contiguous_p = _primitive.define(
     batching_rule=lambda args, dims, **p: _primitive.map_rule(m_grouped_contiguous_p)(args, dims, **p))
 
 
+def clip_rows(sizes, m):
+  """Integer ``sizes`` clipped to ``[0, m]``, as int32, without wrapping on the way: types
+  that int32 holds (int8/16/32, uint8/16) are widened first, so that ``m`` fits; wider ones
+  (uint32, 64-bit) are clipped in their own type, where ``m`` fits, before narrowing."""
+  if jnp.iinfo(sizes.dtype).max <= jnp.iinfo(jnp.int32).max:
+    sizes = sizes.astype(jnp.int32)
+  return jnp.clip(sizes, 0, m).astype(jnp.int32)
+
+
 def sanitize_group_sizes(group_sizes, m):
   """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
-  g = group_sizes
-  if jnp.issubdtype(g.dtype, jnp.signedinteger):
-    g = jnp.maximum(g, 0)
-  # Clip in the input's own type first (huge sizes must not wrap), then a saturating
-  # running sum so no prefix overflows int32.
-  g = jnp.minimum(g, m).astype(jnp.int32)
+  # Each size clipped without wrapping, then a saturating running sum so no prefix
+  # overflows int32.
+  g = clip_rows(group_sizes, m)
   ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x + y, m), g)
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 

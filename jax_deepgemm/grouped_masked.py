@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
-from jax_deepgemm.grouped_contiguous import grouped_kernel_call
+from jax_deepgemm.grouped_contiguous import clip_rows, grouped_kernel_call
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
 OP = "m_grouped_fp8_gemm_nt_masked"
@@ -88,6 +88,5 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     expected_m = a.shape[1] if expected_m is None else expected_m
     _checks.concrete_int(OP, "expected_m", expected_m)
     if jnp.issubdtype(masked_m.dtype, jnp.integer):
-      # Clip in its own type first: huge sizes must not wrap negative.
-      masked_m = jnp.clip(masked_m, 0, a.shape[1]).astype(jnp.int32)
+      masked_m = clip_rows(masked_m, a.shape[1])  # (huge sizes must not wrap)
   return masked_p.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)

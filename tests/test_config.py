@@ -91,6 +91,15 @@ def test_tall_tile_where_its_waves_are_fuller():
   assert rc == 0, err[-2000:]
   assert out == [_cfg(192, 128, 5), _cfg(192, 128, 5), _cfg(128, 128, 5), _cfg(128, 128, 5),
                  _cfg(128, 128, 5), _cfg(128, 192, 4), _cfg(192, 128, 5)], out
+
+
+def test_wide_serial_tiles_only_where_their_waves_are_much_fuller():
+  # ManyWaveSpeed: 128x192 runs at 0.86 of 128x128's work per clock (dense), so it takes
+  # 3072x2112x4096 (2 full rounds against 4 at 75%), not 4096x2112x7168 (89% vs 80% full);
+  # the M-grouped kernels keep 128x128 (unmeasured there: 8192 rows, 32 groups, N 576).
+  rc, out, err = _configs(None, "3072x2112x4096", "4096x2112x7168", "8192x576x7168x32")
+  assert rc == 0, err[-2000:]
+  assert out == [_cfg(128, 192, 4), _cfg(192, 128, 5), _cfg(128, 128, 5)], out
   # Forced, it runs any dense problem (the cost model never picks it on its own).
   rc, out, err = _configs("block_m=192", "4096x7168x16384", "1x4096x7168")
   assert rc == 0 and out == [_cfg(192, 128, 5)] * 2, (out, err[-2000:])
@@ -105,6 +114,10 @@ def test_forced_config_is_honored():
   rc, out, err = _configs("block_m=128,block_n=128,multicast=2", "4096x7168x16384")
   assert rc == 0, err[-2000:]
   assert out == [_cfg(128, 128, 5, 2)]
+  # multicast=2 where N has an odd number of 128-wide blocks (17): the same 128x128 tile
+  # without multicast, not the heuristic's own choice there (128x192).
+  rc, out, err = _configs("multicast=2", "3072x2112x4096")
+  assert rc == 0 and out == [_cfg(128, 128, 5)], (out, err[-2000:])
   # An empty value means "not set"; tma_store alone leaves the tile to the heuristic.
   for override in (" ", "tma_store=0"):
     rc, out, err = _configs(override, "4096x7168x16384")

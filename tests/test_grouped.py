@@ -135,6 +135,14 @@ def test_masked_huge_unsigned_sizes_saturate(rng):
   d = f(a, sa, b, sb, jnp.asarray([3_000_000_000, 5], jnp.uint32))
   ref = f(a, sa, b, sb, jnp.asarray([16, 5], jnp.int32))
   np.testing.assert_array_equal(np.asarray(d), np.asarray(ref))
+  # Narrow types must not wrap M_max either (int8 can't hold 128; uint8 wraps 256 to 0).
+  a2, sa2 = quant_act(rng, 2 * 300, 128)
+  a2, sa2 = a2.reshape(2, 300, 128), sa2.reshape(2, 300, 1)
+  full = f(a2, sa2, b, sb, jnp.asarray([100, 300], jnp.int32))
+  for sizes in (jnp.asarray([100, 127], jnp.int8), jnp.asarray([100, 255], jnp.uint8),
+                jnp.asarray([100, 300], jnp.int16)):
+    want = full if sizes.dtype == jnp.int16 else f(a2, sa2, b, sb, sizes.astype(jnp.int32))
+    np.testing.assert_array_equal(np.asarray(f(a2, sa2, b, sb, sizes)), np.asarray(want))
   assert np.abs(np.asarray(ref[0], np.float32)).min(axis=1).min() > 0
 
 
@@ -157,6 +165,12 @@ def test_huge_group_sizes_saturate(rng):
   gs = jnp.asarray([2**31 - 1, 2**31 - 1, 3], jnp.int32)
   from jax_deepgemm.grouped_contiguous import sanitize_group_sizes
   np.testing.assert_array_equal(np.asarray(sanitize_group_sizes(gs, 10)), [10, 0, 0])
+  # Narrow types keep their values when M does not fit them (int8 vs M = 300).
+  np.testing.assert_array_equal(
+      np.asarray(sanitize_group_sizes(jnp.asarray([5, 100, -3, 127], jnp.int8), 300)),
+      [5, 100, 0, 127])
+  np.testing.assert_array_equal(
+      np.asarray(sanitize_group_sizes(jnp.asarray([200, 255], jnp.uint8), 300)), [200, 100])
   d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, gs)
   assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, [10, 0, 0])) < 1e-5
 

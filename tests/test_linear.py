@@ -169,3 +169,8 @@ def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
   ref = jd.fp8_grouped_linear(x, w, jnp.asarray([64, 0], jnp.int32))
   np.testing.assert_array_equal(np.asarray(big), np.asarray(ref))
   assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every row computed
+  # Narrow types: M = 300 does not fit int8, whose sizes must still mean what they say.
+  x3 = randn(rng, (300, 128), jnp.float32)
+  got = jd.fp8_grouped_linear(x3, w, jnp.asarray([100, 100], jnp.int8))
+  want = jd.fp8_grouped_linear(x3, w, jnp.asarray([100, 100], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
@@ -22,6 +23,16 @@ from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose)
+
+
+# Names for remat policies (``jax.checkpoint_policies.save_only_these_names``): what the
+# backward keeps (X_FP8, W_FP8; DeepSeek-V3 caches its activations in FP8) and the layer's
+# output (OUT: the GEMM is our primitive, not a dot, so ``dots_saveable`` does not save it).
+# Saving all three, ``FP8_RESIDUALS``, recomputes nothing of the layer in the backward.
+X_FP8 = "jax_deepgemm_x_fp8"  # X's e4m3 cast along tokens and its scales
+W_FP8 = "jax_deepgemm_w_fp8"  # W's e4m3 [K, N] cast and its scales
+OUT = "jax_deepgemm_out"      # the layer's output
+FP8_RESIDUALS = (X_FP8, W_FP8, OUT)
 
 
 def _gemm_dtype(dtype):
@@ -77,7 +88,13 @@ def _linear_fwd(x2, w, bias):
   # [K, N] one (dgrad's operand) saved instead of W. (An empty array keeps W's dtype.)
   wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
   y = _linear_gemm(xq, xs, wtq, wts, x2.dtype, bias)
+  xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
   return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), bias)
+
+
+def _name_residuals(xt, xts, wq, ws):
+  return (checkpoint_name(xt, X_FP8), checkpoint_name(xts, X_FP8),
+          checkpoint_name(wq, W_FP8), checkpoint_name(ws, W_FP8))
 
 
 def _linear_bwd(res, dy):
@@ -120,6 +137,7 @@ def fp8_linear(x, w, bias=None):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
   y = _linear(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w, bias)  # (K may be 0)
+  y = checkpoint_name(y, OUT)
   return y.reshape(x.shape[:-1] + (w.shape[1],))
 
 
@@ -143,6 +161,7 @@ def _grouped_fwd(x, w, group_sizes):
   xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x)
   wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
   return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes)
 
 
@@ -184,4 +203,4 @@ def fp8_grouped_linear(x, w, group_sizes):
                      f"{group_sizes.dtype}{list(group_sizes.shape)}")
   x, w, group_sizes = _match_vma(x, w, group_sizes)
   # Clipped in their own type (huge sizes must not wrap), as the ops do.
-  return _grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0]))
+  return checkpoint_name(_grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0])), OUT)

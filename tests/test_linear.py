@@ -174,3 +174,42 @@ def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
   got = jd.fp8_grouped_linear(x3, w, jnp.asarray([100, 100], jnp.int8))
   want = jd.fp8_grouped_linear(x3, w, jnp.asarray([100, 100], jnp.int32))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _count(jaxpr, name):
+  # Primitive applications named `name`, sub-jaxprs (remat, custom_vjp, pjit) included.
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count(sub, name)
+  return n
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_remat_policy_can_save_the_fp8_casts(rng, grouped):
+  # Under jax.checkpoint the forward's casts are recomputed in the backward, unless the
+  # policy saves them by name (jd.FP8_RESIDUALS): then X and W are each cast once.
+  x = randn(rng, (256, 128), jnp.bfloat16)
+  if grouped:
+    w = randn(rng, (2, 128, 64), jnp.bfloat16, scale=0.1)
+    layer = lambda x, w: jd.fp8_grouped_linear(x, w, jnp.asarray([100, 156], jnp.int32))
+  else:
+    w = randn(rng, (128, 64), jnp.bfloat16, scale=0.1)
+    layer = jd.fp8_linear
+  block = lambda x, w: jnp.sum(jnp.tanh(layer(x, w).astype(jnp.float32)))
+  counts, grads = {}, {}
+  for name, policy in [("nothing", jax.checkpoint_policies.nothing_saveable),
+                       ("fp8", jax.checkpoint_policies.save_only_these_names(*jd.FP8_RESIDUALS))]:
+    g = jax.grad(jax.checkpoint(block, policy=policy), argnums=(0, 1))
+    jaxpr = jax.make_jaxpr(g)(x, w).jaxpr
+    gemm = ("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous" if grouped
+            else "jax_deepgemm_fp8_gemm_nt")
+    counts[name] = (_count(jaxpr, "jax_deepgemm_dual_cast"),
+                    _count(jaxpr, "jax_deepgemm_per_block_dual_cast"), _count(jaxpr, gemm))
+    grads[name] = jax.jit(g)(x, w)
+  # Forward: X's and W's casts and the GEMM; backward: dY's cast and the dgrad GEMM. Without
+  # saving, the backward recomputes the forward's casts and GEMM once more.
+  assert counts == {"nothing": (3, 2, 3), "fp8": (2, 1, 2)}, counts
+  for a, b in zip(grads["nothing"], grads["fp8"]):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

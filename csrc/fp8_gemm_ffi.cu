@@ -574,9 +574,9 @@ double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool 
 
 // Picks a kernel among the allowed entries. Problems that fill the GPU in over
 // two waves take the tile of the highest speed x wave efficiency (above); another
-// tile must beat 128x128 by 1%, and exact ties go to the later entry of the table. The multicast build is only used when forced: on
-// H200 it runs at 97-98% of the plain kernel's speed (1045 vs 1071 TFLOPS on
-// 4096x7168x16384, 2026-11-22).
+// tile must beat 128x128 by 1%, and exact ties go to the later entry of the table.
+// The multicast build is only used when forced: on H200 it runs at 97-98% of the
+// plain kernel's speed (1045 vs 1071 TFLOPS on 4096x7168x16384, 2026-11-22).
 // Problems of one wave or less (small M, decode) pick by a small cost model per 128-wide K
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.

@@ -202,5 +202,5 @@ def fp8_grouped_linear(x, w, group_sizes):
     raise ValueError(f"fp8_grouped_linear: group_sizes must be int [{w.shape[0]}], got "
                      f"{group_sizes.dtype}{list(group_sizes.shape)}")
   x, w, group_sizes = _match_vma(x, w, group_sizes)
-  # Clipped in their own type (huge sizes must not wrap), as the ops do.
+  # Clipped to [0, M] without wrapping in their own type (clip_rows), as the ops do.
   return checkpoint_name(_grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0])), OUT)

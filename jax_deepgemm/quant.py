@@ -137,7 +137,7 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
 
 
 def _check_scale(op, scale, expected, what):
-  if not jnp.issubdtype(scale.dtype, jnp.floating):
+  if scale.dtype != jnp.float32:
     raise TypeError(f"{op}: scale must be float32, got {scale.dtype}")
   if tuple(scale.shape) != tuple(expected):
     raise ValueError(f"{op}: scale must have shape {tuple(expected)} ({what}), got "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
-from jax_deepgemm.quant import FP8_DTYPE, ceil_div
+from jax_deepgemm.quant_kernels import FP8_DTYPE, ceil_div
 
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 

@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax_deepgemm import _checks
 # The casts are primitives (fused CUDA kernels on Hopper); their pure-JAX reference lives there.
 from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  # noqa: F401
                                         ceil_div, dual_cast_p, per_block_cast_p,
@@ -136,14 +137,6 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
   return q, s, qt, jnp.swapaxes(s, -1, -2)
 
 
-def _check_scale(op, scale, expected, what):
-  if scale.dtype != jnp.float32:
-    raise TypeError(f"{op}: scale must be float32, got {scale.dtype}")
-  if tuple(scale.shape) != tuple(expected):
-    raise ValueError(f"{op}: scale must have shape {tuple(expected)} ({what}), got "
-                     f"{tuple(scale.shape)}")
-
-
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   """Inverse of ``per_token_cast_to_fp8`` (float32 result)."""
   x_fp8, scale = jnp.asarray(x_fp8), jnp.asarray(scale)
@@ -152,7 +145,9 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   axis = axis % x_fp8.ndim
   n = x_fp8.shape[axis]
   expected = x_fp8.shape[:axis] + (ceil_div(n, BLOCK),) + x_fp8.shape[axis + 1:]
-  _check_scale("dequantize_per_token", scale, expected, f"one scale per {BLOCK} along axis {axis}")
+  _checks.dtype("dequantize_per_token", "scale", scale, jnp.float32)
+  _checks.shape("dequantize_per_token", "scale", scale, expected,
+                f"one scale per {BLOCK} along axis {axis}")
   s = jnp.repeat(scale, BLOCK, axis=axis, total_repeat_length=scale.shape[axis] * BLOCK)
   s = jax.lax.slice_in_dim(s, 0, n, axis=axis)
   return x_fp8.astype(jnp.float32) * s
@@ -164,8 +159,9 @@ def dequantize_per_block(w_fp8, scale):
   if w_fp8.ndim < 2:
     raise ValueError(f"dequantize_per_block: expected [..., N, K], got shape {w_fp8.shape}")
   n, k = w_fp8.shape[-2:]
-  _check_scale("dequantize_per_block", scale,
-               w_fp8.shape[:-2] + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)),
-               f"one scale per {BLOCK}x{BLOCK} block")
+  _checks.dtype("dequantize_per_block", "scale", scale, jnp.float32)
+  _checks.shape("dequantize_per_block", "scale", scale,
+                w_fp8.shape[:-2] + (ceil_div(n, BLOCK), ceil_div(k, BLOCK)),
+                f"one scale per {BLOCK}x{BLOCK} block")
   s = jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)[..., :n, :k]
   return w_fp8.astype(jnp.float32) * s

@@ -554,10 +554,13 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 //    4096x24576x1536, M-grouped 4x8192 x 7168 x 2048; 2026-12-03), so it is taken down
 //    to 95% of 128x128's wave fill. At K 7168 and 16384 the two measured the same.
 //  * 128x160 / 128x192 (serial promotion): 27% / 16% slower per FLOP than 128x128
-//    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04) while each straddling tile
-//    picked its B scale per accumulator at run time. So they win only where their
-//    waves are much fuller (e.g. 3072x2112x4096: 2 full rounds of 128x192 against 4
-//    at 75%). Measured on dense problems only: the M-grouped kernels keep 128x128.
+//    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04), with a run-time B-scale pick
+//    per accumulator and a scale load stalling each k-block's last wgmma. Without both
+//    (2026-12-05), 128x160 took 842 us there (~0.92 per FLOP at its fuller waves);
+//    128x192 is unmeasured since, so both keep their old speeds until remeasured. They
+//    win only where their waves are much fuller (e.g. 3072x2112x4096: 2 full rounds of
+//    128x192 against 4 at 75%). Measured on dense problems only: the M-grouped kernels
+//    keep 128x128.
 //  * Accumulating into c (D = C + A*B, f32) keeps 128x128: that reduce-add epilogue
 //    cost 19.5% over the f32 plain kernel with 128x256 on 4096x24576x1536, against
 //    8.6% with 128x128 (bench_gemm --epilogues); the others are unmeasured.

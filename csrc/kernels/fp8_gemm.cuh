@@ -175,6 +175,23 @@ __device__ __forceinline__ void fp8_gemm_tile_coords(int tile, int num_m_blocks,
   n_block = in_group / group_m;
 }
 
+// Calls f(std::integral_constant<int, J>{}) for the J among kStep, 2 kStep, ...
+// (below kEnd) that equals j, so that code depending on j can be unrolled for
+// a constant (e.g. which accumulator chunks take the second scale block of B).
+// False when no J matches (the caller's general code runs instead).
+template <int kStep, int kEnd, int J = kStep, typename F>
+__device__ __forceinline__ bool dispatch_multiple(int j, F&& f) {
+  if constexpr (J < kEnd) {
+    if (j == J) {
+      f(std::integral_constant<int, J>{});
+      return true;
+    }
+    return dispatch_multiple<kStep, kEnd, J + kStep>(j, f);
+  } else {
+    return false;
+  }
+}
+
 // The mainloop's k-block schedule: blocks [kb, kb_split) as chunks of 8, then
 // 4, 2 and 1 consecutive blocks (kMaxChunk 1: one at a time), then blocks
 // [kb_split, kb_end) one at a time; `chunk(kb, std::integral_constant<int, U>,
@@ -839,20 +856,65 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     };
     auto no_flush = []() {};
 
-    for (int tile = sched0; tile < num_tiles; tile += sched_step) {
-      const TileInfo t = tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
-          tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend,
-          rank);
-      auto flush_t = [&]() { flush(t.n0); };
-      // B scales: the tile's columns [n0, n0 + BLOCK_N) lie in scale blocks
-      // n0/128 ("lo") and, from chunk j_hi on, n0/128 + 1 ("hi").
-      const int nb_lo = t.n0 / kScaleBlock;
+    auto tile_at = [&](int tile) {
+      return tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
+          tile, num_m_blocks, num_n_blocks, M, num_groups, grp_mblk, grp_rstart, grp_rend, rank);
+    };
+    // The rows of sb for a tile's columns [n0, n0 + BLOCK_N): scale blocks n0/128
+    // ("lo") and, from accumulator chunk j_hi on, n0/128 + 1 ("hi").
+    auto b_scale_rows = [&](const TileInfo& ti, const float*& lo, const float*& hi) {
+      const int nb_lo = ti.n0 / kScaleBlock;
       const int nb_hi = min(nb_lo + 1, num_scale_n - 1);
+      const float* sb_g = sb + static_cast<int64_t>(ti.group) * num_scale_n * num_k_blocks;
+      lo = sb_g + static_cast<int64_t>(nb_lo) * num_k_blocks;
+      hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
+    };
+    // B scales of the serial loop: lane l holds those of k-block w + l of the window of
+    // 32 in use, and of the next window, read by a shuffle. ptxas moves a warp-uniform
+    // scale to a uniform register before the k-block's last wgmma is issued, so loading
+    // it in its own k-block stalled that issue by a global-load latency (kernel_bench,
+    // H200, 4096x7168x16384: 128x160 959 -> 842 us, 192x128 782 -> 764 us).
+    // The windows run on across the CTA's tiles: a tile's first window is loaded
+    // during the previous tile's last.
+    auto load_sb = [&](const float* p, int kb) {
+      return kb < num_k_blocks ? __ldg(p + kb) : 0.0f;
+    };
+    float sbw_lo = 0.0f, sbw_hi = 0.0f, sbn_lo = 0.0f, sbn_hi = 0.0f;
+    if constexpr (!kPipelined && !kSplitN) {
+      if (sched0 < num_tiles) {
+        const float *lo, *hi;
+        b_scale_rows(tile_at(sched0), lo, hi);
+        sbn_lo = load_sb(lo, lane);
+        sbn_hi = load_sb(hi, lane);
+      }
+    }
+
+    for (int tile = sched0; tile < num_tiles; tile += sched_step) {
+      const TileInfo t = tile_at(tile);
+      auto flush_t = [&]() { flush(t.n0); };
       const int j_hi = (kScaleBlock - t.n0 % kScaleBlock) / 8;
-      const float* sb_g = sb + static_cast<int64_t>(t.group) * num_scale_n * num_k_blocks;
-      const float* sb_lo = sb_g + static_cast<int64_t>(nb_lo) * num_k_blocks;
-      const float* sb_hi = sb_g + static_cast<int64_t>(nb_hi) * num_k_blocks;
+      const float *sb_lo, *sb_hi;
+      b_scale_rows(t, sb_lo, sb_hi);
       const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
+      const float *next_lo = sb_lo, *next_hi = sb_hi;
+      if (!kPipelined && !kSplitN && tile + sched_step < num_tiles) {
+        b_scale_rows(tile_at(tile + sched_step), next_lo, next_hi);
+      }
+      auto window_b_scales = [&](int kb, float& lo, float& hi) {
+        if ((kb & 31) == 0) {
+          sbw_lo = sbn_lo;
+          sbw_hi = sbn_hi;
+          if (kb + 32 < num_k_blocks) {
+            sbn_lo = load_sb(sb_lo, kb + 32 + lane);
+            sbn_hi = load_sb(sb_hi, kb + 32 + lane);
+          } else if (tile + sched_step < num_tiles) {  // the next tile's first window
+            sbn_lo = load_sb(next_lo, lane);
+            sbn_hi = load_sb(next_hi, lane);
+          }
+        }
+        lo = __shfl_sync(0xffffffffu, sbw_lo, kb & 31);
+        hi = __shfl_sync(0xffffffffu, sbw_hi, kb & 31);
+      };
 
       // acc += d * scales of k-block kb, then release its stage. Split tiles
       // promote a stage in two calls, as `issue` issues it: d holds columns
@@ -894,13 +956,21 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
 #pragma unroll
           for (int i = 0; i < kNumAccum; ++i) acc[i] = fmaf(d[i], (i & 2) ? s_lo1 : s_lo0, acc[i]);
         } else {
+          // Chunks j_hi.. take the second scale block. A runtime j_hi cost a select
+          // (and predicate set-up) per pair of FFMAs; it is a multiple of kNAlign / 8
+          // (tiles start at multiples of gcd(BLOCK_N, 128)), so unroll for each value.
           const float s_hi0 = sa0 * sb_hi_val, s_hi1 = sa1 * sb_hi_val;
+          auto promote_split = [&](auto jc) {
+            constexpr int kJHi = decltype(jc)::value;
 #pragma unroll
-          for (int i = 0; i < kNumAccum; ++i) {
-            const bool hi = i / 4 >= j_hi;
-            const float sc = (i & 2) ? (hi ? s_hi1 : s_lo1) : (hi ? s_hi0 : s_lo0);
-            acc[i] = fmaf(d[i], sc, acc[i]);
-          }
+            for (int i = 0; i < kNumAccum; ++i) {
+              const bool hi = i / 4 >= kJHi;
+              const float sc = (i & 2) ? (hi ? s_hi1 : s_lo1) : (hi ? s_hi0 : s_lo0);
+              acc[i] = fmaf(d[i], sc, acc[i]);
+            }
+          };
+          // Not reached (see above); a fault rather than a silently wrong tile.
+          if (!dispatch_multiple<L::kNAlign / 8, kNumAccum / 4>(j_hi, promote_split)) __trap();
         }
         // Keep the FFMAs here: sunk past the next wgmma on d, they would make
         // ptxas serialize every wgmma.
@@ -912,8 +982,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // `last`, first issues kb + 1 into d_next so it runs under the FFMAs.
       // `mid` runs with the wgmmas in flight, before the wait (fp32 outputs:
       // before kb + 1 is issued, as their epilogue needs more registers).
-      auto step = [&](auto& d, auto& d_next, int kb, bool last, auto&& mid) {
-        const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
+      auto step = [&](auto& d, auto& d_next, float sb_lo_val, float sb_hi_val, bool last,
+                      auto&& mid) {
         if constexpr (kPipelined) {
           constexpr bool kMidEarly = sizeof(OutT) == 4;
           if (!last) {
@@ -941,14 +1011,16 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           issue(buf0, 1);
 #pragma unroll
           for (int j = 0; j < U; ++j) {
-            if (j == 0) step(buf0, buf1, kb, U == 1, first);
-            else if (j % 2 == 0) step(buf0, buf1, kb + j, j + 1 == U, no_flush);
-            else step(buf1, buf0, kb + j, j + 1 == U, no_flush);
+            const float lo = __ldg(sb_lo + kb + j), hi = __ldg(sb_hi + kb + j);
+            if (j == 0) step(buf0, buf1, lo, hi, U == 1, first);
+            else if (j % 2 == 0) step(buf0, buf1, lo, hi, j + 1 == U, no_flush);
+            else step(buf1, buf0, lo, hi, j + 1 == U, no_flush);
           }
         } else if constexpr (kSplitN) {
           // Two halves per k-block, each promoted before the next is issued
           // (the other math warpgroup's wgmmas keep the tensor cores busy; making
           // the two take turns through named barriers measured the same).
+          // (Its scales load here: through the window it ran 1.5-3% slower, H200.)
           static_assert(U == 1, "the split loop runs one k-block per chunk");
           const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
           if constexpr (sizeof(OutT) == 4) first();
@@ -961,10 +1033,12 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           promote(buf0, sb_hi_val, 0.0f, 1);
         } else {  // one k-block; fp32 outputs flush before the issue (registers)
           static_assert(U == 1, "the serial loop runs one k-block per chunk");
+          float sb_lo_val, sb_hi_val;
+          window_b_scales(kb, sb_lo_val, sb_hi_val);
           if constexpr (sizeof(OutT) == 4) first();
           issue(buf0, 1);
-          if constexpr (sizeof(OutT) == 4) step(buf0, buf0, kb, true, no_flush);
-          else step(buf0, buf0, kb, true, first);
+          if constexpr (sizeof(OutT) == 4) step(buf0, buf0, sb_lo_val, sb_hi_val, true, no_flush);
+          else step(buf0, buf0, sb_lo_val, sb_hi_val, true, first);
         }
       };
       // The tile's first chunk also flushes `prev`.

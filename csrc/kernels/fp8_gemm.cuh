@@ -178,7 +178,7 @@ __device__ __forceinline__ void fp8_gemm_tile_coords(int tile, int num_m_blocks,
 // Calls f(std::integral_constant<int, J>{}) for the J among kStep, 2 kStep, ...
 // (below kEnd) that equals j, so that code depending on j can be unrolled for
 // a constant (e.g. which accumulator chunks take the second scale block of B).
-// False when no J matches (the caller's general code runs instead).
+// False when no J matches (the caller decides: the promotion traps).
 template <int kStep, int kEnd, int J = kStep, typename F>
 __device__ __forceinline__ bool dispatch_multiple(int j, F&& f) {
   if constexpr (J < kEnd) {

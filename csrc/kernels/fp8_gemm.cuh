@@ -646,6 +646,8 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   constexpr int kNumBuf = ptx::WgmmaFp8<kWgmmaN>::kNumAccum;  // one wgmma result
   // Two wgmma result buffers + the accumulator fit in registers up to BLOCK_N 128.
   constexpr bool kPipelined = fp8_gemm_pipelined(BLOCK_M, BLOCK_N);
+  // The serial loop takes B's scales from a per-lane window (window_b_scales).
+  constexpr bool kScaleWindow = !kPipelined && !kSplitN;
   // 512 threads (BLOCK_M 192) share 64K registers: 128 x 24 + 384 x 160.
   constexpr int kTmaRegs = L::kNumMathWG == 3 ? 24 : 40;
   constexpr int kMathRegs = L::kNumMathWG == 3 ? 160 : L::kNumMathWG == 2 ? 232 : 240;
@@ -880,7 +882,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       return kb < num_k_blocks ? __ldg(p + kb) : 0.0f;
     };
     float sbw_lo = 0.0f, sbw_hi = 0.0f, sbn_lo = 0.0f, sbn_hi = 0.0f;
-    if constexpr (!kPipelined && !kSplitN) {
+    if constexpr (kScaleWindow) {
       if (sched0 < num_tiles) {
         const float *lo, *hi;
         b_scale_rows(tile_at(sched0), lo, hi);
@@ -897,7 +899,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       b_scale_rows(t, sb_lo, sb_hi);
       const float* sa_base = smem_sa + (kGrouped ? t.row0 & 3 : 0) + r_local;
       const float *next_lo = sb_lo, *next_hi = sb_hi;
-      if (!kPipelined && !kSplitN && tile + sched_step < num_tiles) {
+      if (kScaleWindow && tile + sched_step < num_tiles) {
         b_scale_rows(tile_at(tile + sched_step), next_lo, next_hi);
       }
       auto window_b_scales = [&](int kb, float& lo, float& hi) {

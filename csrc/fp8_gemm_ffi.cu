@@ -556,11 +556,14 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 //  * 128x160 / 128x192 (serial promotion): 27% / 16% slower per FLOP than 128x128
 //    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04), with a run-time B-scale pick
 //    per accumulator and a scale load stalling each k-block's last wgmma. Without both
-//    (2026-12-05), 128x160 took 842 us there (~0.92 per FLOP at its fuller waves);
-//    128x192 is unmeasured since, so both keep their old speeds until remeasured. They
-//    win only where their waves are much fuller (e.g. 3072x2112x4096: 2 full rounds of
-//    128x192 against 4 at 75%). Measured on dense problems only: the M-grouped kernels
-//    keep 128x128.
+//    (2026-12-05), 128x160 ran 0.87-0.93 of 128x128's work per clock at equal waves
+//    (kernel_bench alone, us, 128x160 vs 128x128, and the wave fills: 4096x7168x16384
+//    842 vs 763, 98.7% vs 97.0%; 4096x4096x7168 232 vs 198, 88.7% vs 97.0%;
+//    4096x7168x2048 129 vs 117; 4096x24576x1536 341 vs 293, 98.0% vs 99.0%), so 0.88.
+//    128x192 is unmeasured since and keeps 0.86. They win only where their waves are
+//    much fuller (e.g. 3072x2112x4096: 2 full rounds of 128x192 against 4 at 75%;
+//    1024x5120: 2 rounds of 128x160 at 97% against 3 at 81%). Measured on dense problems
+//    only: the M-grouped kernels keep 128x128.
 //  * Accumulating into c (D = C + A*B, f32) keeps 128x128: that reduce-add epilogue
 //    cost 19.5% over the f32 plain kernel with 128x256 on 4096x24576x1536, against
 //    8.6% with 128x128 (bench_gemm --epilogues); the others are unmeasured.
@@ -570,7 +573,7 @@ double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool 
   if (block_m == 192 && block_n == 128) return 1.0;
   if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 0.0;
   if (grouped) return 0.0;
-  if (block_m == 128 && block_n == 160) return 0.79;
+  if (block_m == 128 && block_n == 160) return 0.88;
   if (block_m == 128 && block_n == 192) return 0.86;
   return 0.0;
 }

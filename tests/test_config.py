@@ -96,10 +96,14 @@ def test_tall_tile_where_its_waves_are_fuller():
 def test_wide_serial_tiles_only_where_their_waves_are_much_fuller():
   # ManyWaveSpeed: 128x192 runs at 0.86 of 128x128's work per clock (dense), so it takes
   # 3072x2112x4096 (2 full rounds against 4 at 75%), not 4096x2112x7168 (89% vs 80% full);
+  # 128x160 at 0.88 takes 1024x5120x7168 (2 rounds at 97% against 3 at 81%) and
+  # 4096x1280x7168, not 4096x7168x16384 (98.7% vs 97.0%: too little);
   # the M-grouped kernels keep 128x128 (unmeasured there: 8192 rows, 32 groups, N 576).
-  rc, out, err = _configs(None, "3072x2112x4096", "4096x2112x7168", "8192x576x7168x32")
+  rc, out, err = _configs(None, "3072x2112x4096", "4096x2112x7168", "8192x576x7168x32",
+                          "1024x5120x7168", "4096x1280x7168", "4096x7168x16384")
   assert rc == 0, err[-2000:]
-  assert out == [_cfg(128, 192, 4), _cfg(192, 128, 5), _cfg(128, 128, 5)], out
+  assert out == [_cfg(128, 192, 4), _cfg(192, 128, 5), _cfg(128, 128, 5), _cfg(128, 160, 6),
+                 _cfg(128, 160, 6), _cfg(128, 128, 5)], out
   # Forced, it runs any dense problem (the cost model never picks it on its own).
   rc, out, err = _configs("block_m=192", "4096x7168x16384", "1x4096x7168")
   assert rc == 0 and out == [_cfg(192, 128, 5)] * 2, (out, err[-2000:])

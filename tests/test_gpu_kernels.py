@@ -81,7 +81,7 @@ import jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd, oracle
 from helpers import quant_act, quant_w
 rng = np.random.default_rng(1)
 worst = 0.0
-# K 9008: 71 k-blocks, past two windows of the serial loops' B scales (32 k-blocks each).
+# K 9008: 71 k-blocks, past two windows of B scales (32 k-blocks each; serial loops, 64x128).
 for m, n, k in [(200, 1000, 640), (65, 300, 400), (1, 96, 7168), (300, 2112, 128), (130, 161, 16),
                 (129, 200, 9008)]:
   a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, n, k)

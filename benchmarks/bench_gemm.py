@@ -40,11 +40,15 @@ measures the host as much as the kernels. There the run also traces every implem
 with ``jax.profiler`` and records ``kernel_us``, the summed time of the kernels one call
 runs (ours: the GEMM and the transpose of ``sa``; XLA's: its GEMM and any fusion around
 it), and ``kernel_ratio_vs_xla_fp8`` = kernel_us(XLA FP8) / kernel_us(ours).
+``--mn-major-scales`` hands ours ``sa`` MN-major instead, as DeepGEMM's protocol hands its
+kernel (``JAX_DEEPGEMM_MN_MAJOR_SCALES=1``: no transpose where M % 4 == 0; records say
+``sa_layout``).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
 import sys
 import traceback
@@ -54,6 +58,7 @@ import jax.numpy as jnp
 
 import _timing as T  # first: it makes a source checkout importable
 import jax_deepgemm as jd
+from jax_deepgemm import _ffi as jd_ffi
 
 OP = "fp8_gemm_nt"
 NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -130,6 +135,22 @@ def ours_inputs(m, n, k):
     a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (m, k), BF16))
     b, sb = jd.per_block_cast_to_fp8(jax.random.normal(kb, (n, k), BF16))
     return a, sa, b, sb
+  return make
+
+
+def ours_mn_major(a, sa_t, b, sb):
+  # DeepGEMM's protocol: A's scales arrive MN-major, [ceil(K/128), M]. With
+  # JAX_DEEPGEMM_MN_MAJOR_SCALES=1 and M % 4 == 0 this transpose is free (a layout).
+  return jd.fp8_gemm_nt(a, sa_t.T, b, sb)
+
+
+def ours_mn_major_inputs(m, n, k):
+  base = ours_inputs(m, n, k)
+
+  @jax.jit
+  def make(key):
+    a, sa, b, sb = base(key)
+    return a, sa.T, b, sb
   return make
 
 
@@ -250,6 +271,9 @@ def main(argv=None) -> int:
                       "(records jax_deepgemm_bias / jax_deepgemm_f32 / jax_deepgemm_c)")
   p.add_argument("--kernel-times", choices=("auto", "on", "off"), default="auto",
                  help="also record profiler (CUPTI) kernel times: auto = shapes with M <= 512")
+  p.add_argument("--mn-major-scales", action="store_true",
+                 help="hand our GEMM A's scales MN-major, as DeepGEMM's protocol does, with "
+                      "JAX_DEEPGEMM_MN_MAJOR_SCALES=1 (no transpose of sa in the timed call)")
   p.add_argument("--chill-gb", type=float, default=0.0,
                  help="also record kernel times the way DeepGEMM's published figures were "
                       "taken: each call after zeroing this many GB (DeepGEMM: 8), so GEMMs "
@@ -261,6 +285,10 @@ def main(argv=None) -> int:
   timing = T.timing_from_args(args)
   patterns = list(XLA_FP8_PATTERNS) if args.xla_fp8_pattern == "best" else [args.xla_fp8_pattern]
 
+  if args.mn_major_scales:  # read when the GEMM lowers: before anything is traced
+    os.environ[jd_ffi.MN_MAJOR_SCALES_ENV] = "1"
+  timed, timed_inputs = ((ours_mn_major, ours_mn_major_inputs) if args.mn_major_scales
+                         else (ours, ours_inputs))
   T.print_header()
   dev = jax.devices()[0]
   kernels = jd.use_kernels()
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
           print(f"      {line}")
       attempt("check-hlo jax_deepgemm", _check)
 
-    t_ours = attempt("jax_deepgemm", lambda: T.bench(ours, ours_inputs(m, n, k), **timing))
+    t_ours = attempt("jax_deepgemm", lambda: T.bench(timed, timed_inputs(m, n, k), **timing))
     gc.collect()
 
     t_fp8, fp8_cfg, pattern_us = None, None, {}
@@ -349,7 +377,7 @@ def main(argv=None) -> int:
     if (args.kernel_times == "on" or args.chill_gb > 0
         or (args.kernel_times == "auto" and m <= 512)):
       k_ours = attempt("kernel times jax_deepgemm",
-                       lambda: T.kernel_times(ours, ours_inputs(m, n, k)))
+                       lambda: T.kernel_times(timed, timed_inputs(m, n, k)))
       if t_fp8 is not None:
         best = XLA_FP8_PATTERNS[fp8_cfg.split(":")[0]]
         k_fp8 = attempt("kernel times xla_fp8_dot",
@@ -364,7 +392,7 @@ def main(argv=None) -> int:
       cb = int(args.chill_gb * 1e9)
       if k_ours:
         c_ours = attempt("chilled kernel times jax_deepgemm",
-                         lambda: T.kernel_times(ours, ours_inputs(m, n, k), chill_bytes=cb,
+                         lambda: T.kernel_times(timed, timed_inputs(m, n, k), chill_bytes=cb,
                                                 only=list(k_ours.kernels)))
       if k_fp8:
         c_fp8 = attempt("chilled kernel times xla_fp8_dot",
@@ -384,6 +412,7 @@ def main(argv=None) -> int:
     if t_ours:
       records.append(T.make_record(impl="jax_deepgemm", time_us=t_ours.time_us, nbytes=bytes_ours,
                                    config=config, ratio_vs_xla_fp8=r_fp8,
+                                   sa_layout="mn_major" if args.mn_major_scales else "row_major",
                                    ratio_vs_xla_bf16=r_bf16, diff=diff, **t_ours.extras(),
                                    kernel_ratio_vs_xla_fp8=kr_fp8, **k_extras(k_ours, c_ours),
                                    **common))

@@ -4,7 +4,9 @@
 // API version 4). Operands (in order), no attributes:
 //   a    F8E4M3FN [M, K]      row-major; M >= 1, K >= 16, K % 16 == 0
 //   sa   F32      [KB, MP]    KB = ceil(K/128), MP = round_up(M, 4);
-//                             scale of a[m, k] is sa[k/128, m]
+//                             scale of a[m, k] is sa[k/128, m]. Where
+//                             M % 4 == 0 also [M, KB] in column-major
+//                             layout (operand_layouts {0, 1}): the same bytes
 //   b    F8E4M3FN [N, K]      row-major; N >= 1
 //   sb   F32      [NB, KB]    NB = ceil(N/128); scale of b[n, k] is
 //                             sb[n/128, k/128]
@@ -737,8 +739,11 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& a, const ffi::AnyBuffer& sa,
   }
   const int64_t kb = (k + 127) / 128;
   const int64_t mp = (m + 3) / 4 * 4;
-  if (sa.element_type() != ffi::DataType::F32 || sa.dimensions().size() != 2 ||
-      sa.dimensions()[0] != kb || sa.dimensions()[1] != mp) {
+  // [M, KB] declared column-major (M % 4 == 0) is the same bytes as [KB, MP].
+  const bool sa_dims = sa.dimensions().size() == 2 &&
+                       ((sa.dimensions()[0] == kb && sa.dimensions()[1] == mp) ||
+                        (m == mp && sa.dimensions()[0] == m && sa.dimensions()[1] == kb));
+  if (sa.element_type() != ffi::DataType::F32 || !sa_dims) {
     return invalid("sa must be float32 [ceil(K/128), round_up(M, 4)] = [" +
                    std::to_string(kb) + ", " + std::to_string(mp) + "], got " +
                    Dims(sa));

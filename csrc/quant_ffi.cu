@@ -5,7 +5,9 @@
 // int32 flags: use_ue8m0 (power-of-two scales), recip (quantize as
 // x * (1 / scale) instead of x / scale; see quant.cuh), transpose.
 //   "jax_deepgemm_per_token_cast"   x [R, C]    -> q [R, C],    s [R, ceil(C/128)]
-//                                   attrs use_ue8m0, recip
+//                                   attrs use_ue8m0, recip, s_mn_major (s's bytes
+//                                   are [ceil(C/128), R]: the caller declares that
+//                                   layout, the one the GEMMs read)
 //   "jax_deepgemm_per_block_cast"   x [B, N, K] -> q [B, N, K], s [B, ceil(N/128), ceil(K/128)]
 //                                   (transpose = 1: q [B, K, N], s [B, ceil(K/128), ceil(N/128)])
 //                                   attrs use_ue8m0, recip, transpose
@@ -23,7 +25,8 @@
 //                                                  st [A, ceil(T/128), C] (token axis, q
 //                                                  transposed), from one read of x
 //                                   attrs use_ue8m0, recip_token, recip_axis (the recip
-//                                   flags of the per-token and the token-axis cast)
+//                                   flags of the per-token and the token-axis cast),
+//                                   s_mn_major (s's bytes are [ceil(C/128), A, T])
 // Every size may be 0 (nothing is launched). The handlers check shapes and
 // launch one kernel: no host synchronization, no allocation (CUDA-graph safe).
 
@@ -116,7 +119,7 @@ constexpr char kPerTokenOp[] = "jax_deepgemm_per_token_cast";
 
 ffi::Error PerTokenCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
-                            int32_t use_ue8m0, int32_t recip) {
+                            int32_t use_ue8m0, int32_t recip, int32_t s_mn_major) {
   if (ffi::Error e = CheckInput(kPerTokenOp, x, 2, "[R, C]"); e.failure()) return e;
   const int64_t rows = x.dimensions()[0], cols = x.dimensions()[1];
   const int64_t groups = CeilDiv(cols, kGroup);
@@ -139,10 +142,13 @@ ffi::Error PerTokenCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     const int blocks = static_cast<int>(CeilDiv(total_groups, S::kGroupsPerBlock));
     // 16-byte loads need every row to start 16-byte aligned.
     const bool aligned = cols % S::kVec == 0 && Aligned(xp, 16) && Aligned(qp, S::kVec);
-    auto* kernel = aligned ? &quant::per_token_cast_kernel<T, true>
-                           : &quant::per_token_cast_kernel<T, false>;
+    auto* kernel = s_mn_major ? (aligned ? &quant::per_token_cast_kernel<T, true, true>
+                                         : &quant::per_token_cast_kernel<T, false, true>)
+                              : (aligned ? &quant::per_token_cast_kernel<T, true, false>
+                                         : &quant::per_token_cast_kernel<T, false, false>);
     kernel<<<blocks, kThreads, 0, stream>>>(xp, qp, sp, cols, static_cast<int>(groups),
-                                            total_groups, use_ue8m0, recip);
+                                            total_groups, static_cast<int>(rows), use_ue8m0,
+                                            recip);
     return LaunchStatus(kPerTokenOp);
   });
 }
@@ -278,7 +284,8 @@ constexpr char kDualOp[] = "jax_deepgemm_dual_cast";
 ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
                         ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
-                        int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis) {
+                        int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
+                        int32_t s_mn_major) {
   if (ffi::Error e = CheckInput(kDualOp, x, 3, "[A, T, C]"); e.failure()) return e;
   const int64_t batch = x.dimensions()[0], t = x.dimensions()[1], c = x.dimensions()[2];
   const int64_t tg = CeilDiv(t, kGroup), cg = CeilDiv(c, kGroup);
@@ -314,7 +321,8 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                            : &quant::dual_cast_kernel<T, false>;
     kernel<<<static_cast<int>(batch * tg * cg), S::kThreads, 0, stream>>>(
         xp, qp, sp, qtp, stp, static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
-        static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t);
+        static_cast<int>(cg), s_mn_major ? 1 : cg, s_mn_major ? batch * t : 1, use_ue8m0,
+        recip_token, recip_axis, vec_store_t);
     return LaunchStatus(kDualOp);
   });
 }
@@ -331,7 +339,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // q
         .Ret<xla::ffi::AnyBuffer>()  // s
         .Attr<int32_t>("use_ue8m0")
-        .Attr<int32_t>("recip"),
+        .Attr<int32_t>("recip")
+        .Attr<int32_t>("s_mn_major"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -385,5 +394,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // st
         .Attr<int32_t>("use_ue8m0")
         .Attr<int32_t>("recip_token")
-        .Attr<int32_t>("recip_axis"),
+        .Attr<int32_t>("recip_axis")
+        .Attr<int32_t>("s_mn_major"),
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -5,7 +5,8 @@ Layouts (all row-major, as JAX keeps them):
   b    e4m3 ``[N, K]``    sb  float32 ``[ceil(N/128), ceil(K/128)]``  (128x128 blocks)
   bias ``[N]`` (bf16 or f32), c float32 ``[M, N]`` → D ``[M, N]`` in ``out_dtype``.
 Any M, N, K ≥ 1. On Hopper the kernel needs K % 16 == 0 (TMA row pitch); other K are
-zero-padded inside the op. The MN-major scale layout the kernel reads is made here too.
+zero-padded inside the op. The MN-major scale layout the kernel reads is made here too
+(``a_scales_operand``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from jax_deepgemm import _checks, _primitive
+from jax_deepgemm import _checks, _ffi, _primitive
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
 OP = "fp8_gemm_nt"
@@ -62,6 +63,20 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def a_scales_operand(sa):
+  """``sa [M, KB]`` as the kernels read it, and its ``input_layouts`` entry.
+
+  The kernels load A's scales with TMA, MN-major: ``[KB, MP]`` with M padded to 4 (16-byte
+  rows). Where M % 4 == 0 that is ``sa`` in column-major layout: declared as the operand's
+  layout, XLA hands over a per-token cast's MN-major scales as they are (``_ffi.mn_major_scales``)
+  and transposes any others itself. Otherwise: an explicit padded transpose.
+  """
+  m = sa.shape[0]
+  if m % 4 == 0 and _ffi.mn_major_scales():
+    return sa, (1, 0)
+  return jnp.pad(sa.T, ((0, 0), (0, _round_up(m, 4) - m))), None
+
+
 def _cuda(*args, out_dtype, has_bias, has_c):
   a, sa, b, sb, bias, c = _split(args, has_bias, has_c)
   (m, k), n = a.shape, b.shape[0]
@@ -70,14 +85,14 @@ def _cuda(*args, out_dtype, has_bias, has_c):
   if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
     a = jnp.pad(a, ((0, 0), (0, _round_up(k, 16) - k)))
     b = jnp.pad(b, ((0, 0), (0, _round_up(k, 16) - k)))
-  # The kernel loads A's scales with TMA, BLOCK_M at a time: MN-major, M padded to 4.
-  sa_t = jnp.pad(sa.T, ((0, 0), (0, _round_up(m, 4) - m)))
+  sa_op, sa_layout = a_scales_operand(sa)
   empty = jnp.zeros((0,), jnp.float32)
   bias = empty if bias is None else bias.astype(jnp.float32)
   call = jax.ffi.ffi_call(
       "jax_deepgemm_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
+      input_layouts=None if sa_layout is None else (None, sa_layout, None, None, None, None),
       input_output_aliases={5: 0} if c is not None else None)
-  return call(a, sa_t, b, sb, bias, empty if c is None else c)
+  return call(a, sa_op, b, sb, bias, empty if c is None else c)
 
 
 def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):

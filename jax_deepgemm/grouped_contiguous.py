@@ -15,6 +15,7 @@ import numpy as np
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
+from jax_deepgemm.gemm import a_scales_operand
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
 OP = "m_grouped_fp8_gemm_nt_contiguous"
@@ -59,11 +60,11 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
     pad = -(-k // 16) * 16 - k
     a = jnp.pad(a, ((0, 0), (0, pad)))
     b = jnp.pad(b, ((0, 0), (0, 0), (0, pad)))
-  # MN-major A scales, rows padded to 4 (the kernel loads them with TMA).
-  sa_t = jnp.pad(sa.T, ((0, 0), (0, -(-m // 4) * 4 - m)))
-  call = jax.ffi.ffi_call("jax_deepgemm_m_grouped_fp8_gemm_nt",
-                          jax.ShapeDtypeStruct((m, n), out_dtype))
-  return call(a, sa_t, b, sb, sizes.astype(jnp.int32),
+  sa_op, sa_layout = a_scales_operand(sa)
+  call = jax.ffi.ffi_call(
+      "jax_deepgemm_m_grouped_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
+      input_layouts=None if sa_layout is None else (None, sa_layout, None, None, None))
+  return call(a, sa_op, b, sb, sizes.astype(jnp.int32),
               masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
 
 

@@ -33,6 +33,9 @@ the kernels do the same (see quant.cuh). XLA on CPU additionally rewrites ``x / 
 ``x * (1 / scale)``; the kernels can quantize that way too, and which way XLA compiles the
 reference on this GPU is probed once per op (``JAX_DEEPGEMM_QUANT_DIVISION=div|recip``
 forces one).
+
+With ``JAX_DEEPGEMM_MN_MAJOR_SCALES=1`` (``_ffi.mn_major_scales``) the per-token casts write their
+scales MN-major and declare it (``output_layouts``): the same values, in the bytes the GEMMs read.
 """
 from __future__ import annotations
 
@@ -260,10 +263,12 @@ def _per_token_cuda(x, *, use_ue8m0):
     return per_token_cast_reference(x, use_ue8m0=use_ue8m0)
   *lead, c = x.shape
   rows, groups = math.prod(lead), ceil_div(c, BLOCK)
+  mn_major = _ffi.mn_major_scales()  # s's bytes [groups, rows], as the GEMMs read them
   call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
                           (jax.ShapeDtypeStruct((rows, c), FP8_DTYPE),
-                           jax.ShapeDtypeStruct((rows, groups), F32)))
-  q, s = call(x.reshape(rows, c), **_flags("token", use_ue8m0))
+                           jax.ShapeDtypeStruct((rows, groups), F32)),
+                          output_layouts=(None, (1, 0)) if mn_major else None)
+  q, s = call(x.reshape(rows, c), s_mn_major=np.int32(mn_major), **_flags("token", use_ue8m0))
   return q.reshape(x.shape), s.reshape(*lead, groups)
 
 
@@ -344,15 +349,19 @@ def _dual_cuda(x, *, use_ue8m0):
     return dual_cast_reference(x, use_ue8m0=use_ue8m0)
   *lead, t, c = x.shape
   a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
+  # MN-major s: its bytes are [cg, a, t], so that the [a * t, cg] the GEMMs take is a bitcast.
+  mn_major = _ffi.mn_major_scales()
   call = jax.ffi.ffi_call("jax_deepgemm_dual_cast",
                           (jax.ShapeDtypeStruct((a, t, c), FP8_DTYPE),
                            jax.ShapeDtypeStruct((a, t, cg), F32),
                            jax.ShapeDtypeStruct((a, c, t), FP8_DTYPE),
-                           jax.ShapeDtypeStruct((a, tg, c), F32)))
+                           jax.ShapeDtypeStruct((a, tg, c), F32)),
+                          output_layouts=(None, (2, 0, 1), None, None) if mn_major else None)
   # Each half quantizes as its own op does: the two references are probed separately.
   q, s, qt, st = call(x.reshape(a, t, c), use_ue8m0=np.int32(bool(use_ue8m0)),
                       recip_token=np.int32(_kernel_recip("token")),
-                      recip_axis=np.int32(_kernel_recip("token_axis")))
+                      recip_axis=np.int32(_kernel_recip("token_axis")),
+                      s_mn_major=np.int32(mn_major))
   return (q.reshape(x.shape), s.reshape(*lead, t, cg), qt.reshape(*lead, c, t),
           st.reshape(*lead, tg, c))
 

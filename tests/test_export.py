@@ -83,3 +83,48 @@ def test_export_runs_where_the_kernels_do_not(rng, platforms):
       assert g.shape == w.shape and g.dtype == w.dtype
       np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                  rtol=1e-6, atol=1e-6)
+
+
+def _cuda_module(fn, *args):
+  exp = export.export(jax.jit(fn), platforms=("cuda",),
+                      disabled_checks=jd.export_safety_checks())(*args)
+  return exp.mlir_module()
+
+
+def _scale_transposes(module):
+  """f32 transposes in a module: of scales, since no other f32 operand is transposed."""
+  return len(re.findall(r"stablehlo\.transpose .*tensor<[0-9x]*xf32>", module))
+
+
+@pytest.mark.parametrize("m", [128, 7])
+def test_mn_major_scales_skip_the_transpose(rng, monkeypatch, m):
+  # JAX_DEEPGEMM_MN_MAJOR_SCALES=1: the cast declares its scales column-major and the GEMM
+  # takes them with that layout, so where M % 4 == 0 nothing transposes them in between.
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  x = randn(rng, (m, 640), jnp.bfloat16)
+  wq, ws = quant_w(rng, 384, 640)
+  xg = randn(rng, (2 * m, 640), jnp.bfloat16)
+  bg, sbg = quant_w(rng, 3, 256, 640)
+  gs = jnp.asarray([m, 0, m], jnp.int32)
+  dense = lambda x: jd.fp8_gemm_nt(*jd.per_token_cast_to_fp8(x), wq, ws)
+  grouped = lambda x: jd.m_grouped_fp8_gemm_nt_contiguous(
+      *jd.per_token_cast_to_fp8(x), bg, sbg, gs)
+  dual = lambda x: jd.fp8_gemm_nt(*jd.per_token_cast_to_fp8_and_transpose(x)[:2], wq, ws)
+  counts = {}
+  for on in ("0", "1"):
+    monkeypatch.setenv(_ffi.MN_MAJOR_SCALES_ENV, on)
+    jax.clear_caches()
+    mods = [_cuda_module(dense, x), _cuda_module(grouped, xg), _cuda_module(dual, x)]
+    counts[on] = [_scale_transposes(mod) for mod in mods]
+    layouts = [re.findall(r"custom_call @jax_deepgemm_\w+.*", mod) for mod in mods]
+    for calls in layouts:
+      cast, gemm = calls[0], calls[-1]
+      # The cast's scales (its second result) and the GEMM's sa (its second operand).
+      mn_major = on == "1"
+      assert ("result_layouts = [dense<[1, 0]> : tensor<2xindex>, dense<[0, 1]>" in cast or
+              "result_layouts = [dense<[2, 1, 0]> : tensor<3xindex>, dense<[1, 0, 2]>" in cast
+              ) == mn_major, cast
+      assert ("operand_layouts = [dense<[1, 0]> : tensor<2xindex>, dense<[0, 1]>" in gemm
+              ) == (mn_major and m % 4 == 0), gemm
+  assert counts["0"] == [1, 1, 1]
+  assert counts["1"] == ([0, 0, 0] if m % 4 == 0 else [1, 1, 1])

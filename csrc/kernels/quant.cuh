@@ -3,7 +3,9 @@
 // Four casts, all memory-bound (they read the input once, write q and the
 // scales once):
 //   per_token_cast_kernel    x [R, C]    -> q [R, C],          s [R, ceil(C/128)]
-//                            (one scale per 1x128 group along the last axis)
+//                            (one scale per 1x128 group along the last axis;
+//                            kMnMajor: s is written MN-major, [ceil(C/128), R],
+//                            the layout the GEMMs read)
 //   per_block_cast_kernel    x [B, N, K] -> q [B, N, K],       s [B, ceil(N/128), ceil(K/128)]
 //                            (one scale per 128x128 block; the transposed
 //                            variant writes q [B, K, N], s [B, ceil(K/128), ceil(N/128)],
@@ -370,11 +372,11 @@ struct TokenCastShape {
   static constexpr int kGroupsPerBlock = kWarps * kTokenSteps * kGroupsPerWarp;
 };
 
-template <typename T, bool kAligned>
+template <typename T, bool kAligned, bool kMnMajor>
 __global__ void __launch_bounds__(kThreads)
     per_token_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
                           float* __restrict__ s, int64_t cols, int groups,
-                          int64_t total_groups, int ue8m0, int recip) {
+                          int64_t total_groups, int rows, int ue8m0, int recip) {
   using S = TokenCastShape<T>;
   const int lane = threadIdx.x % 32;
   const int sub = lane % S::kLanes;  // this lane's chunk within its group
@@ -419,7 +421,15 @@ __global__ void __launch_bounds__(kThreads)
     const float scale = group_scale(amax, ue8m0 != 0);
     const int64_t u = unit + st * S::kGroupsPerWarp;
     if (u >= total_groups) continue;  // (no shuffles below)
-    if (sub == 0) s[u] = scale;
+    if (sub == 0) {
+      if constexpr (kMnMajor) {  // s [groups, rows]; u < total_groups < 2^31
+        const uint32_t uu = static_cast<uint32_t>(u), gs = static_cast<uint32_t>(groups);
+        const uint32_t r = uu / gs;
+        s[(uu - r * gs) * static_cast<uint32_t>(rows) + r] = scale;
+      } else {
+        s[u] = scale;
+      }
+    }
     uint32_t words[S::kVec / 4];
     quantize_chunk_one<T>(chunk[st], scale, rcp_approx(scale), recip != 0, words);
     store_bytes<S::kVec, kAligned>(q + offset[st], words, valid[st]);
@@ -784,7 +794,8 @@ template <typename T, bool kAligned>
 __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::kMinBlocks)
     dual_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s,
                      uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
-                     int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t) {
+                     int nt, int64_t s_row_stride, int64_t s_group_stride, int ue8m0,
+                     int recip_token, int recip_axis, int vec_store_t) {
   using S = DualCastShape<T>;
   __shared__ float col_amax[S::kWarps][kGroup];
   __shared__ float col_scale[kGroup];
@@ -829,7 +840,10 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
       // (continue, not break: the warp's other row group may still shuffle)
       if (r >= rows) continue;
       const float scale = group_scale(amax, ue8m0 != 0);
-      if (vc == 0) s[(static_cast<int64_t>(a) * t_len + g * kGroup + r) * nt + j] = scale;
+      if (vc == 0) {
+        s[(static_cast<int64_t>(a) * t_len + g * kGroup + r) * s_row_stride + j * s_group_stride] =
+            scale;
+      }
       uint32_t words[S::kVec / 4];
       quantize_chunk_one<T>(chunk[i], scale, rcp_approx(scale), recip_token != 0, words);
       store_bytes<S::kVec, kAligned>(qb + r * n + c0, words, valid_cols);

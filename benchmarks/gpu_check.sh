@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
-#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [tiles] [bench]
+#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [tiles] [mn-major]
+#                                [bench]
 #   (pytest arguments via PYTEST_ARGS)
 # With no stage named: build test sanitize bench. The build carries CUTLASS from .gpu/ (no network there).
 set -uo pipefail
@@ -117,6 +118,27 @@ if has tiles; then
       done
     done
   done 2>&1 | tee "$OUT/tiles.log" | grep -v "^#"
+fi
+
+if has mn-major; then
+  # JAX_DEEPGEMM_MN_MAJOR_SCALES=1 before it becomes the default: both settings bit for bit
+  # (test_gpu_mn_major), the GPU tests of every op that casts or takes sa with it on, then
+  # M = 128 kernel times (sa row-major as today vs MN-major) and fp8_linear's training step,
+  # each setting in the same run. Needs the build stage.
+  python3 -P -m pytest -q tests/test_gpu_mn_major.py 2>&1 | tee "$OUT/tests_mn_major.log" | tail -3
+  JAX_DEEPGEMM_MN_MAJOR_SCALES=1 python3 -P -m pytest -q -x tests/test_gpu_kernels.py \
+    tests/test_gpu_grouped.py tests/test_gpu_quant.py tests/test_linear.py tests/test_flax_moe.py \
+    2>&1 | tee -a "$OUT/tests_mn_major.log" | tail -3
+  m128=128x2112x7168,128x24576x1536,128x7168x16384,128x4096x7168,128x7168x2048
+  python3 benchmarks/bench_gemm.py --shapes $m128 --kernel-times on --out gemm_m128_rowmajor \
+    2>&1 | tail -8
+  python3 benchmarks/bench_gemm.py --shapes $m128 --kernel-times on --skip-xla \
+    --mn-major-scales --out gemm_m128_mn_major 2>&1 | tail -8
+  for on in 0 1; do
+    JAX_DEEPGEMM_MN_MAJOR_SCALES=$on python3 benchmarks/bench_train.py --only dense \
+      --kernel-times --no-write 2>&1 | tail -4
+  done
+  cp benchmarks/results/gemm_m128_*.json "$OUT/" 2>/dev/null
 fi
 
 if has bench; then

@@ -98,8 +98,18 @@ if has tiles; then
   # TILE_FLAGS: more nvcc flags (-DKB_K_GROUPED: K-grouped, SHAPES as GxTxNxK, TILES
   # 192x128 / 128x128 / 64x128; -DJAX_DEEPGEMM_NO_TMA_STORE; -DKB_STAGES=n); KB_BURST=1
   # in the environment times back-to-back bursts instead.
+  # A VARIANTS entry may name a patch instead (name:path.patch): csrc/ with it applied.
   tiles=${TILES:-128x128 128x160 128x192 192x128}
-  variants=${VARIANTS:-cur:csrc}
+  variants=""
+  for v in ${VARIANTS:-cur:csrc}; do
+    if [[ $v == *.patch ]]; then
+      d=/tmp/kb_src_${v%%:*}; rm -rf "$d"; mkdir -p "$d"; cp -r csrc "$d/"
+      if command -v patch >/dev/null; then patch -s -d "$d" -p1 < "${v#*:}"
+      else git -C "$d" apply "$PWD/${v#*:}"; fi || { echo "PATCH FAILED: ${v#*:}"; exit 1; }
+      v="${v%%:*}:$d/csrc"
+    fi
+    variants="$variants $v"
+  done
   for v in $variants; do
     for t in $tiles; do
       nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \

@@ -168,3 +168,19 @@ def test_kernel_times_trace_parsing(tmp_path):
   assert T.inner_gaps_us(ev, runs=2) == 6.0
   assert T.inner_gaps_us(ev, runs=1) == 487.0
   assert T.inner_gaps_us(ev[:1], runs=1) == 0.0 and T.inner_gaps_us([], runs=3) == 0.0
+
+
+EXPERIMENTS = os.path.join(BENCH, "experiments")
+
+
+@pytest.mark.parametrize("patch", sorted(p for p in os.listdir(EXPERIMENTS) if p.endswith(".patch"))
+                         if os.path.isdir(EXPERIMENTS) else [])
+def test_experiment_patches_still_apply(patch):
+  # A parked kernel experiment must apply to today's csrc/ (gpu_check.sh tiles builds it from
+  # a patched copy); one that no longer does is refreshed or deleted, not left to rot.
+  git = subprocess.run(["git", "--version"], capture_output=True)
+  if git.returncode != 0:
+    pytest.skip("needs git")
+  res = subprocess.run(["git", "apply", "--check", os.path.join(EXPERIMENTS, patch)],
+                       cwd=os.path.dirname(BENCH), capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr

@@ -147,8 +147,8 @@ ffi::Error PerTokenCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                               : (aligned ? &quant::per_token_cast_kernel<T, true, false>
                                          : &quant::per_token_cast_kernel<T, false, false>);
     kernel<<<blocks, kThreads, 0, stream>>>(xp, qp, sp, cols, static_cast<int>(groups),
-                                            total_groups, static_cast<int>(rows), use_ue8m0,
-                                            recip);
+                                            total_groups, use_ue8m0, recip,
+                                            static_cast<int>(rows));
     return LaunchStatus(kPerTokenOp);
   });
 }
@@ -317,12 +317,13 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     // 16-byte pieces along T when whole pieces fit.
     const bool aligned = c % S::kVec == 0 && Aligned(xp, 16) && Aligned(qp, S::kVec);
     const int vec_store_t = t % 16 == 0 && Aligned(qtp, 16);
-    auto* kernel = aligned ? &quant::dual_cast_kernel<T, true>
-                           : &quant::dual_cast_kernel<T, false>;
+    auto* kernel = s_mn_major ? (aligned ? &quant::dual_cast_kernel<T, true, true>
+                                         : &quant::dual_cast_kernel<T, false, true>)
+                              : (aligned ? &quant::dual_cast_kernel<T, true, false>
+                                         : &quant::dual_cast_kernel<T, false, false>);
     kernel<<<static_cast<int>(batch * tg * cg), S::kThreads, 0, stream>>>(
         xp, qp, sp, qtp, stp, static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
-        static_cast<int>(cg), s_mn_major ? 1 : cg, s_mn_major ? batch * t : 1, use_ue8m0,
-        recip_token, recip_axis, vec_store_t);
+        static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t, batch * t);
     return LaunchStatus(kDualOp);
   });
 }

@@ -376,7 +376,7 @@ template <typename T, bool kAligned, bool kMnMajor>
 __global__ void __launch_bounds__(kThreads)
     per_token_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
                           float* __restrict__ s, int64_t cols, int groups,
-                          int64_t total_groups, int rows, int ue8m0, int recip) {
+                          int64_t total_groups, int ue8m0, int recip, int rows) {
   using S = TokenCastShape<T>;
   const int lane = threadIdx.x % 32;
   const int sub = lane % S::kLanes;  // this lane's chunk within its group
@@ -790,12 +790,14 @@ struct DualCastShape {
   static_assert(kLanesPerRow <= 32 && kRowsPerThread % 4 == 0, "tile shape");
 };
 
-template <typename T, bool kAligned>
+// kMnMajor: s is written MN-major, [nt][s_rows] with s_rows = batch * t_len (the
+// per-token scales' layout that the GEMMs read).
+template <typename T, bool kAligned, bool kMnMajor>
 __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::kMinBlocks)
     dual_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s,
                      uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
-                     int nt, int64_t s_row_stride, int64_t s_group_stride, int ue8m0,
-                     int recip_token, int recip_axis, int vec_store_t) {
+                     int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t,
+                     int64_t s_rows) {
   using S = DualCastShape<T>;
   __shared__ float col_amax[S::kWarps][kGroup];
   __shared__ float col_scale[kGroup];
@@ -841,8 +843,8 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
       if (r >= rows) continue;
       const float scale = group_scale(amax, ue8m0 != 0);
       if (vc == 0) {
-        s[(static_cast<int64_t>(a) * t_len + g * kGroup + r) * s_row_stride + j * s_group_stride] =
-            scale;
+        const int64_t row = static_cast<int64_t>(a) * t_len + g * kGroup + r;
+        s[kMnMajor ? j * s_rows + row : row * nt + j] = scale;
       }
       uint32_t words[S::kVec / 4];
       quantize_chunk_one<T>(chunk[i], scale, rcp_approx(scale), recip_token != 0, words);

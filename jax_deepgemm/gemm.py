@@ -64,12 +64,12 @@ def _round_up(x, m):
 
 
 def a_scales_operand(sa):
-  """``sa [M, KB]`` as the kernels read it, and its ``input_layouts`` entry.
+  """``sa [M, KB]`` as the kernels read it, and its ``input_layouts`` entry (None: row-major).
 
-  The kernels load A's scales with TMA, MN-major: ``[KB, MP]`` with M padded to 4 (16-byte
-  rows). Where M % 4 == 0 that is ``sa`` in column-major layout: declared as the operand's
-  layout, XLA hands over a per-token cast's MN-major scales as they are (``_ffi.mn_major_scales``)
-  and transposes any others itself. Otherwise: an explicit padded transpose.
+  The kernels load A's scales with TMA, MN-major: ``[KB, MP]``, M padded to 4 (16-byte rows).
+  With ``_ffi.mn_major_scales()`` and M % 4 == 0 that is ``sa`` itself in column-major layout,
+  declared as the operand's layout: XLA hands over a per-token cast's MN-major scales as they
+  are and transposes any others itself. Otherwise: an explicit padded transpose.
   """
   m = sa.shape[0]
   if m % 4 == 0 and _ffi.mn_major_scales():
@@ -90,7 +90,7 @@ def _cuda(*args, out_dtype, has_bias, has_c):
   bias = empty if bias is None else bias.astype(jnp.float32)
   call = jax.ffi.ffi_call(
       "jax_deepgemm_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
-      input_layouts=None if sa_layout is None else (None, sa_layout, None, None, None, None),
+      input_layouts=(None, sa_layout, None, None, None, None),
       input_output_aliases={5: 0} if c is not None else None)
   return call(a, sa_op, b, sb, bias, empty if c is None else c)
 

@@ -63,7 +63,7 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
   sa_op, sa_layout = a_scales_operand(sa)
   call = jax.ffi.ffi_call(
       "jax_deepgemm_m_grouped_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
-      input_layouts=None if sa_layout is None else (None, sa_layout, None, None, None))
+      input_layouts=(None, sa_layout, None, None, None))
   return call(a, sa_op, b, sb, sizes.astype(jnp.int32),
               masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
 

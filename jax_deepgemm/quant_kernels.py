@@ -267,7 +267,7 @@ def _per_token_cuda(x, *, use_ue8m0):
   call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
                           (jax.ShapeDtypeStruct((rows, c), FP8_DTYPE),
                            jax.ShapeDtypeStruct((rows, groups), F32)),
-                          output_layouts=(None, (1, 0)) if mn_major else None)
+                          output_layouts=(None, (1, 0) if mn_major else None))
   q, s = call(x.reshape(rows, c), s_mn_major=np.int32(mn_major), **_flags("token", use_ue8m0))
   return q.reshape(x.shape), s.reshape(*lead, groups)
 
@@ -356,7 +356,7 @@ def _dual_cuda(x, *, use_ue8m0):
                            jax.ShapeDtypeStruct((a, t, cg), F32),
                            jax.ShapeDtypeStruct((a, c, t), FP8_DTYPE),
                            jax.ShapeDtypeStruct((a, tg, c), F32)),
-                          output_layouts=(None, (2, 0, 1), None, None) if mn_major else None)
+                          output_layouts=(None, (2, 0, 1) if mn_major else None, None, None))
   # Each half quantizes as its own op does: the two references are probed separately.
   q, s, qt, st = call(x.reshape(a, t, c), use_ue8m0=np.int32(bool(use_ue8m0)),
                       recip_token=np.int32(_kernel_recip("token")),

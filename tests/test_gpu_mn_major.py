@@ -61,8 +61,8 @@ def outputs():
     a, sa = jd.per_token_cast_to_fp8(x)  # sa handed over row-major, as a jit argument
     out[f"dense_arg_{m}"] = [jax.jit(jd.fp8_gemm_nt)(a, sa, *w)]
     bg, sbg = jd.per_block_cast_to_fp8(randn((3, 256, 1000), 0.05))
-    xg = randn((2 * m + 1, 1000))
-    gs = jnp.asarray([m, 0, m + 1], jnp.int32)
+    xg = randn((2 * m + 4, 1000))  # rows % 4 == 0 (but for m = 7), groups not of 128
+    gs = jnp.asarray([m, 0, m + 4], jnp.int32)
     out[f"grouped_{m}"] = [jax.jit(lambda x: jd.m_grouped_fp8_gemm_nt_contiguous(
         *jd.per_token_cast_to_fp8(x), bg, sbg, gs))(xg)]
     xm = randn((3, m, 1000))

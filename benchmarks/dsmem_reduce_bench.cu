@@ -23,6 +23,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda_check.h"
+
 namespace cg = cooperative_groups;
 
 constexpr int kTileFloats = 128 * 128;  // one fp32 128x128 tile: 64 KB
@@ -30,15 +32,6 @@ constexpr int kThreads = 256;           // the GEMM's two math warpgroups
 constexpr int kIters = 20;
 
 enum Variant { kNone = 0, kLeader = 1, kScatter = 2 };
-
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));   \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
 
 // Partial of rank r at element i in round it: a small integer, so sums are exact.
 __host__ __device__ inline float partial(int r, int i, int it) {

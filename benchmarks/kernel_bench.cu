@@ -36,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include "common/tma.cuh"
+#include "cuda_check.h"
 #include "kernels/fp8_gemm.cuh"
 #include "kernels/k_grouped_gemm.cuh"
 
@@ -58,15 +59,6 @@ constexpr int kDenseStages = KB_STAGES > 0
 #endif
 
 using namespace jax_deepgemm;
-
-#define CHECK(x)                                                              \
-  do {                                                                        \
-    cudaError_t e_ = (x);                                                     \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
 
 static float e4m3_to_float(uint8_t v) {
   const int s = v >> 7, e = (v >> 3) & 15, m = v & 7;

@@ -28,7 +28,12 @@ While the timed bursts run, ``nvidia-smi`` samples the GPU's SM clock and board 
 (``ClockSampler``): Hopper's FP8 tensor cores draw enough power that the clock sags under
 load, so TFLOPS figures of different runs or GPUs (DeepGEMM's H800 figures) compare per
 clock. The medians land in each record as ``sm_clock_mhz`` and ``power_w`` (None where
-there is no ``nvidia-smi`` or the bursts were too short to be sampled).
+there is no ``nvidia-smi`` or the bursts were too short to be sampled). Where the driver
+reports them, the record also says why the clock was where it was: ``clock_reasons`` (the
+share of samples in which each of NVML's clock event reasons was active, e.g.
+``sw_power_cap``, ``hw_thermal_slowdown``), ``gpu_temp_c`` and ``power_limit_w`` (the enforced
+board power limit). A clock well below the maximum with no power cap, no thermal reason and a
+draw well under the limit points at the machine's settings, not at the kernel.
 
 We check for host-bound runs: if dispatching a few calls takes nearly as long as
 executing them, the device was waiting on Python, and we double ``n_rot`` (up to
@@ -108,6 +113,8 @@ class Timing:
   host_bound: bool        # dispatch could not keep the device busy
   sm_clock_mhz: float | None = None  # median SM clock while the bursts ran
   power_w: float | None = None       # median board power while the bursts ran
+  # Why the clock was where it was (ClockSampler.parse_details), where the driver says.
+  clock_details: dict | None = None
 
   def __float__(self) -> float:
     return self.time_us
@@ -115,7 +122,8 @@ class Timing:
   def extras(self) -> dict:
     """Fields worth keeping in a result record."""
     return {"min_us": self.min_us, "n_rot": self.n_rot, "host_bound": self.host_bound,
-            "sm_clock_mhz": self.sm_clock_mhz, "power_w": self.power_w}
+            "sm_clock_mhz": self.sm_clock_mhz, "power_w": self.power_w,
+            **(self.clock_details or {})}
 
 
 @contextlib.contextmanager
@@ -142,15 +150,27 @@ class ClockSampler:
 
   ``start()`` launches the sampler (a no-op off GPUs or without nvidia-smi);
   ``window()`` opens and closes the span whose samples count; ``stop()`` returns the
-  medians ``(clock, power)`` of the samples taken inside the span, or Nones. nvidia-smi
-  takes a fraction of a second to start, so start it before the warm-up.
+  medians ``(clock, power)`` of the samples taken inside the span, or Nones, and leaves
+  ``details`` (``parse_details``: why the clock was where it was) where the driver has the
+  fields. nvidia-smi takes a fraction of a second to start, so start it before the warm-up.
   """
+
+  FIELDS = ("timestamp", "clocks.sm", "power.draw")
+  # Asked for where the driver knows them (older ones call the first clocks_throttle_reasons).
+  DETAIL_FIELDS = ("clocks_event_reasons.active", "temperature.gpu", "enforced.power.limit")
+  # NVML's clock event reason bits (nvmlClocksEventReason*).
+  REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
+             0x8: "hw_slowdown", 0x10: "sync_boost", 0x20: "sw_thermal_slowdown",
+             0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake_slowdown",
+             0x100: "display_clock_setting"}
+  _detail_support: dict = {}  # (nvidia-smi, GPU index) -> whether it answers DETAIL_FIELDS
 
   def __init__(self, interval_ms: int = 50, command: str = "nvidia-smi"):
     self.interval_ms = interval_ms
     self.command = command
     self.proc = None
     self.span = None
+    self.details = None
 
   def _gpu_index(self) -> str | None:
     dev = jax.devices()[0]
@@ -163,12 +183,26 @@ class ClockSampler:
       idx = ids[int(idx)] if int(idx) < len(ids) else idx
     return idx
 
+  def _fields(self, exe: str, idx: str) -> tuple[str, ...]:
+    """FIELDS plus DETAIL_FIELDS where this nvidia-smi answers them (it rejects a whole
+    query that names a field it does not know), asked once per process."""
+    key = (exe, idx)
+    if key not in ClockSampler._detail_support:
+      try:
+        r = subprocess.run([exe, "-i", idx, "--query-gpu=" + ",".join(self.DETAIL_FIELDS),
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                           timeout=10)
+        ClockSampler._detail_support[key] = r.returncode == 0
+      except (OSError, subprocess.TimeoutExpired):
+        ClockSampler._detail_support[key] = False
+    return self.FIELDS + (self.DETAIL_FIELDS if ClockSampler._detail_support[key] else ())
+
   def start(self) -> "ClockSampler":
     try:
       idx = self._gpu_index()
       exe = shutil.which(self.command)
       if idx is not None and exe is not None:
-        cmd = [exe, "-i", idx, "--query-gpu=timestamp,clocks.sm,power.draw",
+        cmd = [exe, "-i", idx, "--query-gpu=" + ",".join(self._fields(exe, idx)),
                "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)]
         # Into a pipe its stdout is block-buffered: line-buffer it, so that no sample
         # is lost when it is stopped.
@@ -187,11 +221,11 @@ class ClockSampler:
     self.span = (now, now) if begin or self.span is None else (self.span[0], now)
 
   @staticmethod
-  def parse(text: str, span) -> tuple[float | None, float | None]:
-    clocks, powers = [], []
+  def _samples(text: str, span):
+    """The rows of ``text`` stamped inside ``span``: (timestamp, clock, other columns)."""
     for line in text.splitlines():
       parts = [p.strip() for p in line.split(",")]
-      if len(parts) != 3:
+      if len(parts) < 3:
         continue
       try:
         ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
@@ -200,13 +234,50 @@ class ClockSampler:
         continue  # a header, "[N/A]" and the like
       if span is not None and not span[0] <= ts <= span[1]:
         continue
+      yield clock, parts[2:]
+
+  @staticmethod
+  def _float(text: str) -> float | None:
+    try:
+      return float(text)
+    except ValueError:
+      return None
+
+  @staticmethod
+  def parse(text: str, span) -> tuple[float | None, float | None]:
+    clocks, powers = [], []
+    for clock, rest in ClockSampler._samples(text, span):
       clocks.append(clock)
-      try:
-        powers.append(float(parts[2]))
-      except ValueError:
-        pass
+      power = ClockSampler._float(rest[0])
+      if power is not None:
+        powers.append(power)
     med = lambda v: statistics.median(v) if v else None  # noqa: E731
     return med(clocks), med(powers)
+
+  @classmethod
+  def parse_details(cls, text: str, span) -> dict | None:
+    """From rows with DETAIL_FIELDS: ``clock_reasons`` (reason -> share of the samples in
+    which it was active), ``gpu_temp_c`` and ``power_limit_w`` (medians); None without."""
+    n, counts, temps, limits = 0, {}, [], []
+    for _, rest in cls._samples(text, span):
+      if len(rest) < 4:
+        continue
+      try:
+        mask = int(rest[1], 16)
+      except ValueError:
+        continue
+      n += 1
+      for bit, name in cls.REASONS.items():
+        if mask & bit:
+          counts[name] = counts.get(name, 0) + 1
+      for value, into in ((rest[2], temps), (rest[3], limits)):
+        if cls._float(value) is not None:
+          into.append(cls._float(value))
+    if not n:
+      return None
+    med = lambda v: statistics.median(v) if v else None  # noqa: E731
+    return {"clock_reasons": {k: round(v / n, 3) for k, v in sorted(counts.items())},
+            "gpu_temp_c": med(temps), "power_limit_w": med(limits)}
 
   def stop(self) -> tuple[float | None, float | None]:
     if self.proc is None:
@@ -218,6 +289,7 @@ class ClockSampler:
       self.proc.kill()
       out, _ = self.proc.communicate()
     self.proc = None
+    self.details = self.parse_details(out or "", self.span)
     return self.parse(out or "", self.span)
 
 
@@ -297,7 +369,8 @@ def bench(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
           "device time is probably lower than reported", file=sys.stderr)
   return Timing(time_us=statistics.median(times), min_us=min(times), max_us=max(times),
                 n_rot=n_rot, inner=inner, iters=iters, set_bytes=set_bytes,
-                host_bound=host_bound, sm_clock_mhz=clock, power_w=power)
+                host_bound=host_bound, sm_clock_mhz=clock, power_w=power,
+                clock_details=sampler.details)
 
 
 @dataclasses.dataclass

@@ -96,17 +96,32 @@ def test_clock_sampler_parse():
           "timestamp, clocks.sm [MHz], power.draw [W]\n")
   assert T.ClockSampler.parse(text, span) == (1300.0, 695.5)
   assert T.ClockSampler.parse("", span) == (None, None)
+  assert T.ClockSampler.parse_details(text, span) is None  # no detail columns: nothing said
+  # With the detail columns (clock event reasons, temperature, enforced power limit).
+  text = ("2026/12/03 15:40:00.900, 1980, 100.0, 0x0000000000000001, 30, 700.00\n"
+          "2026/12/03 15:40:01.100, 1300, 690.5, 0x0000000000000004, 61, 700.00\n"
+          "2026/12/03 15:40:01.500, 1350, [N/A], 0x0000000000000044, 63, 700.00\n"
+          "2026/12/03 15:40:01.700, 1350, 650.0, [N/A], [N/A], [N/A]\n"  # no mask: no details
+          "2026/12/03 15:40:01.900, 1200, 700.5, 0x0000000000000000, 65, 650.00\n")
+  assert T.ClockSampler.parse(text, span) == (1325.0, 690.5)
+  assert T.ClockSampler.parse_details(text, span) == {
+      "clock_reasons": {"hw_thermal_slowdown": 0.333, "sw_power_cap": 0.667},
+      "gpu_temp_c": 63.0, "power_limit_w": 700.0}
 
 
 def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   # A stand-in for `nvidia-smi -lms`: a sample every 20 ms, stamped like the real one, its
   # output block-buffered into the pipe (as a C program's is): stopping it must not lose it.
   fake, ready = tmp_path / "fake-smi", tmp_path / "ready"
-  fake.write_text(f"#!{sys.executable}\nimport datetime, os, time\n"
+  # Asked once without -lms (does it know the detail fields?), it answers and exits.
+  fake.write_text(f"#!{sys.executable}\nimport datetime, os, sys, time\n"
+                  "detail = 'clocks_event_reasons' in ' '.join(sys.argv)\n"
+                  "if '-lms' not in sys.argv:\n  print('0x4, 60, 700.00')\n  sys.exit(0)\n"
                   f"open({str(ready)!r}, 'w').close()\n"
                   "out = os.fdopen(1, 'w', buffering=65536)\nwhile True:\n"
                   "  out.write(datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]"
-                  " + ', 1755, 612.25\\n')\n  time.sleep(0.02)\n")
+                  " + ', 1755, 612.25' + (', 0x0000000000000004, 71, 700.00' if detail else '')"
+                  " + '\\n')\n  time.sleep(0.02)\n")
   fake.chmod(0o755)
   T = bench_module("_timing")
   monkeypatch.setattr(T.ClockSampler, "_gpu_index", lambda self: "0")
@@ -128,11 +143,29 @@ def test_clock_sampler_runs_nvidia_smi(tmp_path, monkeypatch):
   time.sleep(0.4)
   s.window(begin=False)
   assert s.stop() == (1755.0, 612.25)
+  assert s.details == {"clock_reasons": {"sw_power_cap": 1.0}, "gpu_temp_c": 71.0,
+                       "power_limit_w": 700.0}
   # Off GPUs (this CPU run) there is nothing to sample and the timing says so.
   t = T.bench(lambda x: x + 1, lambda key: (jax.random.normal(key, (64,)),), iters=2,
               min_time_s=0.01, n_rot=2)
   assert t.sm_clock_mhz is None and t.extras()["sm_clock_mhz"] is None and T.mhz(t) == "-"
   assert T.watts(t) == "-" and T.per_clock(1000.0, t) == "-"
+
+
+def test_clock_sampler_fields_fall_back(tmp_path):
+  # An nvidia-smi that rejects the detail fields (as older drivers reject a field they do not
+  # know, failing the whole query) still gets sampled for clock and power.
+  T = bench_module("_timing")
+  old = tmp_path / "old-smi"
+  old.write_text(f"#!{sys.executable}\nimport sys\n"
+                 "sys.exit(2 if 'clocks_event_reasons' in ' '.join(sys.argv) else 0)\n")
+  old.chmod(0o755)
+  assert T.ClockSampler()._fields(str(old), "0") == T.ClockSampler.FIELDS
+  new = tmp_path / "new-smi"
+  new.write_text(f"#!{sys.executable}\nprint('0x0, 40, 700.00')\n")
+  new.chmod(0o755)
+  assert T.ClockSampler()._fields(str(new), "0") == (T.ClockSampler.FIELDS
+                                                     + T.ClockSampler.DETAIL_FIELDS)
 
 
 def test_peak_frac(monkeypatch):

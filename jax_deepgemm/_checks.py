@@ -33,7 +33,10 @@ def ndim(op, name, x, n, layout):
 
 def out_dtype(op, d, default=jnp.bfloat16):
   """``out_dtype``, with ``None`` meaning the op's default."""
-  d = jnp.dtype(default if d is None else d)
+  try:
+    d = jnp.dtype(default if d is None else d)
+  except TypeError:
+    raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {d!r}") from None
   if d not in OUT_DTYPES:
     raise TypeError(f"{op}: out_dtype must be bfloat16 or float32, got {d}")
   return d

@@ -114,6 +114,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if b.ndim == 3:
     _checks.group_sizes(OP, "group_sizes", group_sizes, b.shape[0])
-  if a.ndim == 2:
+  # (Otherwise the primitive's checks say what is wrong: clipping needs integer sizes.)
+  if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
     group_sizes = sanitize_group_sizes(group_sizes, a.shape[0])
   return m_grouped_contiguous_p.bind(a, sa, b, sb, group_sizes, out_dtype=out_dtype)

@@ -119,6 +119,9 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 def fp8_linear(x, w, bias=None):
   """``x @ w (+ bias)`` in FP8 with DeepSeek-V3's fine-grained scales, differentiable.
 
+  Scales are ``max(amax, 1e-4) / 448`` per 128 elements, so tiny gradients (a loss scaled down
+  by ~1e-9) lose precision or flush to zero (README, "API").
+
   Args:
     x: ``[..., K]`` bf16/f32 activations.
     w: ``[K, N]`` weights (flax.nnx.Linear's kernel layout).
@@ -133,6 +136,7 @@ def fp8_linear(x, w, bias=None):
     raise ValueError(f"fp8_linear: x [..., K] and w [K, N] disagree: {x.shape}, {w.shape}")
   if bias is not None:
     bias = jnp.asarray(bias)
+    _check_float("fp8_linear", "bias", bias)
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
@@ -185,6 +189,8 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 def fp8_grouped_linear(x, w, group_sizes):
   """FP8 drop-in for ``jax.lax.ragged_dot(x, w, group_sizes)``, differentiable in x and w.
 
+  The scales' 1e-4 amax floor applies as in ``fp8_linear``.
+
   Args:
     x: ``[M, K]`` bf16/f32, rows sorted by group.
     w: ``[G, K, N]``.
@@ -198,9 +204,13 @@ def fp8_grouped_linear(x, w, group_sizes):
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
     raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
                      f"{x.shape}, {w.shape}")
-  if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(f"fp8_grouped_linear: group_sizes must be int [{w.shape[0]}], got "
-                     f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  # (TypeError for the dtype, ValueError for the shape: as the ops say it.)
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise TypeError(f"fp8_grouped_linear: group_sizes must be an integer array (int32), got "
+                    f"{group_sizes.dtype}")
+  if group_sizes.shape != (w.shape[0],):
+    raise ValueError(f"fp8_grouped_linear: group_sizes must have shape ({w.shape[0]},) (one "
+                     f"entry per group), got {tuple(group_sizes.shape)}")
   x, w, group_sizes = _match_vma(x, w, group_sizes)
   # Clipped to [0, M] without wrapping in their own type (clip_rows), as the ops do.
   return checkpoint_name(_grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0])), OUT)

@@ -244,8 +244,11 @@ def main(argv=None):
   par.add_argument("--cpu-devices", type=int,
                    help="CPU only: devices per process (for trying the parallel paths on CPU)")
   args = p.parse_args(argv)
+  for flag, value in (("--steps", args.steps), ("--log-every", args.log_every)):
+    if value is not None and value < 1:
+      p.error(f"{flag} must be at least 1, got {value}")
   cfg = PRESETS[args.preset]
-  if args.steps:
+  if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)

@@ -131,3 +131,6 @@ def test_errors_at_trace_time(rng):
     jd.fp8_gemm_nt(a, sa, b, sb, c=jnp.zeros((8, 16)), out_dtype=jnp.bfloat16)
   with pytest.raises(TypeError, match="out_dtype"):
     jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float16)
+  with pytest.raises(TypeError, match="fp8_gemm_nt: out_dtype must be bfloat16 or float32, "
+                     "got 'garbage'"):
+    jd.fp8_gemm_nt(a, sa, b, sb, out_dtype="garbage")

@@ -71,6 +71,9 @@ def test_contiguous_errors(rng):
     f(a, sa, b, sb, jnp.zeros((2,), jnp.float32))
   with pytest.raises(ValueError, match="b must be 3-D"):
     f(a, sa, b[0], sb[0], jnp.zeros((2,), jnp.int32))
+  # Both wrong: the op says which (it was numpy's "Invalid integer data type 'f'").
+  with pytest.raises(ValueError, match="m_grouped_fp8_gemm_nt_contiguous: b must be 3-D"):
+    f(a, sa, b[0], sb[0], jnp.ones((2,)))
   with pytest.raises(ValueError, match=r"sb must have shape \(2, 1, 1\)"):
     f(a, sa, b, sb[:1], jnp.zeros((2,), jnp.int32))
 

@@ -139,8 +139,16 @@ def test_errors():
     jd.fp8_linear(jnp.ones((4, 128)), jnp.ones((64, 32)))
   with pytest.raises(TypeError, match="fp8_linear"):
     jd.fp8_linear(jnp.ones((4, 128), jnp.int32), jnp.ones((128, 32)))
-  with pytest.raises(ValueError, match="group_sizes"):
+  with pytest.raises(ValueError, match=r"group_sizes must have shape \(2,\)"):
     jd.fp8_grouped_linear(jnp.ones((4, 128)), jnp.ones((2, 128, 32)), jnp.ones((3,), jnp.int32))
+  # The ops' exception type for a float group_sizes (it was a ValueError here).
+  with pytest.raises(TypeError, match="fp8_grouped_linear: group_sizes must be an integer"):
+    jd.fp8_grouped_linear(jnp.ones((4, 128)), jnp.ones((2, 128, 32)), jnp.ones((2,)))
+  # A bias of another kind than x and w: refused, not silently cast (a complex one lost its
+  # imaginary part).
+  for dt in (jnp.int32, jnp.bool_, jnp.complex64, jnp.float8_e4m3fn):
+    with pytest.raises(TypeError, match="fp8_linear: bias must be bf16"):
+      jd.fp8_linear(jnp.ones((4, 128)), jnp.ones((128, 32)), jnp.ones((32,), dt))
   # Any 8-bit float is rejected, not re-quantized (its output would keep its few bits).
   for dt in (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float8_e4m3fnuz):
     with pytest.raises(TypeError, match="fp8_linear: x must be bf16"):

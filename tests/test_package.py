@@ -46,6 +46,39 @@ def test_readme_api_examples_run():
   assert ns["dx"].dtype == jnp.bfloat16 and ns["dx"].shape == ns["x"].shape
 
 
+def test_readme_moe_and_export_examples_run():
+  # The MoE layer's example (section "Run") and the export one (after the API's examples, whose
+  # x and w it takes), as written.
+  import jax
+  import jax.numpy as jnp
+  ns = {}
+  moe_blocks = _readme_section_python_blocks("Run")
+  assert len(moe_blocks) == 1, moe_blocks
+  exec(compile(moe_blocks[0], "README.md (Run)", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["y"].shape == ns["x"].shape == (2, 64, 1024) and ns["y"].dtype == jnp.bfloat16
+  for block in _readme_section_python_blocks("API") + _readme_section_python_blocks(
+      "What runs where"):
+    exec(compile(block, "README.md (API)", "exec"), ns)  # pylint: disable=exec-used
+  exp = ns["exp"]
+  assert isinstance(exp, jax.export.Exported) and exp.platforms == ("cuda",)
+  assert exp.out_avals[0].shape == ns["w"].shape  # dw
+
+
+def test_readme_multi_gpu_example_runs():
+  # Section "Multi-GPU"'s mesh example on 8 CPU devices, with the MoE example's imports.
+  import subprocess
+  import sys
+  import multidevice  # noqa: PLC0415
+  (imports,) = _readme_section_python_blocks("Run")
+  mesh_block = _readme_section_python_blocks("Multi-GPU")[0]
+  code = (imports.split("\nmoe = ")[0] + "\n" + mesh_block +
+          "\nprint('shape', y.shape, y.dtype, float(aux_loss) > 0)\n")
+  r = subprocess.run([sys.executable, "-c", code], env=multidevice.env(8), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "shape (8, 64, 1024) bfloat16 True" in r.stdout, r.stdout
+
+
 def test_demo_runs_every_op_and_layer():
   import re
   import subprocess

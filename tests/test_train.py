@@ -39,6 +39,14 @@ def test_cli_writes_plot(tmp_path, capsys):
   assert "final loss" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--log-every", "0"]])
+def test_cli_rejects_step_counts_below_one(flags, capsys):
+  # (--steps 0 ran the preset's count; -3 crashed after training with an IndexError.)
+  with pytest.raises(SystemExit):
+    train.main(["--experts", "fp8", *flags])
+  assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_mesh_flag():
   # (Multi-device runs: tests/test_expert_parallel.py and tests/test_distributed.py.)
   assert dict(train.parse_mesh("auto", TINY).shape) == {"data": 1, "expert": 1}

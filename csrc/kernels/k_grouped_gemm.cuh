@@ -183,21 +183,26 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     float buf1[kNumAccum];  // unused by the serial loop
     // Two cursors over the ring, as in fp8_gemm.cuh: `issue` runs one token
     // block ahead of `promo`, so each block's wgmmas run under the FFMAs of
-    // the one before.
+    // the one before. (The serial loop uses `issue`'s alone.)
     int issue_stage = 0, promo_stage = 0;
-    uint32_t issue_phase = 0, promo_phase = 0;
+    uint32_t issue_phase = 0;
     int t0 = 0, t1 = 0;  // token range of the current tile's group
 
+    auto next_issue_stage = [&]() {
+      if (++issue_stage == STAGES) {
+        issue_stage = 0;
+        issue_phase ^= 1u;
+      }
+    };
     // Waits for the next stage's data and issues its 4 wgmmas (one commit group).
+    // (The serial loop promotes each block before issuing the next: promote
+    // moves its cursor on.)
     auto issue = [&](float (&d)[kNumAccum]) {
       ptx::mbarrier_wait(&full_bar[issue_stage], issue_phase);
       ptx::wgmma_k_block<BLOCK_N>(
           d, ptx::make_smem_desc_k_sw128(smem_a + issue_stage * L::kBytesA + a_wg_offset),
           ptx::make_smem_desc_k_sw128(smem_b + issue_stage * L::kBytesB));
-      if (++issue_stage == STAGES) {
-        issue_stage = 0;
-        issue_phase ^= 1u;
-      }
+      if constexpr (!L::kSerial) next_issue_stage();
     };
     // Before issue, where no wgmma is in flight (masking code next to in-flight
     // accumulators makes ptxas spill them and serialize every wgmma): zeroes the
@@ -226,6 +231,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     auto promote = [&](float (&d)[kNumAccum]) {
 #pragma unroll
       for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(d[i]);
+      if constexpr (L::kSerial) promo_stage = issue_stage;
       const float* sa_stage = smem_sa + promo_stage * BLOCK_M;
       const float sa0 = sa_stage[r_local], sa1 = sa_stage[r_local + 8];
       const float* sb_stage = smem_sb + promo_stage * BLOCK_N + (lane % 4) * 2;
@@ -243,9 +249,10 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       for (int i = 0; i < kNumAccum; ++i) ptx::fence_operand(acc[i]);
       __syncwarp();
       if (lane == 0) ptx::mbarrier_arrive(&empty_bar[promo_stage]);
-      if (++promo_stage == STAGES) {
+      if constexpr (L::kSerial) {
+        next_issue_stage();
+      } else if (++promo_stage == STAGES) {
         promo_stage = 0;
-        promo_phase ^= 1u;
       }
     };
 
@@ -302,6 +309,13 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     };
 
+    // The serial loop's block that cannot straddle the group's tokens: no mask.
+    auto serial_block = [&]() {
+      issue(buf0);
+      ptx::wgmma_wait_group<0>();
+      promote(buf0);
+    };
+
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       const int g = tile / tiles_per_group;
       int m_block, n_block;
@@ -317,8 +331,21 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
       // The first chunk also flushes the previous tile (an empty group: zeros,
       // c + 0 with c).
-      run_k_chunks<L::kSerial ? 1 : 8, true>(kb_begin, kb_split, kb_end, chunk, flush,
-                                             no_flush);
+      if constexpr (L::kSerial) {
+        // Blocks strictly between the first and kb_split lie inside [t0, t1): their
+        // loop skips mask's test (6 of its ~210 instructions per block).
+        if (kb_begin == kb_end) {
+          flush();
+        } else {
+          chunk(kb_begin, std::integral_constant<int, 1>{}, flush);
+        }
+        for (int kb = kb_begin + 1; kb < kb_split; ++kb) serial_block();
+        if (kb_split > kb_begin && kb_split < kb_end) {
+          chunk(kb_split, std::integral_constant<int, 1>{}, no_flush);
+        }
+      } else {
+        run_k_chunks<8, true>(kb_begin, kb_split, kb_end, chunk, flush, no_flush);
+      }
       prev_g = g;
       prev_m = m_block;
       prev_n = n_block;

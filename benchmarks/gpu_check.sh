@@ -153,16 +153,12 @@ fi
 
 if has experiments; then
   # The A/Bs of the patches under benchmarks/experiments/ (each header says what it changes),
-  # kernel_bench alone against csrc/ as it is, through the tiles stage: K-grouped 192x128 (the
-  # 4x8192 bar), then the dense serial tiles next to 128x128. No build stage needed.
+  # kernel_bench alone against csrc/ as it is, through the tiles stage: the dense serial tiles
+  # next to 128x128. No build stage needed.
   ex=benchmarks/experiments
-  OUT=$OUT/kg TILE_FLAGS=-DKB_K_GROUPED TILES=192x128 \
-    SHAPES="4x8192x7168x4096 4x4096x7168x4096" \
-    VARIANTS="cur:csrc lean:$ex/k_grouped_serial_lean.patch stagger:$ex/serial_stagger.patch" \
-    bash "$0" tiles | tail -40
   OUT=$OUT/dense TILES="${EXP_TILES:-128x128 128x160 192x128 128x256}" \
     SHAPES="${EXP_SHAPES:-4096x7168x16384 4096x2112x7168 4096x24576x1536}" \
-    VARIANTS="cur:csrc stagger:$ex/serial_stagger.patch one:$ex/dense_serial_one_cursor.patch" \
+    VARIANTS="cur:csrc one:$ex/dense_serial_one_cursor.patch" \
     bash "$0" tiles | tail -80
 fi
 

@@ -270,9 +270,9 @@ class ClockSampler:
       for bit, name in cls.REASONS.items():
         if mask & bit:
           counts[name] = counts.get(name, 0) + 1
-      for value, into in ((rest[2], temps), (rest[3], limits)):
-        if cls._float(value) is not None:
-          into.append(cls._float(value))
+      for value, into in ((cls._float(rest[2]), temps), (cls._float(rest[3]), limits)):
+        if value is not None:
+          into.append(value)
     if not n:
       return None
     med = lambda v: statistics.median(v) if v else None  # noqa: E731

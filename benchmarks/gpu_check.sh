@@ -135,10 +135,19 @@ if has mn-major; then
   # (test_gpu_mn_major), the GPU tests of every op that casts or takes sa with it on, then
   # M = 128 kernel times (sa row-major as today vs MN-major) and fp8_linear's training step,
   # each setting in the same run. Needs the build stage.
+  # (Session 25, H100: test_gpu_mn_major, test_gpu_kernels and test_gpu_grouped passed with it,
+  # and ~300 test_gpu_quant cases; left: the sanitizers, the rest, and the timings below.)
   python3 -P -m pytest -q tests/test_gpu_mn_major.py 2>&1 | tee "$OUT/tests_mn_major.log" | tail -3
-  JAX_DEEPGEMM_MN_MAJOR_SCALES=1 python3 -P -m pytest -q -x tests/test_gpu_kernels.py \
-    tests/test_gpu_grouped.py tests/test_gpu_quant.py tests/test_linear.py tests/test_flax_moe.py \
-    2>&1 | tee -a "$OUT/tests_mn_major.log" | tail -3
+  for tool in memcheck racecheck; do
+    JAX_DEEPGEMM_MN_MAJOR_SCALES=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool $tool --print-limit 20 \
+      python3 tests/sanitize_case.py > "$OUT/${tool}_mn_major.log" 2>&1
+    echo "$tool (MN-major) rc=$?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$OUT/${tool}_mn_major.log"
+  done
+  JAX_DEEPGEMM_MN_MAJOR_SCALES=1 python3 -P -m pytest -q -x tests/test_linear.py \
+    tests/test_flax_moe.py tests/test_gpu_quant.py tests/test_gpu_kernels.py \
+    tests/test_gpu_grouped.py 2>&1 | tee -a "$OUT/tests_mn_major.log" | tail -3
   m128=128x2112x7168,128x24576x1536,128x7168x16384,128x4096x7168,128x7168x2048
   python3 benchmarks/bench_gemm.py --shapes $m128 --kernel-times on --out gemm_m128_rowmajor \
     2>&1 | tail -8

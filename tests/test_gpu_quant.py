@@ -214,7 +214,9 @@ def test_recip_mode_kernel(rng, use_ue8m0):
   call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
                           (jax.ShapeDtypeStruct(x.shape, qk.FP8_DTYPE),
                            jax.ShapeDtypeStruct((257, 56), jnp.float32)))
-  got = jax.jit(lambda x: call(x, use_ue8m0=np.int32(use_ue8m0), recip=np.int32(1)))(x)
+  # Every attribute the handler declares (it rejects a call that lacks one); row-major scales.
+  got = jax.jit(lambda x: call(x, use_ue8m0=np.int32(use_ue8m0), recip=np.int32(1),
+                               s_mn_major=np.int32(0)))(x)
   want = jax.jit(lambda x: _recip_reference(x, use_ue8m0))(x)
   _assert_bitwise(got, want, f"recip ue8m0={use_ue8m0}")
 

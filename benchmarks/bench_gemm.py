@@ -38,10 +38,11 @@ Kernel times (``--kernel-times``, default: shapes with M <= 512): at M = 128 one
 device work (~10-20 us) is shorter than JAX's dispatch of it, so the burst timing above
 measures the host as much as the kernels. There the run also traces every implementation
 with ``jax.profiler`` and records ``kernel_us``, the summed time of the kernels one call
-runs (ours: the GEMM and the transpose of ``sa``; XLA's: its GEMM and any fusion around
+runs (ours: the GEMM and the transpose of the row-major ``sa`` it is handed; XLA's: its GEMM and any fusion around
 it), and ``kernel_ratio_vs_xla_fp8`` = kernel_us(XLA FP8) / kernel_us(ours).
 ``--mn-major-scales`` hands ours ``sa`` MN-major instead, as DeepGEMM's protocol hands its
-kernel (``JAX_DEEPGEMM_MN_MAJOR_SCALES=1``: no transpose where M % 4 == 0; records say
+kernel (with MN-major scales, the default unless ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0``, that is no
+transpose where M % 4 == 0, as after our own cast in the same jit; records say
 ``sa_layout``).
 """
 from __future__ import annotations
@@ -139,8 +140,8 @@ def ours_inputs(m, n, k):
 
 
 def ours_mn_major(a, sa_t, b, sb):
-  # DeepGEMM's protocol: A's scales arrive MN-major, [ceil(K/128), M]. With
-  # JAX_DEEPGEMM_MN_MAJOR_SCALES=1 and M % 4 == 0 this transpose is free (a layout).
+  # DeepGEMM's protocol: A's scales arrive MN-major, [ceil(K/128), M]. With MN-major scales
+  # (the default) and M % 4 == 0 this transpose is free (a layout).
   return jd.fp8_gemm_nt(a, sa_t.T, b, sb)
 
 
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
                  help="also record profiler (CUPTI) kernel times: auto = shapes with M <= 512")
   p.add_argument("--mn-major-scales", action="store_true",
                  help="hand our GEMM A's scales MN-major, as DeepGEMM's protocol does, with "
-                      "JAX_DEEPGEMM_MN_MAJOR_SCALES=1 (no transpose of sa in the timed call)")
+                      "MN-major scales forced on (no transpose of sa in the timed call)")
   p.add_argument("--chill-gb", type=float, default=0.0,
                  help="also record kernel times the way DeepGEMM's published figures were "
                       "taken: each call after zeroing this many GB (DeepGEMM: 8), so GEMMs "

@@ -102,14 +102,14 @@ MN_MAJOR_SCALES_ENV = "JAX_DEEPGEMM_MN_MAJOR_SCALES"
 def mn_major_scales() -> bool:
   """Whether activation scales travel MN-major between our casts and GEMMs (read at lowering).
 
-  The GEMMs read a 1x128 cast's scales MN-major, ``[ceil(K/128), M]``. With
-  ``JAX_DEEPGEMM_MN_MAJOR_SCALES=1`` the per-token casts write them so and declare that layout
-  to XLA (``output_layouts``), and the GEMMs take ``sa`` with the same layout
-  (``input_layouts``) where M % 4 == 0: a cast and a GEMM in one jit then need no transpose of
-  the scales between them (XLA copies only where another consumer wants them row-major).
-  Off by default until the sanitizers have run with it on (its GPU tests passed on an H100).
+  The GEMMs read a 1x128 cast's scales MN-major, ``[ceil(K/128), M]``. By default the
+  per-token casts write them so and declare that layout to XLA (``output_layouts``), and the
+  GEMMs take ``sa`` with the same layout (``input_layouts``) where M % 4 == 0: a cast and a GEMM
+  in one jit then need no transpose of the scales between them (XLA copies only where another
+  consumer wants them row-major). ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0`` goes back to row-major
+  scales and a transpose inside each GEMM's lowering (the values and results are the same bits).
   """
-  return os.environ.get(MN_MAJOR_SCALES_ENV, "0") not in ("", "0")
+  return os.environ.get(MN_MAJOR_SCALES_ENV, "1").strip() != "0"
 
 
 def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False) -> str:

@@ -34,8 +34,9 @@ the kernels do the same (see quant.cuh). XLA on CPU additionally rewrites ``x / 
 reference on this GPU is probed once per op (``JAX_DEEPGEMM_QUANT_DIVISION=div|recip``
 forces one).
 
-With ``JAX_DEEPGEMM_MN_MAJOR_SCALES=1`` (``_ffi.mn_major_scales``) the per-token casts write their
-scales MN-major and declare it (``output_layouts``): the same values, in the bytes the GEMMs read.
+By default (``_ffi.mn_major_scales``; ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0`` turns it off) the
+per-token casts write their scales MN-major and declare it (``output_layouts``): the same values,
+in the bytes the GEMMs read.
 """
 from __future__ import annotations
 

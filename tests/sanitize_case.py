@@ -16,8 +16,8 @@ for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16)]:
   c = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
   jax.block_until_ready(jax.jit(jd.fp8_gemm_nt)(a, sa, b, sb))
   jax.block_until_ready(jax.jit(lambda *x: jd.fp8_gemm_nt(*x, bias=bias, c=c))(a, sa, b, sb))
-  # The cast feeding the GEMM in one jit (with JAX_DEEPGEMM_MN_MAJOR_SCALES=1 and M % 4 == 0,
-  # sa passes in the cast's MN-major layout).
+  # The cast feeding the GEMM in one jit (with MN-major scales, the default, and M % 4 == 0, sa
+  # passes in the cast's MN-major layout).
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   jax.block_until_ready(jax.jit(lambda x: jd.fp8_gemm_nt(*jd.per_token_cast_to_fp8(x), b, sb))(x))
 # M-grouped: skewed routing with empty experts and unaligned sizes, all-empty, masked.

@@ -1,8 +1,9 @@
-"""MN-major activation scales (``JAX_DEEPGEMM_MN_MAJOR_SCALES=1``) on a Hopper GPU: the same bits.
+"""MN-major activation scales (the default; ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0`` turns them off) on a
+Hopper GPU: the same bits as row-major ones.
 
-With the setting, the per-token casts write their scales MN-major (``output_layouts``) and the
+With the setting on, the per-token casts write their scales MN-major (``output_layouts``) and the
 GEMMs take them as they are (``input_layouts``). The kernels compute the same thing, so every
-result must equal the default path's bit for bit; and a cast feeding a GEMM must compile to the
+result must equal the row-major path's bit for bit; and a cast feeding a GEMM must compile to the
 two custom calls with nothing between them. The setting is read at lowering, so each path runs
 in its own process (jit caches would otherwise mix them). Skips without an sm_90 GPU.
 """

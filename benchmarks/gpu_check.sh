@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
-#   bash benchmarks/gpu_check.sh [build] [test] [sanitize] [prof] [prof-src] [tiles] [mn-major]
+#   bash benchmarks/gpu_check.sh [build|wheel] [test] [sanitize] [prof] [prof-src] [tiles] [mn-major] [mn-major-bench]
 #                                [experiments] [bench]
 #   (pytest arguments via PYTEST_ARGS)
 # With no stage named: build test sanitize bench. The build carries CUTLASS from .gpu/ (no network there).
@@ -33,6 +33,16 @@ if has build; then
   so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
   echo "QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
   nm -D --defined-only "$so" | grep -c ' T ' | xargs echo "exported text symbols:"
+fi
+
+if has wheel; then
+  # A wheel built on the CPU machine for the device's Python (cp312, jaxlib 0.11.2) and carried
+  # in .gpu/: seconds instead of a two-minute build, which matters when the machine is released
+  # 30 s after each call. Build it with benchmarks/build_device_wheel.sh.
+  python3 -m pip install --no-deps --force-reinstall .gpu/jax_deepgemm-*-cp312-*.whl > "$OUT/build.log" 2>&1 \
+    || { tail -20 "$OUT/build.log"; echo "WHEEL INSTALL FAILED"; exit 1; }
+  so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
+  echo "wheel installed; QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
 fi
 
 python3 -P -c "import jax, jax_deepgemm as jd; print(jax.__version__, jax.devices(), 'kernels:', jd.use_kernels())"
@@ -131,23 +141,26 @@ if has tiles; then
 fi
 
 if has mn-major; then
-  # JAX_DEEPGEMM_MN_MAJOR_SCALES=1 before it becomes the default: both settings bit for bit
-  # (test_gpu_mn_major), the GPU tests of every op that casts or takes sa with it on, then
-  # M = 128 kernel times (sa row-major as today vs MN-major) and fp8_linear's training step,
-  # each setting in the same run. Needs the build stage.
-  # (Session 25, H100: test_gpu_mn_major, test_gpu_kernels and test_gpu_grouped passed with it,
-  # and ~300 test_gpu_quant cases; left: the sanitizers, the rest, and the timings below.)
+  # MN-major activation scales are the default (session 26, after this stage passed on the H100:
+  # both sanitizers with them on, and every GPU test of an op that casts or takes sa). The stage
+  # now checks the opt-out: both settings bit for bit (test_gpu_mn_major), the sanitizers and
+  # the GPU tests of those ops with JAX_DEEPGEMM_MN_MAJOR_SCALES=0. Needs the build (or wheel) stage.
   python3 -P -m pytest -q tests/test_gpu_mn_major.py 2>&1 | tee "$OUT/tests_mn_major.log" | tail -3
   for tool in memcheck racecheck; do
-    JAX_DEEPGEMM_MN_MAJOR_SCALES=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    JAX_DEEPGEMM_MN_MAJOR_SCALES=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
       XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool $tool --print-limit 20 \
-      python3 tests/sanitize_case.py > "$OUT/${tool}_mn_major.log" 2>&1
-    echo "$tool (MN-major) rc=$?"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$OUT/${tool}_mn_major.log"
+      python3 tests/sanitize_case.py > "$OUT/${tool}_row_major.log" 2>&1
+    echo "$tool (row-major scales) rc=$?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$OUT/${tool}_row_major.log"
   done
-  JAX_DEEPGEMM_MN_MAJOR_SCALES=1 python3 -P -m pytest -q -x tests/test_linear.py \
+  JAX_DEEPGEMM_MN_MAJOR_SCALES=0 python3 -P -m pytest -q -x tests/test_linear.py \
     tests/test_flax_moe.py tests/test_gpu_quant.py tests/test_gpu_kernels.py \
     tests/test_gpu_grouped.py 2>&1 | tee -a "$OUT/tests_mn_major.log" | tail -3
+fi
+
+if has mn-major-bench; then
+  # The timings of both settings, in one run: M = 128 kernel times with sa handed row-major
+  # (a transpose in the call) and MN-major, and fp8_linear's training step with each setting.
   m128=128x2112x7168,128x24576x1536,128x7168x16384,128x4096x7168,128x7168x2048
   python3 benchmarks/bench_gemm.py --shapes $m128 --kernel-times on --out gemm_m128_rowmajor \
     2>&1 | tail -8

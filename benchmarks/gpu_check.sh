@@ -177,11 +177,12 @@ if has experiments; then
   # The A/Bs of the patches under benchmarks/experiments/ (each header says what it changes),
   # kernel_bench alone against csrc/ as it is, through the tiles stage: the dense serial tiles
   # next to 128x128. No build stage needed.
+  # (~5 min for all four variants; EXP_VARIANTS picks some, e.g. "cur:csrc half:$ex/...".)
   ex=benchmarks/experiments
-  OUT=$OUT/dense TILES="${EXP_TILES:-128x128 128x160 192x128 128x256}" \
-    SHAPES="${EXP_SHAPES:-4096x7168x16384 4096x2112x7168 4096x24576x1536}" \
-    VARIANTS="cur:csrc one:$ex/dense_serial_one_cursor.patch" \
-    bash "$0" tiles | tail -80
+  OUT=$OUT/dense TILES="${EXP_TILES:-128x128 128x192 192x128 128x256}" \
+    SHAPES="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048}" \
+    VARIANTS="${EXP_VARIANTS:-cur:csrc one:$ex/dense_serial_one_cursor.patch sa:$ex/dense_sa_before_wait.patch half:$ex/dense_192_half_pipelined.patch}" \
+    bash "$0" tiles | tail -100
 fi
 
 if has bench; then

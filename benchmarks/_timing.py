@@ -390,8 +390,10 @@ class KernelTimes:
   gap_us: float | None = None
 
   def extras(self) -> dict:
+    # kernel_breakdown_us is per launch; kernel_per_call_us sums a kernel's launches in one
+    # call (fp8_linear's step runs the same GEMM kernel for the forward and for dgrad).
     out = {"kernel_us": self.total_us, "kernels_per_call": self.launches_per_call,
-           "kernel_breakdown_us": self.kernels}
+           "kernel_breakdown_us": self.kernels, "kernel_per_call_us": self.per_call_us}
     if self.gap_us is not None:
       out["kernel_gap_us"] = self.gap_us
     return out

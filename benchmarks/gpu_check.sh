@@ -175,14 +175,22 @@ fi
 
 if has experiments; then
   # The A/Bs of the patches under benchmarks/experiments/ (each header says what it changes),
-  # kernel_bench alone against csrc/ as it is, through the tiles stage: the dense serial tiles
-  # next to 128x128. No build stage needed.
-  # (~5 min for all four variants; EXP_VARIANTS picks some, e.g. "cur:csrc half:$ex/...".)
+  # kernel_bench alone against csrc/ as it is, through the tiles stage, each patch on the tiles
+  # it changes, with csrc/ as it is in the same run (~5 min in all). EXP_ONLY="sa half" picks
+  # patches; EXP_SHAPES the shapes.
   ex=benchmarks/experiments
-  OUT=$OUT/dense TILES="${EXP_TILES:-128x128 128x192 192x128 128x256}" \
-    SHAPES="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048}" \
-    VARIANTS="${EXP_VARIANTS:-cur:csrc one:$ex/dense_serial_one_cursor.patch sa:$ex/dense_sa_before_wait.patch half:$ex/dense_192_half_pipelined.patch}" \
-    bash "$0" tiles | tail -100
+  shapes="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048}"
+  for e in ${EXP_ONLY:-one sa half}; do
+    case $e in
+      one) patch=dense_serial_one_cursor.patch; tiles="128x256 192x128" ;;
+      sa) patch=dense_sa_before_wait.patch; tiles="128x256 128x160 192x128 128x128" ;;
+      half) patch=dense_192_half_pipelined.patch; tiles="128x192 128x128" ;;
+      *) echo "unknown experiment $e"; continue ;;
+    esac
+    echo "== experiment $e ($patch): $tiles"
+    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes" VARIANTS="cur:csrc $e:$ex/$patch" \
+      bash "$0" tiles | tail -60
+  done
 fi
 
 if has bench; then

@@ -38,8 +38,8 @@ Kernel times (``--kernel-times``, default: shapes with M <= 512): at M = 128 one
 device work (~10-20 us) is shorter than JAX's dispatch of it, so the burst timing above
 measures the host as much as the kernels. There the run also traces every implementation
 with ``jax.profiler`` and records ``kernel_us``, the summed time of the kernels one call
-runs (ours: the GEMM and the transpose of the row-major ``sa`` it is handed; XLA's: its GEMM and any fusion around
-it), and ``kernel_ratio_vs_xla_fp8`` = kernel_us(XLA FP8) / kernel_us(ours).
+runs (ours: the GEMM and the transpose of the row-major ``sa`` it is handed; XLA's: its GEMM
+and any fusion around it), and ``kernel_ratio_vs_xla_fp8`` = kernel_us(XLA FP8) / kernel_us(ours).
 ``--mn-major-scales`` hands ours ``sa`` MN-major instead, as DeepGEMM's protocol hands its
 kernel (with MN-major scales, the default unless ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0``, that is no
 transpose where M % 4 == 0, as after our own cast in the same jit; records say

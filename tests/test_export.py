@@ -98,8 +98,9 @@ def _scale_transposes(module):
 
 @pytest.mark.parametrize("m", [128, 7])
 def test_mn_major_scales_skip_the_transpose(rng, monkeypatch, m):
-  # MN-major scales (the default; JAX_DEEPGEMM_MN_MAJOR_SCALES=0 is off): the cast declares its scales column-major and the GEMM
-  # takes them with that layout, so where M % 4 == 0 nothing transposes them in between.
+  # MN-major scales (the default; JAX_DEEPGEMM_MN_MAJOR_SCALES=0 is off): the cast declares its
+  # scales column-major and the GEMM takes them with that layout, so where M % 4 == 0 nothing
+  # transposes them in between.
   monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
   x = randn(rng, (m, 640), jnp.bfloat16)
   wq, ws = quant_w(rng, 384, 640)

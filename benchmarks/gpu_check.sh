@@ -181,14 +181,16 @@ if has experiments; then
   ex=benchmarks/experiments
   shapes="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048}"
   for e in ${EXP_ONLY:-one sa half}; do
+    more=""
     case $e in
       one) patch=dense_serial_one_cursor.patch; tiles="128x256 192x128" ;;
-      sa) patch=dense_sa_before_wait.patch; tiles="128x256 128x160 192x128 128x128" ;;
+      sa) patch=dense_sa_before_wait.patch; tiles="128x256 128x160 192x128 128x128"
+          [ -z "${EXP_SHAPES:-}" ] && more=4096x4096x7168 ;;  # where 128x256 could take over
       half) patch=dense_192_half_pipelined.patch; tiles="128x192 128x128" ;;
       *) echo "unknown experiment $e"; continue ;;
     esac
     echo "== experiment $e ($patch): $tiles"
-    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes" VARIANTS="cur:csrc $e:$ex/$patch" \
+    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes $more" VARIANTS="cur:csrc $e:$ex/$patch" \
       bash "$0" tiles | tail -60
   done
 fi

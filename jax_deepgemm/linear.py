@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jax_deepgemm import _checks
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
                                              sanitize_group_sizes)
@@ -204,13 +205,7 @@ def fp8_grouped_linear(x, w, group_sizes):
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
     raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
                      f"{x.shape}, {w.shape}")
-  # (TypeError for the dtype, ValueError for the shape: as the ops say it.)
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise TypeError(f"fp8_grouped_linear: group_sizes must be an integer array (int32), got "
-                    f"{group_sizes.dtype}")
-  if group_sizes.shape != (w.shape[0],):
-    raise ValueError(f"fp8_grouped_linear: group_sizes must have shape ({w.shape[0]},) (one "
-                     f"entry per group), got {tuple(group_sizes.shape)}")
+  _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
   x, w, group_sizes = _match_vma(x, w, group_sizes)
   # Clipped to [0, M] without wrapping in their own type (clip_rows), as the ops do.
   return checkpoint_name(_grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0])), OUT)

@@ -15,6 +15,14 @@ if command -v g++-13 >/dev/null; then export CXX=g++-13 CUDAHOSTCXX=g++-13; fi
 export PATH=/usr/local/cuda/bin:$PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.sm,power.limit,power.draw --format=csv
 
+# The installed extension: FP8 wgmma instructions in it, and what it exports.
+report_so() {
+  local so
+  so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
+  echo "QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
+  nm -D --defined-only "$so" | grep -c ' T ' | xargs echo "exported text symbols:"
+}
+
 if has build; then
   CUTLASS_ARGS=()
   if ls .gpu/nvidia_cutlass-*.whl >/dev/null 2>&1; then
@@ -30,9 +38,7 @@ if has build; then
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   echo "build: $(( $(date +%s) - t0 )) s"
-  so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
-  echo "QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
-  nm -D --defined-only "$so" | grep -c ' T ' | xargs echo "exported text symbols:"
+  report_so
 fi
 
 if has wheel; then
@@ -41,8 +47,8 @@ if has wheel; then
   # 30 s after each call. Build it with benchmarks/build_device_wheel.sh.
   python3 -m pip install --no-deps --force-reinstall .gpu/jax_deepgemm-*-cp312-*.whl > "$OUT/build.log" 2>&1 \
     || { tail -20 "$OUT/build.log"; echo "WHEEL INSTALL FAILED"; exit 1; }
-  so=$(python3 -P -c "import jax_deepgemm._C as c; print(c.__file__)")
-  echo "wheel installed; QGMMA instructions in $so: $(cuobjdump -sass "$so" | grep -c QGMMA)"
+  echo "wheel installed"
+  report_so
 fi
 
 python3 -P -c "import jax, jax_deepgemm as jd; print(jax.__version__, jax.devices(), 'kernels:', jd.use_kernels())"

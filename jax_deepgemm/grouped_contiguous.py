@@ -36,9 +36,11 @@ def _abstract_eval(a, sa, b, sb, group_sizes, *, out_dtype):
 
 
 def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
+  # ragged_dot wants sizes in [0, M] that sum to M at most; the kernel clips them itself.
   d = jax.lax.ragged_dot(dequantize_per_token(a, sa),
                          jnp.swapaxes(dequantize_per_block(b, sb), 1, 2),
-                         group_sizes.astype(jnp.int32), precision=jax.lax.Precision.HIGHEST,
+                         sanitize_group_sizes(group_sizes, a.shape[0]),
+                         precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
   return d.astype(out_dtype)
 
@@ -72,6 +74,8 @@ def _cuda(a, sa, b, sb, group_sizes, *, out_dtype):
   (m, k), (g, n, _) = a.shape, b.shape
   if m == 0 or n == 0 or k == 0 or g == 0:
     return _reference(a, sa, b, sb, group_sizes, out_dtype=out_dtype)
+  if group_sizes.dtype != jnp.int32:  # (the public op hands over int32)
+    group_sizes = clip_rows(group_sizes, m)
   return grouped_kernel_call(a, sa, b, sb, group_sizes, masked_stride=0,
                              expected_m=-(-m // g), out_dtype=out_dtype)
 
@@ -114,7 +118,11 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if b.ndim == 3:
     _checks.group_sizes(OP, "group_sizes", group_sizes, b.shape[0])
-  # (Otherwise the primitive's checks say what is wrong: clipping needs integer sizes.)
-  if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    group_sizes = sanitize_group_sizes(group_sizes, a.shape[0])
+  # Other integer types are clipped before they narrow to int32 (huge sizes must not wrap).
+  # int32 goes as it is: the kernel clips the sizes and their running sum to [0, M] itself
+  # (and the reference lowering does), so no scan kernels run ahead of the GEMM. (Otherwise
+  # the primitive's checks say what is wrong: clipping needs integer sizes.)
+  if (a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer)
+      and group_sizes.dtype != jnp.int32):
+    group_sizes = clip_rows(group_sizes, a.shape[0])
   return m_grouped_contiguous_p.bind(a, sa, b, sb, group_sizes, out_dtype=out_dtype)

@@ -71,16 +71,34 @@ def test_contiguous_tiles_stay_in_their_group(rng):
     assert oracle.calc_diff(d[r], want[r]) < 1e-5, r
 
 
-@pytest.mark.parametrize("masked", ["random", "zeros", "full", "mixed"])
+def test_contiguous_out_of_range_sizes(rng):
+  # int32 sizes reach the kernel unclipped (no scan kernels ahead of it): it clips each size
+  # to [0, M] and their running sum to M itself, as sanitize_group_sizes does.
+  m, n, k = 1000, 256, 384
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, 6, n, k)
+  gs = np.array([-7, 300, 2**31 - 1, 50, -(2**31), 2**31 - 1], np.int32)
+  d = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)(a, sa, b, sb, gs)
+  want = oracle.grouped_contiguous(a, sa, b, sb, np.array([0, 300, 700, 0, 0, 0], np.int32))
+  assert oracle.calc_diff(d, want) < 1e-5
+  oracle.assert_elementwise(d, want, oracle.abs_terms(
+      oracle.grouped_contiguous, a, sa, b, sb, np.array([0, 300, 700, 0, 0, 0], np.int32)), d.dtype)
+
+
+@pytest.mark.parametrize("masked", ["random", "zeros", "full", "mixed", "out_of_range"])
 @pytest.mark.parametrize("g,mmax,n,k", [(4, 256, 1024, 2048), (6, 100, 512, 256), (2, 64, 160, 640)])
 def test_masked(rng, masked, g, mmax, n, k):
   a, sa = quant_act(rng, g * mmax, k)
   a, sa = a.reshape(g, mmax, k), sa.reshape(g, mmax, -1)
   b, sb = quant_w(rng, g, n, k)
   mm = {"random": rng.integers(0, mmax + 1, size=g), "zeros": np.zeros(g),
-        "full": np.full(g, mmax), "mixed": np.array([0, mmax] * g)[:g]}[masked].astype(np.int32)
+        "full": np.full(g, mmax), "mixed": np.array([0, mmax] * g)[:g],
+        # int32 sizes reach the kernel unclipped (no clamp kernel): it must clip them itself.
+        "out_of_range": np.array([-5, mmax + 37, 2**31 - 1, mmax // 3, -(2**31), 1] * g)[:g],
+        }[masked].astype(np.int32)
   d = jax.jit(jd.m_grouped_fp8_gemm_nt_masked, static_argnames="expected_m")(
       a, sa, b, sb, mm, expected_m=max(1, mmax // 2))
+  mm = np.clip(mm, 0, mmax)
   want = oracle.grouped_masked(a, sa, b, sb, mm)
   if mm.sum() == 0:
     assert float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0

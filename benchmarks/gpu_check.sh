@@ -180,25 +180,23 @@ if has mn-major-bench; then
 fi
 
 if has experiments; then
-  # The A/Bs of the patches under benchmarks/experiments/ (each header says what it changes),
-  # kernel_bench alone against csrc/ as it is, through the tiles stage, each patch on the tiles
-  # it changes, with csrc/ as it is in the same run (~5 min in all). EXP_ONLY="sa half" picks
-  # patches; EXP_SHAPES the shapes.
-  ex=benchmarks/experiments
-  shapes="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048}"
-  for e in ${EXP_ONLY:-one sa half}; do
-    more=""
-    case $e in
-      one) patch=dense_serial_one_cursor.patch; tiles="128x256 192x128" ;;
-      sa) patch=dense_sa_before_wait.patch; tiles="128x256 128x160 192x128 128x128"
-          [ -z "${EXP_SHAPES:-}" ] && more=4096x4096x7168 ;;  # where 128x256 could take over
-      half) patch=dense_192_half_pipelined.patch; tiles="128x192 128x128" ;;
-      *) echo "unknown experiment $e"; continue ;;
-    esac
-    echo "== experiment $e ($patch): $tiles"
-    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes $more" VARIANTS="cur:csrc $e:$ex/$patch" \
-      bash "$0" tiles | tail -60
+  # The A/Bs of the patches parked under benchmarks/experiments/ (each header says what it
+  # changes, and names the tiles it touches on a "Tiles:" line), kernel_bench alone against
+  # csrc/ as it is in the same run, through the tiles stage. EXP_ONLY="name ..." picks patches
+  # (file names without .patch); EXP_SHAPES the shapes.
+  shapes="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048 4096x4096x7168}"
+  found=0
+  for patch in benchmarks/experiments/*.patch; do
+    [ -e "$patch" ] || continue
+    e=$(basename "$patch" .patch)
+    [ -n "${EXP_ONLY:-}" ] && [[ " $EXP_ONLY " != *" $e "* ]] && continue
+    found=1
+    tiles=$(sed -n 's/^Tiles: *//p' "$patch" | head -1)
+    echo "== experiment $e: ${tiles:=128x128}"
+    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes" VARIANTS="cur:csrc $e:$patch" \
+      bash "$0" tiles | tail -80
   done
+  [ $found = 1 ] || echo "no parked experiments"
 fi
 
 if has bench; then

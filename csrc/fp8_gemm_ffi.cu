@@ -482,10 +482,19 @@ const EnvOverride& GetEnvOverride() {
   return o;
 }
 
+// Row blocks of `bm` rows over m rows in all: the masked layout's groups hold
+// masked_rows rows each (m = groups * masked_rows) and each starts a block; the
+// contiguous layout's boundaries fall anywhere: about one partial block per two groups.
+int64_t MBlocks(int64_t m, int bm, int64_t groups, int64_t masked_rows) {
+  if (masked_rows > 0) return groups * ((masked_rows + bm - 1) / bm);
+  return (m + bm - 1) / bm + (groups > 1 ? groups / 2 : 0);
+}
+
 // Share of the tensor-core time of `rounds` full waves that a tile shape
 // spends on the m x n output (the rest: the last wave's idle SMs, padding).
-double WaveEfficiency(int64_t m, int64_t n, int bm, int bn, int64_t groups, int num_sms) {
-  const int64_t m_blocks = (m + bm - 1) / bm + (groups > 1 ? groups / 2 : 0);
+double WaveEfficiency(int64_t m, int64_t n, int bm, int bn, int64_t groups, int num_sms,
+                      int64_t masked_rows = 0) {
+  const int64_t m_blocks = MBlocks(m, bm, groups, masked_rows);
   const int64_t tiles = m_blocks * ((n + bn - 1) / bn);
   const int64_t rounds = (tiles + num_sms - 1) / num_sms;
   return static_cast<double>(m) * n / (static_cast<double>(rounds) * num_sms * bm * bn);
@@ -550,11 +559,20 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 //    rounds of 374 tiles against 5 of 544) 110-112 vs 118 us (kernel_bench alone,
 //    2026-12-04); through JAX under DeepGEMM's protocol 105.5 vs 118.7 us and 818
 //    vs 852 us. In the M-grouped kernels it did not pay (contiguous 4x8192: 1309
-//    vs 1302 TFLOPS, 1214 vs 1237), so they are not built with it.
+//    vs 1302 TFLOPS, 1214 vs 1237), so they are not built with it. With A's scales
+//    read ahead of the wgmma wait (session 27, H100, kernel_bench alone) its work per
+//    full round came to 1.08-1.10x 128x128's and 1.01-1.05x 128x256's (us, 192x128 /
+//    128x128 / 128x256: 4096x7168x16384 738 / 745 / 722 in 10 / 14 / 7 rounds,
+//    4096x4096x7168 196 / 193 / 185 in 6 / 8 / 4), so 1.05: above 128x256's 1.035,
+//    so that 8192^3 (21 rounds at 98.5% against 16 at 97.0%) stays on it.
 //  * 128x256 (two 128-wide wgmma halves per K block) spreads each tile's fixed cost
 //    (pipeline fill, epilogue) over twice the work: +5% at K <= 2048 (4096x7168x2048,
 //    4096x24576x1536, M-grouped 4x8192 x 7168 x 2048; 2026-12-03), so it is taken down
-//    to 95% of 128x128's wave fill. At K 7168 and 16384 the two measured the same.
+//    to 95% of 128x128's wave fill. At K 7168 and 16384 the two measured the same until
+//    A's scales were read before the wgmma wait (session 27, H100, kernel_bench alone,
+//    both tiles with it, us, 128x256 vs 128x128: 4096x7168x16384 722 vs 745,
+//    4096x4096x7168 185 vs 193, 4096x7168x2048 108 vs 118, 4096x24576x1536 272 vs 292),
+//    so 1.035 at larger K (+2.5% over 128x128's 1.01 at equal waves).
 //  * 128x160 / 128x192 (serial promotion): 27% / 16% slower per FLOP than 128x128
 //    (4096x7168x16384: 952 / 948 vs 763 us, 2026-12-04), with a run-time B-scale pick
 //    per accumulator and a scale load stalling each k-block's last wgmma. Without both
@@ -572,8 +590,8 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool grouped) {
   if (block_m == 128 && block_n == 128) return 1.0;
   if (accumulate) return 0.0;
-  if (block_m == 192 && block_n == 128) return 1.0;
-  if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 0.0;
+  if (block_m == 192 && block_n == 128) return 1.05;
+  if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 1.035;
   if (grouped) return 0.0;
   if (block_m == 128 && block_n == 160) return 0.88;
   if (block_m == 128 && block_n == 192) return 0.86;
@@ -589,21 +607,30 @@ double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool 
 // step: a tile needs max(tensor-core time ~ BM*BN/32 clocks, load time ~
 // 4*(BM+BN) clocks) and more, smaller tiles keep more SMs pulling from HBM.
 // For grouped problems `m` is the total row count and `groups` adds one
-// partial m-block per group.
+// partial m-block per two groups; masked_rows > 0: the masked layout, `groups`
+// groups of masked_rows rows (the expected ones), each starting an m-block.
+// Masked problems of over one wave of 128-row groups take the many-wave rule: its
+// full-wave tiles measured faster than the cost model's (session 27, H100, 4096x7168 per
+// group, chilled, us, 128x256 vs 128x128 before A's scales moved ahead of the wgmma wait,
+// which took 5% off 128x256 alone: 1x1024 50.5 vs 50.0, 2x512 53.9 vs 56.4, 4x256 63.9
+// vs 68.8). Groups of 64 rows or fewer (decode) keep the cost model's 64-row tiles.
 const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t groups,
                                    bool accumulate, int num_sms, const KernelTable& table,
-                                   const EnvOverride& env) {
-  const int64_t tiles_128 = ((m + 127) / 128 + (groups > 1 ? groups / 2 : 0)) * ((n + 127) / 128);
+                                   const EnvOverride& env, int64_t masked_rows = 0) {
+  const int64_t tiles_128 = MBlocks(m, 128, groups, masked_rows) * ((n + 127) / 128);
   const KernelEntry* best_entry = nullptr;
   double best = 1e300;
-  if (m > 64 && tiles_128 > 2 * num_sms) {  // many waves
+  const bool many_waves = masked_rows > 0 ? masked_rows > 64 && tiles_128 > num_sms
+                                          : m > 64 && tiles_128 > 2 * num_sms;
+  if (many_waves) {
     for (const KernelEntry& e : table) {
       if (!Allowed(e, env, table.grouped, n)) continue;
       if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
       const double speed = ManyWaveSpeed(e.block_m, e.block_n, k, accumulate, table.grouped);
       const bool base = e.block_m == 128 && e.block_n == 128;
       const double score = speed * (base ? 1.01 : 1.0) *
-                           WaveEfficiency(m, n, e.block_m, e.block_n, groups, num_sms);
+                           WaveEfficiency(m, n, e.block_m, e.block_n, groups, num_sms,
+                                          masked_rows);
       if (speed > 0.0 && (best_entry == nullptr || score > best * (1.0 - 1e-12))) {
         best = score;
         best_entry = &e;
@@ -620,7 +647,7 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
     if (e.block_m == 192 && env.block_m != 192) continue;
     // Don't waste half of every tile (unless nothing else is allowed).
     const bool wasteful = m <= 64 * groups && e.block_m != 64;
-    const int64_t m_blocks = (m + e.block_m - 1) / e.block_m + (groups > 1 ? groups / 2 : 0);
+    const int64_t m_blocks = MBlocks(m, e.block_m, groups, masked_rows);
     const int64_t tiles = m_blocks * ((n + e.block_n - 1) / e.block_n);
     const int64_t waves = (tiles + num_sms - 1) / num_sms;
     // One math warpgroup can't hide its promotion behind the other's wgmma.
@@ -644,7 +671,7 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
 
 bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate, int num_sms,
                   const KernelTable& table, GemmConfig* cfg, const KernelEntry** entry,
-                  std::string* error) {
+                  std::string* error, int64_t masked_rows = 0) {
   static const EnvOverride kNoOverride;
   const EnvOverride& env = GetEnvOverride();
   if (env.present && !env.error.empty()) {
@@ -653,7 +680,7 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumula
   }
   const KernelEntry* e =
       HeuristicKernel(m, n, k, groups, accumulate, num_sms, table,
-                      env.present ? env : kNoOverride);
+                      env.present ? env : kNoOverride, masked_rows);
   if (e == nullptr && env.present && env.multicast > 1) {
     // A forced multicast=2 on a problem with an odd N-block count: same tile (multicast
     // builds are 128x128), no multicast.
@@ -661,7 +688,7 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumula
     relaxed.multicast = 0;
     relaxed.block_m = relaxed.block_m ? relaxed.block_m : 128;
     relaxed.block_n = relaxed.block_n ? relaxed.block_n : 128;
-    e = HeuristicKernel(m, n, k, groups, accumulate, num_sms, table, relaxed);
+    e = HeuristicKernel(m, n, k, groups, accumulate, num_sms, table, relaxed, masked_rows);
   }
   if (e == nullptr) {
     *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
@@ -914,12 +941,15 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   if (ffi::Error e = DeviceSms(scoped, device, &num_sms); e.failure()) return e;
 
   // The config follows the rows the caller expects to be valid, not the buffer.
-  const int64_t rows = masked_stride > 0 && expected_m > 0
-                           ? std::min(expected_m, masked_stride) * g : m;
+  const int64_t masked_rows = masked_stride <= 0 ? 0
+                              : expected_m > 0 ? std::min(expected_m, masked_stride)
+                                               : masked_stride;
+  const int64_t rows = masked_rows > 0 ? masked_rows * g : m;
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(rows, n, k, g, false, num_sms, kGroupedTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(rows, n, k, g, false, num_sms, kGroupedTable, &cfg, &entry, &error,
+                    masked_rows)) {
     return GroupedInvalid(error);
   }
   LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
@@ -1088,16 +1118,21 @@ int CurrentDeviceSms() {
 }
 
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
-                      std::string* config, std::string* error) {
+                      bool masked, std::string* config, std::string* error) {
   if (m < 1 || n < 1 || k < 1 || groups < 0) {
     *error = "jax_deepgemm: gemm_config needs M, N, K >= 1 and groups >= 0";
+    return false;
+  }
+  if (masked && groups == 0) {
+    *error = "jax_deepgemm: gemm_config's masked layout needs groups >= 1";
     return false;
   }
   const int num_sms = CurrentDeviceSms();
   GemmConfig cfg;
   const KernelTable& table = groups > 0 ? kGroupedTable : kDenseTable;
-  if (!SelectConfig(m, n, k, groups > 0 ? groups : 1, accumulate && groups == 0, num_sms, table,
-                    &cfg, nullptr, error)) {
+  if (!SelectConfig(masked ? m * groups : m, n, k, groups > 0 ? groups : 1,
+                    accumulate && groups == 0, num_sms, table, &cfg, nullptr, error,
+                    masked ? m : 0)) {
     return false;
   }
   *config = ConfigName(cfg.block_m, cfg.block_n, cfg.stages, cfg.multicast);

@@ -39,11 +39,12 @@ std::string SupportedGroupedGemmConfigs();
 
 // Kernel configuration that the dense (groups == 0) or M-grouped kernel would
 // use for a problem of M rows in all, formatted as
-// "block_m=128,block_n=128,stages=6". Honors the environment variable
+// "block_m=128,block_n=128,stages=6" (masked: the masked layout, `groups` groups
+// of M expected rows each). Honors the environment variable
 // JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the problem or
 // the forced configuration is invalid.
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
-                      std::string* config, std::string* error);
+                      bool masked, std::string* config, std::string* error);
 
 // Tile of the K-grouped (wgrad) kernel for G groups and an [N, K] output,
 // e.g. "block_m=192,block_n=128,stages=5". Honors JAX_DEEPGEMM_K_GROUPED_CONFIG.

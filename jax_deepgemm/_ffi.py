@@ -112,13 +112,15 @@ def mn_major_scales() -> bool:
   return os.environ.get(MN_MAJOR_SCALES_ENV, "1").strip() != "0"
 
 
-def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False) -> str:
+def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False,
+                masked: bool = False) -> str:
   """The kernel config picked for this shape (for benchmarks and tuning).
 
-  ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all; ``accumulate``
-  about the dense GEMM that adds into ``c`` (its epilogue prefers other tiles).
+  ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all, or with
+  ``masked`` about the masked layout with ``m`` rows expected per group (``expected_m``);
+  ``accumulate`` about the dense GEMM that adds into ``c`` (its epilogue prefers other tiles).
   """
-  return _C.gemm_config(m, n, k, groups, accumulate) if _C is not None else "reference"
+  return _C.gemm_config(m, n, k, groups, accumulate, masked) if _C is not None else "reference"
 
 
 def k_grouped_config(groups: int, n: int, k: int) -> str:

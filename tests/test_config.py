@@ -19,6 +19,8 @@ import sys, jax_deepgemm as jd
 for spec in sys.argv[1:]:
   if spec.startswith("kg:"):  # the K-grouped tile for G x N x K
     print(jd.k_grouped_config(*map(int, spec[3:].split("x"))))
+  elif spec.endswith("m"):  # the masked layout: expected rows per group x N x K x G
+    print(jd.gemm_config(*map(int, spec[:-1].split("x")), masked=True))
   else:
     acc = spec.endswith("+c")  # the dense GEMM that accumulates into c
     print(jd.gemm_config(*map(int, spec.removesuffix("+c").split("x")), accumulate=acc))
@@ -48,22 +50,23 @@ def test_heuristic_picks_the_documented_tiles():
                           "7x2112x7168", "1x7168x2048")
   assert rc == 0, err[-2000:]
   # Decode: 64x32 where it fits one wave (1x4096x7168), 64x64 where 64x32 would take two.
-  assert out == [_cfg(128, 128, 5), _cfg(64, 128, 8), _cfg(128, 192, 4), _cfg(64, 64, 13),
-                 _cfg(64, 128, 8), _cfg(64, 32, 18), _cfg(128, 128, 5), _cfg(64, 32, 18),
+  assert out == [_cfg(128, 256, 3), _cfg(64, 128, 8), _cfg(128, 192, 4), _cfg(64, 64, 13),
+                 _cfg(64, 128, 8), _cfg(64, 32, 18), _cfg(128, 256, 3), _cfg(64, 32, 18),
                  _cfg(64, 32, 18), _cfg(64, 32, 18), _cfg(64, 64, 13)], out
 
 
-def test_wide_tile_for_short_k():
-  # K <= 2048 takes 128x256 where its waves are about as full as 128x128's (dense and
-  # M-grouped); not 4096x2112 (9 column blocks of 256 in 3 rounds: there 192x128's 3
-  # rounds are fuller than 128x128's 5), not K > 2048, not 4 groups in 4096 rows (8 rounds
-  # of 256-wide tiles, 94% as full as 15 of 128).
+def test_wide_tile():
+  # 128x256 where its waves are about as full as 128x128's (dense and M-grouped), at any K
+  # since session 27 (ManyWaveSpeed 1.06 at K <= 2048, 1.035 above); not 4096x2112 (9
+  # column blocks of 256 in 3 rounds: there 192x128's 3 rounds are fuller than 128x128's 5),
+  # not 4 groups in 4096 rows at K 2048 (8 rounds of 256-wide tiles, 94% as full as 15 of
+  # 128), not problems of under two waves of 128x128 (256x7168: the cost model).
   rc, out, err = _configs(None, "4096x7168x2048", "4096x24576x1536", "4096x2112x2048",
                           "4096x7168x2176", "32768x7168x2048x4", "32768x7168x2176x4",
                           "4096x7168x2048x4", "256x7168x2048")
   assert rc == 0, err[-2000:]
-  assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(192, 128, 5), _cfg(128, 128, 5),
-                 _cfg(128, 256, 3), _cfg(128, 128, 5), _cfg(128, 128, 5),
+  assert out == [_cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(192, 128, 5), _cfg(128, 256, 3),
+                 _cfg(128, 256, 3), _cfg(128, 256, 3), _cfg(128, 128, 5),
                  _cfg(128, 128, 5)], out
   # Accumulating into c keeps 128x128 (its reduce-add epilogue cost more with 128x256);
   # `accumulate` does not apply to grouped problems.
@@ -79,8 +82,9 @@ def test_wide_tile_for_short_k():
 
 def test_tall_tile_where_its_waves_are_fuller():
   # 192x128 (dense) where its waves are fuller than 128x128's: 4096x2112 (3 rounds of 374
-  # tiles against 5 of 544), 8192^3 (21 rounds against 32, 98.5% vs 97.0% full); not
-  # 4096 rows otherwise (21.3 tiles of 192), not grouped problems (not built for them),
+  # tiles against 5 of 544), 8192^3 (21 rounds against 32, 98.5% vs 97.0% full; 128x256's
+  # 16 are 97.0% full too); not 4096 rows otherwise (21.3 tiles of 192: 4096x4096 takes
+  # 128x256's 4 full rounds), not grouped problems (not built for them),
   # not when accumulating into c (unmeasured), nor by the small-problem cost model
   # (384x7168: there 192x128 would take one round, like the 128x192 it picks). At K <= 2048
   # it also beats 128x256 where its waves are fuller than 128x256's by over 6%
@@ -89,7 +93,7 @@ def test_tall_tile_where_its_waves_are_fuller():
                           "32768x2112x7168x4", "4096x2112x7168+c", "384x7168x7168",
                           "3072x5120x2048")
   assert rc == 0, err[-2000:]
-  assert out == [_cfg(192, 128, 5), _cfg(192, 128, 5), _cfg(128, 128, 5), _cfg(128, 128, 5),
+  assert out == [_cfg(192, 128, 5), _cfg(192, 128, 5), _cfg(128, 256, 3), _cfg(128, 128, 5),
                  _cfg(128, 128, 5), _cfg(128, 192, 4), _cfg(192, 128, 5)], out
 
 
@@ -97,18 +101,33 @@ def test_wide_serial_tiles_only_where_their_waves_are_much_fuller():
   # ManyWaveSpeed: 128x192 runs at 0.86 of 128x128's work per clock (dense), so it takes
   # 3072x2112x4096 (2 full rounds against 4 at 75%), not 4096x2112x7168 (89% vs 80% full);
   # 128x160 at 0.88 takes 1024x5120x7168 (2 rounds at 97% against 3 at 81%) and
-  # 4096x1280x7168, not 4096x7168x16384 (98.7% vs 97.0%: too little);
-  # the M-grouped kernels keep 128x128 (unmeasured there: 8192 rows, 32 groups, N 576).
+  # 4096x1280x7168, not 4096x7168x16384 (98.7% vs 97.0%: too little; 128x256 there);
+  # the M-grouped kernels don't have them (8192 rows, 32 groups, N 576: 128x256's 2 rounds
+  # are as full as 128x128's 4).
   rc, out, err = _configs(None, "3072x2112x4096", "4096x2112x7168", "8192x576x7168x32",
                           "1024x5120x7168", "4096x1280x7168", "4096x7168x16384")
   assert rc == 0, err[-2000:]
-  assert out == [_cfg(128, 192, 4), _cfg(192, 128, 5), _cfg(128, 128, 5), _cfg(128, 160, 6),
-                 _cfg(128, 160, 6), _cfg(128, 128, 5)], out
+  assert out == [_cfg(128, 192, 4), _cfg(192, 128, 5), _cfg(128, 256, 3), _cfg(128, 160, 6),
+                 _cfg(128, 160, 6), _cfg(128, 256, 3)], out
   # Forced, it runs any dense problem (the cost model never picks it on its own).
   rc, out, err = _configs("block_m=192", "4096x7168x16384", "1x4096x7168")
   assert rc == 0 and out == [_cfg(192, 128, 5)] * 2, (out, err[-2000:])
   rc, out, err = _configs("block_m=192", "32768x7168x2048x4")
   assert rc != 0 and "matches no grouped kernel that is built" in err, (out, err[-2000:])
+
+
+def test_masked_layout():
+  # Rows per group x N x K x groups. Groups of over 64 expected rows take the many-wave rule
+  # from one wave of 128-row tiles on, counting whole m-blocks per group: the bar shapes
+  # (1x1024, 2x512, 4x256 at 4096x7168) take 128x256's one full round rather than 128x128's
+  # two; decode-sized groups keep the cost model's 64-row tiles.
+  rc, out, err = _configs(None, "1024x4096x7168x1m", "512x4096x7168x2m", "256x4096x7168x4m",
+                          "16x4096x7168x8m", "64x4096x7168x8m")
+  assert rc == 0, err[-2000:]
+  assert out[:3] == [_cfg(128, 256, 3)] * 3, out
+  assert all(c.startswith("block_m=64,") for c in out[3:]), out
+  rc, out, err = _configs(None, "1024x4096x7168m")
+  assert rc != 0 and "masked layout needs groups >= 1" in err, (out, err[-2000:])
 
 
 def test_forced_config_is_honored():
@@ -125,7 +144,7 @@ def test_forced_config_is_honored():
   # An empty value means "not set"; tma_store alone leaves the tile to the heuristic.
   for override in (" ", "tma_store=0"):
     rc, out, err = _configs(override, "4096x7168x16384")
-    assert rc == 0 and out == [_cfg(128, 128, 5)], (override, err[-2000:])
+    assert rc == 0 and out == [_cfg(128, 256, 3)], (override, err[-2000:])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -924,11 +924,17 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // promote a stage in two calls, as `issue` issues it: d holds columns
       // [half * 128, half * 128 + 128), all in one scale block of B (passed as
       // sb_lo_val); the first half keeps the stage (its second half is next).
-      auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val, int half) {
+      // A's scales of the k-block being promoted (rows r_local and r_local + 8), read
+      // before the wgmma wait: after it, the loads' latency would come before the FFMAs.
+      auto read_sa = [&](float& sa0, float& sa1) {
+        const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
+        sa0 = sa_stage[0];
+        sa1 = sa_stage[8];
+      };
+      auto promote = [&](float (&d)[kNumBuf], float sb_lo_val, float sb_hi_val, int half,
+                         float sa0, float sa1) {
 #pragma unroll
         for (int i = 0; i < kNumBuf; ++i) ptx::fence_operand(d[i]);
-        const float* sa_stage = sa_base + promo_stage * (L::kBytesSA / 4);
-        const float sa0 = sa_stage[0], sa1 = sa_stage[8];
         if (kSplitN && half == 0) {
           const float s0 = sa0 * sb_lo_val, s1 = sa1 * sb_lo_val;
 #pragma unroll
@@ -988,22 +994,26 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // before kb + 1 is issued, as their epilogue needs more registers).
       auto step = [&](auto& d, auto& d_next, float sb_lo_val, float sb_hi_val, bool last,
                       auto&& mid) {
+        float sa0, sa1;
         if constexpr (kPipelined) {
           constexpr bool kMidEarly = sizeof(OutT) == 4;
           if (!last) {
             if constexpr (kMidEarly) mid();
             issue(d_next, 1);
             if constexpr (!kMidEarly) mid();
+            read_sa(sa0, sa1);
             ptx::wgmma_wait_group<1>();
           } else {
             mid();
+            read_sa(sa0, sa1);
             ptx::wgmma_wait_group<0>();
           }
         } else {
           mid();
+          read_sa(sa0, sa1);
           ptx::wgmma_wait_group<0>();
         }
-        promote(d, sb_lo_val, sb_hi_val, 1);
+        promote(d, sb_lo_val, sb_hi_val, 1, sa0, sa1);
       };
 
       // U consecutive k-blocks, alternating buffers; `first` runs in the first
@@ -1036,11 +1046,13 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           if constexpr (sizeof(OutT) == 4) first();
           issue(buf0, 0);
           if constexpr (sizeof(OutT) != 4) first();
+          float sa0, sa1;  // both halves' rows
+          read_sa(sa0, sa1);
           ptx::wgmma_wait_group<0>();
-          promote(buf0, sb_lo_val, 0.0f, 0);
+          promote(buf0, sb_lo_val, 0.0f, 0, sa0, sa1);
           issue(buf0, 1);
           ptx::wgmma_wait_group<0>();
-          promote(buf0, sb_hi_val, 0.0f, 1);
+          promote(buf0, sb_hi_val, 0.0f, 1, sa0, sa1);
         } else {  // one k-block; fp32 outputs flush before the issue (registers)
           static_assert(U == 1, "the serial loop runs one k-block per chunk");
           float sb_lo_val, sb_hi_val;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (see ../shared/gpu.md): build, test, sanitize, benchmark; logs under $OUT.
 #   bash benchmarks/gpu_check.sh [build|wheel] [test] [sanitize] [prof] [prof-src] [tiles] [mn-major] [mn-major-bench]
-#                                [experiments] [bench]
+#                                [experiments] [bars] [bench]
 #   (pytest arguments via PYTEST_ARGS)
 # With no stage named: build test sanitize bench. The build carries CUTLASS from .gpu/ (no network there).
 set -uo pipefail
@@ -197,6 +197,28 @@ if has experiments; then
       bash "$0" tiles | tail -80
   done
   [ $found = 1 ] || echo "no parked experiments"
+fi
+
+if has bars; then
+  # Every throughput bar of issues 3-5 in one stage, under DeepGEMM's protocol (8 GB fill) with
+  # A's scales handed MN-major (as a per-token cast in the same jit hands them), results as
+  # JSON named for the device (<bench>_bars_<h100|h200>.json). BARS_PEERS=0 leaves out the
+  # XLA and ragged_dot peers (about half the time). ~4-6 min with the peers.
+  dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i 'h[12]00' | tr A-Z a-z)
+  peers=""; [ "${BARS_PEERS:-1}" = 0 ] && peers=1
+  python3 benchmarks/bench_gemm.py --chill-gb 8 --mn-major-scales ${peers:+--skip-xla} \
+    --shapes 4096x2112x7168,4096x24576x1536,4096x7168x16384,4096x4096x7168,4096x7168x2048 \
+    --out gemm_bars_${dev:-gpu} 2>&1 | grep -E "DeepGEMM's protocol|\] ours|rror|WARN"
+  for f in masked 4x8192; do
+    python3 benchmarks/bench_grouped.py --filter $f --chill-gb 8 --mn-major-scales \
+      ${peers:+--skip-baseline} --out grouped_${f}_bars_${dev:-gpu} 2>&1 \
+      | grep -E "DeepGEMM's protocol|\] ours|rror|WARN"
+  done
+  python3 benchmarks/bench_k_grouped.py --chill-gb 8 ${peers:+--skip-baseline} \
+    --out k_grouped_bars_${dev:-gpu} 2>&1 | grep -E "DeepGEMM's protocol|\] ours|rror|WARN"
+  python3 benchmarks/bench_train.py --only dense --kernel-times ${peers:+--skip-baseline} \
+    --no-write 2>&1 | tail -4
+  cp benchmarks/results/*_bars_*.json "$OUT/" 2>/dev/null
 fi
 
 if has bench; then

@@ -53,7 +53,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_deepgemm.gemm import fp8_gemm_nt_p
-from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p
+from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p, sanitize_group_sizes
 from jax_deepgemm.grouped_masked import masked_p
 from jax_deepgemm.k_grouped import k_grouped_p
 from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_block_dual_cast_p,
@@ -115,15 +115,18 @@ def _first(*candidates):
   return next((c for c in candidates if c), ())
 
 
-def _window(group_sizes, rows, row_axes, experts, expert_axes):
+def _window(group_sizes, rows, row_axes, experts, expert_axes, total_rows):
   """This device's groups: (start, end) rows of each local expert within the local rows.
 
-  ``group_sizes`` are global (the public ops clip them so they end by the global row count).
-  The local rows are rows ``[i * rows, (i + 1) * rows)`` of the global ones for the device's
-  index ``i`` along ``row_axes``; the local experts are ``[j * experts, (j + 1) * experts)``.
+  ``group_sizes`` are global, as the op takes them: clipped here (as the kernel and the
+  reference lowering clip them) so that they end by the global row count ``total_rows``
+  and their running sum cannot overflow. The local rows are rows ``[i * rows, (i + 1) * rows)``
+  of the global ones for the device's index ``i`` along ``row_axes``; the local experts are
+  ``[j * experts, (j + 1) * experts)``.
   """
-  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-  starts = ends - group_sizes.astype(jnp.int32)
+  group_sizes = sanitize_group_sizes(group_sizes, total_rows)
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
   r0 = jax.lax.axis_index(row_axes) * rows if row_axes else 0
   lo = jnp.clip(starts - r0, 0, rows)
   hi = jnp.clip(ends - r0, 0, rows)
@@ -217,7 +220,8 @@ def _grouped_plan(mesh, shapes, dims, out_dims, *, out_dtype):
 
   def local(a, sa, b, sb, group_sizes):
     if m_ax or g_ax:
-      lo, hi = _window(group_sizes, a.shape[0], m_ax, b.shape[0], g_ax)
+      lo, hi = _window(group_sizes, a.shape[0], m_ax, b.shape[0], g_ax,
+                       a.shape[0] * _size(mesh, m_ax))
       group_sizes = hi - lo
     if g_ax:
       # The local experts' rows are contiguous, from row lo[0]: bring them to the top (the
@@ -261,7 +265,8 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
       return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c,
                                     out_dtype=out_dtype, **params)
     experts = g // _size(mesh, g_ax) if g_ax else g
-    lo, hi = _window(group_sizes, a.shape[ti], t_ax, experts, g_ax)
+    lo, hi = _window(group_sizes, a.shape[ti], t_ax, experts, g_ax,
+                     a.shape[ti] * _size(mesh, t_ax))
     sizes = hi - lo
     if g_ax:
       # Rows before the first local expert form a leading dummy group, dropped after. (A roll,
@@ -301,7 +306,10 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
   def local(a, sa, b, sb, masked_m):
     if m_ax:  # rows [r0, r0 + rows) of every group: the valid ones are those < masked_m
       rows = a.shape[1]
-      masked_m = jnp.clip(masked_m.astype(jnp.int32) - jax.lax.axis_index(m_ax) * rows, 0, rows)
+      # (Clipped to the global M_max first: the op hands int32 sizes over unclipped, and
+      # -2^31 - r0 would wrap around to a large positive count.)
+      masked_m = jnp.clip(masked_m.astype(jnp.int32), 0, rows * _size(mesh, m_ax))
+      masked_m = jnp.clip(masked_m - jax.lax.axis_index(m_ax) * rows, 0, rows)
     d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m,
                             out_dtype=F32 if k_ax else out_dtype)
     return jax.lax.psum(d, k_ax).astype(out_dtype) if k_ax else d

@@ -200,6 +200,12 @@ def case_m_grouped(partitioner):
   _check(mesh, op, args, (P(None, "y"), P(None, "y"), P(None, None, "y"),
                           P(None, None, "y"), P()), expect={"all-reduce": 1},
          rtol=1e-5, atol=3e-5)
+  # int32 sizes reach the rule unclipped (the op no longer clips int32): negative, over M and
+  # summing past int32. Each device must clip them as the unsharded op does.
+  wild = jnp.asarray([5, -3, 60, 2**31 - 1, -(2**31), 2**31 - 1, 9, 1], jnp.int32)
+  for specs in ((P("x"), P("x"), P(), P(), P()), (P("x"), P("x"), P("y"), P("y"), P())):
+    _check(mesh, op, args[:4] + (wild,), specs, expect={"all-reduce": len(specs[2])},
+           rtol=1e-5, atol=3e-5)
   # Rows split unevenly (250 rows over 8 devices: XLA pads the last shard), group sizes
   # ending before the last rows. Only values are checked: moving the uneven operands and
   # result in and out of that layout costs collectives of its own.
@@ -273,6 +279,11 @@ def case_masked(partitioner):
          out_spec=P("x", "y"))
   _check(mesh, op, args, (P(), P(), P(None, "x"), P(None, "x"), P()), expect={},
          out_spec=P(None, None, "x"))
+  # Unclipped int32 masked_m (the op hands them over as they are) with rows split: each
+  # shard's count must not wrap around (-2^31 minus its first row).
+  wild = jnp.asarray([2**31 - 1, -(2**31), 17, 99], jnp.int32)
+  _check(mesh, op, args[:4] + (wild,), (P("x", "y"), P("x", "y"), P("x"), P("x"), P("x")),
+         expect={}, out_spec=P("x", "y"))
   # K split: partial products, one all-reduce.
   k_split = P(None, None, "y")
   _check(mesh, op, args, (k_split,) * 4 + (P(),), expect={"all-reduce": 1}, rtol=1e-5,

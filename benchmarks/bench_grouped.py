@@ -64,9 +64,9 @@ import dataclasses
 import functools
 import gc
 import math
+import os
 import re
 import statistics
-import os
 import sys
 import time
 import traceback

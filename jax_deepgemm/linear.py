@@ -18,8 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jax_deepgemm import _checks
 from jax_deepgemm.gemm import fp8_gemm_nt
-from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
-                                             sanitize_group_sizes)
+from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
@@ -207,5 +206,7 @@ def fp8_grouped_linear(x, w, group_sizes):
                      f"{x.shape}, {w.shape}")
   _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
   x, w, group_sizes = _match_vma(x, w, group_sizes)
-  # Clipped to [0, M] without wrapping in their own type (clip_rows), as the ops do.
-  return checkpoint_name(_grouped(x, w, sanitize_group_sizes(group_sizes, x.shape[0])), OUT)
+  # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
+  # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
+  # here would only run twice.
+  return checkpoint_name(_grouped(x, w, group_sizes), OUT)

@@ -15,6 +15,9 @@ For every case, in one process:
   op "m_grouped_masked" (decode layout [G, M_max, K], masked_m = M_max, expected_m = M_max)
     jax_deepgemm     ``m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=M_max)``.
     xla_bf16_einsum  ``einsum("gmk,gnk->gmn")`` in bf16 (a batched cuBLAS GEMM).
+    ragged_dot_bf16  ``jax.lax.ragged_dot`` in bf16 on the same rows packed [G * M_max, K] with
+                     group sizes masked_m (what a ragged_dot user would run; the issue's
+                     "x vs ragged_dot" bar is over every grouped shape, masked ones included).
 
 Cases (G groups x rows per group, N, K):
   4x8192 (4096, 7168), 4x8192 (7168, 2048), 8x4096 (7168, 2048), 32x512 (2048, 7168),
@@ -477,6 +480,18 @@ def masked_bf16_inputs(case: Masked):
   return make
 
 
+def masked_ragged_inputs(case: Masked):
+  """The masked case's rows for ragged_dot: x [G * M_max, K], w [G, K, N], sizes M_max."""
+  g, mm, n, k = case.groups, case.m_max, case.n, case.k
+
+  @jax.jit
+  def make(key):
+    kx, kw = jax.random.split(key)
+    return (jax.random.normal(kx, (g * mm, k), BF16), jax.random.normal(kw, (g, k, n), BF16),
+            jnp.full((g,), mm, jnp.int32))
+  return make
+
+
 def check_groups(sizes) -> list[int]:
   """Up to 4 non-empty groups to check: first, largest, middle, last."""
   nonempty = [i for i, s in enumerate(sizes) if s > 0]
@@ -576,6 +591,7 @@ def main(argv=None) -> int:
         ours_fn, ours_inputs = ours_contiguous_mn_major, mn_major_inputs(ours_inputs)
       base_fn, base_inputs = ragged_dot_bf16, contiguous_bf16_inputs(case)
       diff_fn = lambda case=case: contiguous_diff(case)  # noqa: E731
+      more_bases = []
     else:
       op, base_impl, ratio_key = OP_MASKED, "xla_bf16_einsum", "ratio_vs_xla_bf16"
       extras = dict(m_max=case.m_max, masked_m=case.m_max, expected_m=case.m_max)
@@ -586,6 +602,8 @@ def main(argv=None) -> int:
       if args.mn_major_scales:
         ours_inputs = mn_major_inputs(ours_inputs)
       base_fn, base_inputs = xla_bf16_einsum, masked_bf16_inputs(case)
+      more_bases = [("ragged_dot_bf16", ragged_dot_bf16, masked_ragged_inputs(case),
+                     "ratio_vs_ragged_dot")]
       diff_fn = lambda case=case: masked_diff(case)  # noqa: E731
 
     t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours_fn, ours_inputs,
@@ -594,6 +612,10 @@ def main(argv=None) -> int:
     if not args.skip_baseline:
       t_base, via_base, e_base = runner.time_impl(f"{name}] [{base_impl}", base_fn, base_inputs,
                                                   timing, args.budget)
+    more = []  # (impl, timing, via, error, ratio key) of the further baselines
+    for impl, fn, inputs, key in ([] if args.skip_baseline else more_bases):
+      more.append((impl, *runner.time_impl(f"{name}] [{impl}", fn, inputs, timing, args.budget),
+                   key))
     diff = None
     if t_ours is not None and not args.no_diff and slow(t_ours, args.budget):
       print(f"[{name}] diff skipped (slow call)", flush=True)
@@ -627,10 +649,14 @@ def main(argv=None) -> int:
     sa_layout = dict(sa_layout="mn_major" if args.mn_major_scales else "row_major")
     records.append(impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
                                nbytes=bytes_ours, config=cfg, diff=diff, **{ratio_key: r},
+                               **{key: ratio(t, t_ours) for _, t, _, _, key in more},
                                **kt(k_ours), **chill, **sa_layout, **common))
     if not args.skip_baseline:
       records.append(impl_record(impl=base_impl, timing=t_base, error=e_base, nbytes=bytes_bf16,
                                  config=via_base, **kt(k_base), **common))
+    for impl, t, via, e, _ in more:
+      records.append(impl_record(impl=impl, timing=t, error=e, nbytes=bytes_bf16, config=via,
+                                 **common))
 
     tf = lambda t: T.tflops(flops, t.time_us) if t else None  # noqa: E731
     row = [op.replace("m_grouped_", ""), name, g, m,
@@ -644,6 +670,10 @@ def main(argv=None) -> int:
     print(f"[{name}] ours {show(row[4])} us {show(row[5])} TFLOPS ({row[7]}) | {base_impl} "
           f"{show(row[9])} us {show(row[10])} TFLOPS ({row[11]}) | x {row[12]} | diff {row[13]}",
           flush=True)
+    for impl, t, via, e, key in more:
+      print(f"[{name}] {impl} {show(cell(t, t and t.time_us, e))} us "
+            f"{show(cell(t, tf(t), e))} TFLOPS ({via or '-'}) | x {T.fmt(ratio(t, t_ours), 2)}",
+            flush=True)
     if not args.no_write:  # after every case: a crash later on keeps what was measured
       T.write_results(args.out, records)
 

@@ -1,4 +1,4 @@
-"""``python -m jax_deepgemm.demo``: every cast, op and layer under jit, compared with bf16.
+"""``python -m jax_deepgemm.demo``: the casts, the four GEMM ops and both linear layers under jit.
 
 Prints which path ran (Hopper kernel or pure-JAX reference) and DeepGEMM's diff metric of
 each FP8 result against the same product in float32 on the unquantized inputs.

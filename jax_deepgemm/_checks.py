@@ -69,3 +69,23 @@ def concrete_int(op, name, v):
   if v < 0:
     raise ValueError(f"{op}: {name} must be >= 0, got {v}")
   return int(v)
+
+
+def static_bool(op, name, v):
+  """A static flag: a Python (or NumPy) bool, never a traced value or a truthy string."""
+  if not isinstance(v, (bool, np.bool_)):
+    raise TypeError(f"{op}: {name} must be a Python bool (static), got {type(v).__name__}")
+  return bool(v)
+
+
+def static_axis(op, v):
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"{op}: axis must be a Python int (static), got {type(v).__name__}")
+  return int(v)
+
+
+def sizes_array(x):
+  """``jnp.asarray`` of group sizes, where an empty Python sequence means int32 (not float32)."""
+  if isinstance(x, (list, tuple)) and len(x) == 0:
+    return jnp.zeros((0,), jnp.int32)
+  return jnp.asarray(x)

@@ -86,10 +86,12 @@ def at_front(x, d, size):
   return jnp.moveaxis(x, d, 0)
 
 
-def map_rule(prim: Primitive):
+def map_rule(prim: Primitive, batch_size: int | None = None):
   """A batching rule correct for any combination of batched operands: a loop over the batch.
 
-  Ops install faster rules for the natural cases and fall back to this one.
+  Ops install faster rules for the natural cases and fall back to this one. With
+  ``batch_size`` the loop runs over chunks of that many elements, each chunk batched again
+  (through the op's own rule, which then sees a batch of at most ``batch_size``).
   """
   def rule(args, dims, **params):
     mapped = [jnp.moveaxis(x, d, 0) for x, d in zip(args, dims) if d is not None]
@@ -99,5 +101,5 @@ def map_rule(prim: Primitive):
       it = iter(xs)
       return prim.bind(*[next(it) if d is not None else x for x, d in zip(args, dims)], **params)
 
-    return jax.lax.map(one, mapped), 0
+    return jax.lax.map(one, mapped, batch_size=batch_size), 0
   return rule

@@ -110,8 +110,13 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
     return out.reshape(size, m, out.shape[-1]), 0
   if not has_bias and not has_c:
-    # Batched weights: one M-grouped GEMM with a group per batch element.
-    from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+    # Batched weights: one M-grouped GEMM with a group per batch element, in chunks of
+    # as many groups as the kernel's group table holds.
+    from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS,
+                                                 m_grouped_fp8_gemm_nt_contiguous)
+    if size > MAX_KERNEL_GROUPS:
+      return _primitive.map_rule(fp8_gemm_nt_p, batch_size=MAX_KERNEL_GROUPS)(
+          args, dims, out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)
     a3, sa3, b3, sb3 = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
     m = a3.shape[1]
     out = m_grouped_fp8_gemm_nt_contiguous(
@@ -141,7 +146,7 @@ def fp8_gemm_nt(a, sa, b, sb, *, bias=None, c=None, out_dtype=None):
     ``D [M, N]``.
   """
   if c is not None:
-    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
+    if out_dtype is not None and _checks.out_dtype(OP, out_dtype) != jnp.float32:
       raise TypeError(f"{OP}: accumulating into c produces float32; got out_dtype={out_dtype}")
     out_dtype = jnp.float32
   out_dtype = _checks.out_dtype(OP, out_dtype)

@@ -114,7 +114,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp
       multiples of 128 are fine. Rows past ``sum(group_sizes)`` come out zero.
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
-  a, sa, b, sb, group_sizes = map(jnp.asarray, (a, sa, b, sb, group_sizes))
+  a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
+  group_sizes = _checks.sizes_array(group_sizes)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if b.ndim == 3:
     _checks.group_sizes(OP, "group_sizes", group_sizes, b.shape[0])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
+from jax_deepgemm import grouped_contiguous
 from jax_deepgemm.grouped_contiguous import clip_rows, grouped_kernel_call
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
@@ -46,8 +47,14 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   if dims[2] is None or dims[3] is None:
     # Shared weights: folding would copy them per batch element; loop instead.
     return _primitive.map_rule(masked_p)(args, dims, expected_m=expected_m, out_dtype=out_dtype)
-  # Every batch element is G more groups: fold the batch into G.
+  # Every batch element is G more groups: fold the batch into G, in chunks of as many
+  # groups as the kernel's group table holds.
   size = _primitive.batch_size(args, dims)
+  groups = args[2].shape[dims[2] == 0]  # b is [G, N, K] with the batch axis somewhere
+  limit = grouped_contiguous.MAX_KERNEL_GROUPS
+  if size * groups > limit and size > 1:
+    return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
+        args, dims, expected_m=expected_m, out_dtype=out_dtype)
   a, sa, b, sb, masked_m = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
@@ -82,11 +89,13 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     expected_m: static int, the typical ``masked_m`` (a config hint); default ``M_max``.
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
-  a, sa, b, sb, masked_m = map(jnp.asarray, (a, sa, b, sb, masked_m))
+  a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
+  masked_m = _checks.sizes_array(masked_m)
   out_dtype = _checks.out_dtype(OP, out_dtype)
+  if expected_m is not None:
+    _checks.concrete_int(OP, "expected_m", expected_m)
   if a.ndim == 3:
     expected_m = a.shape[1] if expected_m is None else expected_m
-    _checks.concrete_int(OP, "expected_m", expected_m)
     # Other integer types are clipped before they narrow to int32 (huge sizes must not wrap).
     # int32 goes as it is: the kernel and the reference clip it, so no clamp kernel runs
     # ahead of the GEMM (1.2 us on an H100: 2-10% of a decode step's masked GEMM).

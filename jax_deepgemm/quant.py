@@ -50,10 +50,11 @@ def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
   x = _check_float("per_token_cast_to_fp8", x)
   if x.ndim == 0:
     raise ValueError("per_token_cast_to_fp8: expected an array with at least one axis")
+  axis = _checks.static_axis("per_token_cast_to_fp8", axis)
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"per_token_cast_to_fp8: axis {axis} is out of range for shape {x.shape}")
   axis = axis % x.ndim
-  use_ue8m0 = bool(use_ue8m0)
+  use_ue8m0 = _checks.static_bool("per_token_cast_to_fp8", "use_ue8m0", use_ue8m0)
   if axis == x.ndim - 1:
     q, s = per_token_cast_p.bind(x, use_ue8m0=use_ue8m0)
     return q, s
@@ -79,7 +80,9 @@ def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
   x = _check_float("per_token_cast_transpose_to_fp8", x)
   if x.ndim < 2:
     raise ValueError(f"per_token_cast_transpose_to_fp8: expected [..., T, N], got shape {x.shape}")
-  q, s = token_axis_cast_p.bind(x, use_ue8m0=bool(use_ue8m0), transpose=True)
+  q, s = token_axis_cast_p.bind(
+      x, use_ue8m0=_checks.static_bool("per_token_cast_transpose_to_fp8", "use_ue8m0", use_ue8m0),
+      transpose=True)
   return q, s
 
 
@@ -95,7 +98,8 @@ def per_token_cast_to_fp8_and_transpose(x, *, use_ue8m0: bool = False):
   if x.ndim < 2:
     raise ValueError(f"per_token_cast_to_fp8_and_transpose: expected [..., T, C], got shape "
                      f"{x.shape}")
-  q, s, qt, st = dual_cast_p.bind(x, use_ue8m0=bool(use_ue8m0))
+  q, s, qt, st = dual_cast_p.bind(x, use_ue8m0=_checks.static_bool(
+      "per_token_cast_to_fp8_and_transpose", "use_ue8m0", use_ue8m0))
   return q, s, qt, st
 
 
@@ -115,7 +119,9 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False
   w = _check_float("per_block_cast_to_fp8", w)
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
-  q, s = per_block_cast_p.bind(w, use_ue8m0=bool(use_ue8m0), transpose=bool(transpose))
+  op = "per_block_cast_to_fp8"
+  q, s = per_block_cast_p.bind(w, use_ue8m0=_checks.static_bool(op, "use_ue8m0", use_ue8m0),
+                               transpose=_checks.static_bool(op, "transpose", transpose))
   return q, s
 
 
@@ -133,13 +139,16 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8_and_transpose: expected [..., N, K], got shape "
                      f"{w.shape}")
-  q, qt, s = per_block_dual_cast_p.bind(w, use_ue8m0=bool(use_ue8m0))
+  q, qt, s = per_block_dual_cast_p.bind(w, use_ue8m0=_checks.static_bool(
+      "per_block_cast_to_fp8_and_transpose", "use_ue8m0", use_ue8m0))
   return q, s, qt, jnp.swapaxes(s, -1, -2)
 
 
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   """Inverse of ``per_token_cast_to_fp8`` (float32 result)."""
   x_fp8, scale = jnp.asarray(x_fp8), jnp.asarray(scale)
+  _checks.fp8("dequantize_per_token", "x_fp8", x_fp8)
+  axis = _checks.static_axis("dequantize_per_token", axis)
   if x_fp8.ndim == 0 or not -x_fp8.ndim <= axis < x_fp8.ndim:
     raise ValueError(f"dequantize_per_token: axis {axis} is out of range for shape {x_fp8.shape}")
   axis = axis % x_fp8.ndim
@@ -156,6 +165,7 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
 def dequantize_per_block(w_fp8, scale):
   """Inverse of ``per_block_cast_to_fp8`` (float32 result)."""
   w_fp8, scale = jnp.asarray(w_fp8), jnp.asarray(scale)
+  _checks.fp8("dequantize_per_block", "w_fp8", w_fp8)
   if w_fp8.ndim < 2:
     raise ValueError(f"dequantize_per_block: expected [..., N, K], got shape {w_fp8.shape}")
   n, k = w_fp8.shape[-2:]

@@ -134,3 +134,5 @@ def test_errors_at_trace_time(rng):
   with pytest.raises(TypeError, match="fp8_gemm_nt: out_dtype must be bfloat16 or float32, "
                      "got 'garbage'"):
     jd.fp8_gemm_nt(a, sa, b, sb, out_dtype="garbage")
+  with pytest.raises(TypeError, match="fp8_gemm_nt: out_dtype must be bfloat16 or float32"):
+    jd.fp8_gemm_nt(a, sa, b, sb, c=jnp.zeros((8, 16)), out_dtype="garbage")  # with c too

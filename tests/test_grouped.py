@@ -1,5 +1,6 @@
 """M-grouped GEMMs (contiguous and masked) on the default backend."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -193,3 +194,62 @@ def test_ops_under_disable_jit(rng):
   with jax.disable_jit():
     d = jd.fp8_gemm_nt(a, sa, b, sb)
   assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb)) < 1e-5
+
+
+def _grouped_binds(jaxpr):
+  """Every M-grouped primitive application in ``jaxpr`` and its sub-jaxprs: (name, G)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if "m_grouped" in eqn.primitive.name:
+      out.append((eqn.primitive.name, eqn.invars[2].aval.shape[0]))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _grouped_binds(sub)
+  return out
+
+
+def test_vmap_folds_no_more_groups_than_the_kernel_holds(rng, monkeypatch):
+  # The batching rules fold a batch of weights into groups; the kernel's group table holds
+  # MAX_KERNEL_GROUPS, so a bigger batch folds in chunks (remainder included), not one bind.
+  from jax_deepgemm import grouped_contiguous
+  monkeypatch.setattr(grouped_contiguous, "MAX_KERNEL_GROUPS", 4)
+  xs = [quant_act(rng, 9, 128) for _ in range(10)]
+  ws = [quant_w(rng, 24, 128) for _ in range(10)]
+  a, sa = (jnp.stack(t) for t in zip(*xs))
+  b, sb = (jnp.stack(t) for t in zip(*ws))
+  f = jax.vmap(jd.fp8_gemm_nt)
+  binds = _grouped_binds(jax.make_jaxpr(f)(a, sa, b, sb).jaxpr)
+  assert binds and all(g <= 4 for _, g in binds), binds
+  d = jax.jit(f)(a, sa, b, sb)
+  for i in range(10):
+    assert oracle.calc_diff(d[i], oracle.gemm_nt(*xs[i], *ws[i])) < 1e-5
+  # Masked: a batch of 5 x 2 groups folds at most 2 elements (4 groups) at a time.
+  g, m_max, n, k = 2, 8, 24, 128
+  a, sa = quant_act(rng, 5 * g * m_max, k)
+  a, sa = a.reshape(5, g, m_max, k), sa.reshape(5, g, m_max, 1)
+  wb = [quant_w(rng, g, n, k) for _ in range(5)]
+  b, sb = (jnp.stack(t) for t in zip(*wb))
+  mm = jnp.asarray(rng.integers(0, m_max + 1, (5, g)), jnp.int32)
+  f = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked)
+  binds = _grouped_binds(jax.make_jaxpr(f)(a, sa, b, sb, mm).jaxpr)
+  assert binds and all(gg <= 4 for _, gg in binds), binds
+  d = jax.jit(f)(a, sa, b, sb, mm)
+  for i in range(5):
+    assert oracle.calc_diff(d[i], oracle.grouped_masked(a[i], sa[i], *wb[i], mm[i])) < 1e-5
+
+
+def test_sizes_as_python_lists(rng):
+  # An empty Python list is int32 group sizes (jnp.asarray([]) alone would be float32).
+  a, sa = quant_act(rng, 4, 128)
+  b, sb = quant_w(rng, 0, 16, 128)
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, [])
+  assert d.shape == (4, 16) and float(jnp.abs(d.astype(jnp.float32)).max()) == 0.0
+  b2, sb2 = quant_w(rng, 2, 16, 128)
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b2, sb2, [3, 1])
+  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b2, sb2, [3, 1])) < 1e-5
+
+
+def test_masked_expected_m_checked_whatever_the_rank(rng):
+  a, sa = quant_act(rng, 16, 128)
+  b, sb = quant_w(rng, 2, 32, 128)
+  with pytest.raises(TypeError, match="expected_m must be a Python int"):
+    jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, jnp.zeros((2,), jnp.int32), expected_m=[1])

@@ -95,3 +95,6 @@ def test_errors(rng):
     f(a2, sa2, a2, sa2, jnp.asarray([64], jnp.int32))
   with pytest.raises(ValueError, match=r"c must have shape \(1, 16, 16\)"):
     f(a, sa, a, sa, jnp.asarray([64], jnp.int32), c=jnp.zeros((1, 16, 15)))
+  with pytest.raises(TypeError, match="token_major must be a Python bool"):
+    f(a, sa, a, sa, jnp.asarray([64], jnp.int32), token_major="yes")
+  assert f(a, sa, a, sa, []).shape == (0, 16, 16)  # no groups, as an empty Python list

@@ -123,6 +123,37 @@ def test_axis_out_of_range():
     jd.per_token_cast_to_fp8(jnp.ones((4, 128)), axis=2)
 
 
+def test_static_arguments_are_checked():
+  # Flags and axes are static: a truthy string, a float axis or a traced value is refused by
+  # name, not coerced (use_ue8m0="no" would have meant UE8M0 scales) or left to JAX's errors.
+  x = jnp.ones((4, 128))
+  for bad in (None, 1.0, (0, 1)):
+    with pytest.raises(TypeError, match="per_token_cast_to_fp8: axis must be a Python int"):
+      jd.per_token_cast_to_fp8(x, axis=bad)
+  casts = [("per_token_cast_to_fp8", {}), ("per_token_cast_transpose_to_fp8", {}),
+           ("per_token_cast_to_fp8_and_transpose", {}), ("per_block_cast_to_fp8", {}),
+           ("per_block_cast_to_fp8_and_transpose", {})]
+  for name, kw in casts:
+    with pytest.raises(TypeError, match=f"{name}: use_ue8m0 must be a Python bool"):
+      getattr(jd, name)(x, use_ue8m0="no", **kw)
+    with pytest.raises(TypeError, match=f"{name}: use_ue8m0 must be a Python bool"):
+      jax.jit(lambda x, f: getattr(jd, name)(x, use_ue8m0=f))(x, True)
+  with pytest.raises(TypeError, match="per_block_cast_to_fp8: transpose must be a Python bool"):
+    jd.per_block_cast_to_fp8(x, transpose=1)
+  jd.per_token_cast_to_fp8(x, use_ue8m0=np.bool_(True), axis=np.int64(0))  # NumPy scalars are fine
+
+
+def test_dequantize_wants_e4m3(rng):
+  q, s = jd.per_token_cast_to_fp8(randn(rng, (8, 128)))
+  with pytest.raises(TypeError, match="dequantize_per_token: x_fp8 must be float8_e4m3fn"):
+    jd.dequantize_per_token(q.astype(jnp.bfloat16), s)
+  with pytest.raises(TypeError, match="dequantize_per_token: axis must be a Python int"):
+    jd.dequantize_per_token(q, s, axis=None)
+  qb, sb = jd.per_block_cast_to_fp8(randn(rng, (8, 128)))
+  with pytest.raises(TypeError, match="dequantize_per_block: w_fp8 must be float8_e4m3fn"):
+    jd.dequantize_per_block(qb.astype(jnp.int32), sb)
+
+
 # ----------------------------------------------------------------------------- cast + transpose
 
 def _bits(a):

@@ -181,9 +181,11 @@ fi
 
 if has experiments; then
   # The A/Bs of the patches parked under benchmarks/experiments/ (each header says what it
-  # changes, and names the tiles it touches on a "Tiles:" line), kernel_bench alone against
-  # csrc/ as it is in the same run, through the tiles stage. EXP_ONLY="name ..." picks patches
-  # (file names without .patch); EXP_SHAPES the shapes.
+  # changes, and names the tiles it touches on a "Tiles:" line, and may give kernel_bench
+  # flags on a "Flags:" line, e.g. -DKB_K_GROUPED, and its shapes on a "Shapes:" line),
+  # kernel_bench alone against csrc/ as it is in the same run, through the tiles stage.
+  # EXP_ONLY="name ..." picks patches (file names without .patch); EXP_SHAPES the shapes of
+  # patches without a "Shapes:" line.
   shapes="${EXP_SHAPES:-4096x7168x16384 4096x24576x1536 4096x7168x2048 4096x4096x7168}"
   found=0
   for patch in benchmarks/experiments/*.patch; do
@@ -192,9 +194,11 @@ if has experiments; then
     [ -n "${EXP_ONLY:-}" ] && [[ " $EXP_ONLY " != *" $e "* ]] && continue
     found=1
     tiles=$(sed -n 's/^Tiles: *//p' "$patch" | head -1)
-    echo "== experiment $e: ${tiles:=128x128}"
-    OUT=$OUT/$e TILES="$tiles" SHAPES="$shapes" VARIANTS="cur:csrc $e:$patch" \
-      bash "$0" tiles | tail -80
+    flags=$(sed -n 's/^Flags: *//p' "$patch" | head -1)
+    pshapes=$(sed -n 's/^Shapes: *//p' "$patch" | head -1)
+    echo "== experiment $e: ${tiles:=128x128} ${flags}"
+    OUT=$OUT/$e TILES="$tiles" SHAPES="${pshapes:-$shapes}" VARIANTS="cur:csrc $e:$patch" \
+      TILE_FLAGS="${TILE_FLAGS:-} $flags" bash "$0" tiles | tail -80
   done
   [ $found = 1 ] || echo "no parked experiments"
 fi

@@ -12,7 +12,8 @@
 // (-DJAX_DEEPGEMM_NO_TMA_STORE: that epilogue only, and no shared-memory D tile,
 // which leaves room for a 6th stage at 128x128).
 // K-grouped (k_grouped_gemm_tn_kernel, f32 out, no c; -DKB_K_GROUPED): G groups
-// of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192).
+// of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192) and
+// -DKB_BLOCK_N (default 128).
 // An experimental copy of csrc/kernels/ can come first on the include path.
 //
 // Per shape: the median of 20 launches, each timed alone (cudaEvent), on
@@ -299,7 +300,7 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
 // out[g, i, j] = sum over tokens t of group g of aT[i, t] bT[j, t] sa[t/128, i] sb[t/128, j],
 // G groups of tg tokens each (T = G * tg tokens in all).
 static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int num_sms) {
-  constexpr int BM = KB_BLOCK_M, BN = 128;
+  constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N;
   constexpr int ST = k_grouped_max_stages(BM, BN);
   using L = KGroupedLayout<BM, BN, ST>;
   auto* kernel = &k_grouped_gemm_tn_kernel<BM, BN, ST, float>;
@@ -386,8 +387,8 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int num_sms = prop.multiProcessorCount;
 #ifdef KB_K_GROUPED
-  std::printf("# %s, %d SMs, K-grouped, tile %dx128, %d stages\n", prop.name, num_sms,
-              KB_BLOCK_M, k_grouped_max_stages(KB_BLOCK_M, 128));
+  std::printf("# %s, %d SMs, K-grouped, tile %dx%d, %d stages\n", prop.name, num_sms,
+              KB_BLOCK_M, KB_BLOCK_N, k_grouped_max_stages(KB_BLOCK_M, KB_BLOCK_N));
 #else
   std::printf("# %s, %d SMs, tile %dx%d, %d stages, multicast %d\n", prop.name, num_sms,
               KB_BLOCK_M, KB_BLOCK_N, kDenseStages, KB_MULTICAST);

@@ -51,6 +51,13 @@ def test_bench_moe_floor_gemm_matches_layer_routing():
   assert jax.jit(gemm)(x_sorted, w, sizes).shape == (128, 128)
 
 
+def test_bench_grouped_masked_runs_both_peers():
+  # The "x vs ragged_dot" bar covers masked shapes too: ragged_dot on the packed rows
+  # runs next to the batched einsum.
+  out = run("bench_grouped.py", "--filter", "masked")
+  assert "xla_bf16_einsum" in out and "[2x64 n256 k512] ragged_dot_bf16" in out
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
 

@@ -53,7 +53,8 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_deepgemm.gemm import fp8_gemm_nt_p
-from jax_deepgemm.grouped_contiguous import m_grouped_contiguous_p, sanitize_group_sizes
+from jax_deepgemm.grouped_contiguous import (clip_rows, m_grouped_contiguous_p,
+                                             sanitize_group_sizes)
 from jax_deepgemm.grouped_masked import masked_p
 from jax_deepgemm.k_grouped import k_grouped_p
 from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_block_dual_cast_p,
@@ -308,7 +309,7 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
       rows = a.shape[1]
       # (Clipped to the global M_max first: the op hands int32 sizes over unclipped, and
       # -2^31 - r0 would wrap around to a large positive count.)
-      masked_m = jnp.clip(masked_m.astype(jnp.int32), 0, rows * _size(mesh, m_ax))
+      masked_m = clip_rows(masked_m, rows * _size(mesh, m_ax))
       masked_m = jnp.clip(masked_m - jax.lax.axis_index(m_ax) * rows, 0, rows)
     d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m,
                             out_dtype=F32 if k_ax else out_dtype)

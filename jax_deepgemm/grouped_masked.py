@@ -50,7 +50,7 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   # Every batch element is G more groups: fold the batch into G, in chunks of as many
   # groups as the kernel's group table holds.
   size = _primitive.batch_size(args, dims)
-  groups = args[2].shape[dims[2] == 0]  # b is [G, N, K] with the batch axis somewhere
+  groups = args[2].shape[1 if dims[2] == 0 else 0]  # b: [G, N, K] plus the batch axis
   limit = grouped_contiguous.MAX_KERNEL_GROUPS
   if size * groups > limit and size > 1:
     return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(

@@ -210,16 +210,17 @@ if has bars; then
   # XLA and ragged_dot peers (about half the time). ~4-6 min with the peers.
   dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i 'h[12]00' | tr A-Z a-z)
   peers=""; [ "${BARS_PEERS:-1}" = 0 ] && peers=1
+  bar_lines() { grep -E "DeepGEMM's protocol|\] ours|\] ragged_dot|rror|WARN"; }  # what each bench prints of a bar
   python3 benchmarks/bench_gemm.py --chill-gb 8 --mn-major-scales ${peers:+--skip-xla} \
     --shapes 4096x2112x7168,4096x24576x1536,4096x7168x16384,4096x4096x7168,4096x7168x2048 \
-    --out gemm_bars_${dev:-gpu} 2>&1 | grep -E "DeepGEMM's protocol|\] ours|\] ragged_dot|rror|WARN"
+    --out gemm_bars_${dev:-gpu} 2>&1 | bar_lines
   for f in masked 4x8192 8x; do  # (8x: 8x4096 and its unaligned twin, the >= 90% bar)
     python3 benchmarks/bench_grouped.py --filter $f --chill-gb 8 --mn-major-scales \
       ${peers:+--skip-baseline} --out grouped_${f}_bars_${dev:-gpu} 2>&1 \
-      | grep -E "DeepGEMM's protocol|\] ours|\] ragged_dot|rror|WARN"
+      | bar_lines
   done
   python3 benchmarks/bench_k_grouped.py --chill-gb 8 ${peers:+--skip-baseline} \
-    --out k_grouped_bars_${dev:-gpu} 2>&1 | grep -E "DeepGEMM's protocol|\] ours|\] ragged_dot|rror|WARN"
+    --out k_grouped_bars_${dev:-gpu} 2>&1 | bar_lines
   python3 benchmarks/bench_train.py --kernel-times ${peers:+--skip-baseline} \
     --no-write 2>&1 | tail -8
   cp benchmarks/results/*_bars_*.json "$OUT/" 2>/dev/null

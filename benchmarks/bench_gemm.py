@@ -444,7 +444,9 @@ def main(argv=None) -> int:
                                      **t_bias.extras(), **common))
       if t_f32:
         records.append(T.make_record(impl="jax_deepgemm_f32", time_us=t_f32.time_us,
-                                     nbytes=bytes_ours + 2 * m * n, config=config,
+                                     nbytes=bytes_ours + 2 * m * n,
+                                     config=jd.gemm_config(m, n, k, out_dtype=jnp.float32)
+                                     if kernels else "reference",
                                      **t_f32.extras(), **common))
       if t_f32 and t_c is not None:
         ep["c"] = t_c / t_f32.time_us - 1

@@ -587,9 +587,16 @@ bool Allowed(const KernelEntry& e, const EnvOverride& env, bool grouped, int64_t
 //  * Accumulating into c (D = C + A*B, f32) keeps 128x128: that reduce-add epilogue
 //    cost 19.5% over the f32 plain kernel with 128x256 on 4096x24576x1536, against
 //    8.6% with 128x128 (bench_gemm --epilogues); the others are unmeasured.
-double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool grouped) {
+//  * Other f32 outputs skip the dense 128x256 build: it stages half a bf16 tile in
+//    shared memory, so an f32 tile goes through it in four passes, each waiting for
+//    the last one's store (H100, session 30, bench_gemm --epilogues, us, f32 vs bf16
+//    out: 4096x7168x16384 929 vs 792, 4096x24576x1536 349 vs 294, 4096x7168x2048
+//    135 vs 110; 128x128's f32 epilogue cost +3% over its bf16 one, H200 2026-11-22).
+double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool f32_out,
+                     bool grouped) {
   if (block_m == 128 && block_n == 128) return 1.0;
   if (accumulate) return 0.0;
+  if (f32_out && fp8_gemm_split_epilogue(block_n, grouped)) return 0.0;
   if (block_m == 192 && block_n == 128) return 1.05;
   if (block_m == 128 && block_n == 256) return k <= 2048 ? 1.01 / 0.95 : 1.035;
   if (grouped) return 0.0;
@@ -615,7 +622,8 @@ double ManyWaveSpeed(int block_m, int block_n, int64_t k, bool accumulate, bool 
 // which took 5% off 128x256 alone: 1x1024 50.5 vs 50.0, 2x512 53.9 vs 56.4, 4x256 63.9
 // vs 68.8). Groups of 64 rows or fewer (decode) keep the cost model's 64-row tiles.
 const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t groups,
-                                   bool accumulate, int num_sms, const KernelTable& table,
+                                   bool accumulate, bool f32_out, int num_sms,
+                                   const KernelTable& table,
                                    const EnvOverride& env, int64_t masked_rows = 0) {
   const int64_t tiles_128 = MBlocks(m, 128, groups, masked_rows) * ((n + 127) / 128);
   const KernelEntry* best_entry = nullptr;
@@ -626,7 +634,8 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
     for (const KernelEntry& e : table) {
       if (!Allowed(e, env, table.grouped, n)) continue;
       if (e.multicast > 1 && env.multicast < e.multicast) continue;  // only when forced
-      const double speed = ManyWaveSpeed(e.block_m, e.block_n, k, accumulate, table.grouped);
+      const double speed =
+          ManyWaveSpeed(e.block_m, e.block_n, k, accumulate, f32_out, table.grouped);
       const bool base = e.block_m == 128 && e.block_n == 128;
       const double score = speed * (base ? 1.01 : 1.0) *
                            WaveEfficiency(m, n, e.block_m, e.block_n, groups, num_sms,
@@ -669,9 +678,9 @@ const KernelEntry* HeuristicKernel(int64_t m, int64_t n, int64_t k, int64_t grou
   return best_entry;
 }
 
-bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate, int num_sms,
-                  const KernelTable& table, GemmConfig* cfg, const KernelEntry** entry,
-                  std::string* error, int64_t masked_rows = 0) {
+bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate, bool f32_out,
+                  int num_sms, const KernelTable& table, GemmConfig* cfg,
+                  const KernelEntry** entry, std::string* error, int64_t masked_rows = 0) {
   static const EnvOverride kNoOverride;
   const EnvOverride& env = GetEnvOverride();
   if (env.present && !env.error.empty()) {
@@ -679,7 +688,7 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumula
     return false;
   }
   const KernelEntry* e =
-      HeuristicKernel(m, n, k, groups, accumulate, num_sms, table,
+      HeuristicKernel(m, n, k, groups, accumulate, f32_out, num_sms, table,
                       env.present ? env : kNoOverride, masked_rows);
   if (e == nullptr && env.present && env.multicast > 1) {
     // A forced multicast=2 on a problem with an odd N-block count: same tile (multicast
@@ -688,7 +697,8 @@ bool SelectConfig(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumula
     relaxed.multicast = 0;
     relaxed.block_m = relaxed.block_m ? relaxed.block_m : 128;
     relaxed.block_n = relaxed.block_n ? relaxed.block_n : 128;
-    e = HeuristicKernel(m, n, k, groups, accumulate, num_sms, table, relaxed, masked_rows);
+    e = HeuristicKernel(m, n, k, groups, accumulate, f32_out, num_sms, table, relaxed,
+                        masked_rows);
   }
   if (e == nullptr) {
     *error = "jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='" + env.raw + "' matches no " +
@@ -869,7 +879,8 @@ ffi::Error Fp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(m, n, k, 1, has_c, num_sms, kDenseTable, &cfg, &entry, &error)) {
+  if (!SelectConfig(m, n, k, 1, has_c, out_type == ffi::DataType::F32, num_sms, kDenseTable,
+                    &cfg, &entry, &error)) {
     return InvalidArg(error);
   }
 
@@ -948,7 +959,8 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   GemmConfig cfg;
   const KernelEntry* entry = nullptr;
   std::string error;
-  if (!SelectConfig(rows, n, k, g, false, num_sms, kGroupedTable, &cfg, &entry, &error,
+  if (!SelectConfig(rows, n, k, g, false, out->element_type() == ffi::DataType::F32, num_sms,
+                    kGroupedTable, &cfg, &entry, &error,
                     masked_rows)) {
     return GroupedInvalid(error);
   }
@@ -1118,7 +1130,7 @@ int CurrentDeviceSms() {
 }
 
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
-                      bool masked, std::string* config, std::string* error) {
+                      bool f32_out, bool masked, std::string* config, std::string* error) {
   if (m < 1 || n < 1 || k < 1 || groups < 0) {
     *error = "jax_deepgemm: gemm_config needs M, N, K >= 1 and groups >= 0";
     return false;
@@ -1131,8 +1143,8 @@ bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accu
   GemmConfig cfg;
   const KernelTable& table = groups > 0 ? kGroupedTable : kDenseTable;
   if (!SelectConfig(masked ? m * groups : m, n, k, groups > 0 ? groups : 1,
-                    accumulate && groups == 0, num_sms, table, &cfg, nullptr, error,
-                    masked ? m : 0)) {
+                    accumulate && groups == 0, f32_out || accumulate, num_sms, table, &cfg,
+                    nullptr, error, masked ? m : 0)) {
     return false;
   }
   *config = ConfigName(cfg.block_m, cfg.block_n, cfg.stages, cfg.multicast);

@@ -43,8 +43,9 @@ std::string SupportedGroupedGemmConfigs();
 // of M expected rows each). Honors the environment variable
 // JAX_DEEPGEMM_GEMM_CONFIG. Returns false (and sets *error) if the problem or
 // the forced configuration is invalid.
+// f32_out: a float32 output (implied by accumulate).
 bool GemmConfigString(int64_t m, int64_t n, int64_t k, int64_t groups, bool accumulate,
-                      bool masked, std::string* config, std::string* error);
+                      bool f32_out, bool masked, std::string* config, std::string* error);
 
 // Tile of the K-grouped (wgrad) kernel for G groups and an [N, K] output,
 // e.g. "block_m=192,block_n=128,stages=5". Honors JAX_DEEPGEMM_K_GROUPED_CONFIG.

@@ -40,19 +40,20 @@ NB_MODULE(_C, m) {
 
   m.def(
       "gemm_config",
-      [](int64_t m_, int64_t n_, int64_t k_, int64_t groups, bool accumulate, bool masked) {
+      [](int64_t m_, int64_t n_, int64_t k_, int64_t groups, bool accumulate, bool masked,
+         bool f32_out) {
         std::string config, error;
-        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, groups, accumulate, masked, &config,
-                                            &error)) {
+        if (!jax_deepgemm::GemmConfigString(m_, n_, k_, groups, accumulate, f32_out, masked,
+                                            &config, &error)) {
           throw nb::value_error(error.c_str());
         }
         return config;
       },
       nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("groups") = 0,
-      nb::arg("accumulate") = false, nb::arg("masked") = false,
+      nb::arg("accumulate") = false, nb::arg("masked") = false, nb::arg("f32_out") = false,
       "Kernel configuration chosen for an (M, N, K) problem (groups > 0: the M-grouped "
       "kernel, M rows in all, or with masked, M expected rows per group of the masked "
-      "layout; accumulate: the dense GEMM with c), e.g. "
+      "layout; accumulate: the dense GEMM with c; f32_out: a float32 output), e.g. "
       "'block_m=128,block_n=128,stages=6' (honors JAX_DEEPGEMM_GEMM_CONFIG).");
 
   m.def(

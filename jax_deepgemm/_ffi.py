@@ -11,6 +11,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 from jax import export as jax_export
 
 logger = logging.getLogger("jax_deepgemm")
@@ -113,14 +114,19 @@ def mn_major_scales() -> bool:
 
 
 def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False,
-                masked: bool = False) -> str:
+                masked: bool = False, out_dtype=None) -> str:
   """The kernel config picked for this shape (for benchmarks and tuning).
 
   ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all, or with
   ``masked`` about the masked layout with ``m`` rows expected per group (``expected_m``);
-  ``accumulate`` about the dense GEMM that adds into ``c`` (its epilogue prefers other tiles).
+  ``accumulate`` about the dense GEMM that adds into ``c``, and ``out_dtype`` float32 about
+  a float32 output (their epilogues prefer other tiles; default: bfloat16, or float32 with
+  ``accumulate``).
   """
-  return _C.gemm_config(m, n, k, groups, accumulate, masked) if _C is not None else "reference"
+  if _C is None:
+    return "reference"
+  f32_out = out_dtype is not None and np.dtype(out_dtype) == np.float32
+  return _C.gemm_config(m, n, k, groups, accumulate, masked, f32_out)
 
 
 def k_grouped_config(groups: int, n: int, k: int) -> str:

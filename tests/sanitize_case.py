@@ -1,4 +1,4 @@
-"""A small run of every kernel, for compute-sanitizer (M = 7 and an aligned case)."""
+"""A small run of every kernel for compute-sanitizer: M = 7, aligned, more tiles than SMs."""
 import os
 
 import jax
@@ -9,7 +9,8 @@ import jax_deepgemm as jd
 from jax_deepgemm import _C
 
 rng = np.random.default_rng(0)
-for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16)]:
+# 1100x4000: more tiles than SMs, so CTAs store a tile while they run the next.
+for m, n, k in [(7, 130, 300), (128, 256, 512), (1, 1, 16), (1100, 4000, 256)]:
   a, sa = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16))
   b, sb = jd.per_block_cast_to_fp8(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)

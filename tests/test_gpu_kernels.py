@@ -82,8 +82,10 @@ from helpers import quant_act, quant_w
 rng = np.random.default_rng(1)
 worst = 0.0
 # K 9008: 71 k-blocks, past two windows of B scales (32 k-blocks each; serial loops, 64x128).
+# 1100x4000: more tiles than SMs for every tile (a CTA stores a tile while it runs the next,
+# 128x256 in two column halves), partial in M and N.
 for m, n, k in [(200, 1000, 640), (65, 300, 400), (1, 96, 7168), (300, 2112, 128), (130, 161, 16),
-                (129, 200, 9008)]:
+                (129, 200, 9008), (1100, 4000, 256)]:
   a, sa = quant_act(rng, m, k); b, sb = quant_w(rng, n, k)
   bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
   c = jnp.asarray(rng.standard_normal((m, n)) * 10, jnp.float32)
@@ -91,6 +93,9 @@ for m, n, k in [(200, 1000, 640), (65, 300, 400), (1, 96, 7168), (300, 2112, 128
                                       oracle.gemm_nt(a, sa, b, sb, bias=bias)),
               oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, c=c),
                                oracle.gemm_nt(a, sa, b, sb, c=c)))
+  if m == 1100:
+    worst = max(worst, oracle.calc_diff(jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32),
+                                        oracle.gemm_nt(a, sa, b, sb)))
 print("WORST", worst)
 """
 

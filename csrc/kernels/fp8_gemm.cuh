@@ -16,7 +16,9 @@
 //     to 8 k-blocks; ptxas serializes wgmmas left in flight across a loop's
 //     back edge).
 //   * BLOCK_N 256: each k-block runs as two 128-wide wgmma halves through one
-//     result buffer, each promoted before the next is issued (registers).
+//     result buffer, each promoted before the next is issued (registers); dense,
+//     it stages half its output tile in shared memory (a 4th stage) and stores
+//     the previous tile's two column halves under the first k-block's two halves.
 //
 // The same kernel runs the M-grouped (MoE) GEMMs when kGrouped: rows of `a`
 // belong to groups (experts) g, each with its own B[g] = b[g*N : (g+1)*N].
@@ -51,14 +53,16 @@ constexpr int fp8_gemm_sa_rows(int block_m, bool grouped) {
 constexpr int fp8_gemm_sa_bytes(int block_m, bool grouped) {
   return (fp8_gemm_sa_rows(block_m, grouped) * 4 + 127) / 128 * 128;
 }
-// Dense kernels: a tile's bias slice rides with its first k-block's stage.
+// Dense kernels: a tile's bias slice rides with its first k-block's stage,
+// except 128x256 (its 4th stage leaves no room: its lanes read the bias from
+// global a tile ahead, see bias_pairs).
 constexpr int fp8_gemm_bias_bytes(int block_n, bool grouped) {
-  return grouped ? 0 : block_n * 4;
+  return grouped || block_n == 256 ? 0 : block_n * 4;
 }
 
 // Shared memory that stages a tile's output for the TMA-store epilogue:
-// BLOCK_M rows x BLOCK_N bf16 (fp32 outputs go through it in two column
-// halves), as 128-byte-wide, 128B-swizzled boxes of 64 rows. Only built for
+// BLOCK_M rows x fp8_gemm_d_cols bf16 (more columns go through it in passes),
+// as 128-byte-wide, 128B-swizzled boxes of 64 rows. Only built for
 // BLOCK_N % 64 == 0; other tiles store from registers. So do 192-row tiles:
 // their 48 KB D tile costs a stage, and with that stage they ran 1.5-2% faster
 // (8192^3 849 vs 862 us, 4096x2112x7168 110 vs 112; kernel_bench, H200).
@@ -72,9 +76,28 @@ constexpr bool fp8_gemm_tma_store(int block_m, int block_n) {
 // The output's TMA box (tmap_out): 64 rows x one 128-byte swizzle row.
 template <typename OutT>
 constexpr int fp8_gemm_out_box_cols() { return 128 / static_cast<int>(sizeof(OutT)); }
-constexpr int fp8_gemm_d_bytes(int block_m, int block_n) {
-  return fp8_gemm_tma_store(block_m, block_n) ? block_m * block_n * 2 : 0;
+// Dense 128x256 tiles stage half their columns, which makes room for a 4th stage;
+// their epilogue stores the two halves while the next tile's two wgmma halves run
+// (fp8_gemm_split_epilogue). Against 3 stages and the whole tile staged at once:
+// 1.3-5.2% faster (kernel_bench alone, H200, session 30, us, two runs each:
+// 4096x7168x16384 719 -> 709-710, 4096x16384x7168 725-727 -> 709, 4096x24576x1536
+// 271 -> 256-257, 4096x4096x7168 186 -> 181-183, 4096x7168x2048 108 -> 102-104).
+// A 4th stage with the halves stored back to back gained less at K <= 7168 (262-263,
+// 104-106 us), the split epilogue with 3 stages nothing. Grouped kernels have
+// 3 stages either way (their group table), so they keep the whole tile.
+constexpr int fp8_gemm_d_cols(int block_n, bool grouped) {
+  return block_n == 256 && !grouped ? 128 : block_n;
 }
+constexpr int fp8_gemm_d_bytes(int block_m, int block_n, bool grouped) {
+  return fp8_gemm_tma_store(block_m, block_n) ? block_m * fp8_gemm_d_cols(block_n, grouped) * 2
+                                              : 0;
+}
+constexpr bool fp8_gemm_split_epilogue(int block_n, bool grouped) {
+  return fp8_gemm_d_cols(block_n, grouped) < block_n;
+}
+// The dense kernel declares its shared memory 1024B aligned (no pad: the pad
+// would cost 128x256 its 4th stage); the K-grouped kernel aligns at run time.
+constexpr int kDenseSmemAlignPad = 0;
 
 // Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
 // registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
@@ -107,14 +130,14 @@ struct Fp8GemmLayout {
   static constexpr int kOffA = 0;
   static constexpr int kOffB = kOffA + STAGES * kBytesA;
   static constexpr int kOffD = kOffB + STAGES * kBytesB;  // 1024B aligned (swizzle)
-  static constexpr int kBytesD = fp8_gemm_d_bytes(BLOCK_M, BLOCK_N);
+  static constexpr int kBytesD = fp8_gemm_d_bytes(BLOCK_M, BLOCK_N, kGrouped);
   static constexpr int kOffSA = kOffD + kBytesD;
   static constexpr int kBytesBias = fp8_gemm_bias_bytes(BLOCK_N, kGrouped);  // per stage
   static constexpr int kOffBias = kOffSA + STAGES * kBytesSA;
   static constexpr int kOffBar = kOffBias + STAGES * kBytesBias;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
   static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
-  static constexpr int kDynamicSmem = kBytes + kSmemAlignPad;
+  static constexpr int kDynamicSmem = kBytes + kDenseSmemAlignPad;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192,
                 "BLOCK_M must be 64, 128 or 192");
@@ -153,8 +176,8 @@ __host__ __device__ constexpr int64_t fp8_gemm_balanced_clusters(int64_t tiles,
 
 // Largest number of stages that fits in shared memory.
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
-  return (kMaxSmemPerBlock - kSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
-          fp8_gemm_d_bytes(block_m, block_n)) /
+  return (kMaxSmemPerBlock - kDenseSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
+          fp8_gemm_d_bytes(block_m, block_n, grouped)) /
          (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) +
           fp8_gemm_bias_bytes(block_n, grouped) + 16);
 }
@@ -535,18 +558,21 @@ enum StoreMode : int {
 // issues the TMA stores (or reduce-adds). The math warps spend a few
 // instructions here instead of a global store per value and a load of c, and
 // TMA clips rows >= M and columns >= N. Called by the whole warpgroup.
-// `smem_d`: this warpgroup's BLOCK_N * 128 bytes, 1024B aligned.
-template <int BLOCK_N, typename OutT>
+// `smem_d`: this warpgroup's kDCols * 128 bytes, 1024B aligned (64 rows of kDCols
+// bf16); columns [kCol0, kCol0 + kNCols) go through it in passes of at most its size.
+template <int BLOCK_N, int kDCols, typename OutT, int kCol0 = 0, int kNCols = BLOCK_N>
 __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d,
                                                const CUtensorMap* tmap_out, bool reduce_add,
                                                int row0, int n0, int N, int wg, int warp_in_wg,
                                                int lane) {
   static_assert(BLOCK_N % 64 == 0, "TMA-store epilogue needs BLOCK_N % 64 == 0");
   constexpr bool kBf16 = std::is_same<OutT, __nv_bfloat16>::value;
-  constexpr int kPasses = sizeof(OutT) / 2;             // fp32: two column halves
-  constexpr int kPassCols = BLOCK_N / kPasses;
+  constexpr int kOutCols = kDCols * 2 / static_cast<int>(sizeof(OutT));  // per pass at most
+  constexpr int kPassCols = kNCols < kOutCols ? kNCols : kOutCols;
+  static_assert(kNCols % kPassCols == 0 && kCol0 % kPassCols == 0, "bad column range");
+  constexpr int kPasses = kNCols / kPassCols;
   constexpr int kBoxCols = fp8_gemm_out_box_cols<OutT>();
-  constexpr int kBoxes = kPassCols / kBoxCols;         // = BLOCK_N / 64
+  constexpr int kBoxes = kPassCols / kBoxCols;
   constexpr int kBoxBytes = 64 * 128;
   const int q = lane % 4;
   const bool leader = warp_in_wg == 0 && lane == 0;
@@ -555,8 +581,10 @@ __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d
 
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
+    const int pc0 = kCol0 + p * kPassCols;  // first column of this pass
+    const uint32_t pass_base = d_base + (pc0 % kOutCols) * sizeof(OutT) / 128 * kBoxBytes;
     // The previous store's reads of the buffer are done before anyone rewrites it.
-    if (leader) ptx::bulk_wait_group_read0();
+    if (pc0 % kOutCols == 0 && leader) ptx::bulk_wait_group_read0();
     ptx::named_barrier_sync(bar_id, 128);
     // 16-byte chunk `chunk` of row `row` of a box sits at chunk ^ (row % 8).
     if constexpr (kBf16) {
@@ -564,24 +592,25 @@ __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d
       const int i = lane / 8;
       const int row = warp_in_wg * 16 + (i % 2) * 8 + lane % 8;
 #pragma unroll
-      for (int jj = 0; jj < BLOCK_N / 16; ++jj) {
+      for (int jj = 0; jj < kPassCols / 16; ++jj) {
+        const int a = (pc0 / 16 + jj) * 8;  // accumulator index of the 16 columns
         const int col_bytes = (jj * 2 + i / 2) * 16;
-        const uint32_t addr = d_base + (col_bytes / 128) * kBoxBytes + row * 128 +
+        const uint32_t addr = pass_base + (col_bytes / 128) * kBoxBytes + row * 128 +
                               ((((col_bytes % 128) / 16) ^ (row % 8)) << 4);
-        ptx::stmatrix_x4(addr, pack_bf16x2(acc[jj * 8 + 0], acc[jj * 8 + 1]),
-                         pack_bf16x2(acc[jj * 8 + 2], acc[jj * 8 + 3]),
-                         pack_bf16x2(acc[jj * 8 + 4], acc[jj * 8 + 5]),
-                         pack_bf16x2(acc[jj * 8 + 6], acc[jj * 8 + 7]));
+        ptx::stmatrix_x4(addr, pack_bf16x2(acc[a + 0], acc[a + 1]),
+                         pack_bf16x2(acc[a + 2], acc[a + 3]),
+                         pack_bf16x2(acc[a + 4], acc[a + 5]),
+                         pack_bf16x2(acc[a + 6], acc[a + 7]));
       }
     } else {
 #pragma unroll
       for (int jb = 0; jb < kPassCols / 8; ++jb) {
-        const int j = p * (kPassCols / 8) + jb;
+        const int j = pc0 / 8 + jb;
         const int col_bytes = (jb * 8 + 2 * q) * 4;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = warp_in_wg * 16 + lane / 4 + h * 8;
-          const uint32_t addr = d_base + (col_bytes / 128) * kBoxBytes + row * 128 +
+          const uint32_t addr = pass_base + (col_bytes / 128) * kBoxBytes + row * 128 +
                                 ((((col_bytes % 128) / 16) ^ (row % 8)) << 4) + col_bytes % 16;
           ptx::st_shared_v2(addr, acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]);
         }
@@ -592,12 +621,12 @@ __device__ __forceinline__ void store_tile_tma(const float* acc, uint8_t* smem_d
     if (leader) {
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b) {
-        const int x = n0 + p * kPassCols + b * kBoxCols;
+        const int x = n0 + pc0 + b * kBoxCols;
         if (x < N) {
           if (reduce_add) {
-            ptx::tma_reduce_add_2d(tmap_out, d_base + b * kBoxBytes, x, row0);
+            ptx::tma_reduce_add_2d(tmap_out, pass_base + b * kBoxBytes, x, row0);
           } else {
-            ptx::tma_store_2d(tmap_out, d_base + b * kBoxBytes, x, row0);
+            ptx::tma_store_2d(tmap_out, pass_base + b * kBoxBytes, x, row0);
           }
         }
       }
@@ -641,6 +670,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   // Each CTA's share of a multicast A tile is whole 8-row swizzle atoms.
   static_assert(kMulticast == 1 || (kMulticast == 2 && (BLOCK_M / 2) % 8 == 0), "bad multicast");
   constexpr bool kSplitN = fp8_gemm_split_n(BLOCK_N);
+  // Split tiles with half a D tile store the previous tile in column halves, each
+  // while one wgmma half of the next tile's first k-block runs.
+  constexpr bool kSplitEpilogue = fp8_gemm_split_epilogue(BLOCK_N, kGrouped);
   constexpr int kWgmmaN = kSplitN ? BLOCK_N / 2 : BLOCK_N;
   constexpr int kNumAccum = BLOCK_N / 2;  // accumulator floats per thread
   constexpr int kNumBuf = ptx::WgmmaFp8<kWgmmaN>::kNumAccum;  // one wgmma result
@@ -654,9 +686,10 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   constexpr int kTmaRegs = L::kNumMathWG == 3 ? 24 : 40;
   constexpr int kMathRegs = L::kNumMathWG == 3 ? 160 : L::kNumMathWG == 2 ? 232 : 240;
 
-  extern __shared__ uint8_t smem_raw[];
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
   // 128B-swizzled TMA destinations / wgmma operands need 1024B alignment.
-  uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  if ((ptx::smem_addr(smem_raw) & 1023u) != 0) __trap();
+  uint8_t* smem = smem_raw;
   uint8_t* smem_a = smem + L::kOffA;
   uint8_t* smem_b = smem + L::kOffB;
   uint8_t* smem_d = smem + L::kOffD;
@@ -710,7 +743,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int num_tiles = num_m_blocks * (num_n_blocks / kMulticast);  // per cluster
   // Dense: each tile's bias slice is bulk-copied into smem with its first
   // k-block (where the slice is whole 16-byte units); else it is read from global.
-  const bool bias_smem = !kGrouped && bias != nullptr && N % 4 == 0 &&
+  const bool bias_smem = L::kBytesBias > 0 && bias != nullptr && N % 4 == 0 &&
                          reinterpret_cast<uintptr_t>(bias) % 16 == 0;
 
   if (wg == L::kNumMathWG) {
@@ -815,34 +848,73 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // Grouped tiles store through TMA only where the warpgroup's 64 rows are
     // all in the tile's group (a TMA box would write rows of the next one).
     TileInfo prev{0, 0, 0, -1};
-    auto store_prev = [&]() {
+    // half < 0: the whole tile; with kSplitEpilogue, half 0 or 1: that column half
+    // (half 1 stores nothing from registers: half 0 stored the whole tile).
+    auto store_prev = [&](int half) {
       if (prev.group < 0) return;
       if constexpr (fp8_gemm_tma_store(BLOCK_M, BLOCK_N)) {
         const int wg_row0 = prev.row0 + wg * 64;
         if (store_mode != kStoreRegisters && (!kGrouped || wg_row0 + 64 <= prev.row_end)) {
-          store_tile_tma<BLOCK_N, OutT>(acc, smem_d + wg * (BLOCK_N * 128), &tmap_out,
-                                        store_mode == kStoreTmaAdd, wg_row0, prev.n0, N, wg,
-                                        warp_in_wg, lane);
+          constexpr int kDCols = fp8_gemm_d_cols(BLOCK_N, kGrouped);
+          uint8_t* d = smem_d + wg * (kDCols * 128);
+          const bool add = store_mode == kStoreTmaAdd;
+          if (!kSplitEpilogue || half < 0) {
+            store_tile_tma<BLOCK_N, kDCols, OutT>(acc, d, &tmap_out, add, wg_row0, prev.n0, N,
+                                                  wg, warp_in_wg, lane);
+          } else if (half == 0) {
+            store_tile_tma<BLOCK_N, kDCols, OutT, 0, BLOCK_N / 2>(
+                acc, d, &tmap_out, add, wg_row0, prev.n0, N, wg, warp_in_wg, lane);
+          } else {
+            store_tile_tma<BLOCK_N, kDCols, OutT, BLOCK_N / 2, BLOCK_N / 2>(
+                acc, d, &tmap_out, add, wg_row0, prev.n0, N, wg, warp_in_wg, lane);
+          }
           return;
         }
       }
-      store_tile<BLOCK_N, OutT>(acc, out, c, prev.row0 + r_local, prev.row_end,
-                                prev.n0 + (lane % 4) * 2, N);
+      if (half <= 0) {
+        store_tile<BLOCK_N, OutT>(acc, out, c, prev.row0 + r_local, prev.row_end,
+                                  prev.n0 + (lane % 4) * 2, N);
+      }
     };
     // Stores `prev`, then starts the accumulator of the tile at column n0 from
-    // its bias (zeros without), so that no add waits for bias loads at the store.
+    // its bias (zeros without), so that no add waits for bias loads at the store;
+    // half >= 0: only that column half (kSplitEpilogue).
     // A bias in smem sits in the stage of the tile's first k-block (promo_stage,
     // not yet released); the serial fp32 loop flushes before waiting for it.
-    auto flush = [&](int n0) {
-      store_prev();
+    // kSplitEpilogue tiles have no smem slot for it: each lane holds the pairs of
+    // columns 2 lane and 64 + 2 lane of both 128-column halves (bias_pairs, read a
+    // tile ahead), and the accumulator's columns come from them by shuffles.
+    float2 bias_pairs[kSplitEpilogue ? 4 : 1];
+    auto load_bias_pairs = [&](int n0) {
+#pragma unroll
+      for (int i = 0; i < (kSplitEpilogue ? 4 : 0); ++i) {
+        const int col = n0 + i * 64 + lane * 2;
+        float2 v = make_float2(0.0f, 0.0f);
+        if (col + 1 < N) {
+          v = __ldg(reinterpret_cast<const float2*>(bias + col));  // 8B aligned (host check)
+        } else if (col < N) {
+          v.x = __ldg(bias + col);
+        }
+        bias_pairs[i] = v;
+      }
+    };
+    auto flush = [&](int n0, int half, int next_n0) {
+      store_prev(half);
       if (bias_smem) ptx::mbarrier_wait(&full_bar[promo_stage], promo_phase);
       const float* bias_s = smem_bias + promo_stage * BLOCK_N + (lane % 4) * 2;
       const int col0 = n0 + (lane % 4) * 2;
 #pragma unroll
       for (int j = 0; j < kNumAccum / 4; ++j) {
+        if (half >= 0 && j / (kNumAccum / 8) != half) continue;
         const int col = col0 + j * 8;
         float b0 = 0.0f, b1 = 0.0f;
-        if (bias_smem) {
+        if constexpr (kSplitEpilogue) {
+          if (bias != nullptr) {  // columns j * 8 + (lane % 4) * 2 (+1) of the tile
+            const int src = (j % 8) * 4 + lane % 4;  // the lane holding that pair
+            b0 = __shfl_sync(0xffffffffu, bias_pairs[j / 8].x, src);
+            b1 = __shfl_sync(0xffffffffu, bias_pairs[j / 8].y, src);
+          }
+        } else if (bias_smem) {
           if (col < N) {  // N % 4 == 0: then col + 1 < N too
             const float2 bv = *reinterpret_cast<const float2*>(bias_s + j * 8);
             b0 = bv.x;
@@ -857,8 +929,9 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
         acc[j * 4 + 2] = b0;
         acc[j * 4 + 3] = b1;
       }
+      if (kSplitEpilogue && bias != nullptr && half != 0 && next_n0 >= 0) load_bias_pairs(next_n0);
     };
-    auto no_flush = []() {};
+    auto no_flush = [](auto...) {};
 
     auto tile_at = [&](int tile) {
       return tile_info<BLOCK_M, BLOCK_N, kGrouped, kMulticast>(
@@ -893,9 +966,15 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     }
 
+    if (kSplitEpilogue && bias != nullptr && sched0 < num_tiles) {
+      load_bias_pairs(tile_at(sched0).n0);
+    }
     for (int tile = sched0; tile < num_tiles; tile += sched_step) {
       const TileInfo t = tile_at(tile);
-      auto flush_t = [&]() { flush(t.n0); };
+      const int next_n0 = kSplitEpilogue && bias != nullptr && tile + sched_step < num_tiles
+                              ? tile_at(tile + sched_step).n0
+                              : -1;
+      auto flush_t = [&](int half = -1) { flush(t.n0, half, next_n0); };
       const int j_hi = (kScaleBlock - t.n0 % kScaleBlock) / 8;
       const float *sb_lo, *sb_hi;
       b_scale_rows(t, sb_lo, sb_hi);
@@ -1043,14 +1122,16 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
           // (Its scales load here: through the window it ran 1.5-3% slower, H200.)
           static_assert(U == 1, "the split loop runs one k-block per chunk");
           const float sb_lo_val = __ldg(sb_lo + kb), sb_hi_val = __ldg(sb_hi + kb);
-          if constexpr (sizeof(OutT) == 4) first();
+          if constexpr (sizeof(OutT) == 4 && !kSplitEpilogue) first();
           issue(buf0, 0);
-          if constexpr (sizeof(OutT) != 4) first();
+          if constexpr (kSplitEpilogue) first(0);
+          else if constexpr (sizeof(OutT) != 4) first();
           float sa0, sa1;  // both halves' rows
           read_sa(sa0, sa1);
           ptx::wgmma_wait_group<0>();
           promote(buf0, sb_lo_val, 0.0f, 0, sa0, sa1);
           issue(buf0, 1);
+          if constexpr (kSplitEpilogue) first(1);
           ptx::wgmma_wait_group<0>();
           promote(buf0, sb_hi_val, 0.0f, 1, sa0, sa1);
         } else {  // one k-block; fp32 outputs flush before the issue (registers)
@@ -1069,7 +1150,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
       prev = t;
     }
     // ---------------- epilogue of the last tile ----------------
-    store_prev();
+    store_prev(-1);
     // TMA stores read smem asynchronously: done before the CTA exits.
     if (store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) ptx::bulk_wait_group0();
 

@@ -42,7 +42,7 @@ constexpr int kBlockK = 128;            // one 128-byte swizzle atom of e4m3
 constexpr int kScaleBlock = 128;        // scale granularity along N and K
 constexpr int kGroupM = 8;              // M-blocks per rasterization group
 constexpr int kMaxSmemPerBlock = 232448;  // 227 KiB opt-in limit on sm_90
-constexpr int kSmemAlignPad = 1024;     // we align the dynamic smem base
+constexpr int kSmemAlignPad = 1024;     // K-grouped kernel: it aligns the dynamic smem base
 constexpr int kMaxGroups = 1024;        // grouped kernels: size of the smem group table
 // Group table: m-block prefix [G+1], first row [G], end row [G] (int32 each).
 constexpr int kGroupTableBytes = (3 * kMaxGroups + 1) * 4 + 12;  // padded to 16B
@@ -95,9 +95,6 @@ constexpr int fp8_gemm_d_bytes(int block_m, int block_n, bool grouped) {
 constexpr bool fp8_gemm_split_epilogue(int block_n, bool grouped) {
   return fp8_gemm_d_cols(block_n, grouped) < block_n;
 }
-// The dense kernel declares its shared memory 1024B aligned (no pad: the pad
-// would cost 128x256 its 4th stage); the K-grouped kernel aligns at run time.
-constexpr int kDenseSmemAlignPad = 0;
 
 // Whether the mainloop double-buffers the wgmma results (3 x BLOCK_N/2 fp32
 // registers per thread: acc + 2 buffers) so promotion overlaps the next wgmma.
@@ -137,7 +134,9 @@ struct Fp8GemmLayout {
   static constexpr int kOffBar = kOffBias + STAGES * kBytesBias;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
   static constexpr int kBytes = kOffGroups + (kGrouped ? kGroupTableBytes : 0);
-  static constexpr int kDynamicSmem = kBytes + kDenseSmemAlignPad;
+  // No alignment pad: the kernel declares its shared memory 1024B aligned (a pad
+  // would cost 128x256 its 4th stage).
+  static constexpr int kDynamicSmem = kBytes;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 192,
                 "BLOCK_M must be 64, 128 or 192");
@@ -176,7 +175,7 @@ __host__ __device__ constexpr int64_t fp8_gemm_balanced_clusters(int64_t tiles,
 
 // Largest number of stages that fits in shared memory.
 constexpr int fp8_gemm_max_stages(int block_m, int block_n, bool grouped = false) {
-  return (kMaxSmemPerBlock - kDenseSmemAlignPad - (grouped ? kGroupTableBytes : 0) -
+  return (kMaxSmemPerBlock - (grouped ? kGroupTableBytes : 0) -
           fp8_gemm_d_bytes(block_m, block_n, grouped)) /
          (block_m * kBlockK + block_n * kBlockK + fp8_gemm_sa_bytes(block_m, grouped) +
           fp8_gemm_bias_bytes(block_n, grouped) + 16);

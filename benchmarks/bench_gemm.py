@@ -51,6 +51,7 @@ import argparse
 import gc
 import os
 import re
+import statistics
 import sys
 import traceback
 
@@ -270,6 +271,9 @@ def main(argv=None) -> int:
   p.add_argument("--epilogues", action="store_true",
                  help="also time the bias and accumulate (c) epilogues at M >= 4096 "
                       "(records jax_deepgemm_bias / jax_deepgemm_f32 / jax_deepgemm_c)")
+  p.add_argument("--epilogue-rounds", type=int, default=3,
+                 help="rounds of the epilogue timings, each timing plain, bias, f32 and "
+                      "accumulate back to back (overheads: medians of per-round ratios)")
   p.add_argument("--kernel-times", choices=("auto", "on", "off"), default="auto",
                  help="also record profiler (CUPTI) kernel times: auto = shapes with M <= 512")
   p.add_argument("--mn-major-scales", action="store_true",
@@ -427,40 +431,59 @@ def main(argv=None) -> int:
                                    **k_extras(k_bf16), **common))
 
     if args.epilogues and m >= 4096 and t_ours:
-      t_bias = attempt("bias", lambda: T.bench(ours_bias, epilogue_inputs(m, n, k, "bias"),
-                                                **timing))
+      # Each variant's timing drifts with the clock (~3% between runs), so every round
+      # times all of them back to back, in reverse order every other round, and the
+      # overheads are medians of per-round ratios.
       cin = epilogue_inputs(m, n, k, "c")
-      t_f32 = attempt("f32", lambda: T.bench(ours_f32, cin, **timing))
-      t_acc1 = attempt("acc1", lambda: T.bench(ours_acc1, cin, **timing))
-      t_acc2 = attempt("acc2", lambda: T.bench(ours_acc2, cin, **timing))
-      gc.collect()
-      t_c = t_acc2.time_us - t_acc1.time_us if t_acc1 and t_acc2 else None
-      ep = {}
-      if t_bias:
-        ep["bias"] = t_bias.time_us / t_ours.time_us - 1
-        records.append(T.make_record(impl="jax_deepgemm_bias", time_us=t_bias.time_us,
+      variants = {"plain": (ours, ours_inputs(m, n, k)),  # sa as the epilogue inputs take it
+                  "bias": (ours_bias, epilogue_inputs(m, n, k, "bias")),
+                  "f32": (ours_f32, cin), "acc1": (ours_acc1, cin), "acc2": (ours_acc2, cin)}
+      rounds = []
+      for r in range(args.epilogue_rounds):
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        rounds.append({v: attempt(v, lambda v=v: T.bench(*variants[v], **timing)) for v in order})
+        gc.collect()
+
+      def med(values):
+        values = [x for x in values if x is not None]
+        return statistics.median(values) if values else None
+
+      def per_round(f):
+        return [f(r) if all(r.values()) else None for r in rounds]
+      bias_r = per_round(lambda r: r["bias"].time_us / r["plain"].time_us - 1)
+      c_us = per_round(lambda r: r["acc2"].time_us - r["acc1"].time_us)
+      c_r = per_round(lambda r: (r["acc2"].time_us - r["acc1"].time_us) / r["f32"].time_us - 1)
+      t = {v: med([r[v] and r[v].time_us for r in rounds]) for v in variants}
+      ep = {"bias": med(bias_r), "c": med(c_r)}
+      last = {v: rounds[-1][v] for v in variants}
+      if t["bias"] is not None:
+        records.append(T.make_record(impl="jax_deepgemm_bias", time_us=t["bias"],
                                      nbytes=bytes_ours + 4 * n, config=config,
-                                     overhead_vs_plain=ep["bias"], plain_time_us=t_ours.time_us,
-                                     **t_bias.extras(), **common))
-      if t_f32:
-        records.append(T.make_record(impl="jax_deepgemm_f32", time_us=t_f32.time_us,
+                                     overhead_vs_plain=ep["bias"], plain_time_us=t["plain"],
+                                     overhead_rounds=bias_r,
+                                     **(last["bias"].extras() if last["bias"] else {}), **common))
+      if t["f32"] is not None:
+        records.append(T.make_record(impl="jax_deepgemm_f32", time_us=t["f32"],
                                      nbytes=bytes_ours + 2 * m * n,
                                      config=jd.gemm_config(m, n, k, out_dtype=jnp.float32)
                                      if kernels else "reference",
-                                     **t_f32.extras(), **common))
-      if t_f32 and t_c is not None:
-        ep["c"] = t_c / t_f32.time_us - 1
-        records.append(T.make_record(impl="jax_deepgemm_c", time_us=t_c,
+                                     **(last["f32"].extras() if last["f32"] else {}), **common))
+      if ep["c"] is not None:
+        records.append(T.make_record(impl="jax_deepgemm_c", time_us=med(c_us),
                                      nbytes=bytes_ours + 6 * m * n,
                                      config=jd.gemm_config(m, n, k, accumulate=True)
                                      if kernels else "reference",
-                                     overhead_vs_plain=ep["c"], plain_time_us=t_f32.time_us,
-                                     acc1_time_us=t_acc1.time_us, acc2_time_us=t_acc2.time_us,
-                                     **common))
-      print(f"[{shape}] epilogues: bias {T.fmt(t_bias and t_bias.time_us)} us "
-            f"(vs bf16 plain {ep.get('bias', float('nan')):+.1%}), f32 plain "
-            f"{T.fmt(t_f32 and t_f32.time_us)} us, accumulate {T.fmt(t_c)} us "
-            f"(vs f32 plain {ep.get('c', float('nan')):+.1%})", flush=True)
+                                     overhead_vs_plain=ep["c"], plain_time_us=t["f32"],
+                                     overhead_rounds=c_r, acc1_time_us=t["acc1"],
+                                     acc2_time_us=t["acc2"], **common))
+
+      def pct(x):
+        return "n/a" if x is None else f"{x:+.1%}"
+      print(f"[{shape}] epilogues ({len(rounds)} rounds, medians): bias {T.fmt(t['bias'])} us "
+            f"(vs bf16 plain {T.fmt(t['plain'])}: {pct(ep['bias'])}; rounds "
+            f"{', '.join(map(pct, bias_r))}), f32 plain {T.fmt(t['f32'])} us, accumulate "
+            f"{T.fmt(med(c_us))} us (vs f32 plain {pct(ep['c'])}; rounds "
+            f"{', '.join(map(pct, c_r))})", flush=True)
 
     def tf(t):
       return T.tflops(flops, t.time_us) if t else None

@@ -6,7 +6,8 @@
 //   /tmp/kbench 4096x7168x16384 4096x7168x2048          # dense: MxNxK
 //   /tmp/kbench_kg 4x8192x7168x4096                      # -DKB_K_GROUPED: GxTxNxK
 //
-// Dense (fp8_gemm_nt_kernel, bf16 out, no bias): tile via -DKB_BLOCK_M /
+// Dense (fp8_gemm_nt_kernel, bf16 out; KB_BIAS=1 in the environment: with a bias
+// per column, checked too): tile via -DKB_BLOCK_M /
 // -DKB_BLOCK_N (the most stages that fit, or -DKB_STAGES=n), -DKB_MULTICAST=2 for
 // 2-CTA clusters; KB_STORE_MODE=0 in the environment: the register-store epilogue
 // (-DJAX_DEEPGEMM_NO_TMA_STORE: that epilogue only, and no shared-memory D tile,
@@ -180,6 +181,15 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   const auto hb = random_fp8(rng, static_cast<size_t>(n) * k);
   const auto hsa = random_scales(rng, static_cast<size_t>(kb) * mp);
   const auto hsb = random_scales(rng, static_cast<size_t>(nb) * kb);
+  // KB_BIAS=1: a bias per column (one copy: it stays in L2 either way).
+  const char* bias_env = std::getenv("KB_BIAS");
+  const bool with_bias = bias_env != nullptr && bias_env[0] == '1';
+  std::vector<float> hbias(n, 0.0f);
+  if (with_bias) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& x : hbias) x = u(rng);
+  }
+  float* bias = with_bias ? to_device(hbias) : nullptr;
 
   struct Copy {
     uint8_t *a, *b;
@@ -252,12 +262,12 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   config.numAttrs = num_attrs;
   // The kernel's arguments by address (it may come from a cubin: no typed launch).
   GroupArgs grp{nullptr, 1, 0};
-  const float *no_bias = nullptr, *no_c = nullptr;
+  const float* no_c = nullptr;
   int mode = store_mode;
   double median, min;
   time_launches([&](int i) {
     Copy& o = ops[i % ops.size()];
-    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &no_bias, &no_c, &o.out, &o.tout, &mode,
+    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &bias, &no_c, &o.out, &o.tout, &mode,
                     &m, &n, &k, &grp};
     CHECK(cudaLaunchKernelExC(&config, kernel, args));
   }, static_cast<int>(ops.size()), &median, &min);
@@ -267,7 +277,7 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   double max_err = 0;
   for (int s = 0; s < 64; ++s) {
     const int i = static_cast<int>(rng() % m), j = static_cast<int>(rng() % n);
-    double ref = 0, mag = 0;
+    double ref = hbias[j], mag = std::fabs(hbias[j]);
     for (int kk = 0; kk < k; ++kk) {
       const double v = static_cast<double>(e4m3_to_float(ha[static_cast<size_t>(i) * k + kk])) *
                        e4m3_to_float(hb[static_cast<size_t>(j) * k + kk]) *
@@ -286,8 +296,9 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
     max_err = std::max(max_err, err);
   }
   char shape[64];
-  std::snprintf(shape, sizeof(shape), "%dx%dx%d", m, n, k);
+  std::snprintf(shape, sizeof(shape), "%dx%dx%d%s", m, n, k, with_bias ? " bias" : "");
   report(shape, 2.0 * m * n * k, median, min, max_err);
+  if (bias != nullptr) CHECK(cudaFree(bias));
   for (auto& o : ops) {
     for (void* p : {static_cast<void*>(o.a), static_cast<void*>(o.b), static_cast<void*>(o.sa),
                     static_cast<void*>(o.sb), static_cast<void*>(o.out)}) {

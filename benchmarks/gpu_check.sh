@@ -113,7 +113,9 @@ if has tiles; then
   # in .gpu/), ~10 s each in parallel, then all run alone on SHAPES, alternating, twice.
   # TILE_FLAGS: more nvcc flags (-DKB_K_GROUPED: K-grouped, SHAPES as GxTxNxK, TILES
   # 192x128 / 128x128 / 64x128; -DJAX_DEEPGEMM_NO_TMA_STORE; -DKB_STAGES=n); KB_BURST=1
-  # in the environment times back-to-back bursts instead.
+  # in the environment times back-to-back bursts instead. KB_ENVS: run every binary once per
+  # entry with those kernel_bench settings (commas join several), e.g. "KB_ACC=0 KB_ACC=1"
+  # (f32 plain, then accumulating; with TILE_FLAGS=-DKB_OUT_F32) or "KB_BIAS=0 KB_BIAS=1".
   # A VARIANTS entry may name a patch instead (name:path.patch): csrc/ with it applied.
   tiles=${TILES:-128x128 128x160 128x192 192x128}
   variants=""
@@ -138,9 +140,12 @@ if has tiles; then
     for t in $tiles; do
       for v in $variants; do
         b=/tmp/kb_${v%%:*}_$t
-        echo "== ${v%%:*} $t (run $r)"
-        [ -x $b ] || { echo "BUILD FAILED"; tail -5 "$OUT/tiles_build_${v%%:*}_$t.log"; continue; }
-        $b ${SHAPES:-4096x7168x16384 4096x16384x7168 4096x4096x7168 4096x2112x7168}
+        [ -x $b ] || { echo "== ${v%%:*} $t BUILD FAILED"; tail -5 "$OUT/tiles_build_${v%%:*}_$t.log"; continue; }
+        for e in ${KB_ENVS:--}; do
+          echo "== ${v%%:*} $t ${e#-} (run $r)"
+          [ "$e" = - ] && e=""
+          env ${e//,/ } $b ${SHAPES:-4096x7168x16384 4096x16384x7168 4096x4096x7168 4096x2112x7168}
+        done
       done
     done
   done 2>&1 | tee "$OUT/tiles.log" | grep -v "^#"
@@ -182,7 +187,8 @@ fi
 if has experiments; then
   # The A/Bs of the patches parked under benchmarks/experiments/ (each header says what it
   # changes, and names the tiles it touches on a "Tiles:" line, and may give kernel_bench
-  # flags on a "Flags:" line, e.g. -DKB_K_GROUPED, and its shapes on a "Shapes:" line),
+  # flags on a "Flags:" line, e.g. -DKB_K_GROUPED, its shapes on a "Shapes:" line and
+  # kernel_bench settings to run each binary under on an "Envs:" line, as KB_ENVS),
   # kernel_bench alone against csrc/ as it is in the same run, through the tiles stage.
   # EXP_ONLY="name ..." picks patches (file names without .patch); EXP_SHAPES the shapes of
   # patches without a "Shapes:" line.
@@ -196,9 +202,10 @@ if has experiments; then
     tiles=$(sed -n 's/^Tiles: *//p' "$patch" | head -1)
     flags=$(sed -n 's/^Flags: *//p' "$patch" | head -1)
     pshapes=$(sed -n 's/^Shapes: *//p' "$patch" | head -1)
-    echo "== experiment $e: ${tiles:=128x128} ${flags}"
+    envs=$(sed -n 's/^Envs: *//p' "$patch" | head -1)
+    echo "== experiment $e: ${tiles:=128x128} ${flags} ${envs}"
     OUT=$OUT/$e TILES="$tiles" SHAPES="${pshapes:-$shapes}" VARIANTS="cur:csrc $e:$patch" \
-      TILE_FLAGS="${TILE_FLAGS:-} $flags" bash "$0" tiles | tail -80
+      TILE_FLAGS="${TILE_FLAGS:-} $flags" KB_ENVS="${envs:-${KB_ENVS:-}}" bash "$0" tiles | tail -80
   done
   [ $found = 1 ] || echo "no parked experiments"
 fi

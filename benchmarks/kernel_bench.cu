@@ -6,8 +6,9 @@
 //   /tmp/kbench 4096x7168x16384 4096x7168x2048          # dense: MxNxK
 //   /tmp/kbench_kg 4x8192x7168x4096                      # -DKB_K_GROUPED: GxTxNxK
 //
-// Dense (fp8_gemm_nt_kernel, bf16 out; KB_BIAS=1 in the environment: with a bias
-// per column, checked too): tile via -DKB_BLOCK_M /
+// Dense (fp8_gemm_nt_kernel, bf16 out, -DKB_OUT_F32: f32; KB_BIAS=1 in the environment:
+// with a bias per column; KB_ACC=1 with -DKB_OUT_F32: accumulating into out, which starts
+// as a random c, as the op's aliased c does; both checked): tile via -DKB_BLOCK_M /
 // -DKB_BLOCK_N (the most stages that fit, or -DKB_STAGES=n), -DKB_MULTICAST=2 for
 // 2-CTA clusters; KB_STORE_MODE=0 in the environment: the register-store epilogue
 // (-DJAX_DEEPGEMM_NO_TMA_STORE: that epilogue only, and no shared-memory D tile,
@@ -158,13 +159,21 @@ static void report(const char* shape, double flops, double median_ms, double min
 }
 
 #ifndef KB_K_GROUPED
-// out[m, n] = sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128]
+#ifdef KB_OUT_F32
+using OutT = float;
+static float out_to_float(float v) { return v; }
+#else
+using OutT = __nv_bfloat16;
+static float out_to_float(__nv_bfloat16 v) { return bf16_to_float(v); }
+#endif
+
+// out[m, n] (+)= sum_k a[m, k] b[n, k] sa[k/128, m] sb[n/128, k/128] (+ bias[n])
 static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   constexpr int BM = KB_BLOCK_M, BN = KB_BLOCK_N, MC = KB_MULTICAST;
   constexpr int ST = kDenseStages;
   using L = Fp8GemmLayout<BM, BN, ST, false>;
   const void* kernel =
-      reinterpret_cast<const void*>(&fp8_gemm_nt_kernel<BM, BN, ST, __nv_bfloat16, false, MC>);
+      reinterpret_cast<const void*>(&fp8_gemm_nt_kernel<BM, BN, ST, OutT, false, MC>);
   kernel = kernel_from_cubin(kernel);
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              L::kDynamicSmem));
@@ -174,8 +183,10 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   }
   // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA.
   const char* mode_env = std::getenv("KB_STORE_MODE");
+  const char* acc_env = std::getenv("KB_ACC");
+  const bool acc = sizeof(OutT) == 4 && acc_env != nullptr && acc_env[0] == '1';
   const int store_mode = (mode_env != nullptr && mode_env[0] == '0') || !fp8_gemm_tma_store(BM, BN)
-                             ? kStoreRegisters : kStoreTma;
+                             ? kStoreRegisters : acc ? kStoreTmaAdd : kStoreTma;
   const int kb = (k + 127) / 128, nb = (n + 127) / 128, mp = (m + 3) / 4 * 4;
   const auto ha = random_fp8(rng, static_cast<size_t>(m) * k);
   const auto hb = random_fp8(rng, static_cast<size_t>(n) * k);
@@ -190,20 +201,28 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
     for (auto& x : hbias) x = u(rng);
   }
   float* bias = with_bias ? to_device(hbias) : nullptr;
+  // KB_ACC=1: c, the value every copy's out starts from (checked after one launch).
+  std::vector<float> hc(acc ? static_cast<size_t>(m) * n : 0);
+  {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (auto& x : hc) x = u(rng);
+  }
 
   struct Copy {
     uint8_t *a, *b;
     float *sa, *sb;
-    __nv_bfloat16* out;
+    OutT* out;
     CUtensorMap ta, tb, tsa, tout;
   };
-  std::vector<Copy> ops(num_copies(ha.size() + hb.size() + static_cast<size_t>(m) * n * 2));
+  const size_t out_bytes = static_cast<size_t>(m) * n * sizeof(OutT);
+  std::vector<Copy> ops(num_copies(ha.size() + hb.size() + out_bytes * (acc ? 2 : 1)));
   for (auto& o : ops) {
     o.a = to_device(ha);
     o.b = to_device(hb);
     o.sa = to_device(hsa);
     o.sb = to_device(hsb);
-    CHECK(cudaMalloc(&o.out, static_cast<size_t>(m) * n * 2));
+    CHECK(cudaMalloc(&o.out, out_bytes));
+    if (acc) CHECK(cudaMemcpy(o.out, hc.data(), out_bytes, cudaMemcpyHostToDevice));
     int r = tma::make_2d_tiled(&o.ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, o.a, m, k,
                                fp8_gemm_a_rows(BM, false, MC, m), kBlockK,
                                CU_TENSOR_MAP_SWIZZLE_128B);
@@ -212,8 +231,11 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
     r |= tma::make_2d_tiled(&o.tsa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sa, kb, mp, 1,
                             MC == 1 ? fp8_gemm_a_rows(BM, false, 1, m) : L::kSARows,
                             CU_TENSOR_MAP_SWIZZLE_NONE);
-    r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, m, n, 64,
-                            fp8_gemm_out_box_cols<__nv_bfloat16>(), CU_TENSOR_MAP_SWIZZLE_128B);
+    r |= tma::make_2d_tiled(&o.tout,
+                            sizeof(OutT) == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                            sizeof(OutT), o.out, m, n, 64, fp8_gemm_out_box_cols<OutT>(),
+                            CU_TENSOR_MAP_SWIZZLE_128B);
     if (r != 0) {
       std::fprintf(stderr, "tensor map failed\n");
       std::exit(1);
@@ -262,22 +284,29 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
   config.numAttrs = num_attrs;
   // The kernel's arguments by address (it may come from a cubin: no typed launch).
   GroupArgs grp{nullptr, 1, 0};
-  const float* no_c = nullptr;
   int mode = store_mode;
   double median, min;
-  time_launches([&](int i) {
+  auto launch = [&](int i) {
     Copy& o = ops[i % ops.size()];
-    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &bias, &no_c, &o.out, &o.tout, &mode,
+    const float* c = acc ? reinterpret_cast<const float*>(o.out) : nullptr;  // aliased, as the op
+    void* args[] = {&o.ta, &o.tb, &o.tsa, &o.sb, &bias, &c, &o.out, &o.tout, &mode,
                     &m, &n, &k, &grp};
     CHECK(cudaLaunchKernelExC(&config, kernel, args));
-  }, static_cast<int>(ops.size()), &median, &min);
+  };
+  time_launches(launch, static_cast<int>(ops.size()), &median, &min);
+  if (acc) {  // out = c again, then one launch to check
+    CHECK(cudaMemcpy(ops[0].out, hc.data(), out_bytes, cudaMemcpyHostToDevice));
+    launch(0);
+    CHECK(cudaDeviceSynchronize());
+  }
 
-  std::vector<__nv_bfloat16> hout(static_cast<size_t>(m) * n);
-  CHECK(cudaMemcpy(hout.data(), ops[0].out, hout.size() * 2, cudaMemcpyDeviceToHost));
+  std::vector<OutT> hout(static_cast<size_t>(m) * n);
+  CHECK(cudaMemcpy(hout.data(), ops[0].out, out_bytes, cudaMemcpyDeviceToHost));
   double max_err = 0;
   for (int s = 0; s < 64; ++s) {
     const int i = static_cast<int>(rng() % m), j = static_cast<int>(rng() % n);
-    double ref = hbias[j], mag = std::fabs(hbias[j]);
+    const double c0 = acc ? hc[static_cast<size_t>(i) * n + j] : 0.0;
+    double ref = hbias[j] + c0, mag = std::fabs(hbias[j]) + std::fabs(c0);
     for (int kk = 0; kk < k; ++kk) {
       const double v = static_cast<double>(e4m3_to_float(ha[static_cast<size_t>(i) * k + kk])) *
                        e4m3_to_float(hb[static_cast<size_t>(j) * k + kk]) *
@@ -286,7 +315,7 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
       ref += v;
       mag += std::fabs(v);
     }
-    const double got = bf16_to_float(hout[static_cast<size_t>(i) * n + j]);
+    const double got = out_to_float(hout[static_cast<size_t>(i) * n + j]);
     const double err = std::fabs(got - ref) / (mag / std::sqrt(k) + 1e-30);
     // bf16 rounding of a large output can exceed the threshold by itself: show it.
     if (err > 0.05) {
@@ -296,7 +325,8 @@ static void run_dense(int m, int n, int k, std::mt19937& rng, int num_sms) {
     max_err = std::max(max_err, err);
   }
   char shape[64];
-  std::snprintf(shape, sizeof(shape), "%dx%dx%d%s", m, n, k, with_bias ? " bias" : "");
+  std::snprintf(shape, sizeof(shape), "%dx%dx%d%s%s%s", m, n, k, sizeof(OutT) == 4 ? " f32" : "",
+                with_bias ? " bias" : "", acc ? " acc" : "");
   report(shape, 2.0 * m * n * k, median, min, max_err);
   if (bias != nullptr) CHECK(cudaFree(bias));
   for (auto& o : ops) {

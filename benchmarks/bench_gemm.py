@@ -448,11 +448,12 @@ def main(argv=None) -> int:
         values = [x for x in values if x is not None]
         return statistics.median(values) if values else None
 
-      def per_round(f):
-        return [f(r) if all(r.values()) else None for r in rounds]
-      bias_r = per_round(lambda r: r["bias"].time_us / r["plain"].time_us - 1)
-      c_us = per_round(lambda r: r["acc2"].time_us - r["acc1"].time_us)
-      c_r = per_round(lambda r: (r["acc2"].time_us - r["acc1"].time_us) / r["f32"].time_us - 1)
+      def per_round(needs, f):  # f(round) where the round timed all of `needs`
+        return [f(r) if all(r[v] for v in needs) else None for r in rounds]
+      bias_r = per_round(("plain", "bias"), lambda r: r["bias"].time_us / r["plain"].time_us - 1)
+      c_us = per_round(("acc1", "acc2"), lambda r: r["acc2"].time_us - r["acc1"].time_us)
+      c_r = per_round(("f32", "acc1", "acc2"),
+                      lambda r: (r["acc2"].time_us - r["acc1"].time_us) / r["f32"].time_us - 1)
       t = {v: med([r[v] and r[v].time_us for r in rounds]) for v in variants}
       ep = {"bias": med(bias_r), "c": med(c_r)}
       last = {v: rounds[-1][v] for v in variants}

@@ -391,9 +391,11 @@ def _install(prim, rule, plan, prepare=None):
       out = prim.local.bind(*xs, **params)
       return tuple(out) if multi else out
 
-    if getattr(ctx.module_context.axis_context, "manual_axes", ()):
+    if (getattr(ctx.module_context.axis_context, "manual_axes", ())
+        or ctx.module_context.lowering_parameters.for_export):
       # Inside shard_map: per-device code already (with some axes left automatic, XLA
-      # partitions the plain op).
+      # partitions the plain op). jax.export: custom_partitioning's rules are a Python
+      # callback, which an exported module cannot carry; XLA partitions the plain op.
       return mlir.lower_fun(local, multiple_results=multi)(ctx, *args)
     shapes = [tuple(a.shape) for a in ctx.avals_in]
 

@@ -12,6 +12,7 @@ import pytest
 from jax import export
 
 import jax_deepgemm as jd
+import multidevice
 from jax_deepgemm import _ffi
 from helpers import quant_act, quant_w, randn
 
@@ -85,6 +86,30 @@ def test_export_runs_where_the_kernels_do_not(rng, platforms):
                                  rtol=1e-6, atol=1e-6)
 
 
+def test_export_of_a_sharded_computation():
+  # The ops' partitioning rules (custom_partitioning) are a Python callback, which an
+  # exported module cannot carry: exported over several devices, the ops lower without
+  # them and XLA partitions what they lower to.
+  multidevice.run(__file__, "case_sharded_export", devices=2)
+
+
+def case_sharded_export():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  for fn, args in _cases(np.random.default_rng(0))[:3]:
+    # The first operand split by rows (or groups), the rest replicated.
+    args = tuple(jax.device_put(a, NamedSharding(mesh, P("d") if i == 0 else P()))
+                 for i, a in enumerate(args))
+    exp = export.export(fn, platforms=("cpu",))(*args)
+    assert exp.nr_devices == 2 and not _targets(exp)
+    got, want = exp.call(*args), fn(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.shape == w.shape and g.dtype == w.dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                 rtol=1e-6, atol=1e-6)
+  print("ok")
+
+
 def _cuda_module(fn, *args):
   exp = export.export(jax.jit(fn), platforms=("cuda",),
                       disabled_checks=jd.export_safety_checks())(*args)
@@ -129,3 +154,7 @@ def test_mn_major_scales_skip_the_transpose(rng, monkeypatch, m):
               ) == (mn_major and m % 4 == 0), gemm
   assert counts["0"] == [1, 1, 1]
   assert counts["1"] == ([0, 0, 0] if m % 4 == 0 else [1, 1, 1])
+
+
+if __name__ == "__main__":
+  multidevice.main(globals())

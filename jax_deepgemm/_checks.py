@@ -85,7 +85,15 @@ def static_axis(op, v):
 
 
 def sizes_array(x):
-  """``jnp.asarray`` of group sizes, where an empty Python sequence means int32 (not float32)."""
+  """``jnp.asarray`` of group sizes, where an empty Python sequence means int32 (not float32).
+
+  A host array of wider integers is clipped to int32's range first: without x64, ``asarray``
+  would wrap a size of 2**32 + 3 to 3 (the ops clip sizes to the rows anyway).
+  """
   if isinstance(x, (list, tuple)) and len(x) == 0:
     return jnp.zeros((0,), jnp.int32)
+  if isinstance(x, (np.ndarray, np.generic)) and np.issubdtype(x.dtype, np.integer):
+    info = np.iinfo(np.int32)
+    if np.iinfo(x.dtype).max > info.max:
+      x = np.clip(x, info.min, info.max).astype(np.int32)
   return jnp.asarray(x)

@@ -139,6 +139,9 @@ def test_masked_huge_unsigned_sizes_saturate(rng):
   d = f(a, sa, b, sb, jnp.asarray([3_000_000_000, 5], jnp.uint32))
   ref = f(a, sa, b, sb, jnp.asarray([16, 5], jnp.int32))
   np.testing.assert_array_equal(np.asarray(d), np.asarray(ref))
+  # Host int64 / uint64 sizes too: without x64, asarray alone would wrap 2**32 + 3 to 3.
+  for sizes in (np.array([2**32 + 3, 5]), np.array([2**33, 5], np.uint64)):
+    np.testing.assert_array_equal(np.asarray(f(a, sa, b, sb, sizes)), np.asarray(ref))
   # Narrow types must not wrap M_max either (int8 can't hold 128; uint8 wraps 256 to 0).
   a2, sa2 = quant_act(rng, 2 * 300, 128)
   a2, sa2 = a2.reshape(2, 300, 128), sa2.reshape(2, 300, 1)

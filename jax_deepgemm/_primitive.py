@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
 
 from jax_deepgemm import _ffi
@@ -45,6 +45,15 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
   register_lowerings(prim.local, reference, cuda, multiple_results=multiple_results)
   if batching_rule is not None:
     batching.primitive_batchers[prim] = batching_rule
+
+  def no_derivative(primals, tangents, **params):
+    # Reached by jax.jvp of the op, and by second derivatives of the layers (their
+    # backward runs the op): say so, not just that a rule is missing.
+    raise NotImplementedError(
+        f"{name}: the op has no derivative (its operands are quantized); differentiate "
+        "jax_deepgemm.fp8_linear / fp8_grouped_linear instead, in first-order reverse mode "
+        "(jax.grad, jax.vjp): forward mode and second derivatives are not supported")
+  ad.primitive_jvps[prim] = no_derivative  # (the casts install their own rule)
   return prim
 
 

@@ -158,6 +158,25 @@ def test_errors():
                             jnp.ones((2,), jnp.int32))
 
 
+def test_forward_mode_and_second_derivatives_raise(rng):
+  # First-order reverse mode only (README): the layers' custom_vjp has no forward mode, and
+  # the ops their backward runs have no derivative; both say so.
+  x = randn(rng, (16, 128), jnp.float32)
+  w = randn(rng, (128, 32), jnp.float32, scale=0.1)
+  loss = lambda x: jnp.sum(jd.fp8_linear(x, w) ** 2)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(loss, (x,), (x,))
+  with pytest.raises(NotImplementedError, match="second derivatives are not supported"):
+    jax.hessian(loss)(x)
+  a, sa = jd.per_token_cast_to_fp8(x)
+  b, sb = jd.per_block_cast_to_fp8(w.T)
+  with pytest.raises(NotImplementedError, match="fp8_gemm_nt: the op has no derivative"):
+    jax.jvp(lambda a: jd.fp8_gemm_nt(a, sa, b, sb), (a,), (a,))
+  # Ops on values that are not differentiated still run inside a gradient.
+  g = jax.grad(lambda s: s * jnp.sum(jd.fp8_gemm_nt(a, sa, b, sb, out_dtype=jnp.float32)))(2.0)
+  assert np.isfinite(float(g))
+
+
 def test_linear_empty_k_and_m():
   # K = 0 gives zeros (and zero gradients), M = 0 an empty result, as x @ w does.
   w = jnp.ones((0, 256))
@@ -176,6 +195,9 @@ def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
   big = jd.fp8_grouped_linear(x, w, jnp.asarray([3_000_000_000, 5], jnp.uint32))
   ref = jd.fp8_grouped_linear(x, w, jnp.asarray([64, 0], jnp.int32))
   np.testing.assert_array_equal(np.asarray(big), np.asarray(ref))
+  # Host int64 sizes past int32 (asarray alone would wrap 2**33 to 0 without x64).
+  host = jd.fp8_grouped_linear(x, w, np.array([2**33, 5], np.int64))
+  np.testing.assert_array_equal(np.asarray(host), np.asarray(ref))
   assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every row computed
   # Narrow types: M = 300 does not fit int8, whose sizes must still mean what they say.
   x3 = randn(rng, (300, 128), jnp.float32)

@@ -15,6 +15,12 @@
 //   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Ibenchmarks \
 //        -o /tmp/wsb benchmarks/wgmma_smem_bench.cu && /tmp/wsb
 //
+// "promote" variants run each column group as the serial loops do (128x256's split loop,
+// 192x128): issue its wgmmas into one result buffer, wait, add the buffer into the
+// accumulator times a scale (one FFMA per element), then the next group; the other
+// warpgroups' wgmmas are all that covers each warpgroup's wait and FFMAs. Against the
+// plain variant of the same shape this isolates what the loop's structure costs.
+//
 // Prints, per variant, FMA per clock per SM (median over CTAs, from clock64; 4096 is the
 // dense FP8 peak of an H100/H200 SM) and TFLOPS from the kernel's wall time.
 #include <cuda.h>
@@ -32,12 +38,15 @@ using namespace jax_deepgemm;
 constexpr int kStages = 3;
 constexpr int kMaxFill = 48 * 1024;  // bytes per stage
 
-template <int N, int BN, int W>
-__global__ void __launch_bounds__(W * 128 + 32, 1)
+// A producer warpgroup (one thread issues) and W math warpgroups, registers moved to the
+// math warpgroups with setmaxnreg as the GEMM kernels do.
+template <int N, int BN, int W, bool kPromote>
+__global__ void __launch_bounds__((W + 1) * 128, 1)
 wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
                   long long* cycles, float* sink) {
   constexpr int kGroups = BN / N;  // column groups of B per k-block
   constexpr int kAcc = N / 2;      // floats per thread per group
+  static_assert(!kPromote || N == 128, "the serial loops' wgmmas are 128 wide");
   extern __shared__ __align__(1024) uint8_t smem[];
   uint8_t* smem_a = smem;                      // W x 64 rows x 128 B
   uint8_t* smem_b = smem_a + W * 64 * 128;     // BN rows x 128 B
@@ -61,8 +70,9 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   ptx::fence_proxy_async();  // the generic-proxy operand writes, before wgmma reads them
   __syncthreads();
 
-  if (warp == W * 4) {  // producer warp
-    if (fill > 0 && lane == 0) {
+  if (warp >= W * 4) {  // producer warpgroup
+    ptx::setmaxnreg_dec<W == 3 ? 24 : 40>();
+    if (fill > 0 && warp == W * 4 && lane == 0) {
       size_t offset = (static_cast<size_t>(blockIdx.x) * 7919 * 1024) % src_bytes;
       for (int kb = 0; kb < iters; ++kb) {
         const int s = kb % kStages;
@@ -75,6 +85,7 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
     }
     return;
   }
+  ptx::setmaxnreg_inc<W == 3 ? 160 : 232>();
   const int wg = warp / 4;
   float acc[kGroups][kAcc];
 #pragma unroll
@@ -83,28 +94,45 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
     for (int i = 0; i < kAcc; ++i) acc[g][i] = 0.0f;
   }
   const uint64_t desc_a = ptx::make_smem_desc_k_sw128(smem_a + wg * 64 * 128);
+  float buf[kPromote ? kAcc : 1];
   __syncwarp();
   const long long t0 = clock64();
   for (int kb = 0; kb < iters; ++kb) {
     const int s = kb % kStages;
     if (fill > 0) ptx::mbarrier_wait(&full[s], (kb / kStages) & 1);
+    if constexpr (kPromote) {
+      const float scale = 1.0f + static_cast<float>(kb & 7) * 0x1p-20f;
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
+      for (int g = 0; g < kGroups; ++g) {
+        ptx::wgmma_k_block<N>(buf, desc_a, ptx::make_smem_desc_k_sw128(smem_b + g * N * 128));
+        ptx::wgmma_wait_group<0>();
 #pragma unroll
-      for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[g][i]);
-    }
-    ptx::wgmma_fence();
+        for (int i = 0; i < kAcc; ++i) ptx::fence_operand(buf[i]);
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + g * N * 128);
+        for (int i = 0; i < kAcc; ++i) acc[g][i] = fmaf(buf[i], scale, acc[g][i]);
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        ptx::WgmmaFp8<N>::mma(acc[g], desc_a + 2 * kk, desc_b + 2 * kk, true);
+        for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[g][i]);
       }
+      if (fill > 0 && lane == 0) ptx::mbarrier_arrive(&empty[s]);
+    } else {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[g][i]);
+      }
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + g * N * 128);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          ptx::WgmmaFp8<N>::mma(acc[g], desc_a + 2 * kk, desc_b + 2 * kk, true);
+        }
+      }
+      ptx::wgmma_commit_group();
+      ptx::wgmma_wait_group<1>();  // k-block kb - 1 is done: release its stage
+      if (fill > 0 && kb > 0 && lane == 0) ptx::mbarrier_arrive(&empty[(kb - 1) % kStages]);
     }
-    ptx::wgmma_commit_group();
-    ptx::wgmma_wait_group<1>();  // k-block kb - 1 is done: release its stage
-    if (fill > 0 && kb > 0 && lane == 0) ptx::mbarrier_arrive(&empty[(kb - 1) % kStages]);
   }
   ptx::wgmma_wait_group<0>();
 #pragma unroll
@@ -123,19 +151,22 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   if (sum == 12345.678f) sink[thread] = sum;  // keeps the wgmmas
 }
 
-template <int N, int BN, int W>
+template <int N, int BN, int W, bool kPromote = false>
 static void run(int num_sms, int fill, const uint8_t* src, size_t src_bytes, long long* d_cycles,
                 float* sink) {
-  auto* kernel = &wgmma_smem_kernel<N, BN, W>;
+  auto* kernel = &wgmma_smem_kernel<N, BN, W, kPromote>;
   const int smem = W * 64 * 128 + BN * 128 + kStages * kMaxFill + 2 * kStages * 8;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int iters = 4000;
-  for (int rep = 0; rep < 2; ++rep) kernel<<<num_sms, W * 128 + 32, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
+  const int threads = (W + 1) * 128;
+  for (int rep = 0; rep < 2; ++rep) {
+    kernel<<<num_sms, threads, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
+  }
   cudaEvent_t e0, e1;
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
   CHECK(cudaEventRecord(e0));
-  kernel<<<num_sms, W * 128 + 32, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
+  kernel<<<num_sms, threads, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
   CHECK(cudaEventRecord(e1));
   CHECK(cudaEventSynchronize(e1));
   CHECK(cudaGetLastError());
@@ -145,9 +176,9 @@ static void run(int num_sms, int fill, const uint8_t* src, size_t src_bytes, lon
   CHECK(cudaMemcpy(cyc.data(), d_cycles, num_sms * sizeof(long long), cudaMemcpyDeviceToHost));
   std::sort(cyc.begin(), cyc.end());
   const double fma_per_cta = static_cast<double>(iters) * W * 64.0 * BN * 128.0;
-  std::printf("N %3d  BN %3d  W %d  fill %5d B/k-block: %6.0f FMA/clk/SM (%4.1f%% of 4096), "
+  std::printf("N %3d  BN %3d  W %d %-7s fill %5d B/k-block: %6.0f FMA/clk/SM (%4.1f%% of 4096), "
               "%6.0f TFLOPS, wgmma smem reads %3.0f + fill %3.0f B/clk\n",
-              N, BN, W, fill, fma_per_cta / cyc[num_sms / 2],
+              N, BN, W, kPromote ? "promote" : "plain", fill, fma_per_cta / cyc[num_sms / 2],
               100.0 * fma_per_cta / cyc[num_sms / 2] / 4096,
               2.0 * fma_per_cta * num_sms / (ms * 1e-3) * 1e-12,
               static_cast<double>(iters) * W * (BN / N) * (8192 + N * 128) / cyc[num_sms / 2],
@@ -174,6 +205,8 @@ int main() {
     run<256, 256, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // m64n256
     run<128, 128, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 128x128
     run<128, 128, 3>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 192x128
+    run<128, 256, 2, true>(num_sms, fill, src, src_bytes, d_cycles, sink);  // the split loop
+    run<128, 128, 3, true>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 192x128's loop
   }
   CHECK(cudaFree(src));
   CHECK(cudaFree(d_cycles));

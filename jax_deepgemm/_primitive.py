@@ -36,7 +36,6 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
   aval_rule = _with_vma(abstract_eval) if vma else abstract_eval
   prim.def_impl(_impl)
   prim.def_abstract_eval(aval_rule)
-  prim.aval_rule = aval_rule  # jax_deepgemm.sharding adds explicit-axis output types to it
   register_lowerings(prim, reference, cuda, multiple_results=multiple_results)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.

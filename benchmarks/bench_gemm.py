@@ -271,7 +271,7 @@ def main(argv=None) -> int:
   p.add_argument("--epilogues", action="store_true",
                  help="also time the bias and accumulate (c) epilogues at M >= 4096 "
                       "(records jax_deepgemm_bias / jax_deepgemm_f32 / jax_deepgemm_c)")
-  p.add_argument("--epilogue-rounds", type=int, default=3,
+  p.add_argument("--epilogue-rounds", type=lambda v: max(1, int(v)), default=3,
                  help="rounds of the epilogue timings, each timing plain, bias, f32 and "
                       "accumulate back to back (overheads: medians of per-round ratios)")
   p.add_argument("--kernel-times", choices=("auto", "on", "off"), default="auto",

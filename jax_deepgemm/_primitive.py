@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
-from jax.sharding import ManualAxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, ManualAxisType, NamedSharding, PartitionSpec
 
 from jax_deepgemm import _ffi
 
@@ -36,6 +36,7 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
   aval_rule = _with_vma(abstract_eval) if vma else abstract_eval
   prim.def_impl(_impl)
   prim.def_abstract_eval(aval_rule)
+  prim.aval_rule = aval_rule  # jax_deepgemm.sharding adds explicit-axis output types to it
   register_lowerings(prim, reference, cuda, multiple_results=multiple_results)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.
@@ -82,6 +83,38 @@ def _with_vma(abstract_eval):
     return out.update(sharding=NamedSharding(varying[0].sharding.mesh, PartitionSpec()),
                       manual_axis_type=ManualAxisType(varying=vma))
   return rule
+
+
+def explicit_spec(aval):
+  """``aval``'s PartitionSpec (one entry per dimension) when its type is sharded over an
+  Explicit mesh axis (``jax.sharding.AxisType.Explicit``), else None."""
+  s = getattr(aval, "sharding", None)
+  if not isinstance(s, NamedSharding):
+    return None
+  explicit = {n for n, t in zip(s.mesh.axis_names, s.mesh.axis_types) if t == AxisType.Explicit}
+  used = {ax for e in s.spec if e is not None for ax in (e if isinstance(e, tuple) else (e,))}
+  if not used & explicit:
+    return None
+  return PartitionSpec(*s.spec, *(None,) * (len(aval.shape) - len(s.spec)))
+
+
+def unfold(y, shape, lead):
+  """``y [R, N]`` reshaped to ``shape`` (``[..., N]``, R the product of its leading sizes),
+  typed on Explicit axes as ``lead``'s leading dimensions (whose rows were folded into R)
+  and ``y``'s last: JAX cannot split a dimension typed over two axes by itself."""
+  ls, ys = explicit_spec(jax.typeof(lead)), explicit_spec(jax.typeof(y))
+  if ls is None and ys is None:
+    return y.reshape(shape)
+  ls = ls or PartitionSpec(*(None,) * len(lead.shape))
+  last = ys[-1] if ys is not None else None
+  return jnp.reshape(y, shape, out_sharding=PartitionSpec(*ls[:len(shape) - 1], last))
+
+
+def retype(x, like):
+  """``x`` resharded to ``like``'s type where that is sharded over Explicit axes (a
+  cotangent to its primal's type, as custom_vjp requires); ``x`` elsewhere."""
+  spec = explicit_spec(like)
+  return x if spec is None else jax.sharding.reshard(x, spec)
 
 
 def batch_size(args, dims) -> int:

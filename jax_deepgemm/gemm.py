@@ -108,7 +108,7 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     c2 = None if c is None else fold(c, dc)
     m = a.shape[1] if da == 0 else a.shape[0]  # a is [M, K] with the batch axis somewhere
     out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
-    return out.reshape(size, m, out.shape[-1]), 0
+    return _primitive.unfold(out, (size, m, out.shape[-1]), _primitive.at_front(a, da, size)), 0
   if not has_bias and not has_c:
     # Batched weights: one M-grouped GEMM with a group per batch element, in chunks of
     # as many groups as the kernel's group table holds.
@@ -122,7 +122,7 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     out = m_grouped_fp8_gemm_nt_contiguous(
         a3.reshape(size * m, a3.shape[2]), sa3.reshape(size * m, sa3.shape[2]), b3, sb3,
         jnp.full((size,), m, jnp.int32), out_dtype=out_dtype)
-    return out.reshape(size, m, b3.shape[1]), 0
+    return _primitive.unfold(out, (size, m, b3.shape[1]), a3), 0
   return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
                                             has_bias=has_bias, has_c=has_c)
 

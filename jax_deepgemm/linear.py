@@ -10,13 +10,14 @@ on H100/H200, the pure-JAX references elsewhere).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jax_deepgemm import _checks
+from jax_deepgemm import _checks, _primitive
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
@@ -64,9 +65,22 @@ def _check_float(op, name, x):
     raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
 
 
+def _types(*primals):
+  """The primals' PartitionSpecs on Explicit mesh axes (None each elsewhere), static for the
+  backward: custom_vjp wants cotangents of the primals' types, and the ops type their results
+  as their partitioning shards them (a dw all-reduced over tokens comes out replicated)."""
+  return tuple(None if p is None else _primitive.explicit_spec(jax.typeof(p)) for p in primals)
+
+
+def _retyped(cotangents, types):
+  return tuple(c if c is None or t is None else jax.sharding.reshard(c, t)
+               for c, t in zip(cotangents, types))
+
+
 # ----------------------------------------------------------------------------- dense
-@jax.custom_vjp
-def _linear(x2, w, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear(x2, w, bias, types):
+  del types
   xq, xs = per_token_cast_to_fp8(x2)
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
   wtq, wts = per_block_cast_to_fp8(w, transpose=True)
@@ -79,7 +93,8 @@ def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
   return y.astype(dtype)
 
 
-def _linear_fwd(x2, w, bias):
+def _linear_fwd(x2, w, bias, types):
+  del types
   # The backward needs X only as the wgrad operand, cast along tokens: that cast is
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
   # Both casts of X come from one read (the per-token one feeds the GEMM here).
@@ -97,7 +112,7 @@ def _name_residuals(xt, xts, wq, ws):
           checkpoint_name(wq, W_FP8), checkpoint_name(ws, W_FP8))
 
 
-def _linear_bwd(res, dy):
+def _linear_bwd(types, res, dy):
   xt, xts, wq, ws, w_like, bias = res  # dy has X's dtype and row count
   # dY's two casts from one read: per 1x128 for dgrad, along tokens (written token-major,
   # the layout the wgrad kernel reads) for wgrad.
@@ -110,7 +125,7 @@ def _linear_bwd(res, dy):
                                         out_dtype=_gemm_dtype(w_like.dtype))
   dw = dw[0].astype(w_like.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return dx, dw, db
+  return _retyped((dx, dw, db), types)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
@@ -140,14 +155,16 @@ def fp8_linear(x, w, bias=None):
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
-  y = _linear(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w, bias)  # (K may be 0)
+  x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (K may be 0)
+  y = _linear(x2, w, bias, _types(x2, w, bias))
   y = checkpoint_name(y, OUT)
-  return y.reshape(x.shape[:-1] + (w.shape[1],))
+  return _primitive.unfold(y, x.shape[:-1] + (w.shape[1],), x)
 
 
 # ----------------------------------------------------------------------------- grouped
-@jax.custom_vjp
-def _grouped(x, w, group_sizes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped(x, w, group_sizes, types):
+  del types
   xq, xs = per_token_cast_to_fp8(x)
   wtq, wts = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
   return _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
@@ -159,7 +176,8 @@ def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
   return y.astype(dtype)
 
 
-def _grouped_fwd(x, w, group_sizes):
+def _grouped_fwd(x, w, group_sizes, types):
+  del types
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read.
   xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x)
@@ -169,7 +187,7 @@ def _grouped_fwd(x, w, group_sizes):
   return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes)
 
 
-def _grouped_bwd(res, dy):
+def _grouped_bwd(types, res, dy):
   xt, xts, wq, ws, w_like, group_sizes = res  # dy has X's dtype
   # dY's two casts from one read (as in _linear_bwd).
   dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
@@ -180,7 +198,7 @@ def _grouped_bwd(res, dy):
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return dx, dw.astype(w_like.dtype), None
+  return _retyped((dx, dw.astype(w_like.dtype)), types) + (None,)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -209,4 +227,4 @@ def fp8_grouped_linear(x, w, group_sizes):
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
-  return checkpoint_name(_grouped(x, w, group_sizes), OUT)
+  return checkpoint_name(_grouped(x, w, group_sizes, _types(x, w)), OUT)

@@ -37,6 +37,11 @@ op                                     sharded axes stay local      partial prod
 This is installed when ``jax_deepgemm`` is imported: the primitives' lowering becomes a
 ``custom_partitioning`` call whenever a computation spans several devices. On one device, and
 inside ``jax.shard_map`` (where the code is already per device), the plain op is lowered.
+
+With Explicit mesh axes (``jax.sharding.AxisType.Explicit``, sharding in types) the same plans
+type each result: an op whose operands are sharded over explicit axes gets the result sharding
+its partitioning produces (e.g. ``fp8_gemm_nt`` of rows split over ``d``: ``out[M@d, N]``), so
+the ops that follow stay sharded instead of taking a replicated type and an all-gather.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_deepgemm import _primitive
 from jax_deepgemm.gemm import fp8_gemm_nt_p
 from jax_deepgemm.grouped_contiguous import (clip_rows, m_grouped_contiguous_p,
                                              sanitize_group_sizes)
@@ -372,6 +378,27 @@ def _pair_plan(prim, mesh, shapes, dims, out_dims, *, axes, results, **params):
 
 
 # ----------------------------------------------------------------------------- install
+def _explicit_mesh(avals):
+  """The mesh of the first operand whose type is sharded over an Explicit mesh axis, or None."""
+  return next((a.sharding.mesh for a in avals if _primitive.explicit_spec(a) is not None), None)
+
+
+def _typed(aval_rule, plan, multi):
+  """``aval_rule`` with each result typed as ``plan`` shards it, where operands are typed
+  sharded over Explicit axes (elsewhere, results keep the type ``aval_rule`` gives)."""
+  def rule(*avals, **params):
+    out = aval_rule(*avals, **params)
+    mesh = _explicit_mesh(avals)
+    if mesh is None:
+      return out
+    _, out_spec, _ = plan(mesh, [tuple(a.shape) for a in avals], [_dims(mesh, a) for a in avals],
+                          None, **params)
+    if not multi:
+      return out.update(sharding=NamedSharding(mesh, out_spec))
+    return [o.update(sharding=NamedSharding(mesh, s)) for o, s in zip(out, out_spec)]
+  return rule
+
+
 def _install(prim, rule, plan, prepare=None):
   """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
 
@@ -427,6 +454,7 @@ def _install(prim, rule, plan, prepare=None):
   for platform in (None, "cuda"):  # replaces both of _primitive.define's lowerings
     mlir.register_lowering(prim, lowering, platform=platform)
   dispatch.prim_requires_devices_during_lowering.add(prim)
+  prim.def_abstract_eval(_typed(prim.aval_rule, plan, multi))
 
 
 _install(fp8_gemm_nt_p, _gemm_rule, _gemm_plan)

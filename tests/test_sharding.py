@@ -15,20 +15,13 @@ import multidevice
 PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
          "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather",
-         "case_explicit_axes"]
+         "case_explicit_axes", "case_explicit_types"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
 @pytest.mark.parametrize("case", CASES)
 def test_sharding(case, partitioner):
   multidevice.run(__file__, case, partitioner)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Explicit mesh axes: the ops' results are typed replicated (README)")
-def test_explicit_axes_result_types():
-  # Known limitation, kept failing on purpose: when it passes, drop the marker.
-  multidevice.run(__file__, "case_explicit_types", "shardy")
 
 
 # ----------------------------------------------------------------------------- child side
@@ -428,9 +421,10 @@ def _explicit_mesh_and_data():
 
 
 def case_explicit_axes(partitioner):
-  # Explicit mesh axes (sharding in types): the layers and their gradients run on layouts a
-  # first attempt at typing the ops' results broke (3-D activations split on two axes; row-
-  # parallel, unaligned-column and expert-split weights), with the unsharded values.
+  # Explicit mesh axes (sharding in types): the layers and their gradients run on layouts that
+  # typing the ops' results alone broke (3-D activations split on two axes, whose typed rows
+  # JAX cannot split back by itself; row-parallel, unaligned-column and expert-split weights,
+  # whose cotangents came out typed unlike the primals), with the unsharded values.
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
   import jax_deepgemm as jd
@@ -446,11 +440,10 @@ def case_explicit_axes(partitioner):
       (jax.grad(loss, (0, 1)), (randn(1024, 512), randn(512, 256)), (P("x"), P("y"))),
       (jax.grad(loss, (0, 1)), (randn(1024, 256), randn(256, 256)), (P("x"), P(None, "y"))),
       (jax.grad(gloss, (0, 1)), (randn(1024, 256), randn(4, 256, 256)), (P("x"), P("y"))),
+      (jd.fp8_linear, (randn(4, 256, 256), randn(256, 512)), (P("x", "y"), P())),
+      (jax.vmap(lambda x, w: jd.fp8_linear(x, w)), (randn(4, 256, 256), randn(4, 256, 128)),
+       (P("x", "y"), P("x"))),
   ]
-  if partitioner == "shardy":
-    # (Under GSPMD, deprecated, JAX cannot name the sharding GSPMD gives this result on an
-    # Explicit mesh: IndivisibleError, as at session 30's code.)
-    cases.append((jd.fp8_linear, (randn(4, 256, 256), randn(256, 512)), (P("x", "y"), P())))
   for fn, args, specs in cases:
     want = jax.jit(fn)(*args)
     with jax.set_mesh(mesh):
@@ -461,18 +454,39 @@ def case_explicit_axes(partitioner):
 
 
 def case_explicit_types(partitioner):
-  # The limitation: typed replicated, fp8_linear's result makes the matmul after it gather.
+  # Each op's result is typed as its partitioning shards it (rows split: the GEMM's result too),
+  # so a matmul after fp8_linear stays local (typed replicated, it all-gathered its operand);
+  # the gradients are typed as their primals.
+  import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
   import jax_deepgemm as jd
   _setup(partitioner)
   jax, mesh, randn = _explicit_mesh_and_data()
   x, w, w2 = randn(1024, 256), randn(256, 384), randn(384, 64)
+  tokens = P(("x", "y"), None)
+  net = jax.jit(lambda x, w, w2: jd.fp8_linear(x, w) @ w2)
+  step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w)), (0, 1)))
+  want, want_step = net(x, w, w2), step(x, w)
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x, P(("x", "y")))
+    xs = jax.device_put(x, tokens)
     ws, w2s = jax.device_put(w, P()), jax.device_put(w2, P())
-    net = jax.jit(lambda x, w, w2: jd.fp8_linear(x, w) @ w2)
+    a, sa = jd.per_token_cast_to_fp8(xs)
+    bt, sbt = jd.per_block_cast_to_fp8(ws, transpose=True)
+    for fn, args, specs in ((jd.per_token_cast_to_fp8, (xs,), (tokens, tokens)),
+                            (jd.fp8_gemm_nt, (a, sa, bt, sbt), (tokens,)),
+                            (net, (xs, ws, w2s), (tokens,)),
+                            (step, (xs, ws), (P(), tokens, P(None, None)))):
+      got = [t.sharding.spec for t in jax.tree.leaves(jax.eval_shape(fn, *args))]
+      pad = lambda p, n: tuple(p) + (None,) * (n - len(p))
+      assert [pad(g, len(s)) for g, s in zip(got, specs)] == [tuple(s) for s in specs], (got, specs)
     counts = multidevice.collectives(net.lower(xs, ws, w2s).compile().as_text())
-  assert sum(counts.values()) == 0, counts
+    assert sum(counts.values()) == 0, counts
+    got = net(xs, ws, w2s)
+    got_step = step(xs, ws)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  for g, w_ in zip(jax.tree.leaves(got_step), jax.tree.leaves(want_step)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-5,
+                               atol=3e-5 * float(np.abs(np.asarray(w_)).max()))
 
 
 def case_unaligned_falls_back_to_gather(partitioner):

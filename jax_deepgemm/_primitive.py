@@ -98,23 +98,46 @@ def explicit_spec(aval):
   return PartitionSpec(*s.spec, *(None,) * (len(aval.shape) - len(s.spec)))
 
 
+def _axes(entry):
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
 def unfold(y, shape, lead):
-  """``y [R, N]`` reshaped to ``shape`` (``[..., N]``, R the product of its leading sizes),
-  typed on Explicit axes as ``lead``'s leading dimensions (whose rows were folded into R)
-  and ``y``'s last: JAX cannot split a dimension typed over two axes by itself."""
-  ls, ys = explicit_spec(jax.typeof(lead)), explicit_spec(jax.typeof(y))
-  if ls is None and ys is None:
+  """``y [R, N]`` reshaped to ``shape`` (``[..., N]``, R the product of its leading sizes).
+
+  On Explicit mesh axes JAX cannot split a row dimension typed over several axes by itself:
+  the leading dimensions take ``lead``'s types (whose rows were folded into R) where ``y``'s
+  rows are split as their merge, else (rows gathered by the op) none; the last keeps ``y``'s.
+  """
+  ys = explicit_spec(jax.typeof(y))
+  if ys is None:
     return y.reshape(shape)
-  ls = ls or PartitionSpec(*(None,) * len(lead.shape))
-  last = ys[-1] if ys is not None else None
-  return jnp.reshape(y, shape, out_sharding=PartitionSpec(*ls[:len(shape) - 1], last))
+  ls = explicit_spec(jax.typeof(lead))
+  leading = (None,) * (len(shape) - 1)
+  if ls is not None and sum(map(_axes, ls[:len(shape) - 1]), ()) == _axes(ys[0]):
+    leading = tuple(ls[:len(shape) - 1])
+  mesh = jax.typeof(y).sharding.mesh
+  return jnp.reshape(y, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*leading, ys[-1])))
 
 
-def retype(x, like):
-  """``x`` resharded to ``like``'s type where that is sharded over Explicit axes (a
-  cotangent to its primal's type, as custom_vjp requires); ``x`` elsewhere."""
-  spec = explicit_spec(like)
-  return x if spec is None else jax.sharding.reshard(x, spec)
+def primal_types(*primals):
+  """The primals' shardings where one of them is typed over Explicit mesh axes (replicated
+  ones as such), else Nones: static, for a custom_vjp backward to give its cotangents the
+  primals' types (the ops type their results as their partitioning shards them)."""
+  avals = [None if p is None else jax.typeof(p) for p in primals]
+  mesh = next((a.sharding.mesh for a in avals if a is not None and explicit_spec(a) is not None),
+              None)
+  if mesh is None:
+    return (None,) * len(primals)
+  return tuple(None if a is None else
+               NamedSharding(mesh, explicit_spec(a) or PartitionSpec(*(None,) * a.ndim))
+               for a in avals)
+
+
+def retyped(cotangents, types):
+  """``cotangents`` resharded to ``types`` (``primal_types``) where those are given."""
+  return tuple(c if c is None or t is None else jax.sharding.reshard(c, t)
+               for c, t in zip(cotangents, types))
 
 
 def batch_size(args, dims) -> int:
@@ -128,6 +151,15 @@ def at_front(x, d, size):
   return jnp.moveaxis(x, d, 0)
 
 
+def _unsplit_front(x):
+  """``x`` with its leading dimension not split over Explicit mesh axes (lax.map scans it)."""
+  spec = explicit_spec(jax.typeof(x))
+  if spec is None or spec[0] is None:
+    return x
+  mesh = jax.typeof(x).sharding.mesh
+  return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(None, *spec[1:])))
+
+
 def map_rule(prim: Primitive, batch_size: int | None = None):
   """A batching rule correct for any combination of batched operands: a loop over the batch.
 
@@ -136,7 +168,7 @@ def map_rule(prim: Primitive, batch_size: int | None = None):
   (through the op's own rule, which then sees a batch of at most ``batch_size``).
   """
   def rule(args, dims, **params):
-    mapped = [jnp.moveaxis(x, d, 0) for x, d in zip(args, dims) if d is not None]
+    mapped = [_unsplit_front(jnp.moveaxis(x, d, 0)) for x, d in zip(args, dims) if d is not None]
 
     def one(xs):
       # Unbatched operands (weights, typically) pass through: never copied per element.

@@ -65,18 +65,6 @@ def _check_float(op, name, x):
     raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
 
 
-def _types(*primals):
-  """The primals' PartitionSpecs on Explicit mesh axes (None each elsewhere), static for the
-  backward: custom_vjp wants cotangents of the primals' types, and the ops type their results
-  as their partitioning shards them (a dw all-reduced over tokens comes out replicated)."""
-  return tuple(None if p is None else _primitive.explicit_spec(jax.typeof(p)) for p in primals)
-
-
-def _retyped(cotangents, types):
-  return tuple(c if c is None or t is None else jax.sharding.reshard(c, t)
-               for c, t in zip(cotangents, types))
-
-
 # ----------------------------------------------------------------------------- dense
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _linear(x2, w, bias, types):
@@ -125,7 +113,7 @@ def _linear_bwd(types, res, dy):
                                         out_dtype=_gemm_dtype(w_like.dtype))
   dw = dw[0].astype(w_like.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return _retyped((dx, dw, db), types)
+  return _primitive.retyped((dx, dw, db), types)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
@@ -156,7 +144,7 @@ def fp8_linear(x, w, bias=None):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
   x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (K may be 0)
-  y = _linear(x2, w, bias, _types(x2, w, bias))
+  y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias))
   y = checkpoint_name(y, OUT)
   return _primitive.unfold(y, x.shape[:-1] + (w.shape[1],), x)
 
@@ -198,7 +186,7 @@ def _grouped_bwd(types, res, dy):
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return _retyped((dx, dw.astype(w_like.dtype)), types) + (None,)
+  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None,)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -227,4 +215,4 @@ def fp8_grouped_linear(x, w, group_sizes):
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
-  return checkpoint_name(_grouped(x, w, group_sizes, _types(x, w)), OUT)
+  return checkpoint_name(_grouped(x, w, group_sizes, _primitive.primal_types(x, w)), OUT)

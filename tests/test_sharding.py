@@ -426,7 +426,7 @@ def case_explicit_axes(partitioner):
   # JAX cannot split back by itself; row-parallel, unaligned-column and expert-split weights,
   # whose cotangents came out typed unlike the primals), with the unsharded values.
   import jax.numpy as jnp
-  from jax.sharding import PartitionSpec as P
+  from jax.sharding import NamedSharding, PartitionSpec as P
   import jax_deepgemm as jd
   _setup(partitioner)
   jax, mesh, randn = _explicit_mesh_and_data()
@@ -443,11 +443,22 @@ def case_explicit_axes(partitioner):
       (jd.fp8_linear, (randn(4, 256, 256), randn(256, 512)), (P("x", "y"), P())),
       (jax.vmap(lambda x, w: jd.fp8_linear(x, w)), (randn(4, 256, 256), randn(4, 256, 128)),
        (P("x", "y"), P("x"))),
+      # A replicated x with a split weight (its cotangent typed replicated too); rows the
+      # token-axis cast gathers (256 over 8 is not whole 128-blocks) with N split; vmap
+      # under grad with the batch split (the K-grouped op's map over it).
+      (jax.grad(loss, (0, 1)), (randn(1024, 256), randn(256, 256)), (P(), P("x"))),
+      (jax.grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w) * ct[:256]), (0, 1)),
+       (randn(256, 256), randn(256, 256)), (P(("x", "y")), P(None, "x"))),
+      (jax.grad(lambda x, w: jnp.sum(jax.vmap(jd.fp8_linear, (0, None))(x, w)), (0, 1)),
+       (randn(4, 64, 256), randn(256, 256)), (P("x"), P())),
   ]
-  for fn, args, specs in cases:
+  for i, (fn, args, specs) in enumerate(cases):
     want = jax.jit(fn)(*args)
-    with jax.set_mesh(mesh):
-      got = jax.jit(fn)(*[jax.device_put(a, s) for a, s in zip(args, specs)])
+    if i % 2:  # arrays placed on the mesh, no mesh context
+      got = jax.jit(fn)(*[jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)])
+    else:
+      with jax.set_mesh(mesh):
+        got = jax.jit(fn)(*[jax.device_put(a, s) for a, s in zip(args, specs)])
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
                                  atol=3e-5 * float(np.abs(np.asarray(w)).max()))

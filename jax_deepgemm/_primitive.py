@@ -85,6 +85,10 @@ def _with_vma(abstract_eval):
   return rule
 
 
+def _axes(entry):
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
 def explicit_spec(aval):
   """``aval``'s PartitionSpec (one entry per dimension) when its type is sharded over an
   Explicit mesh axis (``jax.sharding.AxisType.Explicit``), else None."""
@@ -92,14 +96,9 @@ def explicit_spec(aval):
   if not isinstance(s, NamedSharding):
     return None
   explicit = {n for n, t in zip(s.mesh.axis_names, s.mesh.axis_types) if t == AxisType.Explicit}
-  used = {ax for e in s.spec if e is not None for ax in (e if isinstance(e, tuple) else (e,))}
-  if not used & explicit:
+  if not {ax for e in s.spec for ax in _axes(e)} & explicit:
     return None
   return PartitionSpec(*s.spec, *(None,) * (len(aval.shape) - len(s.spec)))
-
-
-def _axes(entry):
-  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def unfold(y, shape, lead):

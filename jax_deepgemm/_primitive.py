@@ -85,7 +85,8 @@ def _with_vma(abstract_eval):
   return rule
 
 
-def _axes(entry):
+def spec_axes(entry):
+  """The mesh axes one PartitionSpec entry names, as a tuple (None: ())."""
   return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
@@ -96,7 +97,7 @@ def explicit_spec(aval):
   if not isinstance(s, NamedSharding):
     return None
   explicit = {n for n, t in zip(s.mesh.axis_names, s.mesh.axis_types) if t == AxisType.Explicit}
-  if not {ax for e in s.spec for ax in _axes(e)} & explicit:
+  if not {ax for e in s.spec for ax in spec_axes(e)} & explicit:
     return None
   return PartitionSpec(*s.spec, *(None,) * (len(aval.shape) - len(s.spec)))
 
@@ -113,7 +114,7 @@ def unfold(y, shape, lead):
     return y.reshape(shape)
   ls = explicit_spec(jax.typeof(lead))
   leading = (None,) * (len(shape) - 1)
-  if ls is not None and sum(map(_axes, ls[:len(shape) - 1]), ()) == _axes(ys[0]):
+  if ls is not None and sum(map(spec_axes, ls[:len(shape) - 1]), ()) == spec_axes(ys[0]):
     leading = tuple(ls[:len(shape) - 1])
   mesh = jax.typeof(y).sharding.mesh
   return jnp.reshape(y, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*leading, ys[-1])))

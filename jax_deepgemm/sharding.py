@@ -91,7 +91,7 @@ def _dims(mesh, shape):
     except (KeyError, ValueError, NotImplementedError, StopIteration):
       return [()] * ndim
   spec += (None,) * (ndim - len(spec))
-  return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,) for e in spec]
+  return [_primitive.spec_axes(e) for e in spec]
 
 
 def _size(mesh, axes):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,39 @@ def explicit_spec(aval):
   if not {ax for e in s.spec for ax in spec_axes(e)} & explicit:
     return None
   return PartitionSpec(*s.spec, *(None,) * (len(aval.shape) - len(s.spec)))
+
+
+def split_first(x, lead_dims):
+  """The order of ``x``'s first ``lead_dims`` dimensions that puts the ones split over
+  Explicit mesh axes first, or None when they already are (or nothing is explicit).
+
+  JAX merges leading dimensions on Explicit axes only in that order: folding ``[B, S@x, K]``
+  into rows is refused, ``[S@x, B, K]`` is not. Moving them is a local transpose.
+  """
+  spec = explicit_spec(jax.typeof(x))
+  if spec is None:
+    return None
+  dims = range(lead_dims)
+  order = [d for d in dims if spec[d] is not None] + [d for d in dims if spec[d] is None]
+  return None if order == sorted(order) else order
+
+
+def fold(x, order=None):
+  """``x [..., K]`` as rows ``[R, K]``, its leading dimensions first put in ``order``."""
+  if order is not None:
+    x = jnp.transpose(x, (*order, *range(len(order), x.ndim)))
+  return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (K may be 0)
+
+
+def unfold_like(y, lead, order=None):
+  """``y [R, N]`` (rows folded from ``lead``'s leading dimensions by ``fold(lead, order)``)
+  reshaped to ``lead``'s leading shape + ``[N]``, with ``lead``'s types there where possible."""
+  if order is None:
+    return unfold(y, lead.shape[:-1] + y.shape[-1:], lead)
+  moved = jnp.transpose(lead, (*order, lead.ndim - 1))
+  y = unfold(y, moved.shape[:-1] + y.shape[-1:], moved)
+  back = sorted(range(len(order)), key=order.__getitem__)
+  return jnp.transpose(y, (*back, len(order)))
 
 
 def unfold(y, shape, lead):

@@ -100,15 +100,15 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
   da, dsa, db, dsb, dbias, dc = _split(dims, has_bias, has_c)
   size = _primitive.batch_size(args, dims)
   if db is None and dsb is None and dbias is None:
-    # Only activations batched: fold the batch into M, one bigger GEMM.
-    def fold(x, d):
-      y = _primitive.at_front(x, d, size)
-      return y.reshape(y.shape[0] * y.shape[1], y.shape[2])
+    # Only activations batched: fold the batch into M, one bigger GEMM (a's order of the
+    # two for every operand, so their rows stay matched).
+    a3 = _primitive.at_front(a, da, size)
+    order = _primitive.split_first(a3, 2)
+    fold = lambda x, d: _primitive.fold(_primitive.at_front(x, d, size), order)
     a2, sa2 = fold(a, da), fold(sa, dsa)
     c2 = None if c is None else fold(c, dc)
-    m = a.shape[1] if da == 0 else a.shape[0]  # a is [M, K] with the batch axis somewhere
     out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
-    return _primitive.unfold(out, (size, m, out.shape[-1]), _primitive.at_front(a, da, size)), 0
+    return _primitive.unfold_like(out, a3, order), 0
   if not has_bias and not has_c:
     # Batched weights: one M-grouped GEMM with a group per batch element, in chunks of
     # as many groups as the kernel's group table holds.

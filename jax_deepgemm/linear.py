@@ -11,7 +11,6 @@ on H100/H200, the pure-JAX references elsewhere).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -143,10 +142,11 @@ def fp8_linear(x, w, bias=None):
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
   x, w, bias = _match_vma(x, w, bias)
-  x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (K may be 0)
+  order = _primitive.split_first(x, x.ndim - 1)
+  x2 = _primitive.fold(x, order)
   y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias))
   y = checkpoint_name(y, OUT)
-  return _primitive.unfold(y, x.shape[:-1] + (w.shape[1],), x)
+  return _primitive.unfold_like(y, x, order)
 
 
 # ----------------------------------------------------------------------------- grouped

@@ -46,8 +46,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_deepgemm import expert_parallel
+from jax_deepgemm import _primitive, expert_parallel
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
 from jax_deepgemm.quant import is_wide_float
 
@@ -252,15 +253,26 @@ class MoE(nnx.Module):
       raise TypeError(f"MoE: x must be bf16, f16 or f32, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != self.hidden:
       raise ValueError(f"MoE: x must be [..., {self.hidden}], got {x.shape}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, self.hidden)
+    spec = _primitive.explicit_spec(jax.typeof(x))
+    gathered = self.mesh is None and spec is not None and any(spec[:-1])
+    if gathered:
+      # Tokens split over Explicit mesh axes: the routing sort runs over all of them, so they
+      # are gathered here (in order: the result is the unsharded layer's) and split again at
+      # the end. mesh= runs the layer expert-parallel instead.
+      x_types = jax.typeof(x).sharding
+      x = jax.sharding.reshard(x, NamedSharding(x_types.mesh, P(*(None,) * (x.ndim - 1),
+                                                                spec[-1])))
+    fold = _primitive.split_first(x, x.ndim - 1)  # (x's split dimensions first, see fold)
+    x2 = _primitive.fold(x, fold)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
     if self.mesh is not None:
       names = ["router", "w_gate", "w_up", "w_down"]
       names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
       params = {n: getattr(self, n)[...] for n in names}
       y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis)
-      return y.reshape(lead + (self.hidden,)), aux
+      if spec is None:  # (y's rows are typed by the shard_map: JAX unfolds them itself)
+        return y.reshape(x.shape[:-1] + y.shape[-1:]), aux
+      return _primitive.unfold_like(y, x, fold), aux
 
     probs, ids, weights = self._route(x2)
 
@@ -292,4 +304,7 @@ class MoE(nnx.Module):
     p = jnp.sum(probs, axis=0) / max(t, 1)
     aux = self.aux_loss_coef * e * jnp.sum(f * p)
 
-    return y.astype(x.dtype).reshape(lead + (self.hidden,)), aux.astype(jnp.float32)
+    y = _primitive.unfold_like(y.astype(x.dtype), x, fold)
+    if gathered:
+      y = jax.sharding.reshard(y, NamedSharding(x_types.mesh, P(*spec[:-1], None)))
+    return y, aux.astype(jnp.float32)

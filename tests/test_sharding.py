@@ -15,7 +15,7 @@ import multidevice
 PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
          "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather",
-         "case_explicit_axes", "case_explicit_types"]
+         "case_explicit_axes", "case_explicit_types", "case_explicit_moe"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
@@ -511,6 +511,36 @@ def case_explicit_types(partitioner):
   for g, w_ in zip(jax.tree.leaves(got_step), jax.tree.leaves(want_step)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-5,
                                atol=3e-5 * float(np.abs(np.asarray(w_)).max()))
+
+
+def case_explicit_moe(partitioner):
+  # The flax MoE layer without mesh= on tokens split over Explicit axes (its routing sort
+  # refused them; [B, S@x, H] could not fold): the unsharded values and gradients, and y
+  # typed as x.
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+  from jax_deepgemm.flax import MoE
+  _setup(partitioner)
+  jax, mesh, randn = _explicit_mesh_and_data()
+  layer = MoE(256, 128, 4, 2, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  layer.router[...] = randn(256, 4) * 10  # far from routing ties
+  x, r = randn(2, 256, 256), randn(2, 256, 256)
+
+  def loss(m, x):
+    y, aux = m(x)
+    return jnp.sum(y * r) + aux, y
+  step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (_, want), (want_gm, want_gx) = step(layer, x)
+  for spec in (P("x"), P(None, "x"), P("x", "y")):
+    with jax.set_mesh(mesh):
+      xs = jax.device_put(x, spec)
+      (_, y), (gm, gx) = step(layer, xs)
+    assert tuple(y.sharding.spec) == tuple(spec) + (None,) * (3 - len(spec)), (spec, y.sharding)
+    for g, w in zip(jax.tree.leaves((y, gx, nnx.to_pure_dict(gm))),
+                    jax.tree.leaves((want, want_gx, nnx.to_pure_dict(want_gm)))):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                 atol=3e-5 * float(np.abs(np.asarray(w)).max()), err_msg=str(spec))
 
 
 def case_unaligned_falls_back_to_gather(partitioner):

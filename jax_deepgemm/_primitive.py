@@ -148,9 +148,16 @@ def unfold(y, shape, lead):
     return y.reshape(shape)
   ls = explicit_spec(jax.typeof(lead))
   leading = (None,) * (len(shape) - 1)
-  if ls is not None and sum(map(spec_axes, ls[:len(shape) - 1]), ()) == spec_axes(ys[0]):
-    leading = tuple(ls[:len(shape) - 1])
   mesh = jax.typeof(y).sharding.mesh
+  if ls is not None:
+    merged = sum(map(spec_axes, ls[:len(shape) - 1]), ())
+    if merged and merged != spec_axes(ys[0]) and not set(merged) & set(spec_axes(ys[-1])):
+      # Rows split otherwise than lead's (gathered by the op, or split over more axes, as
+      # by a shard_map over the whole mesh): split as lead's merge first, then unfolded.
+      y = jax.sharding.reshard(y, NamedSharding(mesh, PartitionSpec(merged, ys[-1])))
+      ys = explicit_spec(jax.typeof(y))
+    if merged == spec_axes(ys[0]):
+      leading = tuple(ls[:len(shape) - 1])
   return jnp.reshape(y, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*leading, ys[-1])))
 
 

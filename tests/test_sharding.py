@@ -541,6 +541,18 @@ def case_explicit_moe(partitioner):
                     jax.tree.leaves((want, want_gx, nnx.to_pure_dict(want_gm)))):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
                                  atol=3e-5 * float(np.abs(np.asarray(w)).max()), err_msg=str(spec))
+  # Expert-parallel (mesh=): its shard_map splits the tokens over the whole mesh; y comes back
+  # typed as x (it came back with rows replicated for x split over one axis).
+  par = MoE(256, 128, 4, 2, rngs=nnx.Rngs(0), dtype=jnp.float32, mesh=mesh, expert_axis="y")
+  par.router[...] = layer.router[...]
+  forward = nnx.jit(lambda m, x: m(x)[0])
+  want = forward(par, x)
+  for spec in (P("x"), P(None, "x")):
+    with jax.set_mesh(mesh):
+      y = forward(par, jax.device_put(x, spec))
+    assert tuple(y.sharding.spec) == tuple(spec) + (None,) * (3 - len(spec)), (spec, y.sharding)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5,
+                               atol=3e-5 * float(np.abs(np.asarray(want)).max()), err_msg=str(spec))
 
 
 def case_unaligned_falls_back_to_gather(partitioner):

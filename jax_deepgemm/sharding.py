@@ -88,7 +88,9 @@ def _dims(mesh, shape):
   else:
     try:
       spec = tuple(parse_flatten_op_sharding(s._to_xla_hlo_sharding(ndim), mesh)[0])
-    except (KeyError, ValueError, NotImplementedError, StopIteration):
+    except (KeyError, ValueError, NotImplementedError, StopIteration, AssertionError):
+      # (AssertionError: JAX's decoder asserts where a sub-axis split does not factor into
+      # the mesh's axes, e.g. K over "x" in x and over "y" in w, the cast seeing both.)
       return [()] * ndim
   spec += (None,) * (ndim - len(spec))
   return [_primitive.spec_axes(e) for e in spec]

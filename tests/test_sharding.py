@@ -457,6 +457,10 @@ def case_explicit_axes(partitioner):
       (jd.fp8_linear, (randn(2, 4, 128, 256), randn(256, 256)), (P(None, "x", "y"), P())),
       (jax.grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w) * ct.reshape(2, 512, 256))),
        (randn(2, 512, 256), randn(256, 256)), (P(None, "x"), P())),
+      # K split over "x" in x and over "y" in w (the casts saw a sharding JAX cannot decode).
+      (jax.grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w) * ct[:256]), (0, 1)),
+       (randn(256, 256), randn(256, 256)), (P(None, "x"), P("y"))),
+      (jd.fp8_linear, (randn(256, 256), randn(256, 256)), (P("x", "y"), P("x"))),
       (jax.vmap(lambda x, w: jd.fp8_gemm_nt(*jd.per_token_cast_to_fp8(x),
                                             *jd.per_block_cast_to_fp8(w, transpose=True)),
                 (1, None)), (randn(512, 2, 256), randn(256, 128)), (P("x"), P())),

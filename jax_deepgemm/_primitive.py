@@ -128,10 +128,12 @@ def fold(x, order=None):
 def unfold_like(y, lead, order=None):
   """``y [R, N]`` (rows folded from ``lead``'s leading dimensions by ``fold(lead, order)``)
   reshaped to ``lead``'s leading shape + ``[N]``, with ``lead``'s types there where possible."""
+  ls = explicit_spec(jax.typeof(lead))
   if order is None:
-    return unfold(y, lead.shape[:-1] + y.shape[-1:], lead)
-  moved = jnp.transpose(lead, (*order, lead.ndim - 1))
-  y = unfold(y, moved.shape[:-1] + y.shape[-1:], moved)
+    return _unfold(y, lead.shape[:-1] + y.shape[-1:], ls)
+  # (lead's types in the folded order, without transposing lead itself)
+  ls = None if ls is None else PartitionSpec(*(ls[d] for d in order), ls[-1])
+  y = _unfold(y, tuple(lead.shape[d] for d in order) + y.shape[-1:], ls)
   back = sorted(range(len(order)), key=order.__getitem__)
   return jnp.transpose(y, (*back, len(order)))
 
@@ -140,13 +142,18 @@ def unfold(y, shape, lead):
   """``y [R, N]`` reshaped to ``shape`` (``[..., N]``, R the product of its leading sizes).
 
   On Explicit mesh axes JAX cannot split a row dimension typed over several axes by itself:
-  the leading dimensions take ``lead``'s types (whose rows were folded into R) where ``y``'s
-  rows are split as their merge, else (rows gathered by the op) none; the last keeps ``y``'s.
+  the leading dimensions take ``lead``'s types (whose rows were folded into R), ``y``'s rows
+  first resharded to their merge where split otherwise; else (that merge would name an axis
+  ``y``'s last dimension is split over) none. The last dimension keeps ``y``'s type.
   """
+  return _unfold(y, shape, explicit_spec(jax.typeof(lead)))
+
+
+def _unfold(y, shape, ls):
+  """``unfold`` with the leading types given as ``ls`` (lead's explicit_spec)."""
   ys = explicit_spec(jax.typeof(y))
   if ys is None:
     return y.reshape(shape)
-  ls = explicit_spec(jax.typeof(lead))
   leading = (None,) * (len(shape) - 1)
   mesh = jax.typeof(y).sharding.mesh
   if ls is not None:

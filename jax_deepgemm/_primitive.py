@@ -118,6 +118,33 @@ def split_first(x, lead_dims):
   return None if order == sorted(order) else order
 
 
+def in_order(x, lead_dims):
+  """``x`` with its first ``lead_dims`` dimensions foldable in their own order on Explicit
+  axes: those split after an unsplit one are gathered (for folds whose row order matters,
+  e.g. a group per batch element; ``keep_types`` splits the result again)."""
+  spec = explicit_spec(jax.typeof(x))
+  if spec is None or split_first(x, lead_dims) is None:
+    return x
+  first = next(d for d in range(lead_dims) if spec[d] is None)
+  spec = [None if first <= d < lead_dims else e for d, e in enumerate(spec)]
+  return jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*spec)))
+
+
+def keep_types(y, like):
+  """``y`` resharded to ``like``'s leading types (y ``[..., N]``, like ``[..., K]``) where
+  they differ and that names no axis y's last dimension is split over."""
+  ls, yt = explicit_spec(jax.typeof(like)), jax.typeof(y)
+  if ls is None or not isinstance(yt.sharding, NamedSharding):
+    return y
+  ys = tuple(yt.sharding.spec) + (None,) * (y.ndim - len(yt.sharding.spec))
+  if tuple(ls[:-1]) == ys[:-1]:
+    return y
+  if {a for e in ls[:-1] for a in spec_axes(e)} & set(spec_axes(ys[-1])):
+    return y
+  mesh = jax.typeof(like).sharding.mesh  # (a replicated y's may name no axes)
+  return jax.sharding.reshard(y, NamedSharding(mesh, PartitionSpec(*ls[:-1], ys[-1])))
+
+
 def fold(x, order=None):
   """``x [..., K]`` as rows ``[R, K]``, its leading dimensions first put in ``order``."""
   if order is not None:

@@ -118,11 +118,13 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
       return _primitive.map_rule(fp8_gemm_nt_p, batch_size=MAX_KERNEL_GROUPS)(
           args, dims, out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)
     a3, sa3, b3, sb3 = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
+    # (Rows in batch order, a group each: a split M after an unsplit batch is gathered.)
+    a3i, sa3i = _primitive.in_order(a3, 2), _primitive.in_order(sa3, 2)
     m = a3.shape[1]
     out = m_grouped_fp8_gemm_nt_contiguous(
-        a3.reshape(size * m, a3.shape[2]), sa3.reshape(size * m, sa3.shape[2]), b3, sb3,
-        jnp.full((size,), m, jnp.int32), out_dtype=out_dtype)
-    return _primitive.unfold(out, (size, m, b3.shape[1]), a3), 0
+        _primitive.fold(a3i), _primitive.fold(sa3i), b3, sb3, jnp.full((size,), m, jnp.int32),
+        out_dtype=out_dtype)
+    return _primitive.keep_types(_primitive.unfold(out, (size, m, b3.shape[1]), a3i), a3), 0
   return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
                                             has_bias=has_bias, has_c=has_c)
 

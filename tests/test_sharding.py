@@ -461,6 +461,8 @@ def case_explicit_axes(partitioner):
       (jax.grad(lambda x, w: jnp.sum(jd.fp8_linear(x, w) * ct[:256]), (0, 1)),
        (randn(256, 256), randn(256, 256)), (P(None, "x"), P("y"))),
       (jd.fp8_linear, (randn(256, 256), randn(256, 256)), (P("x", "y"), P("x"))),
+      # Batched weights (a group per batch element) with rows split after the batch.
+      (jax.vmap(jd.fp8_linear), (randn(4, 256, 256), randn(4, 256, 128)), (P(None, "x"), P())),
       (jax.vmap(lambda x, w: jd.fp8_gemm_nt(*jd.per_token_cast_to_fp8(x),
                                             *jd.per_block_cast_to_fp8(w, transpose=True)),
                 (1, None)), (randn(512, 2, 256), randn(256, 128)), (P("x"), P())),
@@ -479,6 +481,10 @@ def case_explicit_axes(partitioner):
     x = jax.device_put(randn(2, 4, 128, 256), P(None, "x", "y"))
     y = jax.eval_shape(jd.fp8_linear, x, jax.device_put(randn(256, 256), P()))
   assert tuple(y.sharding.spec) == (None, "x", "y", None), y.sharding
+  with jax.set_mesh(mesh):
+    x = jax.device_put(randn(4, 256, 256), P(None, "x"))
+    y = jax.eval_shape(jax.vmap(jd.fp8_linear), x, jax.device_put(randn(4, 256, 128), P()))
+  assert tuple(y.sharding.spec) == (None, "x", None), y.sharding
 
 
 def case_explicit_types(partitioner):

@@ -165,33 +165,28 @@ def unfold_like(y, lead, order=None):
   return jnp.transpose(y, (*back, len(order)))
 
 
-def unfold(y, shape, lead):
+def _unfold(y, shape, ls):
   """``y [R, N]`` reshaped to ``shape`` (``[..., N]``, R the product of its leading sizes).
 
   On Explicit mesh axes JAX cannot split a row dimension typed over several axes by itself:
-  the leading dimensions take ``lead``'s types (whose rows were folded into R), ``y``'s rows
-  first resharded to their merge where split otherwise; else (that merge would name an axis
-  ``y``'s last dimension is split over) none. The last dimension keeps ``y``'s type.
+  the leading dimensions take the types ``ls`` (the explicit_spec of what was folded into R;
+  None: untyped, JAX infers them), ``y``'s rows first resharded to their merge where split
+  otherwise; else (that merge would name an axis ``y``'s last dimension is split over) none.
+  The last dimension keeps ``y``'s type.
   """
-  return _unfold(y, shape, explicit_spec(jax.typeof(lead)))
-
-
-def _unfold(y, shape, ls):
-  """``unfold`` with the leading types given as ``ls`` (lead's explicit_spec)."""
   ys = explicit_spec(jax.typeof(y))
-  if ys is None:
+  if ys is None or ls is None:
     return y.reshape(shape)
   leading = (None,) * (len(shape) - 1)
   mesh = jax.typeof(y).sharding.mesh
-  if ls is not None:
-    merged = sum(map(spec_axes, ls[:len(shape) - 1]), ())
-    if merged and merged != spec_axes(ys[0]) and not set(merged) & set(spec_axes(ys[-1])):
-      # Rows split otherwise than lead's (gathered by the op, or split over more axes, as
-      # by a shard_map over the whole mesh): split as lead's merge first, then unfolded.
-      y = jax.sharding.reshard(y, NamedSharding(mesh, PartitionSpec(merged, ys[-1])))
-      ys = explicit_spec(jax.typeof(y))
-    if merged == spec_axes(ys[0]):
-      leading = tuple(ls[:len(shape) - 1])
+  merged = sum(map(spec_axes, ls[:len(shape) - 1]), ())
+  if merged and merged != spec_axes(ys[0]) and not set(merged) & set(spec_axes(ys[-1])):
+    # Rows split otherwise than lead's (gathered by the op, or split over more axes, as by a
+    # shard_map over the whole mesh): split as lead's merge first, then unfolded.
+    y = jax.sharding.reshard(y, NamedSharding(mesh, PartitionSpec(merged, ys[-1])))
+    ys = explicit_spec(jax.typeof(y))
+  if merged == spec_axes(ys[0]):
+    leading = tuple(ls[:len(shape) - 1])
   return jnp.reshape(y, shape, out_sharding=NamedSharding(mesh, PartitionSpec(*leading, ys[-1])))
 
 

@@ -253,15 +253,13 @@ class MoE(nnx.Module):
       raise TypeError(f"MoE: x must be bf16, f16 or f32, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != self.hidden:
       raise ValueError(f"MoE: x must be [..., {self.hidden}], got {x.shape}")
-    spec = _primitive.explicit_spec(jax.typeof(x))
-    gathered = self.mesh is None and spec is not None and any(spec[:-1])
-    if gathered:
+    x_in, spec = x, _primitive.explicit_spec(jax.typeof(x))
+    if self.mesh is None and spec is not None and any(spec[:-1]):
       # Tokens split over Explicit mesh axes: the routing sort runs over all of them, so they
       # are gathered here (in order: the result is the unsharded layer's) and split again at
-      # the end. mesh= runs the layer expert-parallel instead.
-      x_types = jax.typeof(x).sharding
-      x = jax.sharding.reshard(x, NamedSharding(x_types.mesh, P(*(None,) * (x.ndim - 1),
-                                                                spec[-1])))
+      # the end (keep_types). mesh= runs the layer expert-parallel instead.
+      x = jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh,
+                                                P(*(None,) * (x.ndim - 1), spec[-1])))
     fold = _primitive.split_first(x, x.ndim - 1)  # (x's split dimensions first, see fold)
     x2 = _primitive.fold(x, fold)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
@@ -270,8 +268,6 @@ class MoE(nnx.Module):
       names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
       params = {n: getattr(self, n)[...] for n in names}
       y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis)
-      if spec is None:  # (y's rows are typed by the shard_map: JAX unfolds them itself)
-        return y.reshape(x.shape[:-1] + y.shape[-1:]), aux
       return _primitive.unfold_like(y, x, fold), aux
 
     probs, ids, weights = self._route(x2)
@@ -304,7 +300,5 @@ class MoE(nnx.Module):
     p = jnp.sum(probs, axis=0) / max(t, 1)
     aux = self.aux_loss_coef * e * jnp.sum(f * p)
 
-    y = _primitive.unfold_like(y.astype(x.dtype), x, fold)
-    if gathered:
-      y = jax.sharding.reshard(y, NamedSharding(x_types.mesh, P(*spec[:-1], None)))
+    y = _primitive.keep_types(_primitive.unfold_like(y.astype(x.dtype), x, fold), x_in)
     return y, aux.astype(jnp.float32)

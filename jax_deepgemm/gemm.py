@@ -105,7 +105,7 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     a3 = _primitive.at_front(a, da, size)
     order = _primitive.split_first(a3, 2)
     fold = lambda x, d: _primitive.fold(_primitive.at_front(x, d, size), order)
-    a2, sa2 = fold(a, da), fold(sa, dsa)
+    a2, sa2 = _primitive.fold(a3, order), fold(sa, dsa)
     c2 = None if c is None else fold(c, dc)
     out = fp8_gemm_nt(a2, sa2, b, sb, bias=bias, c=c2, out_dtype=out_dtype)
     return _primitive.unfold_like(out, a3, order), 0
@@ -120,11 +120,11 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     a3, sa3, b3, sb3 = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
     # (Rows in batch order, a group each: a split M after an unsplit batch is gathered.)
     a3i, sa3i = _primitive.in_order(a3, 2), _primitive.in_order(sa3, 2)
-    m = a3.shape[1]
     out = m_grouped_fp8_gemm_nt_contiguous(
-        _primitive.fold(a3i), _primitive.fold(sa3i), b3, sb3, jnp.full((size,), m, jnp.int32),
+        _primitive.fold(a3i), _primitive.fold(sa3i), b3, sb3,
+        jnp.full((size,), a3.shape[1], jnp.int32),
         out_dtype=out_dtype)
-    return _primitive.keep_types(_primitive.unfold(out, (size, m, b3.shape[1]), a3i), a3), 0
+    return _primitive.keep_types(_primitive.unfold_like(out, a3i), a3), 0
   return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
                                             has_bias=has_bias, has_c=has_c)
 

@@ -214,6 +214,11 @@ def batch_size(args, dims) -> int:
   return next(x.shape[d] for x, d in zip(args, dims) if d is not None)
 
 
+def known(size) -> bool:
+  """Whether a dimension is a number (not symbolic, as under shape-polymorphic export)."""
+  return isinstance(size, int)
+
+
 def at_front(x, d, size):
   """Moves batch axis ``d`` of ``x`` to the front, broadcasting unbatched operands."""
   if d is None:

@@ -114,6 +114,10 @@ def _batching_rule(args, dims, *, out_dtype, has_bias, has_c):
     # as many groups as the kernel's group table holds.
     from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS,
                                                  m_grouped_fp8_gemm_nt_contiguous)
+    if not _primitive.known(size):
+      # A symbolic batch (shape-polymorphic export) may exceed the group table: a loop.
+      return _primitive.map_rule(fp8_gemm_nt_p)(args, dims, out_dtype=out_dtype,
+                                                has_bias=has_bias, has_c=has_c)
     if size > MAX_KERNEL_GROUPS:
       return _primitive.map_rule(fp8_gemm_nt_p, batch_size=MAX_KERNEL_GROUPS)(
           args, dims, out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)

@@ -55,7 +55,8 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
   Shared by the contiguous and masked ops (``masked_stride`` 0 or rows per group).
   """
   (m, k), (g, n, _) = a.shape, b.shape
-  if g > MAX_KERNEL_GROUPS:
+  # (A symbolic G, under shape-polymorphic export, is checked by the kernel's handler.)
+  if _primitive.known(g) and g > MAX_KERNEL_GROUPS:
     raise ValueError(f"m_grouped_fp8_gemm_nt: the Hopper kernel supports at most "
                      f"{MAX_KERNEL_GROUPS} groups, got {g}")
   if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
@@ -76,8 +77,9 @@ def _cuda(a, sa, b, sb, group_sizes, *, out_dtype):
     return _reference(a, sa, b, sb, group_sizes, out_dtype=out_dtype)
   if group_sizes.dtype != jnp.int32:  # (the public op hands over int32)
     group_sizes = clip_rows(group_sizes, m)
-  return grouped_kernel_call(a, sa, b, sb, group_sizes, masked_stride=0,
-                             expected_m=-(-m // g), out_dtype=out_dtype)
+  # (expected_m steers only the masked layout's config: the contiguous one follows M.)
+  return grouped_kernel_call(a, sa, b, sb, group_sizes, masked_stride=0, expected_m=0,
+                             out_dtype=out_dtype)
 
 
 m_grouped_contiguous_p = _primitive.define(

@@ -52,6 +52,9 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   size = _primitive.batch_size(args, dims)
   groups = args[2].shape[1 if dims[2] == 0 else 0]  # b: [G, N, K] plus the batch axis
   limit = grouped_contiguous.MAX_KERNEL_GROUPS
+  if not (_primitive.known(size) and _primitive.known(groups)):
+    # Symbolic (shape-polymorphic export): the folded groups may exceed the table; a loop.
+    return _primitive.map_rule(masked_p)(args, dims, expected_m=expected_m, out_dtype=out_dtype)
   if size * groups > limit and size > 1:
     return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
         args, dims, expected_m=expected_m, out_dtype=out_dtype)
@@ -66,6 +69,10 @@ def _cuda(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
   (g, m, k), n = a.shape, b.shape[1]
   if g == 0 or m == 0 or n == 0 or k == 0:
     return _reference(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)
+  if not _primitive.known(m):
+    # (The kernel takes the rows per group as a compile-time attribute.)
+    raise ValueError(f"{OP}: the Hopper kernel needs M_max (a's second dimension) as a "
+                     f"number, got the symbolic {m}; export with a concrete M_max")
   # The same kernel as the contiguous layout, with group g at rows [g*M_max, ...).
   out = grouped_kernel_call(a.reshape(g * m, k), sa.reshape(g * m, -1), b, sb, masked_m,
                             masked_stride=m, expected_m=expected_m, out_dtype=out_dtype)

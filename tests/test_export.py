@@ -156,5 +156,78 @@ def test_mn_major_scales_skip_the_transpose(rng, monkeypatch, m):
   assert counts["1"] == ([0, 0, 0] if m % 4 == 0 else [1, 1, 1])
 
 
+def _symbolic_cases():
+  """(name, function, argument specs with symbolic dims, expected FFI targets)."""
+  b, t, g = export.symbolic_shape("b, t, g")
+  S, e4, f32, bf = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
+  M, N, K, G = 8, 136, 256, 3
+  gemm, grouped = "jax_deepgemm_fp8_gemm_nt", "jax_deepgemm_m_grouped_fp8_gemm_nt"
+  return [
+      # Tokens: a MoE layer exported for any number of tokens (forward and backward).
+      ("grouped layer, tokens", jax.value_and_grad(_loss_grouped, argnums=(0, 1)),
+       (S((t, K), bf), S((G, K, N), bf), S((G,), jnp.int32)),
+       {grouped, "jax_deepgemm_k_grouped_fp8_gemm_tn"}),
+      ("dense layer, tokens", jax.value_and_grad(_loss_linear, argnums=(0, 1, 2)),
+       (S((t, K), bf), S((K, N), bf), S((N,), bf)), {gemm}),
+      # A batch whose size may pass the group table's: the batching rules loop.
+      ("vmap gemm, per-example weights", jax.vmap(jd.fp8_gemm_nt),
+       (S((b, M, K), e4), S((b, M, 2), f32), S((b, N, K), e4), S((b, 2, 2), f32)), {gemm}),
+      ("vmap layer, per-example weights", jax.vmap(jd.fp8_linear),
+       (S((b, M, K), bf), S((b, K, N), bf)), {gemm}),
+      ("vmap masked", jax.vmap(jd.m_grouped_fp8_gemm_nt_masked),
+       (S((b, G, M, K), e4), S((b, G, M, 2), f32), S((b, G, N, K), e4), S((b, G, 2, 2), f32),
+        S((b, G), jnp.int32)), {grouped}),
+      # Groups: the kernel's handler checks the count at run time.
+      ("masked, groups", jd.m_grouped_fp8_gemm_nt_masked,
+       (S((g, M, K), e4), S((g, M, 2), f32), S((g, N, K), e4), S((g, 2, 2), f32),
+        S((g,), jnp.int32)), {grouped}),
+  ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_symbolic_shapes_lower_to_the_kernels(monkeypatch, case):
+  # Shape-polymorphic export lowers to our kernels (the sizes they take as attributes are
+  # static, or not needed), instead of failing on a comparison of a symbolic size.
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  name, fn, specs, targets = _symbolic_cases()[case]
+  exp = export.export(jax.jit(fn), platforms=("cuda",),
+                      disabled_checks=jd.export_safety_checks())(*specs)
+  assert targets <= _targets(exp), (name, _targets(exp))
+
+
+def test_symbolic_masked_rows_need_a_number(monkeypatch):
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  m, = export.symbolic_shape("m")
+  S, e4, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
+  specs = (S((2, m, 256), e4), S((2, m, 2), f32), S((2, 128, 256), e4), S((2, 1, 2), f32),
+           S((2,), jnp.int32))
+  with pytest.raises(ValueError, match="m_grouped_fp8_gemm_nt_masked: the Hopper kernel needs M_max"):
+    export.export(jax.jit(jd.m_grouped_fp8_gemm_nt_masked), platforms=("cuda",),
+                  disabled_checks=jd.export_safety_checks())(*specs)
+
+
+@pytest.mark.parametrize("case, one", [(2, jd.fp8_gemm_nt), (3, jd.fp8_linear),
+                                       (4, jd.m_grouped_fp8_gemm_nt_masked)])
+def test_symbolic_batch_runs_as_jit(rng, case, one):
+  # On CPU (the reference lowering), the module exported for any batch computes, at a
+  # concrete one, what the unbatched function does per example.
+  _, fn, specs, _ = _symbolic_cases()[case]
+  exp = export.export(jax.jit(fn), platforms=("cpu",))(*specs)
+  args = []
+  for spec in specs:
+    shape = tuple(3 if not isinstance(d, int) else d for d in spec.shape)
+    if spec.dtype == jnp.int32:
+      args.append(jnp.asarray(rng.integers(-2, 12, shape), jnp.int32))
+    elif spec.dtype == jnp.float32:
+      args.append(jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32))
+    else:
+      args.append(randn(rng, shape, jnp.float32).astype(spec.dtype))
+  got = exp.call(*args)
+  want = jnp.stack([jax.jit(one)(*(a[i] for a in args)) for i in range(3)])
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__":
   multidevice.main(globals())

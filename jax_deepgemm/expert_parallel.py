@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jax_deepgemm import _primitive
+
 
 def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
   """A ``("data", "expert")`` mesh over ``devices`` (default: all), with automatic axes.
@@ -68,8 +70,16 @@ def check_mesh(mesh, expert_axis: str, num_experts: int):
 
 
 def shard_expert_weights(w, mesh, expert_axis):
-  """Places ``w [E, ...]`` with its experts split over ``expert_axis``."""
-  return jax.device_put(w, NamedSharding(mesh, P(expert_axis)))
+  """Places ``w [E, ...]`` with its experts split over ``expert_axis``.
+
+  Also where ``w`` is traced, e.g. a model built under ``nnx.jit`` (sharded init) or stacked
+  by ``nnx.vmap`` (the experts are then axis 1): ``device_put`` would leave it replicated there,
+  or split the stacked axis.
+  """
+  sharding = NamedSharding(mesh, P(expert_axis))
+  if mesh.axis_types[mesh.axis_names.index(expert_axis)] == AxisType.Explicit:
+    return jax.sharding.reshard(w, sharding)
+  return jax.lax.with_sharding_constraint(w, sharding)
 
 
 # ----------------------------------------------------------------------------- row gathers
@@ -119,11 +129,31 @@ def moe_forward(moe, x2, params, mesh, expert_axis):
   run = jax.shard_map(body, mesh=mesh, in_specs=(P(token_axes), [specs[n] for n in names]),
                       out_specs=(P(token_axes), P()))
   args = (x2, [params[n] for n in names])
-  if AxisType.Explicit in mesh.axis_types:
-    # Explicitly sharded inputs must already have shard_map's layout.
-    args = jax.reshard(args, (NamedSharding(mesh, P(token_axes)),
-                              [NamedSharding(mesh, specs[n]) for n in names]))
-  return run(*args)
+  explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+  if not explicit:
+    return run(*args)
+  # Inputs typed over Explicit axes must already have shard_map's layout there (reshard
+  # takes only those axes: the rest of the mesh may be Auto); y comes back typed as x.
+  on = lambda axes: tuple(a for a in axes if a in explicit) or None
+  x_type = NamedSharding(mesh, P(*map(on, map(_primitive.spec_axes, jax.typeof(x2).sharding.spec))))
+  args = (_cotangent_as(x2, x_type), args[1])
+  args = jax.reshard(args, (NamedSharding(mesh, P(on(token_axes))),
+                            [NamedSharding(mesh, P(*map(on, map(_primitive.spec_axes, specs[n]))))
+                             for n in names]))
+  y, aux = run(*args)
+  return jax.reshard(y, x_type), aux
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _cotangent_as(x, sharding):
+  """``x``, whose cotangent is resharded to ``sharding`` (x's type): through the shard_map,
+  JAX's transpose of the reshard before it leaves dx split as the shard_map's input."""
+  del sharding
+  return x
+
+
+_cotangent_as.defvjp(lambda x, sharding: (x, None),
+                     lambda sharding, _, ct: (jax.sharding.reshard(ct, sharding),))
 
 
 def _local_moe(moe, x, param_list, *, names, expert_axis, token_axes, ep, total):

@@ -13,7 +13,8 @@ import pytest
 
 import multidevice
 
-LAYER_CONFIGS = ["data2_expert4_shared", "expert8_sigmoid_k3", "explicit_axes_mesh"]
+LAYER_CONFIGS = ["data2_expert4_shared", "expert8_sigmoid_k3", "explicit_axes_mesh",
+                 "mixed_axes_mesh"]
 
 
 @pytest.mark.parametrize("config", LAYER_CONFIGS)
@@ -28,6 +29,10 @@ def test_training_steps_match_single_device():
 
 def test_errors():
   multidevice.run(__file__, "case_errors")
+
+
+def test_expert_weights_placed_when_traced():
+  multidevice.run(__file__, "case_placement")
 
 
 # ----------------------------------------------------------------------------- child side
@@ -69,9 +74,14 @@ def case_layer(impl, config):
     # 2 experts per device < top-3: a token can send 2 rows to one device.
     mesh = expert_parallel.make_mesh(expert=8)
     h, w, e, k, kw, lead = 48, 40, 16, 3, dict(score="sigmoid"), (16, 8)
-  else:
+  elif config == "explicit_axes_mesh":
     # jax.make_mesh's default: explicit axes (inputs are resharded for the shard_map).
     mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    h, w, e, k, kw, lead = 64, 32, 8, 2, {}, (8, 16)
+  else:
+    # Explicit data, Auto experts (reshard may name only the Explicit one).
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(
+        jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto))
     h, w, e, k, kw, lead = 64, 32, 8, 2, {}, (8, 16)
   assert mesh.size == 8
 
@@ -91,6 +101,9 @@ def case_layer(impl, config):
 
   y1, aux1, gx1, g1 = _value_and_grads(single, x, r)
   y2, aux2, gx2, g2 = _value_and_grads(par, x, r)
+  # y and dx typed as x (unsplit; the shard_map's output is split over the whole mesh).
+  assert jax.typeof(y2).sharding.spec == jax.typeof(x).sharding.spec, jax.typeof(y2)
+  assert jax.typeof(gx2).sharding.spec == jax.typeof(x).sharding.spec, jax.typeof(gx2)
   scale = lambda v: 1e-5 * float(jnp.abs(v).max())
   np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=scale(y1))
   np.testing.assert_allclose(aux2, aux1, rtol=1e-6)
@@ -113,9 +126,16 @@ def case_layer(impl, config):
   # Expert weight gradients stay split like the weights; the forward exchanges tokens
   # (all_to_all of the rows there and back, of the counts) and gathers nothing.
   assert g2["w_gate"].sharding.is_equivalent_to(by_expert, 3), g2["w_gate"].sharding
-  hlo = nnx.jit(lambda m, x: m(x)).lower(par, x).compile().as_text()
-  counts = multidevice.collectives(hlo)
-  assert counts["all-to-all"] == 3 and counts["all-gather"] == 0, counts
+  forward = nnx.jit(lambda m, x: m(x))
+  counts = multidevice.collectives(forward.lower(par, x).compile().as_text())
+  # On Explicit axes y is typed as x: unsplit here, so one all-gather of y brings it back.
+  typed = jax.sharding.AxisType.Explicit in mesh.axis_types
+  assert counts["all-to-all"] == 3 and counts["all-gather"] == int(typed), counts
+  if typed:  # tokens split as the shard_map splits them: nothing gathered
+    with jax.set_mesh(mesh):
+      xs = jax.device_put(x.reshape(-1, h), NamedSharding(mesh, P(("data", "expert"))))
+      counts = multidevice.collectives(forward.lower(par, xs).compile().as_text())
+    assert counts["all-to-all"] == 3 and counts["all-gather"] == 0, counts
 
 
 def case_training(steps=4):
@@ -152,6 +172,46 @@ def case_training(steps=4):
   np.testing.assert_allclose(l2, l1, rtol=1e-5)
   for name in p1:
     np.testing.assert_allclose(p2[name], p1[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def case_placement():
+  # Each device keeps only its experts also where the layer is built traced: under nnx.jit
+  # (sharded init; device_put left them replicated) and stacked by nnx.vmap for nnx.scan
+  # (the experts are then axis 1; device_put split the stacked axis, or failed on 3 layers).
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import AxisType
+  from jax_deepgemm import expert_parallel
+  for types in ((AxisType.Auto,) * 2, (AxisType.Explicit,) * 2,
+                (AxisType.Explicit, AxisType.Auto)):
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=types)
+    make = lambda rngs: _moe(mesh, "fp8", 64, 32, 8, 2)
+    with jax.set_mesh(mesh):
+      eager = make(None)
+      built = nnx.jit(lambda: make(None))()
+      for m in (eager, built):
+        for name in ("w_gate", "w_up", "w_down"):
+          w = getattr(m, name)[...]
+          assert {s.data.shape[0] for s in w.addressable_shards} == {2}, (types, name, w.sharding)
+      np.testing.assert_array_equal(np.asarray(built.w_gate[...]), np.asarray(eager.w_gate[...]))
+      for layers in (4, 3):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def stack(key):
+          from jax_deepgemm.flax import MoE
+          return MoE(64, 32, 8, 2, rngs=nnx.Rngs(key), dtype=jnp.float32, mesh=mesh)
+        stacked = stack(jax.random.split(jax.random.key(0), layers))
+        w = stacked.w_gate[...]
+        assert {s.data.shape[:2] for s in w.addressable_shards} == {(layers, 2)}, (types, w.sharding)
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def forward(layer, h):
+          return h + layer(h)[0]  # (y typed as h: a scan carry)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 64)), jnp.float32)
+        y = nnx.jit(forward)(stacked, x)
+        assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+  print("ok")
 
 
 def case_errors():

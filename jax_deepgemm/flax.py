@@ -46,7 +46,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
@@ -97,6 +97,39 @@ def _combine_gather_bwd(res, dy):
 
 
 _combine_gather.defvjp(_combine_gather_fwd, _combine_gather_bwd)
+
+
+def _specs(*xs):
+  return tuple(jax.typeof(x).sharding.spec for x in xs)
+
+
+def _ragged_f32(x, w, group_sizes):
+  return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _ragged_dot_on_auto_axes(x, w, group_sizes):
+  """``ragged_dot`` (f32 result) under Explicit mesh axes, where JAX infers no result type
+  for it nor for its transpose: both run on Auto axes (``auto_axes``), typed as x's rows
+  and as the primals."""
+  return _ragged_dot_on_auto_axes_fwd(x, w, group_sizes)[0]
+
+
+def _ragged_dot_on_auto_axes_fwd(x, w, group_sizes):
+  (xs,) = _specs(x)
+  out = P(xs[0] if len(xs) else None, None)
+  y = jax.sharding.auto_axes(_ragged_f32, out_sharding=out)(x, w, group_sizes)
+  return y, (x, w, group_sizes)
+
+
+def _ragged_dot_on_auto_axes_bwd(res, dy):
+  x, w, group_sizes = res
+  grads = lambda x, w, g, dy: jax.vjp(lambda x, w: _ragged_f32(x, w, g), x, w)[1](dy)
+  dx, dw = jax.sharding.auto_axes(grads, out_sharding=_specs(x, w))(x, w, group_sizes, dy)
+  return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_ragged_dot_on_auto_axes.defvjp(_ragged_dot_on_auto_axes_fwd, _ragged_dot_on_auto_axes_bwd)
 
 
 def _silu_glu(gate, up):
@@ -219,6 +252,9 @@ class MoE(nnx.Module):
     w = w.astype(self.dtype)
     if self.experts_impl == "fp8":
       return fp8_grouped_linear(x, w, group_sizes)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+      return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(self.dtype)
     return jax.lax.ragged_dot(x, w, group_sizes,
                               preferred_element_type=jnp.float32).astype(self.dtype)
 

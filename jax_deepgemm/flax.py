@@ -42,6 +42,7 @@ parameters, same results as without a mesh; the token count must divide by the m
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -194,15 +195,17 @@ class MoE(nnx.Module):
                num_shared_experts: int = 0, experts_impl: str = "fp8",
                dtype=jnp.bfloat16, param_dtype=jnp.float32, aux_loss_coef: float = 1e-2,
                mesh=None, expert_axis: str = "expert"):
-    for name, v in (("hidden", hidden), ("expert_width", expert_width),
-                    ("num_experts", num_experts), ("top_k", top_k)):
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
+    def count(name, v, what, low):  # (NumPy integers too; stored as Python ints)
+      if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+        raise ValueError(f"MoE: {name} must be {what}, got {v!r}")
+      return int(v)
+    hidden, expert_width, num_experts, top_k = (
+        count(name, v, "a positive int", 1)
+        for name, v in (("hidden", hidden), ("expert_width", expert_width),
+                        ("num_experts", num_experts), ("top_k", top_k)))
     if top_k > num_experts:
       raise ValueError(f"MoE: top_k ({top_k}) must be <= num_experts ({num_experts})")
-    if (not isinstance(num_shared_experts, int) or isinstance(num_shared_experts, bool)
-        or num_shared_experts < 0):
-      raise ValueError(f"MoE: num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+    num_shared_experts = count("num_shared_experts", num_shared_experts, "an int >= 0", 0)
     if score not in _SCORES:
       raise ValueError(f"MoE: score must be one of {_SCORES}, got {score!r}")
     if experts_impl not in _IMPLS:

@@ -238,9 +238,18 @@ def test_argument_validation():
     MoE(64, 32, 4, 1, rngs=rngs, experts_impl="fp4")
   with pytest.raises(ValueError, match="num_shared_experts"):
     MoE(64, 32, 4, 1, rngs=rngs, num_shared_experts=-1)
+  with pytest.raises(ValueError, match="hidden must be a positive int, got 64.0"):
+    MoE(64.0, 32, 4, 1, rngs=rngs)
+  with pytest.raises(ValueError, match="top_k must be a positive int, got True"):
+    MoE(64, 32, 4, True, rngs=rngs)
   m = MoE(64, 32, 4, 1, rngs=rngs)
   with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
     m(jnp.zeros((3, 32)))
+  # NumPy integers (e.g. from a config array) are sizes too, kept as Python ints.
+  m = MoE(np.int64(64), np.int32(32), np.int64(4), np.int64(2), rngs=rngs,
+          num_shared_experts=np.int64(1))
+  assert (type(m.hidden), m.hidden, m.top_k, m.num_shared_experts) == (int, 64, 2, 1)
+  assert m(jnp.zeros((3, 64)))[0].shape == (3, 64)
 
 
 def test_init_scales():

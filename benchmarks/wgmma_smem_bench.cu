@@ -35,8 +35,16 @@
 
 using namespace jax_deepgemm;
 
-constexpr int kStages = 3;
-constexpr int kMaxFill = 48 * 1024;  // bytes per stage
+// -DWSB_STAGES=n -DWSB_MAX_FILL_KB=k: more stages of smaller fills (e.g. 5 x 32 KB), which
+// tells a fill bound by L2 bandwidth (no change) from one bound by latency (faster).
+#ifndef WSB_STAGES
+#define WSB_STAGES 3
+#endif
+#ifndef WSB_MAX_FILL_KB
+#define WSB_MAX_FILL_KB 48
+#endif
+constexpr int kStages = WSB_STAGES;
+constexpr int kMaxFill = WSB_MAX_FILL_KB * 1024;  // bytes per stage
 
 // A producer warpgroup (one thread issues) and W math warpgroups, registers moved to the
 // math warpgroups with setmaxnreg as the GEMM kernels do.
@@ -200,7 +208,9 @@ int main() {
   CHECK(cudaMemset(src, 0x11, src_bytes));
   CHECK(cudaMalloc(&d_cycles, num_sms * sizeof(long long)));
   CHECK(cudaMalloc(&sink, 1024 * sizeof(float)));
+  std::printf("# %d stages of at most %d KB\n", kStages, kMaxFill / 1024);
   for (int fill : {0, 32 * 1024, 48 * 1024}) {
+    if (fill > kMaxFill) continue;
     run<128, 256, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 128x256 split loop
     run<256, 256, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // m64n256
     run<128, 128, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 128x128

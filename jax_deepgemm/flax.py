@@ -273,8 +273,15 @@ class MoE(nnx.Module):
     router = self.router[...] if router is None else router
     # Routing decisions are discrete and sensitive to small logit changes, so the router runs
     # in f32 at full precision (no TF32 / bf16 passes) whatever the compute dtype.
+    kw = {}
+    xs, rs = (_primitive.explicit_spec(jax.typeof(v)) for v in (x2, router))
+    if xs is not None or rs is not None:
+      # On Explicit axes a hidden dimension split in both (a re-typed router, say) needs the
+      # result's type named: the tokens' rows, the experts whole (the sum is all-reduced).
+      mesh = jax.typeof(x2 if xs is not None else router).sharding.mesh
+      kw["out_sharding"] = NamedSharding(mesh, P(xs[0] if xs is not None else None, None))
     logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+                     precision=jax.lax.Precision.HIGHEST, **kw)
     if self.score == "softmax":
       scores = jax.nn.softmax(logits, axis=-1)
       probs = scores

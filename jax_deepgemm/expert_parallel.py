@@ -134,12 +134,11 @@ def moe_forward(moe, x2, params, mesh, expert_axis):
     return run(*args)
   # Inputs typed over Explicit axes must already have shard_map's layout there (reshard
   # takes only those axes: the rest of the mesh may be Auto); y comes back typed as x.
-  on = lambda axes: tuple(a for a in axes if a in explicit) or None
-  x_type = NamedSharding(mesh, P(*map(on, map(_primitive.spec_axes, jax.typeof(x2).sharding.spec))))
+  on_explicit = lambda spec: NamedSharding(mesh, P(*(
+      tuple(a for a in _primitive.spec_axes(e) if a in explicit) or None for e in spec)))
+  x_type = on_explicit(jax.typeof(x2).sharding.spec)
   args = (_cotangent_as(x2, x_type), args[1])
-  args = jax.reshard(args, (NamedSharding(mesh, P(on(token_axes))),
-                            [NamedSharding(mesh, P(*map(on, map(_primitive.spec_axes, specs[n]))))
-                             for n in names]))
+  args = jax.reshard(args, (on_explicit(P(token_axes)), [on_explicit(specs[n]) for n in names]))
   y, aux = run(*args)
   return jax.reshard(y, x_type), aux
 

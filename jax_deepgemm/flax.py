@@ -104,6 +104,12 @@ def _specs(*xs):
   return tuple(jax.typeof(x).sharding.spec for x in xs)
 
 
+def _rows_spec(x):
+  """The Explicit axes x's rows are split over (None: unsplit or untyped)."""
+  spec = _primitive.explicit_spec(jax.typeof(x))
+  return None if spec is None else spec[0]
+
+
 def _ragged_f32(x, w, group_sizes):
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
 
@@ -117,9 +123,7 @@ def _ragged_dot_on_auto_axes(x, w, group_sizes):
 
 
 def _ragged_dot_on_auto_axes_fwd(x, w, group_sizes):
-  (xs,) = _specs(x)
-  out = P(xs[0] if len(xs) else None, None)
-  y = jax.sharding.auto_axes(_ragged_f32, out_sharding=out)(x, w, group_sizes)
+  y = jax.sharding.auto_axes(_ragged_f32, out_sharding=P(_rows_spec(x), None))(x, w, group_sizes)
   return y, (x, w, group_sizes)
 
 
@@ -279,7 +283,7 @@ class MoE(nnx.Module):
       # On Explicit axes a hidden dimension split in both (a re-typed router, say) needs the
       # result's type named: the tokens' rows, the experts whole (the sum is all-reduced).
       mesh = jax.typeof(x2 if xs is not None else router).sharding.mesh
-      kw["out_sharding"] = NamedSharding(mesh, P(xs[0] if xs is not None else None, None))
+      kw["out_sharding"] = NamedSharding(mesh, P(_rows_spec(x2), None))
     logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST, **kw)
     if self.score == "softmax":

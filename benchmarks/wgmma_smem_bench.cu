@@ -21,6 +21,20 @@
 // warpgroups' wgmmas are all that covers each warpgroup's wait and FFMAs. Against the
 // plain variant of the same shape this isolates what the loop's structure costs.
 //
+// "mcast M": launched in clusters of 2, M bytes of each k-block's fill are shared by the
+// pair (a 128x256 tile pair along N shares its 16 KB of A): each CTA loads half of them and
+// multicasts it to both, so a CTA still receives the whole fill but the pair reads M fewer
+// bytes from L2. Each stage is released to a producer only when both CTAs' math warps are
+// done with it. Against "mcast 0" this tells an L2-bound fill (faster) from an SM-bound one.
+//
+// "rescale" (BN 256): one m64n256 per k32 into the accumulator in place, which holds the sum
+// divided by the current k-block's scale: after each k-block's wgmmas, wait, multiply the
+// accumulator by (old scale / new scale) per row and 128 columns, issue the next. It reads A
+// once per k-block (the split loop twice) with no second 128-register buffer.
+//
+// `wsb` runs the fill sizes 0 / 32 / 48 KB; `wsb mcast` the 48 KB (and 192x128's 40 KB) fill
+// with 0 / 16 / 32 / 48 KB of it multicast.
+//
 // Prints, per variant, FMA per clock per SM (median over CTAs, from clock64; 4096 is the
 // dense FP8 peak of an H100/H200 SM) and TFLOPS from the kernel's wall time.
 #include <cuda.h>
@@ -28,6 +42,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "common/ptx.cuh"
@@ -46,15 +61,28 @@ using namespace jax_deepgemm;
 constexpr int kStages = WSB_STAGES;
 constexpr int kMaxFill = WSB_MAX_FILL_KB * 1024;  // bytes per stage
 
+// bulk_load_1d to the same offset in both CTAs of a 2-CTA cluster (each one's `bar` gets
+// the complete_tx).
+__device__ __forceinline__ void bulk_load_1d_multicast(void* smem_dst, const void* src,
+                                                       uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1], %2, [%3], %4;" ::"r"(ptx::smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(ptx::smem_addr(bar)),
+      "h"(static_cast<uint16_t>(0x3))
+      : "memory");
+}
+
 // A producer warpgroup (one thread issues) and W math warpgroups, registers moved to the
 // math warpgroups with setmaxnreg as the GEMM kernels do.
-template <int N, int BN, int W, bool kPromote>
+template <int N, int BN, int W, bool kPromote, bool kRescale>
 __global__ void __launch_bounds__((W + 1) * 128, 1)
-wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
+wgmma_smem_kernel(int iters, int fill, int mcast, const uint8_t* src, size_t src_bytes,
                   long long* cycles, float* sink) {
   constexpr int kGroups = BN / N;  // column groups of B per k-block
   constexpr int kAcc = N / 2;      // floats per thread per group
   static_assert(!kPromote || N == 128, "the serial loops' wgmmas are 128 wide");
+  static_assert(!kRescale || (N == 256 && BN == 256 && !kPromote), "rescale: one m64n256 per k32");
   extern __shared__ __align__(1024) uint8_t smem[];
   uint8_t* smem_a = smem;                      // W x 64 rows x 128 B
   uint8_t* smem_b = smem_a + W * 64 * 128;     // BN rows x 128 B
@@ -71,26 +99,54 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   if (thread == 0) {
     for (int s = 0; s < kStages; ++s) {
       ptx::mbarrier_init(&full[s], 1);
-      ptx::mbarrier_init(&empty[s], W * 4);  // one arrival per math warp
+      ptx::mbarrier_init(&empty[s], W * 4 * (mcast > 0 ? 2 : 1));  // per math warp (of the pair)
     }
     ptx::fence_barrier_init();
   }
   ptx::fence_proxy_async();  // the generic-proxy operand writes, before wgmma reads them
-  __syncthreads();
+  if (mcast > 0) {
+    ptx::cluster_sync();  // the peer's barriers are initialised before anything arrives on them
+  } else {
+    __syncthreads();
+  }
+  const uint32_t rank = mcast > 0 ? ptx::cluster_ctarank() : 0;
+  // The stage's release: on this CTA's empty barrier, and on the peer's (it multicasts here).
+  auto release = [&](int s) {
+    if (mcast > 0) {
+      if (lane < 2) ptx::mbarrier_arrive_cluster(&empty[s], lane);
+    } else if (lane == 0) {
+      ptx::mbarrier_arrive(&empty[s]);
+    }
+  };
 
   if (warp >= W * 4) {  // producer warpgroup
     ptx::setmaxnreg_dec<W == 3 ? 24 : 40>();
     if (fill > 0 && warp == W * 4 && lane == 0) {
-      size_t offset = (static_cast<size_t>(blockIdx.x) * 7919 * 1024) % src_bytes;
+      // The pair's shared bytes come from the same place: offsets by cluster when multicasting.
+      const size_t who = mcast > 0 ? blockIdx.x / 2 : blockIdx.x;
+      size_t offset = (who * 7919 * 1024) % src_bytes;
+      size_t own = (static_cast<size_t>(blockIdx.x) * 6007 * 1024) % src_bytes;
+      const int half = mcast / 2, priv = fill - mcast;
       for (int kb = 0; kb < iters; ++kb) {
         const int s = kb % kStages;
+        uint8_t* dst = smem_fill + s * kMaxFill;
         ptx::mbarrier_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
         ptx::mbarrier_arrive_expect_tx(&full[s], fill);
-        if (offset + fill > src_bytes) offset = 0;
-        ptx::bulk_load_1d(smem_fill + s * kMaxFill, src + offset, fill, &full[s]);
-        offset += fill;
+        if (mcast > 0) {
+          if (offset + mcast > src_bytes) offset = 0;
+          if (own + priv > src_bytes) own = 0;
+          bulk_load_1d_multicast(dst + rank * half, src + offset + rank * half, half, &full[s]);
+          if (priv > 0) ptx::bulk_load_1d(dst + mcast, src + own, priv, &full[s]);
+          offset += mcast;
+          own += priv;
+        } else {
+          if (offset + fill > src_bytes) offset = 0;
+          ptx::bulk_load_1d(dst, src + offset, fill, &full[s]);
+          offset += fill;
+        }
       }
     }
+    if (mcast > 0) ptx::cluster_sync();  // the peer still arrives here and writes into us
     return;
   }
   ptx::setmaxnreg_inc<W == 3 ? 160 : 232>();
@@ -108,7 +164,30 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   for (int kb = 0; kb < iters; ++kb) {
     const int s = kb % kStages;
     if (fill > 0) ptx::mbarrier_wait(&full[s], (kb / kStages) & 1);
-    if constexpr (kPromote) {
+    if constexpr (kRescale) {
+      // acc holds the sum over k-blocks so far divided by this k-block's scale: wait for the
+      // last k-block, multiply acc by (last scale / this scale) per row and per 128 columns
+      // (B's scale blocks), then the wgmmas add this k-block into acc in place.
+      ptx::wgmma_wait_group<0>();
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[0][i]);
+      if (fill > 0 && kb > 0) release((kb - 1) % kStages);
+      const float base = 1.0f + static_cast<float>(kb & 7) * 0x1p-20f;
+      const float r00 = base, r01 = base * 0.99999f, r10 = base * 1.00001f, r11 = base * 0.99998f;
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) {
+        acc[0][i] *= (i & 2) ? (i < kAcc / 2 ? r10 : r11) : (i < kAcc / 2 ? r00 : r01);
+      }
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[0][i]);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        ptx::WgmmaFp8<N>::mma(acc[0], desc_a + 2 * kk, ptx::make_smem_desc_k_sw128(smem_b) + 2 * kk,
+                              true);
+      }
+      ptx::wgmma_commit_group();
+    } else if constexpr (kPromote) {
       const float scale = 1.0f + static_cast<float>(kb & 7) * 0x1p-20f;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
@@ -121,7 +200,7 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) ptx::fence_operand(acc[g][i]);
       }
-      if (fill > 0 && lane == 0) ptx::mbarrier_arrive(&empty[s]);
+      if (fill > 0) release(s);
     } else {
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
@@ -139,7 +218,7 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
       }
       ptx::wgmma_commit_group();
       ptx::wgmma_wait_group<1>();  // k-block kb - 1 is done: release its stage
-      if (fill > 0 && kb > 0 && lane == 0) ptx::mbarrier_arrive(&empty[(kb - 1) % kStages]);
+      if (fill > 0 && kb > 0) release((kb - 1) % kStages);
     }
   }
   ptx::wgmma_wait_group<0>();
@@ -150,6 +229,7 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   }
   const long long t1 = clock64();
   if (thread == 0) cycles[blockIdx.x] = t1 - t0;
+  if (mcast > 0) ptx::cluster_sync();
   float sum = 0.0f;
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
@@ -159,43 +239,56 @@ wgmma_smem_kernel(int iters, int fill, const uint8_t* src, size_t src_bytes,
   if (sum == 12345.678f) sink[thread] = sum;  // keeps the wgmmas
 }
 
-template <int N, int BN, int W, bool kPromote = false>
-static void run(int num_sms, int fill, const uint8_t* src, size_t src_bytes, long long* d_cycles,
+template <int N, int BN, int W, bool kPromote = false, bool kRescale = false>
+static void run(int num_sms, int fill, int mcast, const uint8_t* src, size_t src_bytes, long long* d_cycles,
                 float* sink) {
-  auto* kernel = &wgmma_smem_kernel<N, BN, W, kPromote>;
+  auto* kernel = &wgmma_smem_kernel<N, BN, W, kPromote, kRescale>;
   const int smem = W * 64 * 128 + BN * 128 + kStages * kMaxFill + 2 * kStages * 8;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int iters = 4000;
   const int threads = (W + 1) * 128;
-  for (int rep = 0; rep < 2; ++rep) {
-    kernel<<<num_sms, threads, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
-  }
+  const int grid = mcast > 0 ? num_sms / 2 * 2 : num_sms;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.attrs = &attr;
+  config.numAttrs = mcast > 0 ? 1 : 0;
+  auto launch = [&] {
+    CHECK(cudaLaunchKernelEx(&config, kernel, iters, fill, mcast, src, src_bytes, d_cycles, sink));
+  };
+  for (int rep = 0; rep < 2; ++rep) launch();
   cudaEvent_t e0, e1;
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
   CHECK(cudaEventRecord(e0));
-  kernel<<<num_sms, threads, smem>>>(iters, fill, src, src_bytes, d_cycles, sink);
+  launch();
   CHECK(cudaEventRecord(e1));
   CHECK(cudaEventSynchronize(e1));
   CHECK(cudaGetLastError());
   float ms = 0;
   CHECK(cudaEventElapsedTime(&ms, e0, e1));
-  std::vector<long long> cyc(num_sms);
-  CHECK(cudaMemcpy(cyc.data(), d_cycles, num_sms * sizeof(long long), cudaMemcpyDeviceToHost));
+  std::vector<long long> cyc(grid);
+  CHECK(cudaMemcpy(cyc.data(), d_cycles, grid * sizeof(long long), cudaMemcpyDeviceToHost));
   std::sort(cyc.begin(), cyc.end());
   const double fma_per_cta = static_cast<double>(iters) * W * 64.0 * BN * 128.0;
-  std::printf("N %3d  BN %3d  W %d %-7s fill %5d B/k-block: %6.0f FMA/clk/SM (%4.1f%% of 4096), "
+  const double med = cyc[grid / 2];
+  std::printf("N %3d  BN %3d  W %d %-7s fill %5d B/k-block mcast %5d: %6.0f FMA/clk/SM (%4.1f%% of 4096), "
               "%6.0f TFLOPS, wgmma smem reads %3.0f + fill %3.0f B/clk\n",
-              N, BN, W, kPromote ? "promote" : "plain", fill, fma_per_cta / cyc[num_sms / 2],
-              100.0 * fma_per_cta / cyc[num_sms / 2] / 4096,
-              2.0 * fma_per_cta * num_sms / (ms * 1e-3) * 1e-12,
-              static_cast<double>(iters) * W * (BN / N) * (8192 + N * 128) / cyc[num_sms / 2],
-              static_cast<double>(iters) * fill / cyc[num_sms / 2]);
+              N, BN, W, kRescale ? "rescale" : kPromote ? "promote" : "plain", fill, mcast, fma_per_cta / med,
+              100.0 * fma_per_cta / med / 4096, 2.0 * fma_per_cta * grid / (ms * 1e-3) * 1e-12,
+              static_cast<double>(iters) * W * (BN / N) * (8192 + N * 128) / med,
+              static_cast<double>(iters) * fill / med);
   CHECK(cudaEventDestroy(e0));
   CHECK(cudaEventDestroy(e1));
 }
 
-int main() {
+int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int num_sms = prop.multiProcessorCount;
@@ -209,14 +302,27 @@ int main() {
   CHECK(cudaMalloc(&d_cycles, num_sms * sizeof(long long)));
   CHECK(cudaMalloc(&sink, 1024 * sizeof(float)));
   std::printf("# %d stages of at most %d KB\n", kStages, kMaxFill / 1024);
-  for (int fill : {0, 32 * 1024, 48 * 1024}) {
-    if (fill > kMaxFill) continue;
-    run<128, 256, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 128x256 split loop
-    run<256, 256, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // m64n256
-    run<128, 128, 2>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 128x128
-    run<128, 128, 3>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 192x128
-    run<128, 256, 2, true>(num_sms, fill, src, src_bytes, d_cycles, sink);  // the split loop
-    run<128, 128, 3, true>(num_sms, fill, src, src_bytes, d_cycles, sink);  // 192x128's loop
+  if (argc > 1 && std::string(argv[1]) == "mcast") {  // 128x256's 48 KB, part shared by a pair
+    for (int mcast : {0, 16 * 1024, 32 * 1024, 48 * 1024}) {
+      run<128, 256, 2>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
+      run<256, 256, 2>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
+      run<128, 256, 2, true>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
+      run<256, 256, 2, false, true>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
+    }
+    for (int mcast : {0, 16 * 1024, 24 * 1024}) {  // 192x128's 40 KB, B (16 KB) or A's half
+      run<128, 128, 3, true>(num_sms, 40 * 1024, mcast, src, src_bytes, d_cycles, sink);
+    }
+  } else {
+    for (int fill : {0, 32 * 1024, 48 * 1024}) {
+      if (fill > kMaxFill) continue;
+      run<128, 256, 2>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // 128x256 split loop
+      run<256, 256, 2>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // m64n256
+      run<128, 128, 2>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // 128x128
+      run<128, 128, 3>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // 192x128
+      run<128, 256, 2, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // the split loop
+      run<128, 128, 3, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // 192x128's loop
+      run<256, 256, 2, false, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // rescale
+    }
   }
   CHECK(cudaFree(src));
   CHECK(cudaFree(d_cycles));

@@ -25,6 +25,9 @@ def main():
   p.add_argument("--groups", type=int, default=4)
   args = p.parse_args()
   m, n, k, g = args.m, args.n, args.k, args.groups
+  if min(m, n, k, g) < 1 or m < g:
+    p.error(f"--m, --n, --k, --groups must be positive and --m >= --groups (the masked layout "
+            f"takes --m // --groups rows per group), got {m}, {n}, {k}, {g}")
   print(f"device: {jax.devices()[0].device_kind}; Hopper kernels: {jd.use_kernels()}")
   kx, kw, kr = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (m, k), jnp.bfloat16)

@@ -46,6 +46,8 @@ def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
   ``[..., K]`` → ``(x_fp8 [..., K], scale [..., ceil(K/128)])``. With ``axis=0`` on
   ``[T, N]`` it quantizes along the token axis (128x1 groups), the layout the weight
   gradient GEMM wants: ``scale [ceil(T/128), N]``. A ragged last group is allowed.
+
+  ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
   x = _check_float("per_token_cast_to_fp8", x)
   if x.ndim == 0:
@@ -76,6 +78,8 @@ def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
   ``(q.T, s)`` where ``q, s = per_token_cast_to_fp8(x, axis=0)``, in one pass over ``x``
   on Hopper: the layout of an NT GEMM operand that contracts over tokens (``[N, T]``,
   tokens contiguous), without a separate transpose of the e4m3 array.
+
+  ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
   x = _check_float("per_token_cast_transpose_to_fp8", x)
   if x.ndim < 2:
@@ -93,6 +97,8 @@ def per_token_cast_to_fp8_and_transpose(x, *, use_ue8m0: bool = False):
   ``(qt [..., C, T], st [..., ceil(T/128), C])`` is ``per_token_cast_transpose_to_fp8(x)``,
   bitwise; on Hopper one kernel reads ``x`` once for both (what ``fp8_linear``'s forward
   needs of X and its backward of dY: the GEMM operand and the wgrad operand).
+
+  ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
   x = _check_float("per_token_cast_to_fp8_and_transpose", x)
   if x.ndim < 2:
@@ -115,6 +121,8 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False
   ``per_block_cast_to_fp8(jnp.swapaxes(w, -1, -2))`` and, on Hopper, one pass over ``w``:
   a ``[K, N]`` weight becomes the ``[N, K]`` operand of ``fp8_gemm_nt`` without a
   separate transpose.
+
+  ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
   w = _check_float("per_block_cast_to_fp8", w)
   if w.ndim < 2:
@@ -134,6 +142,8 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
   ``w``'s transpose has the same blocks and scales, transposed. On Hopper one kernel reads ``w``
   once and writes ``q`` and ``qt`` (``st`` is ``s``'s small transpose), where the two casts
   read it twice: ``fp8_linear``'s forward GEMM takes ``qt`` and its backward's dgrad ``q``.
+
+  ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
   w = _check_float("per_block_cast_to_fp8_and_transpose", w)
   if w.ndim < 2:
@@ -145,7 +155,11 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
 
 
 def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
-  """Inverse of ``per_token_cast_to_fp8`` (float32 result)."""
+  """Inverse of ``per_token_cast_to_fp8`` (float32 result): ``x_fp8`` times its scales.
+
+  ``axis`` names the axis the cast grouped (as its ``axis``): ``scale`` has
+  ``ceil(x_fp8.shape[axis] / 128)`` entries along it and ``x_fp8``'s shape elsewhere.
+  """
   x_fp8, scale = jnp.asarray(x_fp8), jnp.asarray(scale)
   _checks.fp8("dequantize_per_token", "x_fp8", x_fp8)
   axis = _checks.static_axis("dequantize_per_token", axis)

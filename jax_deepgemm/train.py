@@ -6,7 +6,8 @@ synthetic language shipped as code, a fixed random Markov chain whose entropy is
 achievable loss, so a run shows how close the model gets. Everything runs under ``nnx.jit``
 with optax AdamW; ``--experts both`` (default) trains the FP8 and the bf16 (``ragged_dot``)
 experts from the same init and compares their losses. Writes a loss-curve PNG at the end and,
-with ``--ckpt-dir``, an orbax checkpoint (``--restore`` resumes from it).
+with ``--ckpt-dir``, an orbax checkpoint of the last model trained (``--restore`` starts from
+its weights; the optimizer state and the data stream start afresh).
 """
 from __future__ import annotations
 
@@ -205,9 +206,25 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
   return model, losses, time.time() - t0
 
 
+def check_ckpt_dir(path):
+  """Why `path` must not take a checkpoint, or None: saving replaces the directory (orbax's
+  force=True), so only a missing or empty one, or an earlier checkpoint, is overwritten."""
+  if not os.path.exists(path):
+    return None
+  if not os.path.isdir(path):
+    return f"{path} exists and is not a directory"
+  entries = os.listdir(path)
+  if entries and "_CHECKPOINT_METADATA" not in entries:
+    return (f"{path} holds files that are not an orbax checkpoint (saving would delete them): "
+            "name a new or empty directory")
+  return None
+
+
 def save_checkpoint(model, path):
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
+  if (why := check_ckpt_dir(path)) is not None:
+    raise ValueError(why)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, nnx.state(model), force=True)
 
@@ -227,7 +244,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, help="override the preset's step count")
   p.add_argument("--plot", default="loss_curve.png", help="where to write the loss curve")
   p.add_argument("--log-every", type=int, default=25, help="print the loss every N steps")
-  p.add_argument("--ckpt-dir", help="save the (last trained) model here with orbax")
+  p.add_argument("--ckpt-dir", help="save the (last trained) model here with orbax (a new or "
+                 "empty directory, or an earlier checkpoint, which is replaced)")
   p.add_argument("--restore", help="start from this checkpoint (same preset)")
   par = p.add_argument_group("multi-device")
   par.add_argument("--mesh", help="data- and expert-parallel over all devices: 'data=D,expert=E' "
@@ -247,6 +265,12 @@ def main(argv=None):
   for flag, value in (("--steps", args.steps), ("--log-every", args.log_every)):
     if value is not None and value < 1:
       p.error(f"{flag} must be at least 1, got {value}")
+  # Checked before training, not after it (a bad path would lose the run).
+  plot_dir = os.path.dirname(os.path.abspath(args.plot))
+  if not os.path.isdir(plot_dir):
+    p.error(f"--plot: directory {plot_dir} does not exist")
+  if args.ckpt_dir and (why := check_ckpt_dir(os.path.abspath(args.ckpt_dir))) is not None:
+    p.error(f"--ckpt-dir: {why}")
   cfg = PRESETS[args.preset]
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
@@ -255,8 +279,11 @@ def main(argv=None):
   if args.distributed:
     # Unset values are left to JAX's cluster auto-detection (SLURM, Open MPI, ...).
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  mesh = parse_mesh("auto" if args.parallel else args.mesh, cfg) \
-      if (args.parallel or args.mesh) else None
+  try:
+    mesh = parse_mesh("auto" if args.parallel else args.mesh, cfg) \
+        if (args.parallel or args.mesh) else None
+  except ValueError as e:
+    p.error(str(e))
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
   say(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} "
@@ -278,12 +305,12 @@ def main(argv=None):
     fp8, bf16 = tail["fp8 experts"], tail["bf16 experts"]
     say(f"last-10-step mean loss: fp8 {fp8:.4f} vs bf16 {bf16:.4f} "
         f"({100 * (fp8 - bf16) / bf16:+.2f}%)")
+  if args.ckpt_dir:
+    save_checkpoint(model, args.ckpt_dir)  # every process writes its shards
+    say(f"saved checkpoint to {args.ckpt_dir} ({impls[-1]} experts)")
   if lead:
     colors = _png.plot_curves(args.plot, curves)
     print(f"wrote {args.plot} (" + ", ".join(f"{k}: rgb{c}" for k, c in colors.items()) + ")")
-  if args.ckpt_dir:
-    save_checkpoint(model, args.ckpt_dir)  # every process writes its shards
-    say(f"saved checkpoint to {args.ckpt_dir}")
 
 
 def _env_int(name):

@@ -55,3 +55,33 @@ def test_mesh_flag():
     train.parse_mesh("data=1;expert=1", TINY)
   with pytest.raises(ValueError, match="must equal the number of devices"):
     train.parse_mesh("data=2,expert=2", TINY)
+
+
+def test_checkpoint_never_deletes_other_files(tmp_path, capsys):
+  # (orbax's save replaced the directory: --ckpt-dir . deleted the working directory's files.)
+  other = tmp_path / "mine"
+  other.mkdir()
+  (other / "notes.txt").write_text("keep")
+  with pytest.raises(SystemExit):
+    train.main(["--experts", "fp8", "--steps", "1", "--ckpt-dir", str(other),
+                "--plot", str(tmp_path / "c.png")])
+  assert "not an orbax checkpoint" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="not an orbax checkpoint"):
+    train.save_checkpoint(train.make_model(TINY, "fp8"), other)
+  assert (other / "notes.txt").read_text() == "keep"
+  # A new directory, then the same one again (an earlier checkpoint is replaced).
+  model = train.make_model(TINY, "fp8")
+  train.save_checkpoint(model, tmp_path / "ck")
+  train.save_checkpoint(model, tmp_path / "ck")
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--plot", "/nonexistent_dir_jdg/c.png"], "does not exist"),
+    (["--mesh", "foo=2"], "expected 'auto'"),
+])
+def test_cli_rejects_bad_paths_and_meshes_before_training(flags, msg, capsys):
+  # (A bad --plot directory failed after training, before the checkpoint was written.)
+  with pytest.raises(SystemExit):
+    train.main(["--experts", "fp8", "--steps", "1", *flags])
+  err = capsys.readouterr()
+  assert msg in err.err and "final loss" not in err.out

@@ -225,6 +225,9 @@ def save_checkpoint(model, path):
   path = os.path.abspath(path)
   if (why := check_ckpt_dir(path)) is not None:
     raise ValueError(why)
+  if jax.process_count() > 1:  # every process has looked before any of them writes
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jax_deepgemm.train.save_checkpoint")
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, nnx.state(model), force=True)
 

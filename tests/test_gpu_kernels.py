@@ -76,6 +76,21 @@ def test_large_k_stays_accurate(rng):
   assert oracle.calc_diff(d, want) < 1e-5
 
 
+@pytest.mark.parametrize("m,n,k", [(300, 512, 1024), (4096, 7168, 2048)])
+def test_zero_and_tiny_scale_blocks(rng, m, n, k):
+  # Scale blocks of 0 (a block of zeros scaled without a floor) and far apart in size: the
+  # 128x256 loop keeps its accumulator divided by the current k-block's scale.
+  a, sa = quant_act(rng, m, k)
+  b, sb = quant_w(rng, n, k)
+  sa = sa.at[5:40, 2].set(0.0).at[200:, 0].set(0.0).at[:, 5].multiply(1e-12)
+  sb = sb.at[1, 3].set(0.0).at[:, 4].multiply(1e6)
+  operands = (a, sa, b, sb)
+  d, want = _run(m, n, k, rng, operands)
+  assert oracle.calc_diff(d, want) < 1e-5
+  if m < 4096:
+    oracle.assert_elementwise(d, want, oracle.gemm_nt_abs(*operands), d.dtype)
+
+
 _CONFIG_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd, oracle
 from helpers import quant_act, quant_w

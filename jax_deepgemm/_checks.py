@@ -84,14 +84,20 @@ def static_axis(op, v):
   return int(v)
 
 
-def sizes_array(x):
+def sizes_array(op, name, x):
   """``jnp.asarray`` of group sizes, where an empty Python sequence means int32 (not float32).
 
   A host array of wider integers is clipped to int32's range first: without x64, ``asarray``
   would wrap a size of 2**32 + 3 to 3 (the ops clip sizes to the rows anyway).
   """
-  if isinstance(x, (list, tuple)) and len(x) == 0:
-    return jnp.zeros((0,), jnp.int32)
+  if x is None or isinstance(x, (str, bytes)):
+    raise TypeError(f"{op}: {name} must be an integer array, got {type(x).__name__}")
+  if isinstance(x, (list, tuple)):
+    if len(x) == 0:
+      return jnp.zeros((0,), jnp.int32)
+    # Python ints past int32 (2**32 + 3) overflowed in asarray: clipped like a host array.
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
+      x = np.asarray([min(max(int(v), -2**63), 2**63 - 1) for v in x], np.int64)
   if isinstance(x, (np.ndarray, np.generic)) and np.issubdtype(x.dtype, np.integer):
     info = np.iinfo(np.int32)
     if np.iinfo(x.dtype).max > info.max:

@@ -36,12 +36,26 @@ def _abstract_eval(a, sa, b, sb, group_sizes, *, out_dtype):
 
 
 def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
-  # ragged_dot wants sizes in [0, M] that sum to M at most; the kernel clips them itself.
-  d = jax.lax.ragged_dot(dequantize_per_token(a, sa),
-                         jnp.swapaxes(dequantize_per_block(b, sb), 1, 2),
-                         sanitize_group_sizes(group_sizes, a.shape[0]),
-                         precision=jax.lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+  # Each row takes its own expert's product by selection, one expert at a time: ragged_dot's
+  # dense lowering masks by multiplying, so one expert's inf or NaN (an empty one's too) made
+  # every row NaN, where the kernel never reads the weights of rows it does not own.
+  x, w = dequantize_per_token(a, sa), dequantize_per_block(b, sb)
+  m, n = a.shape[0], b.shape[1]
+  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m))
+  row_group = jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right")  # G: none
+
+  def one_expert(d, g_w):
+    g, w_g = g_w
+    d_g = jnp.dot(x, w_g.T, precision=jax.lax.Precision.HIGHEST,
+                  preferred_element_type=jnp.float32)
+    return jnp.where((row_group == g)[:, None], d_g, d), None
+
+  # Inside shard_map the carry must vary over the manual axes the products vary over.
+  init = jnp.zeros((m, n), jnp.float32)
+  vma = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in (x, w, row_group)))
+  if vma:
+    init = jax.lax.pcast(init, tuple(sorted(vma)), to="varying")
+  d, _ = jax.lax.scan(one_expert, init, (jnp.arange(b.shape[0], dtype=ends.dtype), w))
   return d.astype(out_dtype)
 
 
@@ -117,7 +131,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
   a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
-  group_sizes = _checks.sizes_array(group_sizes)
+  group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if b.ndim == 3:
     _checks.group_sizes(OP, "group_sizes", group_sizes, b.shape[0])

@@ -109,7 +109,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
     raise ValueError(f"{OP}: accumulating into c needs out_dtype float32, got {out_dtype}")
   token_major = _checks.static_bool(OP, "token_major", token_major)
   a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
-  group_sizes = _checks.sizes_array(group_sizes)
+  group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
     group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0])
   extra = () if c is None else (jnp.asarray(c),)

@@ -204,7 +204,8 @@ def fp8_grouped_linear(x, w, group_sizes):
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """
-  x, w, group_sizes = jnp.asarray(x), jnp.asarray(w), _checks.sizes_array(group_sizes)
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  group_sizes = _checks.sizes_array("fp8_grouped_linear", "group_sizes", group_sizes)
   _check_float("fp8_grouped_linear", "x", x)
   _check_float("fp8_grouped_linear", "w", w)
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:

@@ -256,3 +256,32 @@ def test_masked_expected_m_checked_whatever_the_rank(rng):
   b, sb = quant_w(rng, 2, 32, 128)
   with pytest.raises(TypeError, match="expected_m must be a Python int"):
     jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, jnp.zeros((2,), jnp.int32), expected_m=[1])
+
+
+def test_contiguous_rows_only_see_their_own_expert(rng):
+  # (The reference went through ragged_dot's dense lowering, which masks by multiplying: an
+  # inf scale or NaN weight in one expert, an empty one too, made every row NaN, rows past the
+  # last group included. The kernel never reads weights for rows that are not theirs.)
+  a, sa = quant_act(rng, 8, 128)
+  b, sb = quant_w(rng, 3, 16, 128)
+  for sizes, bad in (([3, 0, 3], 1), ([3, 2, 3], 2)):
+    sb_bad = sb.at[bad].set(jnp.inf)
+    d = np.asarray(jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb_bad, sizes,
+                                                       out_dtype=jnp.float32))
+    own = np.repeat(np.arange(3), sizes)
+    good_rows = np.flatnonzero(own != bad)
+    want = np.asarray(oracle.grouped_contiguous(a, sa, b, sb, sizes))
+    np.testing.assert_allclose(d[good_rows], want[good_rows], rtol=1e-5, atol=1e-5)
+    if sizes[bad]:  # the bad expert's own rows are not finite, as in the float64 oracle
+      assert not np.isfinite(d[np.flatnonzero(own == bad)]).any()
+    np.testing.assert_array_equal(d[len(own):], 0.0)  # rows past the last group
+
+
+def test_group_sizes_as_wide_python_ints_and_bad_types(rng):
+  a, sa = quant_act(rng, 4, 128)
+  b, sb = quant_w(rng, 3, 16, 128)
+  d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, [2**32 + 3, 0, 0])  # clipped to M
+  assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, [4, 0, 0])) < 1e-5
+  for bad in (None, "3"):
+    with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_contiguous: group_sizes"):
+      jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, bad)

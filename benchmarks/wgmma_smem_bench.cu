@@ -73,9 +73,51 @@ __device__ __forceinline__ void bulk_load_1d_multicast(void* smem_dst, const voi
       : "memory");
 }
 
+// "rs" (the split loop, A from registers): A's 64 x 128 bytes of the k-block are read from
+// shared memory once per warpgroup (4 ldmatrix.x4 per thread, 8 KB) into the register fragments
+// of 4 k32 steps, which both 128-wide halves' wgmmas take (the SS loop reads A per half: twice).
+// The addresses follow the 128B swizzle (16-byte chunk c of row r at r * 128 + ((c ^ r % 8) * 16)),
+// conflict-free. Lanes 0-7 / 8-15 / 16-23 / 24-31 address rows 0-7 / 8-15 / 0-7 / 8-15 of the
+// warp's 16 at k 0-15 / 0-15 / 16-31 / 16-31: the e4m3 A fragment's a0..a3, so a kernel could
+// take the same loads.
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint8_t* smem_a, int kk,
+                                                int lane, int warp_in_wg) {
+  const int row = warp_in_wg * 16 + (lane % 16);
+  const int chunk = kk * 2 + lane / 16;
+  const uint32_t addr = ptx::smem_addr(smem_a + row * 128 + ((chunk ^ (row % 8)) * 16));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// D[64 x 128] (+)= A[64 x 32] (e4m3, registers) * B[128 x 32]^T (e4m3, smem desc).
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4],
+                                              uint64_t desc_b, bool scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+        "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int32_t>(scale_d)));
+}
+
 // A producer warpgroup (one thread issues) and W math warpgroups, registers moved to the
 // math warpgroups with setmaxnreg as the GEMM kernels do.
-template <int N, int BN, int W, bool kPromote, bool kRescale>
+template <int N, int BN, int W, bool kPromote, bool kRescale, bool kRS = false>
 __global__ void __launch_bounds__((W + 1) * 128, 1)
 wgmma_smem_kernel(int iters, int fill, int mcast, const uint8_t* src, size_t src_bytes,
                   long long* cycles, float* sink) {
@@ -83,6 +125,7 @@ wgmma_smem_kernel(int iters, int fill, int mcast, const uint8_t* src, size_t src
   constexpr int kAcc = N / 2;      // floats per thread per group
   static_assert(!kPromote || N == 128, "the serial loops' wgmmas are 128 wide");
   static_assert(!kRescale || (N == 256 && BN == 256 && !kPromote), "rescale: one m64n256 per k32");
+  static_assert(!kRS || (N == 128 && kPromote), "rs: the split loop with A from registers");
   extern __shared__ __align__(1024) uint8_t smem[];
   uint8_t* smem_a = smem;                      // W x 64 rows x 128 B
   uint8_t* smem_b = smem_a + W * 64 * 128;     // BN rows x 128 B
@@ -189,9 +232,24 @@ wgmma_smem_kernel(int iters, int fill, int mcast, const uint8_t* src, size_t src
       ptx::wgmma_commit_group();
     } else if constexpr (kPromote) {
       const float scale = 1.0f + static_cast<float>(kb & 7) * 0x1p-20f;
+      uint32_t a_frag[kRS ? 4 : 1][4];  // A's k32 fragments, read once for both halves
+      if constexpr (kRS) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) load_a_fragment(a_frag[kk], smem_a + wg * 64 * 128, kk, lane, warp % 4);
+      }
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
-        ptx::wgmma_k_block<N>(buf, desc_a, ptx::make_smem_desc_k_sw128(smem_b + g * N * 128));
+        if constexpr (kRS) {
+          const uint64_t desc_b = ptx::make_smem_desc_k_sw128(smem_b + g * N * 128);
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) ptx::fence_operand(buf[i]);
+          ptx::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma_rs_n128(buf, a_frag[kk], desc_b + 2 * kk, kk > 0);
+          ptx::wgmma_commit_group();
+        } else {
+          ptx::wgmma_k_block<N>(buf, desc_a, ptx::make_smem_desc_k_sw128(smem_b + g * N * 128));
+        }
         ptx::wgmma_wait_group<0>();
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) ptx::fence_operand(buf[i]);
@@ -239,10 +297,10 @@ wgmma_smem_kernel(int iters, int fill, int mcast, const uint8_t* src, size_t src
   if (sum == 12345.678f) sink[thread] = sum;  // keeps the wgmmas
 }
 
-template <int N, int BN, int W, bool kPromote = false, bool kRescale = false>
+template <int N, int BN, int W, bool kPromote = false, bool kRescale = false, bool kRS = false>
 static void run(int num_sms, int fill, int mcast, const uint8_t* src, size_t src_bytes, long long* d_cycles,
                 float* sink) {
-  auto* kernel = &wgmma_smem_kernel<N, BN, W, kPromote, kRescale>;
+  auto* kernel = &wgmma_smem_kernel<N, BN, W, kPromote, kRescale, kRS>;
   const int smem = W * 64 * 128 + BN * 128 + kStages * kMaxFill + 2 * kStages * 8;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int iters = 4000;
@@ -280,7 +338,7 @@ static void run(int num_sms, int fill, int mcast, const uint8_t* src, size_t src
   const double med = cyc[grid / 2];
   std::printf("N %3d  BN %3d  W %d %-7s fill %5d B/k-block mcast %5d: %6.0f FMA/clk/SM (%4.1f%% of 4096), "
               "%6.0f TFLOPS, wgmma smem reads %3.0f + fill %3.0f B/clk\n",
-              N, BN, W, kRescale ? "rescale" : kPromote ? "promote" : "plain", fill, mcast, fma_per_cta / med,
+              N, BN, W, kRescale ? "rescale" : kRS ? "rs" : kPromote ? "promote" : "plain", fill, mcast, fma_per_cta / med,
               100.0 * fma_per_cta / med / 4096, 2.0 * fma_per_cta * grid / (ms * 1e-3) * 1e-12,
               static_cast<double>(iters) * W * (BN / N) * (8192 + N * 128) / med,
               static_cast<double>(iters) * fill / med);
@@ -308,6 +366,7 @@ int main(int argc, char** argv) {
       run<256, 256, 2>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
       run<128, 256, 2, true>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
       run<256, 256, 2, false, true>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
+      run<128, 256, 2, true, false, true>(num_sms, 48 * 1024, mcast, src, src_bytes, d_cycles, sink);
     }
     for (int mcast : {0, 16 * 1024, 24 * 1024}) {  // 192x128's 40 KB, B (16 KB) or A's half
       run<128, 128, 3, true>(num_sms, 40 * 1024, mcast, src, src_bytes, d_cycles, sink);
@@ -322,6 +381,7 @@ int main(int argc, char** argv) {
       run<128, 256, 2, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // the split loop
       run<128, 128, 3, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // 192x128's loop
       run<256, 256, 2, false, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // rescale
+      run<128, 256, 2, true, false, true>(num_sms, fill, 0, src, src_bytes, d_cycles, sink);  // rs
     }
   }
   CHECK(cudaFree(src));

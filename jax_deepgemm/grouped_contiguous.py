@@ -42,7 +42,10 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
   x, w = dequantize_per_token(a, sa), dequantize_per_block(b, sb)
   m, n = a.shape[0], b.shape[1]
   ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m))
-  row_group = jnp.searchsorted(ends, jnp.arange(m, dtype=ends.dtype), side="right")  # G: none
+  # Row r's group: how many groups end at or before it (G: none). Not jnp.searchsorted: it
+  # fails inside a shard_map over some of the mesh's axes (jax 0.10).
+  rows = jnp.arange(m, dtype=ends.dtype)
+  row_group = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
 
   def one_expert(d, g_w):
     g, w_g = g_w
@@ -113,6 +116,10 @@ def clip_rows(sizes, m):
 
 def sanitize_group_sizes(group_sizes, m):
   """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
+  # Sizes typed as split over Explicit mesh axes are gathered first: the running sum slices
+  # them, which JAX refuses on a split dimension (group sizes are global anyway).
+  if _primitive.explicit_spec(jax.typeof(group_sizes)) is not None:
+    group_sizes = jax.sharding.reshard(group_sizes, jax.sharding.PartitionSpec())
   # Each size clipped without wrapping, then a saturating running sum so no prefix
   # overflows int32.
   g = clip_rows(group_sizes, m)

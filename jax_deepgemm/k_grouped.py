@@ -48,13 +48,21 @@ def _abstract_eval(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype)
 def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   if token_major:
     a, b = a.T, b.T
-  dn = jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
-      rhs_group_dimensions=[])
-  d = jax.lax.ragged_dot_general(
-      dequantize_per_token(a, sa, axis=0), dequantize_per_token(b, sb, axis=0),
-      group_sizes.astype(jnp.int32), dn, precision=jax.lax.Precision.HIGHEST,
-      preferred_element_type=jnp.float32)
+  x, y = dequantize_per_token(a, sa, axis=0), dequantize_per_token(b, sb, axis=0)
+  # Per group, its tokens selected (the others zeroed by selection, so a NaN token of one
+  # group stays out of the others) and contracted; a scan over groups, not ragged_dot_general,
+  # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
+  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, a.shape[0]))
+  tokens = jnp.arange(a.shape[0], dtype=ends.dtype)
+  token_group = jnp.sum(tokens[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
+
+  def one_group(_, g):
+    x_g = jnp.where((token_group == g)[:, None], x, 0.0)
+    return None, jnp.dot(x_g.T, y, precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+  _, d = jax.lax.scan(one_group, None, jnp.arange(group_sizes.shape[0], dtype=ends.dtype))
+  d = d.reshape(group_sizes.shape[0], a.shape[1], b.shape[1])  # [G, N, K], also for G = 0
   return (d + c[0] if has_c else d).astype(out_dtype)
 
 

@@ -15,7 +15,8 @@ import multidevice
 PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
          "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather",
-         "case_explicit_axes", "case_explicit_types", "case_explicit_moe"]
+         "case_explicit_axes", "case_explicit_types", "case_explicit_moe",
+         "case_grouped_sizes_split_and_partial_manual"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
@@ -616,6 +617,54 @@ def case_unaligned_falls_back_to_gather(partitioner):
               gathered=True)
   _check_cast(mesh, jd.per_block_cast_to_fp8_and_transpose, x, P("y"), (None,) * 4,
               gathered=True)
+
+
+
+def case_grouped_sizes_split_and_partial_manual(partitioner):
+  # (Group sizes typed split over an Explicit axis crashed the K-grouped op and the grouped
+  # layer's gradient: their running sum sliced a split dimension. In a shard_map over some of
+  # the mesh's axes, the M-grouped reference failed (jnp.searchsorted) and, on an Explicit
+  # mesh, the K-grouped one (ragged_dot_general infers no types there).)
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import jax_deepgemm as jd
+  _setup(partitioner)
+  rng, helpers, _ = _data(7)
+  x, w = helpers.randn(rng, (256, 256)), helpers.randn(rng, (8, 256, 128), scale=0.05)
+  ct = helpers.randn(rng, (256, 128))
+  gs = jnp.asarray([30, 0, 50, 20, 0, 60, 41, 40], jnp.int32)
+  loss = lambda x, w, g: jnp.sum(jd.fp8_grouped_linear(x, w, g) * ct)
+  want = jax.grad(loss, (0, 1))(x, w, gs)
+  explicit = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(explicit):
+    g_split = jax.device_put(gs, NamedSharding(explicit, P("y")))
+    got = jax.jit(jax.grad(loss, (0, 1)))(x, w, g_split)
+    xq, xs = jd.per_token_cast_to_fp8(x, axis=0)
+    k_want = jd.k_grouped_fp8_gemm_tn_contiguous(xq, xs, xq, xs, gs)
+    k_got = jax.jit(jd.k_grouped_fp8_gemm_tn_contiguous)(xq, xs, xq, xs, g_split)
+  for a, b in zip(got + (k_got,), want + (k_want,)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  # shard_map over "x" only: each "x" shard routes its 128 rows with its own sizes.
+  local_gs = jnp.asarray([[10, 0, 30, 20, 0, 60, 8, 0], [0, 64, 0, 0, 32, 0, 0, 32]], jnp.int32)
+  ct_local = ct.reshape(2, 128, 128)
+  def per_shard(lin):
+    def body(x, w, g, c):
+      return jax.lax.psum(jnp.sum(lin(x, w, g[0]) * c[0]), "x")
+    return body
+  want_parts = [jax.grad(lambda x, w: jnp.sum(jd.fp8_grouped_linear(x, w, local_gs[i]) *
+                                               ct_local[i]), (0, 1))(x[128 * i:128 * (i + 1)], w)
+                for i in range(2)]
+  want_dx = jnp.concatenate([p[0] for p in want_parts])
+  want_dw = want_parts[0][1] + want_parts[1][1]
+  for types in ((AxisType.Auto,) * 2, (AxisType.Explicit,) * 2):
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=types)
+    with jax.set_mesh(mesh):
+      f = jax.shard_map(per_shard(jd.fp8_grouped_linear), mesh=mesh,
+                        in_specs=(P("x"), P(), P("x"), P("x")), out_specs=P(), axis_names={"x"})
+      dx, dw = jax.jit(jax.grad(f, (0, 1)))(x, w, local_gs, ct_local)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive
@@ -42,6 +43,9 @@ def make_mesh(data: int | None = None, expert: int | None = None, *, devices=Non
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
+  for name, v in (("data", data), ("expert", expert)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+      raise ValueError(f"make_mesh: {name} must be a positive int, got {v!r}")
   if data is None and expert is None:
     data, expert = 1, n
   elif data is None:

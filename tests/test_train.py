@@ -85,3 +85,11 @@ def test_cli_rejects_bad_paths_and_meshes_before_training(flags, msg, capsys):
     train.main(["--experts", "fp8", "--steps", "1", *flags])
   err = capsys.readouterr()
   assert msg in err.err and "final loss" not in err.out
+
+
+@pytest.mark.parametrize("sizes", [dict(data=-1), dict(expert=0), dict(data=1.0), dict(expert=True)])
+def test_make_mesh_rejects_sizes_that_are_not_positive_ints(sizes):
+  # (data=-1 passed the product check on 8 devices: 8 // -1 * -1 == 8.)
+  from jax_deepgemm import expert_parallel
+  with pytest.raises(ValueError, match="must be a positive int"):
+    expert_parallel.make_mesh(**sizes)

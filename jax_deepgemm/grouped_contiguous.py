@@ -118,8 +118,10 @@ def sanitize_group_sizes(group_sizes, m):
   """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
   # Sizes typed as split over Explicit mesh axes are gathered first: the running sum slices
   # them, which JAX refuses on a split dimension (group sizes are global anyway).
-  if _primitive.explicit_spec(jax.typeof(group_sizes)) is not None:
-    group_sizes = jax.sharding.reshard(group_sizes, jax.sharding.PartitionSpec())
+  aval = jax.typeof(group_sizes)
+  if _primitive.explicit_spec(aval) is not None:
+    group_sizes = jax.sharding.reshard(
+        group_sizes, jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec()))
   # Each size clipped without wrapping, then a saturating running sum so no prefix
   # overflows int32.
   g = clip_rows(group_sizes, m)

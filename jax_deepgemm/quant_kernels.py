@@ -243,8 +243,14 @@ def _define(name, *, abstract_eval, reference, cuda, outputs=2) -> Primitive:
   return prim
 
 
-def _kernel_ok(x) -> bool:
-  return x.size > 0 and jnp.dtype(x.dtype) in KERNEL_DTYPES
+def _kernel_ok(x, *offsets) -> bool:
+  """Whether the kernel takes ``x``: not empty, a kernel dtype, and every one of ``offsets``
+  (the handler's bounds on the kernel's 32-bit element offsets and group counts) below
+  INT32_MAX. Past them the handler would fail the run: the reference takes those."""
+  if x.size == 0 or jnp.dtype(x.dtype) not in KERNEL_DTYPES:
+    return False
+  # (Symbolic sizes, under shape-polymorphic export, are left to the handler's own check.)
+  return all(not isinstance(v, int) or v < 2**31 - 1 for v in offsets)
 
 
 def _flags(kind, use_ue8m0):
@@ -260,10 +266,10 @@ def _per_token_abstract(x, *, use_ue8m0):
 
 
 def _per_token_cuda(x, *, use_ue8m0):
-  if not _kernel_ok(x):
-    return per_token_cast_reference(x, use_ue8m0=use_ue8m0)
   *lead, c = x.shape
   rows, groups = math.prod(lead), ceil_div(c, BLOCK)
+  if not _kernel_ok(x, rows * groups):
+    return per_token_cast_reference(x, use_ue8m0=use_ue8m0)
   mn_major = _ffi.mn_major_scales()  # s's bytes [groups, rows], as the GEMMs read them
   call = jax.ffi.ffi_call("jax_deepgemm_per_token_cast",
                           (jax.ShapeDtypeStruct((rows, c), FP8_DTYPE),
@@ -290,10 +296,10 @@ def _per_block_abstract(w, *, use_ue8m0, transpose):
 
 
 def _per_block_cuda(w, *, use_ue8m0, transpose):
-  if not _kernel_ok(w):
-    return per_block_cast_reference(w, use_ue8m0=use_ue8m0, transpose=transpose)
   *lead, n, k = w.shape
   b, nb, kb = math.prod(lead), ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  if not _kernel_ok(w, n * BLOCK, k * BLOCK, b * nb * kb):
+    return per_block_cast_reference(w, use_ue8m0=use_ue8m0, transpose=transpose)
   q_shape, s_shape = ((b, k, n), (b, kb, nb)) if transpose else ((b, n, k), (b, nb, kb))
   call = jax.ffi.ffi_call("jax_deepgemm_per_block_cast",
                           (jax.ShapeDtypeStruct(q_shape, FP8_DTYPE),
@@ -318,10 +324,10 @@ def _token_axis_abstract(x, *, use_ue8m0, transpose):
 
 
 def _token_axis_cuda(x, *, use_ue8m0, transpose):
-  if not _kernel_ok(x):
-    return token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=transpose)
   *lead, t, n = x.shape
   a, tg = math.prod(lead), ceil_div(t, BLOCK)
+  if not _kernel_ok(x, t * BLOCK, n * BLOCK, a * tg * n):
+    return token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=transpose)
   call = jax.ffi.ffi_call("jax_deepgemm_token_axis_cast",
                           (jax.ShapeDtypeStruct((a, n, t) if transpose else (a, t, n), FP8_DTYPE),
                            jax.ShapeDtypeStruct((a, tg, n), F32)))
@@ -346,10 +352,10 @@ def _dual_abstract(x, *, use_ue8m0):
 
 
 def _dual_cuda(x, *, use_ue8m0):
-  if not _kernel_ok(x):
-    return dual_cast_reference(x, use_ue8m0=use_ue8m0)
   *lead, t, c = x.shape
   a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
+  if not _kernel_ok(x, t * BLOCK, c * BLOCK, a * tg * cg):
+    return dual_cast_reference(x, use_ue8m0=use_ue8m0)
   # MN-major s: its bytes are [cg, a, t], so that the [a * t, cg] the GEMMs take is a bitcast.
   mn_major = _ffi.mn_major_scales()
   call = jax.ffi.ffi_call("jax_deepgemm_dual_cast",
@@ -384,10 +390,10 @@ def _per_block_dual_abstract(w, *, use_ue8m0):
 
 
 def _per_block_dual_cuda(w, *, use_ue8m0):
-  if not _kernel_ok(w):
-    return per_block_dual_cast_reference(w, use_ue8m0=use_ue8m0)
   *lead, n, k = w.shape
   b, nb, kb = math.prod(lead), ceil_div(n, BLOCK), ceil_div(k, BLOCK)
+  if not _kernel_ok(w, n * BLOCK, k * BLOCK, b * nb * kb):
+    return per_block_dual_cast_reference(w, use_ue8m0=use_ue8m0)
   call = jax.ffi.ffi_call("jax_deepgemm_per_block_dual_cast",
                           (jax.ShapeDtypeStruct((b, n, k), FP8_DTYPE),
                            jax.ShapeDtypeStruct((b, k, n), FP8_DTYPE),

@@ -70,13 +70,27 @@ def _hopper_present() -> bool:
   return bool(gpus) and all(getattr(d, "compute_capability", "") == "9.0" for d in gpus)
 
 
+def env_flag(name: str, default: bool) -> bool:
+  """A boolean environment variable: unset or empty is ``default``; 1/true/yes/on and
+  0/false/no/off (any case); anything else is an error (not a silent guess)."""
+  v = os.environ.get(name, "").strip().lower()
+  if v == "":
+    return default
+  if v in ("1", "true", "yes", "on"):
+    return True
+  if v in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"jax_deepgemm: {name}={os.environ[name]!r}: expected 1/0 (or true/false, "
+                   "yes/no, on/off)")
+
+
 @functools.lru_cache(maxsize=None)
 def use_kernels() -> bool:
   """True when CUDA lowerings should call our kernels (extension built, Hopper GPU).
 
   ``JAX_DEEPGEMM_FORCE_REFERENCE=1`` forces the reference lowering everywhere.
   """
-  if os.environ.get("JAX_DEEPGEMM_FORCE_REFERENCE", "0") not in ("", "0"):
+  if env_flag("JAX_DEEPGEMM_FORCE_REFERENCE", False):
     logger.warning("jax_deepgemm: JAX_DEEPGEMM_FORCE_REFERENCE is set; using the reference path.")
     return False
   if _C is None:
@@ -110,7 +124,7 @@ def mn_major_scales() -> bool:
   consumer wants them row-major). ``JAX_DEEPGEMM_MN_MAJOR_SCALES=0`` goes back to row-major
   scales and a transpose inside each GEMM's lowering (the values and results are the same bits).
   """
-  return os.environ.get(MN_MAJOR_SCALES_ENV, "1").strip() != "0"
+  return env_flag(MN_MAJOR_SCALES_ENV, True)
 
 
 def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False,

@@ -92,3 +92,21 @@ def test_demo_runs_every_op_and_layer():
     assert name in r.stdout, r.stdout
   diffs = [float(v) for v in re.findall(r"diff[^:]*: ([0-9.e+-]+)", r.stdout)]
   assert len(diffs) == 8 and all(0 < d < 2e-3 for d in diffs), r.stdout  # FP8's error, ~7e-4
+
+
+@pytest.mark.parametrize("value,want", [("", True), ("1", True), ("true", True), ("ON", True),
+                                        ("0", False), ("false", False), (" no ", False),
+                                        ("off", False)])
+def test_boolean_env_vars_read_words_too(monkeypatch, value, want):
+  # (JAX_DEEPGEMM_MN_MAJOR_SCALES=false left MN-major scales on, and
+  # JAX_DEEPGEMM_FORCE_REFERENCE=false forced the reference: only "0" meant no.)
+  from jax_deepgemm import _ffi
+  monkeypatch.setenv(_ffi.MN_MAJOR_SCALES_ENV, value)
+  assert _ffi.mn_major_scales() is want
+
+
+def test_boolean_env_vars_reject_other_values(monkeypatch):
+  from jax_deepgemm import _ffi
+  monkeypatch.setenv(_ffi.MN_MAJOR_SCALES_ENV, "maybe")
+  with pytest.raises(ValueError, match="JAX_DEEPGEMM_MN_MAJOR_SCALES='maybe'"):
+    _ffi.mn_major_scales()

@@ -86,6 +86,26 @@ def _with_vma(abstract_eval):
   return rule
 
 
+def match_vma(*xs):
+  """Inside ``jax.shard_map``, casts every operand to vary over the same manual axes.
+
+  A ``custom_vjp`` must return cotangents typed like its primal inputs (the backward's weight
+  gradient varies wherever the activations do), and a ``scan`` carry like the values it takes.
+  Casting (``pcast`` to varying, whose transpose is a ``psum``) makes the types agree. Outside
+  shard_map this is a no-op. ``None`` entries pass through.
+  """
+  vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying
+                            for x in xs if x is not None))
+  if not vma:
+    return xs
+  def cast(x):
+    if x is None:
+      return x
+    missing = tuple(sorted(vma - jax.typeof(x).manual_axis_type.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return tuple(map(cast, xs))
+
+
 def spec_axes(entry):
   """The mesh axes one PartitionSpec entry names, as a tuple (None: ())."""
   return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)

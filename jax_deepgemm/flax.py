@@ -262,8 +262,7 @@ class MoE(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and AxisType.Explicit in mesh.axis_types:
       return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(self.dtype)
-    return jax.lax.ragged_dot(x, w, group_sizes,
-                              preferred_element_type=jnp.float32).astype(self.dtype)
+    return _ragged_f32(x, w, group_sizes).astype(self.dtype)
 
   def _dense(self, x, w):
     w = w.astype(self.dtype)

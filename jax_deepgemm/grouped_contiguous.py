@@ -41,11 +41,7 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
   # every row NaN, where the kernel never reads the weights of rows it does not own.
   x, w = dequantize_per_token(a, sa), dequantize_per_block(b, sb)
   m, n = a.shape[0], b.shape[1]
-  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m))
-  # Row r's group: how many groups end at or before it (G: none). Not jnp.searchsorted: it
-  # fails inside a shard_map over some of the mesh's axes (jax 0.10).
-  rows = jnp.arange(m, dtype=ends.dtype)
-  row_group = jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
+  row_group = group_of_rows(group_sizes, m)
 
   def one_expert(d, g_w):
     g, w_g = g_w
@@ -54,11 +50,8 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
     return jnp.where((row_group == g)[:, None], d_g, d), None
 
   # Inside shard_map the carry must vary over the manual axes the products vary over.
-  init = jnp.zeros((m, n), jnp.float32)
-  vma = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in (x, w, row_group)))
-  if vma:
-    init = jax.lax.pcast(init, tuple(sorted(vma)), to="varying")
-  d, _ = jax.lax.scan(one_expert, init, (jnp.arange(b.shape[0], dtype=ends.dtype), w))
+  init = _primitive.match_vma(jnp.zeros((m, n), jnp.float32), x, w, row_group)[0]
+  d, _ = jax.lax.scan(one_expert, init, (jnp.arange(b.shape[0], dtype=row_group.dtype), w))
   return d.astype(out_dtype)
 
 
@@ -127,6 +120,15 @@ def sanitize_group_sizes(group_sizes, m):
   g = clip_rows(group_sizes, m)
   ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x + y, m), g)
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
+
+
+def group_of_rows(group_sizes, m):
+  """Each of ``m`` rows' group under ``group_sizes`` (sanitized; ``G`` for rows past the last
+  group): how many groups end at or before the row. (Not ``jnp.searchsorted``: it fails inside
+  a shard_map over some of the mesh's axes, jax 0.10.)"""
+  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m))
+  rows = jnp.arange(m, dtype=ends.dtype)
+  return jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp.bfloat16):

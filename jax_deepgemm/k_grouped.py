@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_deepgemm import _checks, _primitive
-from jax_deepgemm.grouped_contiguous import MAX_KERNEL_GROUPS, sanitize_group_sizes
+from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS, group_of_rows,
+                                             sanitize_group_sizes)
 from jax_deepgemm.quant import ceil_div, dequantize_per_token
 
 OP = "k_grouped_fp8_gemm_tn_contiguous"
@@ -52,16 +53,15 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   # Per group, its tokens selected (the others zeroed by selection, so a NaN token of one
   # group stays out of the others) and contracted; a scan over groups, not ragged_dot_general,
   # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
-  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, a.shape[0]))
-  tokens = jnp.arange(a.shape[0], dtype=ends.dtype)
-  token_group = jnp.sum(tokens[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
+  token_group = group_of_rows(group_sizes, a.shape[0])
 
   def one_group(_, g):
     x_g = jnp.where((token_group == g)[:, None], x, 0.0)
     return None, jnp.dot(x_g.T, y, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
 
-  _, d = jax.lax.scan(one_group, None, jnp.arange(group_sizes.shape[0], dtype=ends.dtype))
+  _, d = jax.lax.scan(one_group, None,
+                      jnp.arange(group_sizes.shape[0], dtype=token_group.dtype))
   d = d.reshape(group_sizes.shape[0], a.shape[1], b.shape[1])  # [G, N, K], also for G = 0
   return (d + c[0] if has_c else d).astype(out_dtype)
 

@@ -40,25 +40,6 @@ def _gemm_dtype(dtype):
   return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
 
 
-def _match_vma(*xs):
-  """Inside ``jax.shard_map``, casts every operand to vary over the same manual axes.
-
-  A ``custom_vjp`` must return cotangents typed like its primal inputs; the backward's
-  weight gradient varies wherever the activations do. Casting (``pcast`` to varying, whose
-  transpose is a ``psum``) first makes the types agree. Outside shard_map this is a no-op.
-  """
-  vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying
-                            for x in xs if x is not None))
-  if not vma:
-    return xs
-  def cast(x):
-    if x is None:
-      return x
-    missing = tuple(sorted(vma - jax.typeof(x).manual_axis_type.varying))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return tuple(map(cast, xs))
-
-
 def _check_float(op, name, x):
   if not is_wide_float(x.dtype):
     raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
@@ -141,7 +122,7 @@ def fp8_linear(x, w, bias=None):
     _check_float("fp8_linear", "bias", bias)
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
-  x, w, bias = _match_vma(x, w, bias)
+  x, w, bias = _primitive.match_vma(x, w, bias)
   order = _primitive.split_first(x, x.ndim - 1)
   x2 = _primitive.fold(x, order)
   y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias))
@@ -212,7 +193,7 @@ def fp8_grouped_linear(x, w, group_sizes):
     raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
                      f"{x.shape}, {w.shape}")
   _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
-  x, w, group_sizes = _match_vma(x, w, group_sizes)
+  x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.

@@ -77,6 +77,9 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
   call = jax.ffi.ffi_call(
       "jax_deepgemm_m_grouped_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
       input_layouts=(None, sa_layout, None, None, None))
+  # The handler takes min(expected_m, masked_stride) rows per group; clipped here already, so
+  # that any Python int (expected_m is only a hint) fits the int64 attribute.
+  expected_m = min(expected_m, masked_stride)
   return call(a, sa_op, b, sb, sizes.astype(jnp.int32),
               masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
 

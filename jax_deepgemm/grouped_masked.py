@@ -93,7 +93,8 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     a: e4m3 ``[G, M_max, K]``, ``sa`` float32 ``[G, M_max, ceil(K/128)]``.
     b: e4m3 ``[G, N, K]``, ``sb`` float32 ``[G, ceil(N/128), ceil(K/128)]``.
     masked_m: int32 ``[G]`` device array, valid rows per group (clipped to ``[0, M_max]``).
-    expected_m: static int, the typical ``masked_m`` (a config hint); default ``M_max``.
+    expected_m: static int, the typical ``masked_m`` (a config hint); default ``M_max``,
+      and larger values count as ``M_max``.
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
   a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))

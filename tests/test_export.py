@@ -253,3 +253,16 @@ def test_casts_past_the_kernels_32_bit_offsets_take_the_reference(monkeypatch, f
                                                jax.ShapeDtypeStruct(s, jnp.bfloat16)))
   assert target in lower((256, 256))
   assert target not in lower(shape)
+
+
+@pytest.mark.parametrize("expected_m", [2**63, 2**70])
+def test_masked_expected_m_past_int64_is_clipped(rng, monkeypatch, expected_m):
+  # (np.int64(expected_m) raised a bare OverflowError at lowering.) The handler takes
+  # min(expected_m, M_max) anyway, so the attribute is clipped to M_max.
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  a, sa = quant_act(rng, 2 * 128, 256)
+  b, sb = quant_w(rng, 2, 384, 256)
+  mod = _cuda_module(lambda *z: jd.m_grouped_fp8_gemm_nt_masked(*z, expected_m=expected_m),
+                     a.reshape(2, 128, 256), sa.reshape(2, 128, -1), b, sb,
+                     jnp.asarray([128, 7], jnp.int32))
+  assert re.search(r"expected_m = 128 : i64", mod), mod

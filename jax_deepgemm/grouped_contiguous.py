@@ -41,7 +41,7 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
   # every row NaN, where the kernel never reads the weights of rows it does not own.
   x, w = dequantize_per_token(a, sa), dequantize_per_block(b, sb)
   m, n = a.shape[0], b.shape[1]
-  row_group = group_of_rows(group_sizes, m)
+  row_group = group_of_rows(group_sizes, m, OP)
 
   def one_expert(d, g_w):
     g, w_g = g_w
@@ -110,8 +110,13 @@ def clip_rows(sizes, m):
   return jnp.clip(sizes, 0, m).astype(jnp.int32)
 
 
-def sanitize_group_sizes(group_sizes, m):
+def sanitize_group_sizes(group_sizes, m, op="jax_deepgemm"):
   """Negative sizes → 0; sizes clipped so the groups end at row ``m`` at the latest."""
+  if not _primitive.known(group_sizes.shape[0]):
+    # (The running sum below is an associative_scan, which slices by the length: a symbolic
+    # one, under shape-polymorphic export, failed inside it with a bare NotImplementedError.)
+    raise ValueError(f"{op}: group_sizes needs a known number of groups G, got the symbolic "
+                     f"{group_sizes.shape[0]}; export with a concrete G")
   # Sizes typed as split over Explicit mesh axes are gathered first: the running sum slices
   # them, which JAX refuses on a split dimension (group sizes are global anyway).
   aval = jax.typeof(group_sizes)
@@ -125,11 +130,11 @@ def sanitize_group_sizes(group_sizes, m):
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 
 
-def group_of_rows(group_sizes, m):
+def group_of_rows(group_sizes, m, op="jax_deepgemm"):
   """Each of ``m`` rows' group under ``group_sizes`` (sanitized; ``G`` for rows past the last
   group): how many groups end at or before the row. (Not ``jnp.searchsorted``: it fails inside
   a shard_map over some of the mesh's axes, jax 0.10.)"""
-  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m))
+  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m, op))
   rows = jnp.arange(m, dtype=ends.dtype)
   return jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
 

@@ -53,7 +53,7 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   # Per group, its tokens selected (the others zeroed by selection, so a NaN token of one
   # group stays out of the others) and contracted; a scan over groups, not ragged_dot_general,
   # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
-  token_group = group_of_rows(group_sizes, a.shape[0])
+  token_group = group_of_rows(group_sizes, a.shape[0], OP)
 
   def one_group(_, g):
     x_g = jnp.where((token_group == g)[:, None], x, 0.0)
@@ -119,7 +119,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
   a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
   group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0])
+    group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0], OP)
   extra = () if c is None else (jnp.asarray(c),)
   return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None,
                           token_major=token_major, out_dtype=out_dtype)

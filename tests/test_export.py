@@ -266,3 +266,25 @@ def test_masked_expected_m_past_int64_is_clipped(rng, monkeypatch, expected_m):
                      a.reshape(2, 128, 256), sa.reshape(2, 128, -1), b, sb,
                      jnp.asarray([128, 7], jnp.int32))
   assert re.search(r"expected_m = 128 : i64", mod), mod
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_symbolic_groups_of_the_running_sum_need_a_number(monkeypatch, platform):
+  # The group sizes' saturating running sum (the K-grouped op clips its sizes with it, the
+  # M-grouped reference finds each row's group with it) is an associative_scan, which needs
+  # the length: a symbolic G failed inside it with a bare NotImplementedError.
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: platform == "cuda")
+  g, = export.symbolic_shape("g")
+  S, e4, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
+  k_specs = (S((256, 64), e4), S((2, 64), f32), S((256, 96), e4), S((2, 96), f32),
+             S((g,), jnp.int32))
+  m_specs = (S((256, 128), e4), S((256, 1), f32), S((g, 64, 128), e4), S((g, 1, 1), f32),
+             S((g,), jnp.int32))
+  cases = [(jd.k_grouped_fp8_gemm_tn_contiguous, k_specs)]
+  if platform == "cpu":  # (the M-grouped kernel takes a symbolic G: _symbolic_cases)
+    cases.append((jd.m_grouped_fp8_gemm_nt_contiguous, m_specs))
+  for fn, specs in cases:
+    with pytest.raises(ValueError, match=f"{fn.__name__}: group_sizes needs a known number "
+                                         "of groups G, got the symbolic g"):
+      export.export(jax.jit(fn), platforms=(platform,),
+                    disabled_checks=jd.export_safety_checks())(*specs)

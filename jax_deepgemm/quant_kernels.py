@@ -74,14 +74,23 @@ def ceil_div(a: int, b: int) -> int:
 
 # ----------------------------------------------------------------------------- reference
 
+def _amax(a, axis):
+  """max |a| over ``axis``, NaN if any is: XLA's CPU reductions of many elements drop NaNs
+  (a NaN in a 128x128 block gave a finite scale), its GPU ones and our kernels do not."""
+  a = jnp.abs(a)
+  return jnp.where(jnp.isnan(a).any(axis=axis), jnp.float32(jnp.nan), jnp.max(a, axis=axis))
+
+
 def _scale_from_amax(amax, use_ue8m0):
   scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
   if use_ue8m0:
     # Power-of-two scales (what UE8M0 hardware scales can represent), rounded up so
     # the quantized values never overflow 448. Done on the bits: GPU exp2/log2 are inexact.
+    # NaN and inf stay as they are (rounding NaN's exponent up would carry into the sign: -0.0).
     bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
     exp = bits & jnp.uint32(0x7F800000)
-    bits = jnp.where((bits & jnp.uint32(0x007FFFFF)) != 0, exp + jnp.uint32(0x00800000), exp)
+    up = jnp.where((bits & jnp.uint32(0x007FFFFF)) != 0, exp + jnp.uint32(0x00800000), exp)
+    bits = jnp.where(exp == jnp.uint32(0x7F800000), bits, up)
     scale = jax.lax.bitcast_convert_type(bits, jnp.float32)
   return scale
 
@@ -94,7 +103,7 @@ def per_token_cast_reference(x, *, use_ue8m0=False):
   pad = groups * BLOCK - n
   xp = jnp.pad(xm, [(0, 0)] * (xm.ndim - 1) + [(0, pad)])
   xg = xp.reshape(xm.shape[:-1] + (groups, BLOCK))
-  scale = _scale_from_amax(jnp.max(jnp.abs(xg), axis=-1), use_ue8m0)
+  scale = _scale_from_amax(_amax(xg, -1), use_ue8m0)
   q = (xg / scale[..., None]).astype(FP8_DTYPE).reshape(xp.shape)[..., :n]
   return q, scale
 
@@ -113,7 +122,7 @@ def per_block_cast_reference(w, *, use_ue8m0=False, transpose=False):
   wp = jnp.pad(w.astype(jnp.float32),
                [(0, 0)] * len(lead) + [(0, nb * BLOCK - n), (0, kb * BLOCK - k)])
   wb = wp.reshape(*lead, nb, BLOCK, kb, BLOCK)
-  scale = _scale_from_amax(jnp.max(jnp.abs(wb), axis=(-3, -1)), use_ue8m0)
+  scale = _scale_from_amax(_amax(wb, (-3, -1)), use_ue8m0)
   q = (wb / scale[..., :, None, :, None]).astype(FP8_DTYPE)
   return q.reshape(wp.shape)[..., :n, :k], scale
 

@@ -358,6 +358,22 @@ def test_dual_cast_non_finite(rng):
       _assert_bitwise(got, _separate_casts(xd, use_ue8m0))
 
 
+def test_ue8m0_keeps_non_finite_scales(rng):
+  # Rounding a NaN scale's exponent up carried into the sign bit: the group's scale was -0.0.
+  x = np.array(randn(rng, (4, 384), jnp.float32))
+  x[1, 5], x[2, 200] = np.nan, np.inf
+  for fn in (jd.per_token_cast_to_fp8, jd.per_block_cast_to_fp8,
+             lambda x, **kw: jd.per_token_cast_to_fp8(x, axis=0, **kw)):
+    _, s = fn(jnp.asarray(x), use_ue8m0=True)
+    _, s_plain = fn(jnp.asarray(x))
+    s, s_plain = np.asarray(s), np.asarray(s_plain)
+    np.testing.assert_array_equal(np.isnan(s), np.isnan(s_plain))
+    np.testing.assert_array_equal(np.isinf(s), np.isinf(s_plain))
+    assert np.isnan(s).any() and not np.signbit(s).any()
+    finite = np.isfinite(s)
+    np.testing.assert_array_equal(np.exp2(np.round(np.log2(s[finite]))), s[finite])
+
+
 @pytest.mark.parametrize("in_axis", [0, 1, 2])
 def test_dual_cast_vmap(rng, in_axis):
   x = jnp.moveaxis(randn(rng, (3, 200, 130), jnp.bfloat16), 0, in_axis)

@@ -98,12 +98,13 @@ __device__ __forceinline__ uint32_t e4m3_overflow(float v) {
 __device__ __forceinline__ float group_scale(float amax, bool ue8m0) {
   float s = __fmul_rn(max_nan(amax, kAmaxFloor), kInvFp8Max);
   if (ue8m0) {
-    // Round up to a power of two on the bits, exactly as the reference does
-    // (a NaN scale becomes -0.0 there too: the exponent add carries into the
-    // sign bit).
+    // Round up to a power of two on the bits, exactly as the reference does;
+    // NaN and inf stay (NaN's exponent add would carry into the sign: -0.0).
     const uint32_t bits = __float_as_uint(s);
     const uint32_t exp = bits & 0x7F800000u;
-    s = __uint_as_float((bits & 0x007FFFFFu) != 0 ? exp + 0x00800000u : exp);
+    if (exp != 0x7F800000u) {
+      s = __uint_as_float((bits & 0x007FFFFFu) != 0 ? exp + 0x00800000u : exp);
+    }
   }
   return s;
 }
@@ -264,7 +265,7 @@ __device__ __forceinline__ void quantize_chunk_rcp(const uint4& c, const float* 
 }
 
 // Whether quantize_chunk_rcp may take a scale: positive and finite, so not the
-// inf or NaN of non-finite groups, nor the -0.0 that UE8M0 makes of NaN.
+// inf or NaN of non-finite groups.
 __device__ __forceinline__ bool rcp_ok(float scale) { return scale > 0.0f && scale < INFINITY; }
 
 // A chunk of one scale (`rcp` = rcp_approx(scale)): the fast form where rcp_ok.

@@ -55,14 +55,14 @@ from jax._src import dispatch  # custom_partitioning needs the devices at loweri
 from jax._src.sharding_impls import parse_flatten_op_sharding
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_deepgemm import _primitive
+from jax_deepgemm import _ffi, _primitive
 from jax_deepgemm.gemm import fp8_gemm_nt_p
-from jax_deepgemm.grouped_contiguous import (clip_rows, m_grouped_contiguous_p,
-                                             sanitize_group_sizes)
+from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS, clip_rows,
+                                             m_grouped_contiguous_p, sanitize_group_sizes)
 from jax_deepgemm.grouped_masked import masked_p
-from jax_deepgemm.k_grouped import k_grouped_p
+from jax_deepgemm.k_grouped import OP as K_GROUPED_OP, k_grouped_p
 from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_block_dual_cast_p,
                                         per_token_cast_p, token_axis_cast_p,
                                         warm_up_division_probes)
@@ -122,6 +122,13 @@ def _spec(*dims):
 
 def _first(*candidates):
   return next((c for c in candidates if c), ())
+
+
+def _kernels_on(mesh) -> bool:
+  """Whether the ops' shards on ``mesh`` run our kernels, whose limits then apply (not known
+  of an abstract mesh, as explicit types give: checked when partitioned)."""
+  return (isinstance(mesh, Mesh) and mesh.devices.flat[0].platform == "gpu"
+          and _ffi.use_kernels())
 
 
 def _window(group_sizes, rows, row_axes, experts, expert_axes, total_rows):
@@ -263,6 +270,13 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
   k_ax = _free(_first(dims[2][ci], out_dims[2] if out_dims else ()), t_ax, n_ax)
   g_dims = _first(out_dims[0] if out_dims else (), dims[5][0] if has_c else ())
   g_ax = _free(_split(mesh, g_dims, g), t_ax, n_ax, k_ax)
+  if g_ax and g // _size(mesh, g_ax) + 1 > MAX_KERNEL_GROUPS and _kernels_on(mesh):
+    # The local op takes one group more than the shard's experts (below): say so, not "got 1025".
+    raise ValueError(
+        f"{K_GROUPED_OP}: G = {g} split over mesh axes {g_ax} leaves {g // _size(mesh, g_ax)} "
+        f"experts a device, and the Hopper kernel one more group (the tokens before them): "
+        f"over its {MAX_KERNEL_GROUPS}; split G over more devices (at most "
+        f"{MAX_KERNEL_GROUPS - 1} experts a device)")
   a_spec, b_spec = ((_spec(n_ax, t_ax), _spec(k_ax, t_ax)) if token_major
                     else (_spec(t_ax, n_ax), _spec(t_ax, k_ax)))
   specs = [a_spec, _spec(t_ax, n_ax), b_spec, _spec(t_ax, k_ax), P()]

@@ -16,7 +16,8 @@ PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
          "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather",
          "case_explicit_axes", "case_explicit_types", "case_explicit_moe",
-         "case_grouped_sizes_split_and_partial_manual"]
+         "case_grouped_sizes_split_and_partial_manual",
+         "case_k_grouped_experts_split_past_the_group_table"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
@@ -665,6 +666,36 @@ def case_grouped_sizes_split_and_partial_manual(partitioner):
       dx, dw = jax.jit(jax.grad(f, (0, 1)))(x, w, local_gs, ct_local)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-4, atol=1e-4)
+
+
+def case_k_grouped_experts_split_past_the_group_table(partitioner):
+  # With G split, each device's K-grouped op takes one group more than its experts (the tokens
+  # before them): 1024 local experts made 1025 groups, which the kernel's lowering refused
+  # ("got 1025"). The plan now says why. (On CPU the reference has no such limit: the check is
+  # taken as on a GPU. Raised in XLA's partitioning callback, it comes wrapped in a
+  # JaxRuntimeError.)
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  import pytest
+  import jax_deepgemm as jd
+  from jax_deepgemm import sharding
+  mesh = _setup(partitioner)
+  sharding._kernels_on = lambda mesh: True
+  rng, helpers, _ = _data(8)
+  a, sa = helpers.quant_act(rng, 256, 8, axis=0)
+  op = jd.k_grouped_fp8_gemm_tn_contiguous
+  by_expert = lambda *xs: jax.lax.with_sharding_constraint(op(*xs), NamedSharding(mesh, P("y")))
+  for experts in (1023, 1024):
+    gs = jnp.zeros((4 * experts,), jnp.int32).at[::7].set(3)
+    lower = lambda: jax.jit(by_expert).lower(a, sa, a, sa, gs).compile()
+    if experts == 1023:
+      lower()
+    else:
+      with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                         match=r"G = 4096 split over mesh axes \('y',\) leaves 1024 experts a "
+                               r"device.*at most 1023"):
+        lower()
 
 
 if __name__ == "__main__":

@@ -143,6 +143,36 @@ def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = Fals
   return _C.gemm_config(m, n, k, groups, accumulate, masked, f32_out)
 
 
+def check_gemm_config(op: str, m, n, k, groups=0, *, accumulate=False, masked=False,
+                      f32_out=False):
+  """At lowering for the kernels: that JAX_DEEPGEMM_GEMM_CONFIG names a kernel built for ``op``.
+
+  The handlers pick the kernel at run time, and an override that matches none of the op's table
+  (e.g. ``block_n=32`` or ``block_m=192``, built for dense GEMMs only, on an M-grouped one)
+  failed every call there; the same selection, asked here, fails the lowering. Whether an
+  override matches does not depend on the sizes: a symbolic one (shape-polymorphic export) is
+  asked as 128. Without the extension nothing is built to check against (and the reference
+  lowering ignores the setting).
+  """
+  if _C is not None:
+    dims = [d if isinstance(d, int) else 128 for d in (m, n, k, groups)]
+    _raise_for(op, lambda: _C.gemm_config(*dims, accumulate, masked, f32_out))
+
+
+def check_k_grouped_config(op: str, groups, n, k):
+  """``check_gemm_config`` for the K-grouped kernel and JAX_DEEPGEMM_K_GROUPED_CONFIG."""
+  if _C is not None:
+    dims = [d if isinstance(d, int) else 128 for d in (groups, n, k)]
+    _raise_for(op, lambda: _C.k_grouped_config(*dims))
+
+
+def _raise_for(op, select):
+  try:
+    select()
+  except ValueError as e:  # (the extension's message says what is wrong and what is built)
+    raise ValueError(f"{op}: {str(e).removeprefix('jax_deepgemm: ')}") from None
+
+
 def k_grouped_config(groups: int, n: int, k: int) -> str:
   """The tile picked for the K-grouped wgrad GEMM with a ``[groups, n, k]`` output."""
   return _C.k_grouped_config(groups, n, k) if _C is not None else "reference"

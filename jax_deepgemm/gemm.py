@@ -82,6 +82,7 @@ def _cuda(*args, out_dtype, has_bias, has_c):
   (m, k), n = a.shape, b.shape[0]
   if m == 0 or n == 0 or k == 0:
     return _reference(*args, out_dtype=out_dtype, has_bias=has_bias, has_c=has_c)
+  _ffi.check_gemm_config(OP, m, n, k, accumulate=has_c, f32_out=out_dtype == jnp.float32)
   if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
     a = jnp.pad(a, ((0, 0), (0, _round_up(k, 16) - k)))
     b = jnp.pad(b, ((0, 0), (0, _round_up(k, 16) - k)))

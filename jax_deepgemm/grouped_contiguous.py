@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
-from jax_deepgemm import _checks, _primitive
+from jax_deepgemm import _checks, _ffi, _primitive
 from jax_deepgemm.gemm import a_scales_operand
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
@@ -69,6 +69,12 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
   if _primitive.known(g) and g > MAX_KERNEL_GROUPS:
     raise ValueError(f"m_grouped_fp8_gemm_nt: the Hopper kernel supports at most "
                      f"{MAX_KERNEL_GROUPS} groups, got {g}")
+  # The handler clips expected_m to masked_stride too; clipped here already, so that any Python
+  # int (expected_m is only a hint) fits the int64 attribute.
+  expected_m = min(expected_m, masked_stride)
+  # (The masked layout's config follows the rows expected per group, by default M_max.)
+  _ffi.check_gemm_config("m_grouped_fp8_gemm_nt", expected_m or masked_stride or m, n, k, g,
+                         masked=masked_stride > 0, f32_out=out_dtype == jnp.float32)
   if k % 16:  # TMA needs 16-byte row pitches; zeros add nothing to the products.
     pad = -(-k // 16) * 16 - k
     a = jnp.pad(a, ((0, 0), (0, pad)))
@@ -77,9 +83,6 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
   call = jax.ffi.ffi_call(
       "jax_deepgemm_m_grouped_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
       input_layouts=(None, sa_layout, None, None, None))
-  # The handler takes min(expected_m, masked_stride) rows per group; clipped here already, so
-  # that any Python int (expected_m is only a hint) fits the int64 attribute.
-  expected_m = min(expected_m, masked_stride)
   return call(a, sa_op, b, sb, sizes.astype(jnp.int32),
               masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from jax_deepgemm import _checks, _primitive
+from jax_deepgemm import _checks, _ffi, _primitive
 from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS, group_of_rows,
                                              sanitize_group_sizes)
 from jax_deepgemm.quant import ceil_div, dequantize_per_token
@@ -76,6 +76,7 @@ def _cuda(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   if g > MAX_KERNEL_GROUPS:
     raise ValueError(f"{OP}: the Hopper kernel supports at most {MAX_KERNEL_GROUPS} groups, "
                      f"got {g}")
+  _ffi.check_k_grouped_config(OP, g, n, k)
   # The kernel wants both operands token-major (FP8 wgmma reads K-major only), T padded
   # to 16 (TMA row pitch; zero tokens belong to no group), scale rows padded to 4.
   tp = -(-t // 16) * 16

@@ -29,13 +29,13 @@ for spec in sys.argv[1:]:
 """
 
 
-def _configs(override, *specs, var="JAX_DEEPGEMM_GEMM_CONFIG"):
+def _configs(override, *specs, var="JAX_DEEPGEMM_GEMM_CONFIG", script=_SCRIPT):
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_DEEPGEMM_GEMM_CONFIG", "JAX_DEEPGEMM_K_GROUPED_CONFIG")}
   if override is not None:
     env[var] = override
   # -P and cwd: import the installed package (with its extension), not a source tree.
-  r = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, *specs], env=env,
+  r = subprocess.run([sys.executable, "-P", "-c", script, *specs], env=env,
                      cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=120)
   return r.returncode, r.stdout.split(), r.stderr
 
@@ -170,6 +170,47 @@ def test_bad_override_is_a_clear_error(override, message):
   rc, _, err = _configs(override, "4096x7168x16384")
   assert rc != 0
   assert "ValueError" in err and message in err, err[-2000:]
+
+
+_LOWER = """
+import sys, jax, jax.numpy as jnp, jax_deepgemm as jd
+from jax_deepgemm import _ffi
+_ffi.use_kernels = lambda: True  # lower as on a Hopper GPU (the lowering needs none)
+S, e4, f32, i32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32, jnp.int32
+ops = {
+    "dense": (jd.fp8_gemm_nt, (S((256, 256), e4), S((256, 2), f32), S((256, 256), e4),
+                               S((2, 2), f32))),
+    "grouped": (jd.m_grouped_fp8_gemm_nt_contiguous,
+                (S((256, 256), e4), S((256, 2), f32), S((2, 256, 256), e4), S((2, 2, 2), f32),
+                 S((2,), i32))),
+    "k_grouped": (jd.k_grouped_fp8_gemm_tn_contiguous,
+                  (S((256, 128), e4), S((2, 128), f32), S((256, 256), e4), S((2, 256), f32),
+                   S((2,), i32))),
+}
+for name in sys.argv[1:]:
+  fn, specs = ops[name]
+  try:
+    jax.export.export(jax.jit(fn), platforms=("cuda",),
+                      disabled_checks=jd.export_safety_checks())(*specs)
+    print("ok")
+  except ValueError as e:
+    print("error")
+    print(e, file=sys.stderr)
+"""
+
+
+def test_override_that_no_kernel_of_an_op_matches_fails_its_lowering():
+  # Dense-only tiles forced: the M-grouped GEMMs failed every call at run time, in the
+  # handler; now their lowering (jit, export) fails, naming the op. Dense ones lower.
+  for override in ("block_n=32", "block_m=192", "block_n=160"):
+    rc, out, err = _configs(override, "dense", "grouped", script=_LOWER)
+    assert rc == 0 and out == ["ok", "error"], (override, out, err[-2000:])
+    assert ("m_grouped_fp8_gemm_nt: JAX_DEEPGEMM_GEMM_CONFIG='" + override +
+            "' matches no grouped kernel that is built") in err, err[-2000:]
+  rc, out, err = _configs("block_m=96", "k_grouped", "dense", script=_LOWER,
+                          var="JAX_DEEPGEMM_K_GROUPED_CONFIG")
+  assert rc == 0 and out == ["error", "ok"], (out, err[-2000:])
+  assert "k_grouped_fp8_gemm_tn_contiguous: invalid JAX_DEEPGEMM_K_GROUPED_CONFIG" in err
 
 
 def test_k_grouped_heuristic_and_override():

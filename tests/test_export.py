@@ -288,3 +288,59 @@ def test_symbolic_groups_of_the_running_sum_need_a_number(monkeypatch, platform)
                                          "of groups G, got the symbolic g"):
       export.export(jax.jit(fn), platforms=(platform,),
                     disabled_checks=jd.export_safety_checks())(*specs)
+
+
+class _DenseOnlyOverride:
+  """The extension's config selection (``_C``) as it answers where JAX_DEEPGEMM_GEMM_CONFIG
+  names a dense-only tile (block_n=32) and, with ``bad_k_grouped``, JAX_DEEPGEMM_K_GROUPED_CONFIG
+  no tile at all; tests/test_config.py asks the real one."""
+
+  def __init__(self):
+    self.asked, self.bad_k_grouped = [], False
+
+  def gemm_config(self, m, n, k, groups, accumulate, masked, f32_out):
+    self.asked.append((m, n, k, groups, accumulate, masked, f32_out))
+    if groups:
+      raise ValueError("jax_deepgemm: JAX_DEEPGEMM_GEMM_CONFIG='block_n=32' matches no grouped "
+                       "kernel that is built; supported: block_m=64,block_n=64,...")
+    return "block_m=64,block_n=32,stages=18,multicast=1"
+
+  def k_grouped_config(self, groups, n, k):
+    if not self.bad_k_grouped:
+      return "block_m=128,block_n=128,stages=5"
+    raise ValueError("jax_deepgemm: invalid JAX_DEEPGEMM_K_GROUPED_CONFIG='block_m=96': "
+                     "expected block_m=64, 128 or 192 (block_n=128)")
+
+
+def test_config_override_for_another_table_fails_at_lowering(rng, monkeypatch):
+  # An override that matches no kernel of an op's table failed every call of it at run time,
+  # in the handler ("matches no grouped kernel that is built"); the lowering asks the same
+  # selection now, so jit / export fail with it, naming the op.
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  fake = _DenseOnlyOverride()
+  monkeypatch.setattr(_ffi, "_C", fake)
+  cases = _cases(rng)
+  # Dense GEMMs (the linear layer): their table has the tile.
+  _cuda_module(cases[0][0], *cases[0][1])
+  assert fake.asked and not any(q[3] for q in fake.asked)
+  with pytest.raises(ValueError, match="m_grouped_fp8_gemm_nt: JAX_DEEPGEMM_GEMM_CONFIG="
+                                       "'block_n=32' matches no grouped kernel"):
+    # (masked, expected_m=64: asked about 64 rows in each of 4 groups)
+    _cuda_module(cases[2][0], *cases[2][1])
+  assert fake.asked[-1] == (64, 384, 256, 4, False, True, False)
+  with pytest.raises(ValueError, match="m_grouped_fp8_gemm_nt: JAX_DEEPGEMM_GEMM_CONFIG"):
+    _cuda_module(cases[1][0], *cases[1][1])  # the grouped layer: contiguous
+  a, sa = quant_act(rng, 256, 64, axis=0)
+  fake.bad_k_grouped = True
+  with pytest.raises(ValueError, match="k_grouped_fp8_gemm_tn_contiguous: invalid "
+                                       "JAX_DEEPGEMM_K_GROUPED_CONFIG='block_m=96'"):
+    _cuda_module(jd.k_grouped_fp8_gemm_tn_contiguous, a, sa, a, sa,
+                 jnp.asarray([100, 156], jnp.int32))
+  # Symbolic sizes are asked about as 128 (whether a tile matches does not depend on them).
+  fake.bad_k_grouped = False
+  t, = export.symbolic_shape("t")
+  with pytest.raises(ValueError, match="matches no grouped kernel"):
+    export.export(jax.jit(_loss_grouped), platforms=("cuda",),
+                  disabled_checks=jd.export_safety_checks())(
+        jax.ShapeDtypeStruct((t, 256), jnp.bfloat16), *cases[1][1][1:])
+  assert fake.asked[-1][0] == 128

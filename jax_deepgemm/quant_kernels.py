@@ -76,9 +76,11 @@ def ceil_div(a: int, b: int) -> int:
 
 def _amax(a, axis):
   """max |a| over ``axis``, NaN if any is: XLA's CPU reductions of many elements drop NaNs
-  (a NaN in a 128x128 block gave a finite scale), its GPU ones and our kernels do not."""
+  (a NaN in a 128x128 block gave a finite scale), its GPU ones and our kernels do not. The
+  NaNs are added in, not selected: a NaN constant got folded into the scale's arithmetic on
+  the host (0x7FC00000), where the GPU computes the kernels' canonical NaN (0x7FFFFFFF)."""
   a = jnp.abs(a)
-  return jnp.where(jnp.isnan(a).any(axis=axis), jnp.float32(jnp.nan), jnp.max(a, axis=axis))
+  return jnp.max(a, axis=axis) + jnp.sum(jnp.where(jnp.isnan(a), a, 0.0), axis=axis)
 
 
 def _scale_from_amax(amax, use_ue8m0):

@@ -271,7 +271,7 @@ def test_contiguous_rows_only_see_their_own_expert(rng):
     own = np.repeat(np.arange(3), sizes)
     good_rows = np.flatnonzero(own != bad)
     want = np.asarray(oracle.grouped_contiguous(a, sa, b, sb, sizes))
-    np.testing.assert_allclose(d[good_rows], want[good_rows], rtol=1e-5, atol=1e-5)
+    assert oracle.calc_diff(d[good_rows], want[good_rows]) < 1e-5  # (kernels: FP8 sums)
     if sizes[bad]:  # the bad expert's own rows are not finite, as in the float64 oracle
       assert not np.isfinite(d[np.flatnonzero(own == bad)]).any()
     np.testing.assert_array_equal(d[len(own):], 0.0)  # rows past the last group

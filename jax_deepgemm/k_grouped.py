@@ -53,11 +53,14 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   # Per group, its tokens selected (the others zeroed by selection, so a NaN token of one
   # group stays out of the others) and contracted; a scan over groups, not ragged_dot_general,
   # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
+  # Both operands are selected, as the kernel masks both: zeroing x's rows alone still let a
+  # NaN or inf in y's rows of one group into every other group (0 * NaN).
   token_group = group_of_rows(group_sizes, a.shape[0], OP)
 
   def one_group(_, g):
-    x_g = jnp.where((token_group == g)[:, None], x, 0.0)
-    return None, jnp.dot(x_g.T, y, precision=jax.lax.Precision.HIGHEST,
+    mine = (token_group == g)[:, None]
+    x_g, y_g = jnp.where(mine, x, 0.0), jnp.where(mine, y, 0.0)
+    return None, jnp.dot(x_g.T, y_g, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
 
   _, d = jax.lax.scan(one_group, None,

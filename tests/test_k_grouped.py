@@ -98,3 +98,21 @@ def test_errors(rng):
   with pytest.raises(TypeError, match="token_major must be a Python bool"):
     f(a, sa, a, sa, jnp.asarray([64], jnp.int32), token_major="yes")
   assert f(a, sa, a, sa, []).shape == (0, 16, 16)  # no groups, as an empty Python list
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+def test_non_finite_token_stays_in_its_group(rng, operand):
+  # The kernel masks both operands' tokens outside a group; the reference zeroed only a's, so
+  # a NaN in b's tokens of group 0 made group 1 NaN (0 * NaN) on CPU and not on the GPU.
+  t, n, k = 256, 16, 24
+  x, y = np.array(randn(rng, (t, n))), np.array(randn(rng, (t, k)))
+  (x if operand == "a" else y)[3, 5] = np.nan  # group 0's scale block (tokens 0-127)
+  a, sa = jd.per_token_cast_to_fp8(jnp.asarray(x), axis=0)
+  b, sb = jd.per_token_cast_to_fp8(jnp.asarray(y), axis=0)
+  gs = jnp.asarray([128, 128], jnp.int32)
+  d = jax.jit(jd.k_grouped_fp8_gemm_tn_contiguous)(a, sa, b, sb, gs)
+  assert bool(jnp.isnan(d[0]).any())
+  assert not bool(jnp.isnan(d[1]).any())
+  sel = slice(128, None)
+  want = oracle.k_grouped(a[sel], sa[1:], b[sel], sb[1:], [0, 128])
+  assert oracle.calc_diff(d[1], want[1]) < 1e-5

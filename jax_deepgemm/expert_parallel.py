@@ -125,6 +125,11 @@ def moe_forward(moe, x2, params, mesh, expert_axis):
   if x2.shape[0] % shards:
     raise ValueError(f"MoE: the {x2.shape[0]} tokens must split evenly over the mesh's "
                      f"{shards} devices {dict(mesh.shape)} (tokens are split over every axis)")
+  if x2.shape[0] == 0:
+    # No tokens: nothing to route or exchange (and eager autodiff of a shard_map whose
+    # operands are all empty fails inside Shardy). The single-device layer's result: an empty
+    # y and aux = 0, so every gradient is 0.
+    return jnp.zeros_like(x2), jnp.zeros((), jnp.float32)
   names = sorted(params)
   specs = {n: P(expert_axis) if n.startswith("w_") else P() for n in names}
   body = functools.partial(_local_moe, moe, names=names, expert_axis=expert_axis,

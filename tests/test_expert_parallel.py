@@ -35,6 +35,10 @@ def test_expert_weights_placed_when_traced():
   multidevice.run(__file__, "case_placement")
 
 
+def test_empty_batch_eager_and_jitted_grads():
+  multidevice.run(__file__, "case_empty_batch")
+
+
 # ----------------------------------------------------------------------------- child side
 def _moe(mesh, impl, h, w, e, k, **kw):
   import jax.numpy as jnp
@@ -212,6 +216,40 @@ def case_placement():
         y = nnx.jit(forward)(stacked, x)
         assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
   print("ok")
+
+
+def case_empty_batch():
+  # 0 tokens: an empty y, aux 0 and zero gradients, eager as under nnx.jit. (Eager nnx.grad
+  # failed inside Shardy: "'func.call' op expected at least one operand ... GlobalToLocalShape".)
+  import jax
+  from jax.sharding import AxisType
+  import contextlib
+  for types in ((AxisType.Auto,) * 2, (AxisType.Explicit,) * 2):
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=types)
+    # (JAX's eager grad of a result typed on Explicit axes needs the mesh set, any layer.)
+    explicit = AxisType.Explicit in types
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+      _empty_batch_grads(mesh, types)
+  print("ok")
+
+
+def _empty_batch_grads(mesh, types):
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  for impl in ("bf16", "fp8"):
+    model = _moe(mesh, impl, 32, 32, 8, 2, num_shared_experts=1)
+    def f(m, x):
+      y, aux = m(x)
+      return jnp.sum(y) + aux, (y, aux)
+    for grad in (nnx.value_and_grad, lambda f, **kw: nnx.jit(nnx.value_and_grad(f, **kw))):
+      for x in (jnp.zeros((0, 32)), jnp.zeros((3, 0, 32))):
+        (loss, (y, aux)), g = grad(f, has_aux=True)(model, x)
+        assert y.shape == x.shape and float(aux) == 0 and float(loss) == 0, (types, impl)
+        g, p = nnx.to_pure_dict(g), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        assert set(g) == set(p)
+        for name in g:
+          assert g[name].shape == p[name].shape and not np.any(np.asarray(g[name])), name
 
 
 def case_errors():

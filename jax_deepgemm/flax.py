@@ -47,6 +47,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import custom_batching
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
@@ -110,8 +111,40 @@ def _rows_spec(x):
   return None if spec is None else spec[0]
 
 
-def _ragged_f32(x, w, group_sizes):
+def _ragged_dot_f32(x, w, group_sizes):
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _vmap_batching_all(f):
+  """``f`` whose vmap batches every operand (broadcasting the unbatched ones): ragged_dot's
+  batching rule takes no other case ('ragged_dot vmap over any dim but 0 - NYI', e.g. a layer
+  vmapped over x alone)."""
+  f_all = custom_batching.custom_vmap(f)
+
+  @f_all.def_vmap
+  def rule(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, b in zip(args, in_batched)]
+    out = jax.vmap(f)(*args)
+    return out, jax.tree.map(lambda _: True, out)
+  return f_all
+
+
+# custom_vmap has no reverse mode, so the gradient is a custom_vjp whose two directions are
+# each batched as above.
+_ragged_fwd = _vmap_batching_all(_ragged_dot_f32)
+_ragged_bwd = _vmap_batching_all(lambda x, w, g, dy: tuple(
+    d.astype(p.dtype) for d, p in
+    zip(jax.vjp(lambda x, w: _ragged_dot_f32(x, w, g), x, w)[1](dy), (x, w))))
+
+
+@jax.custom_vjp
+def _ragged_f32(x, w, group_sizes):
+  return _ragged_fwd(x, w, group_sizes)
+
+
+_ragged_f32.defvjp(lambda x, w, g: (_ragged_fwd(x, w, g), (x, w, g)),
+                   lambda res, dy: (*_ragged_bwd(*res, dy), None))
 
 
 @jax.custom_vjp

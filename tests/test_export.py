@@ -234,10 +234,6 @@ def test_symbolic_batch_runs_as_jit(rng, case, one):
                              rtol=1e-6, atol=1e-6)
 
 
-if __name__ == "__main__":
-  multidevice.main(globals())
-
-
 @pytest.mark.parametrize("fn,shape,target", [
     (jd.per_token_cast_to_fp8_and_transpose, (2**24, 64), "jax_deepgemm_dual_cast"),
     (lambda x: jd.per_token_cast_to_fp8(x, axis=0), (2**25, 2), "jax_deepgemm_token_axis_cast"),
@@ -344,3 +340,7 @@ def test_config_override_for_another_table_fails_at_lowering(rng, monkeypatch):
                   disabled_checks=jd.export_safety_checks())(
         jax.ShapeDtypeStruct((t, 256), jnp.bfloat16), *cases[1][1][1:])
   assert fake.asked[-1][0] == 128
+
+
+if __name__ == "__main__":  # (last: the cases above must be defined when it runs)
+  multidevice.main(globals())

@@ -272,6 +272,8 @@ def main(argv=None):
   plot_dir = os.path.dirname(os.path.abspath(args.plot))
   if not os.path.isdir(plot_dir):
     p.error(f"--plot: directory {plot_dir} does not exist")
+  if os.path.isdir(args.plot):  # (opening it for the PNG failed after training)
+    p.error(f"--plot: {args.plot} is a directory; name the PNG file to write")
   if args.ckpt_dir and (why := check_ckpt_dir(os.path.abspath(args.ckpt_dir))) is not None:
     p.error(f"--ckpt-dir: {why}")
   cfg = PRESETS[args.preset]

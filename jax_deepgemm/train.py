@@ -289,6 +289,9 @@ def main(argv=None):
         if (args.parallel or args.mesh) else None
   except ValueError as e:
     p.error(str(e))
+  if mesh is not None and cfg.batch % mesh.size:  # (train's ValueError came as a traceback)
+    p.error(f"--mesh: the batch ({cfg.batch}) must split evenly over the mesh's {mesh.size} "
+            "devices")
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
   say(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} "

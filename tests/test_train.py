@@ -94,3 +94,17 @@ def test_make_mesh_rejects_sizes_that_are_not_positive_ints(sizes):
   from jax_deepgemm import expert_parallel
   with pytest.raises(ValueError, match="must be a positive int"):
     expert_parallel.make_mesh(**sizes)
+
+
+def test_cli_rejects_a_mesh_the_batch_does_not_split_over(tmp_path):
+  # (3 devices and the batch of 16: train's ValueError came as a traceback after the model
+  # was built; now a usage error.) A child process: the device count is fixed at JAX's start.
+  import subprocess
+  import sys
+  import multidevice
+  r = subprocess.run([sys.executable, "-m", "jax_deepgemm.train", "--experts", "bf16", "--steps",
+                      "1", "--cpu-devices", "3", "--parallel", "--plot", str(tmp_path / "c.png")],
+                     env=multidevice.env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "batch (16) must split evenly over the mesh's 3 devices" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "final loss" not in r.stdout

@@ -265,7 +265,8 @@ def main(argv=None):
   par.add_argument("--cpu-devices", type=int,
                    help="CPU only: devices per process (for trying the parallel paths on CPU)")
   args = p.parse_args(argv)
-  for flag, value in (("--steps", args.steps), ("--log-every", args.log_every)):
+  for flag, value in (("--steps", args.steps), ("--log-every", args.log_every),
+                      ("--cpu-devices", args.cpu_devices)):
     if value is not None and value < 1:
       p.error(f"{flag} must be at least 1, got {value}")
   # Checked before training, not after it (a bad path would lose the run).

@@ -39,9 +39,11 @@ def test_cli_writes_plot(tmp_path, capsys):
   assert "final loss" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--log-every", "0"]])
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--log-every", "0"],
+                                   ["--cpu-devices", "0"], ["--cpu-devices", "-2"]])
 def test_cli_rejects_step_counts_below_one(flags, capsys):
-  # (--steps 0 ran the preset's count; -3 crashed after training with an IndexError.)
+  # (--steps 0 ran the preset's count; -3 crashed after training with an IndexError;
+  # --cpu-devices 0 or -2 was ignored: the run went on with JAX's default device count.)
   with pytest.raises(SystemExit):
     train.main(["--experts", "fp8", *flags])
   assert "must be at least 1" in capsys.readouterr().err

@@ -247,8 +247,10 @@ class MoE(nnx.Module):
       raise ValueError(f"MoE: score must be one of {_SCORES}, got {score!r}")
     if experts_impl not in _IMPLS:
       raise ValueError(f"MoE: experts_impl must be one of {_IMPLS}, got {experts_impl!r}")
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-      raise ValueError(f"MoE: dtype must be a floating dtype, got {dtype!r}")
+    if not is_wide_float(jnp.dtype(dtype)):
+      # (An 8-bit float passed as floating and failed in the FP8 GEMM's input check.)
+      raise ValueError(f"MoE: dtype must be a floating dtype of 16 bits or more (the compute "
+                       f"dtype: bf16, f16 or f32), got {dtype!r}")
     if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
       raise ValueError(f"MoE: param_dtype must be a floating dtype, got {param_dtype!r}")
     if mesh is not None:

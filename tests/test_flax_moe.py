@@ -270,6 +270,11 @@ def test_argument_validation():
     MoE(64, 32, 4, 1, rngs=rngs, experts_impl="fp4")
   with pytest.raises(ValueError, match="num_shared_experts"):
     MoE(64, 32, 4, 1, rngs=rngs, num_shared_experts=-1)
+  # (An FP8 compute dtype passed as a float and failed inside the FP8 GEMM's input check.)
+  for dtype in (jnp.float8_e4m3fn, jnp.int32):
+    for impl in ("fp8", "bf16"):
+      with pytest.raises(ValueError, match="dtype must be a floating dtype of 16 bits or more"):
+        MoE(64, 32, 4, 1, rngs=rngs, dtype=dtype, experts_impl=impl)
   with pytest.raises(ValueError, match="hidden must be a positive int, got 64.0"):
     MoE(64.0, 32, 4, 1, rngs=rngs)
   with pytest.raises(ValueError, match="top_k must be a positive int, got True"):

@@ -415,6 +415,18 @@ def _typed(aval_rule, plan, multi):
   return rule
 
 
+def _without_mesh(per_device):
+  """``per_device`` traced with no mesh in context. XLA calls ``partition`` while compiling,
+  inside the caller's ``jax.set_mesh``; with Explicit axes (jax 0.11) the per-device ops then
+  came out typed on that mesh, and their sharding constraints, left in the partitioned code,
+  failed the run ('No registered implementation for untyped custom call to Sharding')."""
+  @functools.wraps(per_device)
+  def run(*xs):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+      return per_device(*xs)
+  return run
+
+
 def _install(prim, rule, plan, prepare=None):
   """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
 
@@ -458,7 +470,7 @@ def _install(prim, rule, plan, prepare=None):
 
     def partition(mesh, arg_shapes, result_shape):
       specs, out_spec, per_device = make(mesh, arg_shapes, result_shape)
-      return (mesh, per_device, named(mesh, out_spec),
+      return (mesh, _without_mesh(per_device), named(mesh, out_spec),
               tuple(NamedSharding(mesh, s) for s in specs))
 
     op = custom_partitioning(local)

@@ -320,12 +320,14 @@ class MoE(nnx.Module):
       kw["out_sharding"] = NamedSharding(mesh, P(_rows_spec(x2), None))
     logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST, **kw)
-    if self.score == "softmax":
-      scores = jax.nn.softmax(logits, axis=-1)
-      probs = scores
-    else:
-      scores = jax.nn.sigmoid(logits)
-      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    if self.score == "sigmoid":
+      # s / sum(s) of sigmoid scores, taken in log space: sigmoid underflows to 0 below logits
+      # of about -100, where it was 0 / 0 = NaN. (log_sigmoid is monotonic: the same top-k.)
+      log_scores = jax.nn.log_sigmoid(logits)
+      weights, ids = jax.lax.top_k(log_scores, self.top_k)
+      return jax.nn.softmax(log_scores, axis=-1), ids, jax.nn.softmax(weights, axis=-1)
+    scores = jax.nn.softmax(logits, axis=-1)
+    probs = scores
     weights, ids = jax.lax.top_k(scores, self.top_k)
     if self.normalize_topk:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

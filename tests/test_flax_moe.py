@@ -254,6 +254,41 @@ def test_aux_loss_positive_and_reaches_router(rng, score):
   assert float(jnp.abs(g["w_gate"]).max()) == 0
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_sigmoid_routing_with_underflowing_scores(rng, impl):
+  # Logits of -100 and below: every sigmoid score underflows to 0 in f32, and the top-k
+  # normalization s / sum(s) was 0 / 0 = NaN (y, aux and the gradients). Against float64.
+  h, w, e, k = 64, 32, 4, 2
+  model = make(impl, h, w, e, k, score="sigmoid", dtype=jnp.float32, aux_loss_coef=0.5)
+  x = jnp.asarray(rng.uniform(1, 2, (8, h)), jnp.float32)
+  model.router[...] = jnp.asarray(-rng.uniform(2, 4, (h, e)), jnp.float32)  # logits ~ -300
+  y, aux = nnx.jit(lambda m, x: m(x))(model, x)
+  p = {n: np.float64(v) for n, v in params_of(model).items()}
+  x64 = np.float64(x)
+  logits = x64 @ p["router"]
+  assert logits.max() < -120
+  s = 1 / (1 + np.exp(-logits))
+  ids = np.argsort(-logits, axis=-1)[:, :k]
+  wts = np.take_along_axis(s, ids, -1) / np.take_along_axis(s, ids, -1).sum(-1, keepdims=True)
+  silu = lambda v: v / (1 + np.exp(-v))
+  want = np.zeros_like(x64)
+  for t in range(x64.shape[0]):
+    for j, ex in enumerate(ids[t]):
+      hid = silu(x64[t] @ p["w_gate"][ex]) * (x64[t] @ p["w_up"][ex])
+      want[t] += wts[t, j] * (hid @ p["w_down"][ex])
+  f = np.bincount(ids.ravel(), minlength=e) / ids.size
+  want_aux = 0.5 * e * np.sum(f * (s / s.sum(-1, keepdims=True)).mean(0))
+  if impl == "bf16":  # (f32 logits of ~ -300 are good to ~1e-5 absolute: so are the weights)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  else:
+    assert oracle.calc_diff(y, want) < FP8_LAYER_TOL
+  np.testing.assert_allclose(aux, want_aux, rtol=1e-5)
+  g = nnx.to_pure_dict(nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x)[0]) + m(x)[1]))(model, x))
+  for name in g:
+    assert np.all(np.isfinite(np.asarray(g[name]))), name
+  assert float(jnp.abs(g["router"]).max()) > 0
+
+
 def test_argument_validation():
   rngs = nnx.Rngs(0)
   with pytest.raises(ValueError, match="top_k"):

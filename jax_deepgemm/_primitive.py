@@ -263,12 +263,28 @@ def map_rule(prim: Primitive, batch_size: int | None = None):
   (through the op's own rule, which then sees a batch of at most ``batch_size``).
   """
   def rule(args, dims, **params):
-    mapped = [_unsplit_front(jnp.moveaxis(x, d, 0)) for x, d in zip(args, dims) if d is not None]
+    mapped = [jnp.moveaxis(x, d, 0) for x, d in zip(args, dims) if d is not None]
 
     def one(xs):
       # Unbatched operands (weights, typically) pass through: never copied per element.
       it = iter(xs)
       return prim.bind(*[next(it) if d is not None else x for x, d in zip(args, dims)], **params)
 
-    return jax.lax.map(one, mapped, batch_size=batch_size), 0
+    out = jax.lax.map(one, [_unsplit_front(x) for x in mapped], batch_size=batch_size)
+    return jax.tree.map(lambda y: _split_front_like(y, mapped[0]), out), 0
   return rule
+
+
+def _split_front_like(y, x):
+  """``y`` with its leading (batch) dimension split as ``x``'s is over Explicit axes. vmap over
+  an Explicit axis types batched values with that axis inserted in their spec at the batch
+  dimension; a map's results, typed unsplit there (on no mesh when the op's operands were
+  replicated), made e.g. a jitted function after the op fail ('x ... not found in mesh: ()')."""
+  spec = explicit_spec(jax.typeof(x))
+  if spec is None or spec[0] is None:
+    return y
+  ys = explicit_spec(jax.typeof(y)) or (None,) * y.ndim
+  if {a for e in ys[1:] for a in spec_axes(e)} & set(spec_axes(spec[0])):
+    return y  # (the axes are taken in y's other dimensions: leave it to JAX)
+  mesh = jax.typeof(x).sharding.mesh
+  return jax.sharding.reshard(y, NamedSharding(mesh, PartitionSpec(spec[0], *ys[1:])))

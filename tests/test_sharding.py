@@ -16,6 +16,7 @@ PARTITIONERS = ["shardy", "gspmd"]
 CASES = ["case_rules_in_lowering", "case_gemm", "case_m_grouped", "case_k_grouped", "case_masked",
          "case_casts", "case_layers_data_parallel", "case_unaligned_falls_back_to_gather",
          "case_explicit_axes", "case_explicit_types", "case_explicit_moe",
+         "case_explicit_vmap_over_a_split_axis",
          "case_grouped_sizes_split_and_partial_manual",
          "case_k_grouped_experts_split_past_the_group_table"]
 
@@ -487,6 +488,32 @@ def case_explicit_axes(partitioner):
     x = jax.device_put(randn(4, 256, 256), P(None, "x"))
     y = jax.eval_shape(jax.vmap(jd.fp8_linear), x, jax.device_put(randn(4, 256, 128), P()))
   assert tuple(y.sharding.spec) == (None, "x", None), y.sharding
+
+
+def case_explicit_vmap_over_a_split_axis(partitioner):
+  # vmap over a dimension split over an Explicit axis, the layers followed by a jitted function
+  # (jax.nn.silu): the grouped one's ops map over the batch (lax.map, the batch gathered), and
+  # their results were typed unsplit there, on no mesh, where vmap types the batch as split
+  # ('Resource axis: x ... is not found in mesh: ()'). Values and gradients are the unsharded
+  # ones, the batch still split.
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import jax_deepgemm as jd
+  _setup(partitioner)
+  jax, mesh, randn = _explicit_mesh_and_data()
+  x, ct = randn(4, 128, 256), randn(4, 128, 128)
+  gs = jnp.asarray([100, 28], jnp.int32)
+  grouped = jax.vmap(lambda x, w: jax.nn.silu(jd.fp8_grouped_linear(x, w, gs)), (0, None))
+  dense = jax.vmap(lambda x, w: jax.nn.silu(jd.fp8_linear(x, w)), (0, None))
+  for f, w in ((grouped, randn(2, 256, 128)), (dense, randn(256, 128))):
+    for fn in (f, jax.grad(lambda x, w: jnp.sum(f(x, w) * ct), (0, 1))):
+      want = jax.jit(fn)(x, w)
+      with jax.set_mesh(mesh):
+        got = jax.jit(fn)(jax.device_put(x, P("x")), jax.device_put(w, P()))
+      assert tuple(jax.tree.leaves(got)[0].sharding.spec)[:1] == ("x",), got
+      for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=1e-5,
+                                   atol=3e-5 * float(np.abs(np.asarray(v)).max()))
 
 
 def case_explicit_types(partitioner):

@@ -277,6 +277,8 @@ def main(argv=None):
     p.error(f"--plot: {args.plot} is a directory; name the PNG file to write")
   if args.ckpt_dir and (why := check_ckpt_dir(os.path.abspath(args.ckpt_dir))) is not None:
     p.error(f"--ckpt-dir: {why}")
+  if args.restore and not os.path.isdir(args.restore):  # (orbax's traceback, model built)
+    p.error(f"--restore: {args.restore} is not a directory (an earlier run's --ckpt-dir)")
   cfg = PRESETS[args.preset]
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)

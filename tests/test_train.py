@@ -81,6 +81,7 @@ def test_checkpoint_never_deletes_other_files(tmp_path, capsys):
     (["--plot", "/nonexistent_dir_jdg/c.png"], "does not exist"),
     (["--mesh", "foo=2"], "expected 'auto'"),
     (["--plot", "."], "is a directory"),  # (IsADirectoryError after training)
+    (["--restore", "/nonexistent_dir_jdg/ck"], "--restore"),  # (orbax's FileNotFoundError)
 ])
 def test_cli_rejects_bad_paths_and_meshes_before_training(flags, msg, capsys):
   # (A bad --plot directory failed after training, before the checkpoint was written.)

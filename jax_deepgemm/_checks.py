@@ -98,7 +98,7 @@ def sizes_array(op, name, x):
     if any(isinstance(v, (bool, np.bool_)) for v in x):  # (asarray made [3, True] [3, 1])
       raise TypeError(f"{op}: {name} must be integers, got a bool in {x!r}")
     # Python ints past int32 (2**32 + 3) overflowed in asarray: clipped like a host array.
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
+    if all(isinstance(v, (int, np.integer)) for v in x):
       x = np.asarray([min(max(int(v), -2**63), 2**63 - 1) for v in x], np.int64)
   if isinstance(x, (np.ndarray, np.generic)) and np.issubdtype(x.dtype, np.integer):
     info = np.iinfo(np.int32)

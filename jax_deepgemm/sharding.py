@@ -270,10 +270,11 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
   k_ax = _free(_first(dims[2][ci], out_dims[2] if out_dims else ()), t_ax, n_ax)
   g_dims = _first(out_dims[0] if out_dims else (), dims[5][0] if has_c else ())
   g_ax = _free(_split(mesh, g_dims, g), t_ax, n_ax, k_ax)
-  if g_ax and g // _size(mesh, g_ax) + 1 > MAX_KERNEL_GROUPS and _kernels_on(mesh):
+  local_g = g // _size(mesh, g_ax) if g_ax else g
+  if g_ax and local_g + 1 > MAX_KERNEL_GROUPS and _kernels_on(mesh):
     # The local op takes one group more than the shard's experts (below): say so, not "got 1025".
     raise ValueError(
-        f"{K_GROUPED_OP}: G = {g} split over mesh axes {g_ax} leaves {g // _size(mesh, g_ax)} "
+        f"{K_GROUPED_OP}: G = {g} split over mesh axes {g_ax} leaves {local_g} "
         f"experts a device, and the Hopper kernel one more group (the tokens before them): "
         f"over its {MAX_KERNEL_GROUPS}; split G over more devices (at most "
         f"{MAX_KERNEL_GROUPS - 1} experts a device)")
@@ -287,8 +288,7 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
     if not (t_ax or g_ax):
       return k_grouped_p.local.bind(a, sa, b, sb, group_sizes, *c, has_c=has_c,
                                     out_dtype=out_dtype, **params)
-    experts = g // _size(mesh, g_ax) if g_ax else g
-    lo, hi = _window(group_sizes, a.shape[ti], t_ax, experts, g_ax,
+    lo, hi = _window(group_sizes, a.shape[ti], t_ax, local_g, g_ax,
                      a.shape[ti] * _size(mesh, t_ax))
     sizes = hi - lo
     if g_ax:

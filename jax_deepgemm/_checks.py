@@ -42,6 +42,16 @@ def out_dtype(op, d, default=jnp.bfloat16):
   return d
 
 
+def accumulating_out_dtype(op, d):
+  """``out_dtype`` of an op given ``c``: float32 (None means it). Any other is a TypeError, as a
+  wrong dtype is in every op (the K-grouped op said ValueError, the dense one TypeError)."""
+  d = out_dtype(op, d, default=jnp.float32)
+  if d != jnp.float32:
+    raise TypeError(f"{op}: accumulating into c produces float32, so out_dtype must be float32 "
+                    f"or None, got {d}")
+  return d
+
+
 def group_sizes(op, name, g, groups):
   if g.ndim != 1 or g.shape[0] != groups:
     raise ValueError(f"{op}: {name} must have shape ({groups},) (one entry per group), "

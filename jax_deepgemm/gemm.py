@@ -153,9 +153,7 @@ def fp8_gemm_nt(a, sa, b, sb, *, bias=None, c=None, out_dtype=None):
     ``D [M, N]``.
   """
   if c is not None:
-    if out_dtype is not None and _checks.out_dtype(OP, out_dtype) != jnp.float32:
-      raise TypeError(f"{OP}: accumulating into c produces float32; got out_dtype={out_dtype}")
-    out_dtype = jnp.float32
+    out_dtype = _checks.accumulating_out_dtype(OP, out_dtype)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   args = [a, sa, b, sb] + ([bias] if bias is not None else []) + ([c] if c is not None else [])
   return fp8_gemm_nt_p.bind(*map(jnp.asarray, args), out_dtype=out_dtype,

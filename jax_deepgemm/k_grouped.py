@@ -117,8 +117,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
     ``[G, N, K]`` in ``out_dtype``.
   """
   out_dtype = _checks.out_dtype(OP, out_dtype, default=jnp.float32)
-  if c is not None and out_dtype != jnp.float32:
-    raise ValueError(f"{OP}: accumulating into c needs out_dtype float32, got {out_dtype}")
+  if c is not None:
+    out_dtype = _checks.accumulating_out_dtype(OP, out_dtype)
   token_major = _checks.static_bool(OP, "token_major", token_major)
   a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
   group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)

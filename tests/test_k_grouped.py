@@ -69,8 +69,27 @@ def test_bf16_out(rng):
                                            .astype(jnp.float32)))
   with pytest.raises(TypeError, match="out_dtype must be bfloat16 or float32"):
     f(a, sa, b, sb, gs, out_dtype=jnp.float16)
-  with pytest.raises(ValueError, match="needs out_dtype float32"):
-    f(a, sa, b, sb, gs, c=jnp.zeros((3, n, k)), out_dtype=jnp.bfloat16)
+
+
+def test_c_with_a_bf16_out_dtype_is_the_dense_ops_type_error(rng):
+  # The same mistake raised ValueError here and TypeError in fp8_gemm_nt, and the dense op
+  # printed out_dtype as "<class 'jax.numpy.bfloat16'>": one TypeError, the dtype's name.
+  t, n, k = 64, 16, 32
+  a, sa = quant_act(rng, t, n, axis=0)
+  b, sb = quant_act(rng, t, k, axis=0)
+  gs = jnp.asarray([40, 24], jnp.int32)
+  d, d_s = quant_act(rng, 8, 256), jd.per_block_cast_to_fp8(randn(rng, (16, 256)))
+  calls = {
+      "k_grouped_fp8_gemm_tn_contiguous": lambda **kw: jd.k_grouped_fp8_gemm_tn_contiguous(
+          a, sa, b, sb, gs, c=jnp.zeros((2, n, k)), **kw),
+      "fp8_gemm_nt": lambda **kw: jd.fp8_gemm_nt(*d, *d_s, c=jnp.zeros((8, 16)), **kw)}
+  for op, call in calls.items():
+    for bad in (jnp.bfloat16, "bfloat16", np.dtype(jnp.bfloat16)):
+      with pytest.raises(TypeError, match=f"^{op}: accumulating into c produces float32, so "
+                         "out_dtype must be float32 or None, got bfloat16$"):
+        call(out_dtype=bad)
+    for ok in (None, jnp.float32, "float32", np.float32):
+      assert call(out_dtype=ok).dtype == jnp.float32
 
 
 def test_vmap(rng):

@@ -182,7 +182,9 @@ class Fp8Linear(nnx.Linear):
   and metadata as ``nnx.Linear``, so a model's state moves between the two unchanged (e.g. train
   in FP8, evaluate in bf16). The inputs and parameters are promoted to ``dtype`` as
   ``nnx.Linear`` does; the FP8 GEMM then takes them (x per 1x128, the kernel per 128x128 block)
-  and returns the promoted dtype (``preferred_element_type``, if given, casts the result).
+  and returns the promoted dtype (``preferred_element_type``, if given, casts the result; as in
+  ``nnx.Linear``, whose bias is added after the dot, the result then promotes with the bias:
+  ``preferred_element_type=bf16`` with an f32 bias gives f32, the bias added in f32).
   ``precision`` and ``dot_general`` have no meaning for an FP8 GEMM and are refused.
   """
 
@@ -200,7 +202,12 @@ class Fp8Linear(nnx.Linear):
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     y = fp8_linear(inputs, kernel, bias)
-    return y if self.preferred_element_type is None else y.astype(self.preferred_element_type)
+    if self.preferred_element_type is None:
+      return y
+    # nnx.Linear adds the bias to its dot's preferred_element_type result, so its output
+    # promotes with the bias (bf16 with an f32 bias gives f32): the same dtype here.
+    out = self.preferred_element_type
+    return y.astype(out if bias is None else jnp.promote_types(out, bias.dtype))
 
 
 # ----------------------------------------------------------------------------- module

@@ -79,3 +79,29 @@ def test_refuses_what_an_fp8_gemm_cannot_honour():
   y = Fp8Linear(128, 64, rngs=nnx.Rngs(0), preferred_element_type=jnp.float32,
                 dtype=jnp.bfloat16)(jnp.ones((4, 128)))
   assert y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("param_dtype,dtype,x_dtype", [
+    (jnp.float32, None, jnp.float32), (jnp.float32, None, jnp.bfloat16),
+    (jnp.bfloat16, None, jnp.float32), (jnp.bfloat16, None, jnp.bfloat16),
+    (jnp.float32, jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.float32, jnp.bfloat16),
+    (jnp.float16, None, jnp.float16), (jnp.float32, jnp.float16, jnp.bfloat16)])
+@pytest.mark.parametrize("pet", [None, jnp.float32, jnp.bfloat16])
+def test_dtypes_are_nnx_linears(rng, use_bias, param_dtype, dtype, x_dtype, pet):
+  # The output, dx, dkernel and dbias dtypes of nnx.Linear with the same arguments. (nnx.Linear
+  # adds the bias after its preferred_element_type dot, so the result promotes with the bias:
+  # pet=bf16 with an f32 bias gives f32.)
+  fp8, ref = _pair(256, 128, use_bias=use_bias, param_dtype=param_dtype, dtype=dtype,
+                   preferred_element_type=pet, bias_init=nnx.initializers.normal(1.0))
+  x = randn(rng, (3, 256), x_dtype)
+  r = randn(rng, (3, 128), jnp.float32)
+  loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * r)
+  got, want = ((m(x), *nnx.grad(loss, argnums=(0, 1))(m, x)) for m in (fp8, ref))
+  (y, gm, gx), (y_ref, gm_ref, gx_ref) = got, want
+  assert y.dtype == y_ref.dtype and gx.dtype == gx_ref.dtype == x.dtype
+  assert oracle.calc_diff(y, y_ref) < 2e-2 and oracle.calc_diff(gx, gx_ref) < 2e-2
+  for name in ("kernel", "bias") if use_bias else ("kernel",):
+    g, g_ref = getattr(gm, name)[...], getattr(gm_ref, name)[...]
+    assert g.dtype == g_ref.dtype == jnp.dtype(param_dtype), name
+    assert oracle.calc_diff(g, g_ref) < 2e-2, name

@@ -9,6 +9,23 @@ from jax_deepgemm.quant_kernels import FP8_DTYPE, ceil_div
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
+def array(op, name, x):
+  """``jnp.asarray(x)`` for an operand; what converts to no array of numbers (None, a string, a
+  dict, a ragged list) is a TypeError naming the op and the operand, not JAX's unnamed one
+  (for None a ValueError)."""
+  if x is None or isinstance(x, (str, bytes)):
+    raise TypeError(f"{op}: {name} must be an array of numbers, got {type(x).__name__}")
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{op}: {name} must be an array of numbers, got {type(x).__name__}") from e
+
+
+def arrays(op, names, *xs):
+  """``array`` of each of ``xs``, named by the words of ``names``."""
+  return tuple(array(op, name, x) for name, x in zip(names.split(), xs, strict=True))
+
+
 def dtype(op, name, x, *allowed):
   allowed = [jnp.dtype(a) for a in allowed]
   if jnp.dtype(x.dtype) not in allowed:
@@ -114,4 +131,4 @@ def sizes_array(op, name, x):
     info = np.iinfo(np.int32)
     if np.iinfo(x.dtype).max > info.max:
       x = np.clip(x, info.min, info.max).astype(np.int32)
-  return jnp.asarray(x)
+  return array(op, name, x)

@@ -155,6 +155,7 @@ def fp8_gemm_nt(a, sa, b, sb, *, bias=None, c=None, out_dtype=None):
   if c is not None:
     out_dtype = _checks.accumulating_out_dtype(OP, out_dtype)
   out_dtype = _checks.out_dtype(OP, out_dtype)
-  args = [a, sa, b, sb] + ([bias] if bias is not None else []) + ([c] if c is not None else [])
-  return fp8_gemm_nt_p.bind(*map(jnp.asarray, args), out_dtype=out_dtype,
+  args = list(_checks.arrays(OP, "a sa b sb", a, sa, b, sb))
+  args += [_checks.array(OP, name, x) for name, x in (("bias", bias), ("c", c)) if x is not None]
+  return fp8_gemm_nt_p.bind(*args, out_dtype=out_dtype,
                             has_bias=bias is not None, has_c=c is not None)

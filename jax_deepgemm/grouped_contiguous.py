@@ -152,7 +152,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, group_sizes, *, out_dtype=jnp
       multiples of 128 are fine. Rows past ``sum(group_sizes)`` come out zero.
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
-  a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
+  a, sa, b, sb = _checks.arrays(OP, "a sa b sb", a, sa, b, sb)
   group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if b.ndim == 3:

@@ -97,7 +97,7 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
       and larger values count as ``M_max``.
     out_dtype: ``bfloat16`` (default) or ``float32``.
   """
-  a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
+  a, sa, b, sb = _checks.arrays(OP, "a sa b sb", a, sa, b, sb)
   masked_m = _checks.sizes_array(OP, "masked_m", masked_m)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if expected_m is not None:

@@ -120,10 +120,10 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
   if c is not None:
     out_dtype = _checks.accumulating_out_dtype(OP, out_dtype)
   token_major = _checks.static_bool(OP, "token_major", token_major)
-  a, sa, b, sb = map(jnp.asarray, (a, sa, b, sb))
+  a, sa, b, sb = _checks.arrays(OP, "a sa b sb", a, sa, b, sb)
   group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
     group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0], OP)
-  extra = () if c is None else (jnp.asarray(c),)
+  extra = () if c is None else (_checks.array(OP, "c", c),)
   return k_grouped_p.bind(a, sa, b, sb, group_sizes, *extra, has_c=c is not None,
                           token_major=token_major, out_dtype=out_dtype)

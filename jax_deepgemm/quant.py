@@ -32,8 +32,8 @@ def is_wide_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 2
 
 
-def _check_float(name, x):
-  x = jnp.asarray(x)
+def _check_float(name, x, arg="x"):
+  x = _checks.array(name, arg, x)
   if not is_wide_float(x.dtype):
     raise TypeError(f"{name}: expected a bf16/f16/f32 array, got {x.dtype}")
   return x
@@ -124,7 +124,7 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False
 
   ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
-  w = _check_float("per_block_cast_to_fp8", w)
+  w = _check_float("per_block_cast_to_fp8", w, "w")
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
   op = "per_block_cast_to_fp8"
@@ -145,7 +145,7 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
 
   ``use_ue8m0=True`` rounds each scale up to a power of two (DeepGEMM's UE8M0 scales).
   """
-  w = _check_float("per_block_cast_to_fp8_and_transpose", w)
+  w = _check_float("per_block_cast_to_fp8_and_transpose", w, "w")
   if w.ndim < 2:
     raise ValueError(f"per_block_cast_to_fp8_and_transpose: expected [..., N, K], got shape "
                      f"{w.shape}")
@@ -160,7 +160,7 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   ``axis`` names the axis the cast grouped (as its ``axis``): ``scale`` has
   ``ceil(x_fp8.shape[axis] / 128)`` entries along it and ``x_fp8``'s shape elsewhere.
   """
-  x_fp8, scale = jnp.asarray(x_fp8), jnp.asarray(scale)
+  x_fp8, scale = _checks.arrays("dequantize_per_token", "x_fp8 scale", x_fp8, scale)
   _checks.fp8("dequantize_per_token", "x_fp8", x_fp8)
   axis = _checks.static_axis("dequantize_per_token", axis)
   if x_fp8.ndim == 0 or not -x_fp8.ndim <= axis < x_fp8.ndim:
@@ -178,7 +178,7 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
 
 def dequantize_per_block(w_fp8, scale):
   """Inverse of ``per_block_cast_to_fp8`` (float32 result)."""
-  w_fp8, scale = jnp.asarray(w_fp8), jnp.asarray(scale)
+  w_fp8, scale = _checks.arrays("dequantize_per_block", "w_fp8 scale", w_fp8, scale)
   _checks.fp8("dequantize_per_block", "w_fp8", w_fp8)
   if w_fp8.ndim < 2:
     raise ValueError(f"dequantize_per_block: expected [..., N, K], got shape {w_fp8.shape}")

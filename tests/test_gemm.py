@@ -136,3 +136,48 @@ def test_errors_at_trace_time(rng):
     jd.fp8_gemm_nt(a, sa, b, sb, out_dtype="garbage")
   with pytest.raises(TypeError, match="fp8_gemm_nt: out_dtype must be bfloat16 or float32"):
     jd.fp8_gemm_nt(a, sa, b, sb, c=jnp.zeros((8, 16)), out_dtype="garbage")  # with c too
+
+
+NOT_ARRAYS = [None, "x", {}, object(), [[1.0], [2.0, 3.0]]]  # (the last a ragged list)
+
+
+def _gemm_calls(rng):
+  """Each GEMM op's valid arguments as (op, call(**args), {operand name: value})."""
+  a, sa = quant_act(rng, 16, 256)
+  b, sb = quant_w(rng, 2, 32, 256)
+  a3, sa3 = a.reshape(2, 8, 256), sa.reshape(2, 8, 2)
+  t, st = quant_act(rng, 64, 16, axis=0)
+  gs = jnp.asarray([10, 6], jnp.int32)
+  return [
+      ("fp8_gemm_nt", lambda **k: jd.fp8_gemm_nt(k["a"], k["sa"], k["b"], k["sb"],
+                                                 bias=k["bias"], c=k["c"]),
+       dict(a=a, sa=sa, b=b[0], sb=sb[0], bias=jnp.zeros((32,)), c=jnp.zeros((16, 32)))),
+      ("m_grouped_fp8_gemm_nt_contiguous",
+       lambda **k: jd.m_grouped_fp8_gemm_nt_contiguous(k["a"], k["sa"], k["b"], k["sb"], gs),
+       dict(a=a, sa=sa, b=b, sb=sb)),
+      ("m_grouped_fp8_gemm_nt_masked",
+       lambda **k: jd.m_grouped_fp8_gemm_nt_masked(k["a"], k["sa"], k["b"], k["sb"], gs),
+       dict(a=a3, sa=sa3, b=b, sb=sb)),
+      ("k_grouped_fp8_gemm_tn_contiguous",
+       lambda **k: jd.k_grouped_fp8_gemm_tn_contiguous(k["a"], k["sa"], k["b"], k["sb"], gs,
+                                                       c=k["c"]),
+       dict(a=t, sa=st, b=t, sb=st, c=jnp.zeros((2, 16, 16)))),
+  ]
+
+
+def test_operands_that_are_no_arrays_are_named(rng):
+  # None, a string, a dict, ... where an array belongs gave JAX's unnamed conversion errors
+  # ("None is not a valid value for jnp.array", a ValueError); a TypeError naming the op and
+  # the operand now. NumPy arrays and (rectangular) lists of numbers still convert.
+  for op, call, args in _gemm_calls(rng):
+    want = np.asarray(call(**args), np.float32)
+    for name in args:
+      for bad in NOT_ARRAYS[name in ("bias", "c"):]:  # (None: no bias, no c)
+        with pytest.raises(TypeError, match=f"^{op}: {name} must be an array of numbers, "
+                           f"got {type(bad).__name__}"):
+          call(**dict(args, **{name: bad}))
+      as_numpy = dict(args, **{name: np.asarray(args[name])})
+      np.testing.assert_array_equal(np.asarray(call(**as_numpy), np.float32), want)
+    if "c" in args:
+      as_list = dict(args, c=np.asarray(args["c"]).tolist())
+      np.testing.assert_array_equal(np.asarray(call(**as_list), np.float32), want)

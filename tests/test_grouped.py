@@ -282,6 +282,6 @@ def test_group_sizes_as_wide_python_ints_and_bad_types(rng):
   b, sb = quant_w(rng, 3, 16, 128)
   d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, [2**32 + 3, 0, 0])  # clipped to M
   assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, [4, 0, 0])) < 1e-5
-  for bad in (None, "3", [3, True], (np.bool_(True), 2)):
+  for bad in (None, "3", [3, True], (np.bool_(True), 2), {}, [[1], [2, 3]]):
     with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_contiguous: group_sizes"):
       jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, bad)

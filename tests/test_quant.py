@@ -98,6 +98,32 @@ def test_jit_and_bad_input():
       jd.per_block_cast_to_fp8(jnp.ones((128, 128), dt))
 
 
+def test_inputs_that_are_no_arrays_are_named(rng):
+  # None, a string, a dict, a ragged list gave JAX's unnamed conversion errors (for None a
+  # ValueError); a TypeError naming the op and the operand now. Lists of numbers still convert.
+  bad_values = [None, "x", {}, object(), [[1.0], [2.0, 3.0]]]
+  casts = {"per_token_cast_to_fp8": "x", "per_token_cast_transpose_to_fp8": "x",
+           "per_token_cast_to_fp8_and_transpose": "x", "per_block_cast_to_fp8": "w",
+           "per_block_cast_to_fp8_and_transpose": "w"}
+  x = randn(rng, (3, 130))
+  for op, arg in casts.items():
+    for bad in bad_values:
+      with pytest.raises(TypeError, match=f"^{op}: {arg} must be an array of numbers, "
+                         f"got {type(bad).__name__}$"):
+        getattr(jd, op)(bad)
+    for want, got in zip(getattr(jd, op)(x), getattr(jd, op)(np.asarray(x).tolist())):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  q, s = jd.per_token_cast_to_fp8(x)
+  qb, sb = jd.per_block_cast_to_fp8(x)
+  for op, args in (("dequantize_per_token", dict(x_fp8=q, scale=s)),
+                   ("dequantize_per_block", dict(w_fp8=qb, scale=sb))):
+    for name in args:
+      for bad in bad_values:
+        with pytest.raises(TypeError, match=f"^{op}: {name} must be an array of numbers, "
+                           f"got {type(bad).__name__}$"):
+          getattr(jd, op)(**dict(args, **{name: bad}))
+
+
 def test_dequantize_checks_the_scales(rng):
   q, s = jd.per_token_cast_to_fp8(randn(rng, (256, 384)))
   np.testing.assert_array_equal(np.asarray(jd.dequantize_per_token(np.asarray(q), np.asarray(s))),

@@ -42,6 +42,7 @@ parameters, same results as without a mesh; the token count must divide by the m
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
@@ -115,17 +116,28 @@ def _ragged_dot_f32(x, w, group_sizes):
   return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
 
 
-def _vmap_batching_all(f):
+def _vmap_batching_all(f, depth=0):
   """``f`` whose vmap batches every operand (broadcasting the unbatched ones): ragged_dot's
   batching rule takes no other case ('ragged_dot vmap over any dim but 0 - NYI', e.g. a layer
-  vmapped over x alone)."""
-  f_all = custom_batching.custom_vmap(f)
+  vmapped over x alone). ``depth``: the leading batch dimensions every operand has."""
+  def batched(*args):
+    if depth <= 1:
+      return jax.vmap(f)(*args) if depth else f(*args)
+    # Nested vmap: the batch dimensions are merged into one, since JAX's ragged_dot with two
+    # batch dimensions fails ('vmap in_axes must be an int, ...', jax 0.10 and 0.11).
+    lead = args[0].shape[:depth]
+    flat = [a.reshape((math.prod(lead),) + a.shape[depth:]) for a in args]
+    return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), jax.vmap(f)(*flat))
+
+  f_all = custom_batching.custom_vmap(batched)
 
   @f_all.def_vmap
   def rule(axis_size, in_batched, *args):
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
             for a, b in zip(args, in_batched)]
-    out = jax.vmap(f)(*args)
+    # Batched again by a custom_vmap: under nested vmap an outer level then batches this
+    # (with its own mix of batched operands), not a bare ragged_dot.
+    out = _vmap_batching_all(f, depth + 1)(*args)
     return out, jax.tree.map(lambda _: True, out)
   return f_all
 

@@ -122,7 +122,8 @@ def sizes_array(op, name, x):
   if isinstance(x, (list, tuple)):
     if len(x) == 0:
       return jnp.zeros((0,), jnp.int32)
-    if any(isinstance(v, (bool, np.bool_)) for v in x):  # (asarray made [3, True] [3, 1])
+    # (asarray made [3, True] [3, 1]; a JAX or 0-d NumPy bool, traced too, likewise)
+    if any(isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) == np.bool_ for v in x):
       raise TypeError(f"{op}: {name} must be integers, got a bool in {x!r}")
     # Python ints past int32 (2**32 + 3) overflowed in asarray: clipped like a host array.
     if all(isinstance(v, (int, np.integer)) for v in x):

@@ -282,6 +282,14 @@ def test_group_sizes_as_wide_python_ints_and_bad_types(rng):
   b, sb = quant_w(rng, 3, 16, 128)
   d = jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, [2**32 + 3, 0, 0])  # clipped to M
   assert oracle.calc_diff(d, oracle.grouped_contiguous(a, sa, b, sb, [4, 0, 0])) < 1e-5
-  for bad in (None, "3", [3, True], (np.bool_(True), 2), {}, [[1], [2, 3]]):
+  for bad in (None, "3", [3, True], (np.bool_(True), 2), {}, [[1], [2, 3]],
+              [jnp.asarray(True), 2, 0], [2, np.array(False), 0]):
     with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_contiguous: group_sizes"):
       jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, bad)
+  # A JAX bool in the list, traced too, was taken as 0 or 1 rows (only Python and NumPy bools
+  # were refused).
+  with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_contiguous: group_sizes"):
+    jax.jit(lambda m: jd.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, [m, 2, 0]))(
+        jnp.asarray(True))
+  with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_masked: masked_m"):
+    jd.m_grouped_fp8_gemm_nt_masked(a[None], sa[None], b[:1], sb[:1], [jnp.asarray(True)])

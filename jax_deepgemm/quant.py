@@ -35,7 +35,7 @@ def is_wide_float(dtype) -> bool:
 def _check_float(name, x, arg="x"):
   x = _checks.array(name, arg, x)
   if not is_wide_float(x.dtype):
-    raise TypeError(f"{name}: expected a bf16/f16/f32 array, got {x.dtype}")
+    raise TypeError(f"{name}: {arg} must be a bf16, f16 or f32 array, got {x.dtype}")
   return x
 
 
@@ -51,7 +51,7 @@ def per_token_cast_to_fp8(x, *, axis: int = -1, use_ue8m0: bool = False):
   """
   x = _check_float("per_token_cast_to_fp8", x)
   if x.ndim == 0:
-    raise ValueError("per_token_cast_to_fp8: expected an array with at least one axis")
+    raise ValueError("per_token_cast_to_fp8: x must have at least one axis, got shape ()")
   axis = _checks.static_axis("per_token_cast_to_fp8", axis)
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"per_token_cast_to_fp8: axis {axis} is out of range for shape {x.shape}")
@@ -83,7 +83,7 @@ def per_token_cast_transpose_to_fp8(x, *, use_ue8m0: bool = False):
   """
   x = _check_float("per_token_cast_transpose_to_fp8", x)
   if x.ndim < 2:
-    raise ValueError(f"per_token_cast_transpose_to_fp8: expected [..., T, N], got shape {x.shape}")
+    raise ValueError(f"per_token_cast_transpose_to_fp8: x must be [..., T, N], got shape {x.shape}")
   q, s = token_axis_cast_p.bind(
       x, use_ue8m0=_checks.static_bool("per_token_cast_transpose_to_fp8", "use_ue8m0", use_ue8m0),
       transpose=True)
@@ -102,7 +102,7 @@ def per_token_cast_to_fp8_and_transpose(x, *, use_ue8m0: bool = False):
   """
   x = _check_float("per_token_cast_to_fp8_and_transpose", x)
   if x.ndim < 2:
-    raise ValueError(f"per_token_cast_to_fp8_and_transpose: expected [..., T, C], got shape "
+    raise ValueError(f"per_token_cast_to_fp8_and_transpose: x must be [..., T, C], got shape "
                      f"{x.shape}")
   q, s, qt, st = dual_cast_p.bind(x, use_ue8m0=_checks.static_bool(
       "per_token_cast_to_fp8_and_transpose", "use_ue8m0", use_ue8m0))
@@ -126,7 +126,7 @@ def per_block_cast_to_fp8(w, *, use_ue8m0: bool = False, transpose: bool = False
   """
   w = _check_float("per_block_cast_to_fp8", w, "w")
   if w.ndim < 2:
-    raise ValueError(f"per_block_cast_to_fp8: expected [..., N, K], got shape {w.shape}")
+    raise ValueError(f"per_block_cast_to_fp8: w must be [..., N, K], got shape {w.shape}")
   op = "per_block_cast_to_fp8"
   q, s = per_block_cast_p.bind(w, use_ue8m0=_checks.static_bool(op, "use_ue8m0", use_ue8m0),
                                transpose=_checks.static_bool(op, "transpose", transpose))
@@ -147,7 +147,7 @@ def per_block_cast_to_fp8_and_transpose(w, *, use_ue8m0: bool = False):
   """
   w = _check_float("per_block_cast_to_fp8_and_transpose", w, "w")
   if w.ndim < 2:
-    raise ValueError(f"per_block_cast_to_fp8_and_transpose: expected [..., N, K], got shape "
+    raise ValueError(f"per_block_cast_to_fp8_and_transpose: w must be [..., N, K], got shape "
                      f"{w.shape}")
   q, qt, s = per_block_dual_cast_p.bind(w, use_ue8m0=_checks.static_bool(
       "per_block_cast_to_fp8_and_transpose", "use_ue8m0", use_ue8m0))
@@ -181,7 +181,7 @@ def dequantize_per_block(w_fp8, scale):
   w_fp8, scale = _checks.arrays("dequantize_per_block", "w_fp8 scale", w_fp8, scale)
   _checks.fp8("dequantize_per_block", "w_fp8", w_fp8)
   if w_fp8.ndim < 2:
-    raise ValueError(f"dequantize_per_block: expected [..., N, K], got shape {w_fp8.shape}")
+    raise ValueError(f"dequantize_per_block: w_fp8 must be [..., N, K], got shape {w_fp8.shape}")
   n, k = w_fp8.shape[-2:]
   _checks.dtype("dequantize_per_block", "scale", scale, jnp.float32)
   _checks.shape("dequantize_per_block", "scale", scale,

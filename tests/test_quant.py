@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,26 @@ def test_inputs_that_are_no_arrays_are_named(rng):
         with pytest.raises(TypeError, match=f"^{op}: {name} must be an array of numbers, "
                            f"got {type(bad).__name__}$"):
           getattr(jd, op)(**dict(args, **{name: bad}))
+
+
+def test_cast_errors_name_the_operand():
+  # The dtype and rank errors named the op only ("expected a bf16/f16/f32 array, got int32",
+  # "expected [..., N, K], got shape (128,)"); they name the operand too now, as the GEMMs' do.
+  casts = {"per_token_cast_to_fp8": ("x", 1), "per_token_cast_transpose_to_fp8": ("x", 2),
+           "per_token_cast_to_fp8_and_transpose": ("x", 2), "per_block_cast_to_fp8": ("w", 2),
+           "per_block_cast_to_fp8_and_transpose": ("w", 2)}
+  for op, (arg, min_ndim) in casts.items():
+    for dt in (jnp.int32, jnp.bool_, jnp.float8_e5m2, jnp.complex64):
+      with pytest.raises(TypeError, match=f"^{op}: {arg} must be a bf16, f16 or f32 array, "
+                         f"got {jnp.dtype(dt)}$"):
+        getattr(jd, op)(jnp.ones((4, 128), dt))
+    for shape in [(), (128,)][:min_ndim]:
+      want = f"^{op}: {arg} must .*got shape {re.escape(str(shape))}$"
+      with pytest.raises(ValueError, match=want):
+        getattr(jd, op)(jnp.ones(shape))
+  with pytest.raises(ValueError, match=r"^dequantize_per_block: w_fp8 must be \[..., N, K\], "
+                     r"got shape \(128,\)$"):
+    jd.dequantize_per_block(jnp.ones((128,), jnp.float8_e4m3fn), jnp.ones((1,)))
 
 
 def test_dequantize_checks_the_scales(rng):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
-from jax_deepgemm import _checks, _ffi, _primitive
+from jax_deepgemm import _checks, _ffi, _primitive, _tiled_groups
 from jax_deepgemm.gemm import a_scales_operand
 from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 
@@ -41,7 +41,10 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
   # every row NaN, where the kernel never reads the weights of rows it does not own.
   x, w = dequantize_per_token(a, sa), dequantize_per_block(b, sb)
   m, n = a.shape[0], b.shape[1]
-  row_group = group_of_rows(group_sizes, m, OP)
+  sizes = sanitize_group_sizes(group_sizes, m, OP)
+  row_group = group_of_rows(sizes, m)
+  if _tiled_groups.worth_tiling(m, b.shape[0]):
+    return _tiled_groups.m_grouped_product(x, w, sizes, row_group).astype(out_dtype)
 
   def one_expert(d, g_w):
     g, w_g = g_w
@@ -133,11 +136,11 @@ def sanitize_group_sizes(group_sizes, m, op="jax_deepgemm"):
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 
 
-def group_of_rows(group_sizes, m, op="jax_deepgemm"):
-  """Each of ``m`` rows' group under ``group_sizes`` (sanitized; ``G`` for rows past the last
-  group): how many groups end at or before the row. (Not ``jnp.searchsorted``: it fails inside
-  a shard_map over some of the mesh's axes, jax 0.10.)"""
-  ends = jnp.cumsum(sanitize_group_sizes(group_sizes, m, op))
+def group_of_rows(sizes, m):
+  """Each of ``m`` rows' group under sanitized ``sizes`` (``G`` for rows past the last group):
+  how many groups end at or before the row. (Not ``jnp.searchsorted``: it fails inside a
+  shard_map over some of the mesh's axes, jax 0.10.)"""
+  ends = jnp.cumsum(sizes)
   rows = jnp.arange(m, dtype=ends.dtype)
   return jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
 

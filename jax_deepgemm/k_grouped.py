@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
-from jax_deepgemm import _checks, _ffi, _primitive
+from jax_deepgemm import _checks, _ffi, _primitive, _tiled_groups
 from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS, group_of_rows,
                                              sanitize_group_sizes)
 from jax_deepgemm.quant import ceil_div, dequantize_per_token
@@ -55,7 +55,11 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
   # Both operands are selected, as the kernel masks both: zeroing x's rows alone still let a
   # NaN or inf in y's rows of one group into every other group (0 * NaN).
-  token_group = group_of_rows(group_sizes, a.shape[0], OP)
+  sizes = sanitize_group_sizes(group_sizes, a.shape[0], OP)
+  token_group = group_of_rows(sizes, a.shape[0])
+  if _tiled_groups.worth_tiling(a.shape[0], group_sizes.shape[0]):
+    d = _tiled_groups.k_grouped_product(x, y, sizes, token_group)
+    return (d + c[0] if has_c else d).astype(out_dtype)
 
   def one_group(_, g):
     mine = (token_group == g)[:, None]

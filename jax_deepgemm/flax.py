@@ -223,6 +223,16 @@ class Fp8Linear(nnx.Linear):
 
 
 # ----------------------------------------------------------------------------- module
+class _WithDtype:
+  """``moe`` with ``dtype`` (a call's resolved compute dtype) in place of its own None."""
+
+  def __init__(self, moe, dtype):
+    self._moe, self.dtype = moe, dtype
+
+  def __getattr__(self, name):
+    return getattr(self._moe, name)
+
+
 class MoE(nnx.Module):
   """Top-k routed SwiGLU experts (+ optional shared experts) with FP8 or bf16 grouped GEMMs.
 
@@ -237,7 +247,9 @@ class MoE(nnx.Module):
     num_shared_experts: if > 0, a dense SwiGLU of width ``num_shared_experts * expert_width``
       applied to every token and added to the routed output.
     experts_impl: ``"fp8"`` (jax_deepgemm's FP8 GEMMs) or ``"bf16"`` (``ragged_dot`` in ``dtype``).
-    dtype: compute dtype of the expert GEMMs (the router and the combine always run in f32).
+    dtype: compute dtype of the expert GEMMs (the router and the combine always run in f32);
+      ``None``, as in ``nnx.Linear``: the promotion of x's and the parameters' dtypes (bf16 x
+      and bf16 parameters compute in bf16, bf16 x and f32 parameters in f32).
     param_dtype: dtype of the parameters.
     aux_loss_coef: scale of the load-balancing loss returned next to the output.
     mesh: optional ``jax.sharding.Mesh``: run expert-parallel over it (experts split over
@@ -266,7 +278,7 @@ class MoE(nnx.Module):
       raise ValueError(f"MoE: score must be one of {_SCORES}, got {score!r}")
     if experts_impl not in _IMPLS:
       raise ValueError(f"MoE: experts_impl must be one of {_IMPLS}, got {experts_impl!r}")
-    if not is_wide_float(jnp.dtype(dtype)):
+    if dtype is not None and not is_wide_float(jnp.dtype(dtype)):
       # (An 8-bit float passed as floating and failed in the FP8 GEMM's input check.)
       raise ValueError(f"MoE: dtype must be a floating dtype of 16 bits or more (the compute "
                        f"dtype: bf16, f16 or f32), got {dtype!r}")
@@ -309,20 +321,25 @@ class MoE(nnx.Module):
       self.shared_gate = self.shared_up = self.shared_down = None
 
   # --------------------------------------------------------------------------- GEMMs
+  # x comes in the compute dtype (cast once, before the expert GEMMs): the GEMMs run in it.
   def _grouped(self, x, w, group_sizes):
-    w = w.astype(self.dtype)
+    w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
       return fp8_grouped_linear(x, w, group_sizes)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and AxisType.Explicit in mesh.axis_types:
-      return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(self.dtype)
-    return _ragged_f32(x, w, group_sizes).astype(self.dtype)
+      return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(x.dtype)
+    return _ragged_f32(x, w, group_sizes).astype(x.dtype)
 
   def _dense(self, x, w):
-    w = w.astype(self.dtype)
+    w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
       return fp8_linear(x, w)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(self.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+  def _compute_dtype(self, x, params):
+    # dtype=None: nnx.Linear's rule (flax's promote_dtype), x with every parameter.
+    return self.dtype if self.dtype is not None else jnp.result_type(x, *params)
 
   # --------------------------------------------------------------------------- routing
   def _route(self, x2, router=None):
@@ -368,11 +385,14 @@ class MoE(nnx.Module):
     fold = _primitive.split_first(x, x.ndim - 1)  # (x's split dimensions first, see fold)
     x2 = _primitive.fold(x, fold)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
+    names = ["router", "w_gate", "w_up", "w_down"]
+    names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
+    params = {n: getattr(self, n)[...] for n in names}
+    dtype = self._compute_dtype(x2, params.values())
     if self.mesh is not None:
-      names = ["router", "w_gate", "w_up", "w_down"]
-      names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
-      params = {n: getattr(self, n)[...] for n in names}
-      y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis)
+      # (expert_parallel casts x to the layer's dtype: it sees this call's)
+      layer = self if self.dtype is not None else _WithDtype(self, dtype)
+      y, aux = expert_parallel.moe_forward(layer, x2, params, self.mesh, self.expert_axis)
       return _primitive.unfold_like(y, x, fold), aux
 
     probs, ids, weights = self._route(x2)
@@ -384,7 +404,7 @@ class MoE(nnx.Module):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
     group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
 
-    xc = x2.astype(self.dtype)  # cast before the gather: k copies of fewer bytes
+    xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
     x_sorted = _dispatch(xc, order, inverse, k)
     h = _silu_glu(self._grouped(x_sorted, self.w_gate[...], group_sizes),
                   self._grouped(x_sorted, self.w_up[...], group_sizes))

@@ -280,6 +280,38 @@ def test_nested_vmap_matches_a_loop(rng, impl):
                                  err_msg=str(path))
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+@pytest.mark.parametrize("param_dtype,x_dtype,want,parallel", [
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, False),
+    (jnp.float32, jnp.bfloat16, jnp.float32, False),
+    (jnp.float16, jnp.float16, jnp.float16, False),
+    (jnp.float16, jnp.bfloat16, jnp.float32, False),
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, True)])
+def test_dtype_none_promotes_like_nnx_linear(rng, impl, param_dtype, x_dtype, want, parallel):
+  # dtype=None computes the experts in the promotion of x's and the parameters' dtypes, as
+  # flax.nnx.Linear(dtype=None) does: the same values and gradients as dtype=<that dtype>.
+  # (It computed in f32 whatever the inputs: bf16 x and bf16 parameters gave f32 GEMMs.)
+  from jax_deepgemm.expert_parallel import make_mesh
+  kw = dict(param_dtype=param_dtype, num_shared_experts=1,
+            mesh=make_mesh(data=1, expert=1) if parallel else None)
+  auto, fixed = (MoE(128, 128, 4, 2, rngs=nnx.Rngs(0), experts_impl=impl, dtype=d, **kw)
+                 for d in (None, want))
+  x = jnp.asarray(rng.standard_normal((2, 8, 128)), x_dtype)
+  r = jnp.asarray(rng.standard_normal((2, 8, 128)), jnp.float32)
+  loss = lambda m, x: loss_terms(*m(x), r)
+  (y, _), (y_want, _) = auto(x), fixed(x)
+  assert y.dtype == x_dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_want, np.float32))
+  (gm, gx), (gm_want, gx_want) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (auto, fixed))
+  assert gx.dtype == x_dtype
+  np.testing.assert_array_equal(np.asarray(gx, np.float32), np.asarray(gx_want, np.float32))
+  for (path, g), w in zip(jax.tree.leaves_with_path(nnx.to_pure_dict(gm)),
+                          jax.tree.leaves(nnx.to_pure_dict(gm_want))):
+    assert g.dtype == w.dtype == param_dtype, path
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                  err_msg=str(path))
+
+
 def test_bf16_activations(rng):
   # bf16 in, bf16 out; the result is the f32 layer's up to bf16 (and, for fp8, FP8) rounding.
   model = make("fp8", 64, 32, 8, 2)

@@ -28,8 +28,8 @@ M = 530
 @pytest.fixture(params=["tiled", "dense"])
 def path(request, monkeypatch):
   # Both references on any problem size (the choice is static, by size); not the kernels.
-  if jax.default_backend() == "gpu":
-    pytest.skip("the GPU runs the kernels, not the references")
+  if jax.default_backend() == "gpu" and jd.use_kernels():
+    pytest.skip("the GPU runs the kernels, not the references (JAX_DEEPGEMM_FORCE_REFERENCE=1)")
   monkeypatch.setattr(_tiled_groups, "worth_tiling", lambda m, g: request.param == "tiled")
   jax.clear_caches()  # the choice is made while lowering: no executable of the other may serve
   yield request.param

@@ -1,9 +1,9 @@
 """``python -m jax_deepgemm.train``: train a small MoE language model with FP8 experts.
 
-The model: token embedding, ``--layers`` transformer blocks (RMSNorm, causal attention,
-RMSNorm, ``jax_deepgemm.flax.MoE`` with SwiGLU experts), RMSNorm, unembedding. The data: a
-synthetic language shipped as code, a fixed random Markov chain whose entropy is the best
-achievable loss, so a run shows how close the model gets. Everything runs under ``nnx.jit``
+The model: token embedding, the preset's ``layers`` transformer blocks (RMSNorm, causal
+attention, RMSNorm, ``jax_deepgemm.flax.MoE`` with SwiGLU experts), RMSNorm, unembedding. The
+data: a synthetic language shipped as code, a fixed random Markov chain whose entropy is the
+best achievable loss, so a run shows how close the model gets. Everything runs under ``nnx.jit``
 with optax AdamW; ``--experts both`` (default) trains the FP8 and the bf16 (``ragged_dot``)
 experts from the same init and compares their losses. Writes a loss-curve PNG at the end and,
 with ``--ckpt-dir``, an orbax checkpoint of the last model trained (``--restore`` starts from
@@ -295,6 +295,9 @@ def main(argv=None):
   if mesh is not None and cfg.batch % mesh.size:  # (train's ValueError came as a traceback)
     p.error(f"--mesh: the batch ({cfg.batch}) must split evenly over the mesh's {mesh.size} "
             "devices")
+  if mesh is not None and cfg.experts % mesh.shape["expert"]:  # (MoE's ValueError, likewise)
+    p.error(f"--mesh: the {cfg.experts} experts must split evenly over the expert axis "
+            f"({mesh.shape['expert']})")
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
   say(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} "

@@ -111,3 +111,18 @@ def test_cli_rejects_a_mesh_the_batch_does_not_split_over(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "batch (16) must split evenly over the mesh's 3 devices" in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr and "final loss" not in r.stdout
+
+
+def test_cli_rejects_an_expert_axis_the_experts_do_not_split_over(tmp_path):
+  # (16 devices on the expert axis, the cpu preset's 8 experts: MoE's ValueError came as a
+  # traceback after the mesh was built; now a usage error.) A child process, as above.
+  import subprocess
+  import sys
+  import multidevice
+  r = subprocess.run([sys.executable, "-m", "jax_deepgemm.train", "--experts", "fp8", "--steps",
+                      "1", "--cpu-devices", "16", "--mesh", "expert=16",
+                      "--plot", str(tmp_path / "c.png")],
+                     env=multidevice.env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "the 8 experts must split evenly over the expert axis (16)" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "final loss" not in r.stdout

@@ -129,7 +129,8 @@ def mn_major_scales() -> bool:
 
 def gemm_config(m: int, n: int, k: int, groups: int = 0, accumulate: bool = False,
                 masked: bool = False, out_dtype=None) -> str:
-  """The kernel config picked for this shape (for benchmarks and tuning).
+  """The kernel config picked for this shape (for benchmarks and tuning); ``"reference"``
+  without the extension.
 
   ``groups > 0`` asks about the M-grouped kernel with ``m`` rows in all, or with
   ``masked`` about the masked layout with ``m`` rows expected per group (``expected_m``);
@@ -174,5 +175,6 @@ def _raise_for(op, select):
 
 
 def k_grouped_config(groups: int, n: int, k: int) -> str:
-  """The tile picked for the K-grouped wgrad GEMM with a ``[groups, n, k]`` output."""
+  """The tile picked for the K-grouped wgrad GEMM with a ``[groups, n, k]`` output
+  (``"reference"`` without the extension)."""
   return _C.k_grouped_config(groups, n, k) if _C is not None else "reference"

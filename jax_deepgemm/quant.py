@@ -5,8 +5,8 @@ weights one scale per 128x128 block (``per_block_cast_to_fp8``); the backward pa
 token-axis cast can write its e4m3 result transposed (``per_token_cast_transpose_to_fp8``), and
 ``per_token_cast_to_fp8_and_transpose`` does both activation casts from one read
 (``per_block_cast_to_fp8_and_transpose`` both weight casts, plain and transposed).
-Scales are float32 ``amax / 448`` (optionally rounded up to a power of two, UE8M0-style), so
-that ``dequantize(x_fp8, scale) ≈ x`` elementwise.
+Scales are float32 ``max(amax, 1e-4) / 448`` (optionally rounded up to a power of two,
+UE8M0-style), so that ``dequantize(x_fp8, scale) ≈ x`` elementwise.
 
 The casts are primitives (``quant_kernels.py``): one fused CUDA kernel each on Hopper,
 bitwise equal to their pure-JAX reference, which runs everywhere else.

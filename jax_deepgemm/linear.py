@@ -106,19 +106,19 @@ def fp8_linear(x, w, bias=None):
   by ~1e-9) lose precision or flush to zero (README, "API").
 
   Args:
-    x: ``[..., K]`` bf16/f32 activations.
+    x: ``[..., K]`` bf16/f16/f32 activations.
     w: ``[K, N]`` weights (flax.nnx.Linear's kernel layout).
     bias: optional ``[N]``.
   Returns:
     ``[..., N]`` in ``x.dtype``.
   """
-  x, w = jnp.asarray(x), jnp.asarray(w)
+  x, w = _checks.arrays("fp8_linear", "x w", x, w)
   _check_float("fp8_linear", "x", x)
   _check_float("fp8_linear", "w", w)
   if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"fp8_linear: x [..., K] and w [K, N] disagree: {x.shape}, {w.shape}")
   if bias is not None:
-    bias = jnp.asarray(bias)
+    bias = _checks.array("fp8_linear", "bias", bias)
     _check_float("fp8_linear", "bias", bias)
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
@@ -179,13 +179,13 @@ def fp8_grouped_linear(x, w, group_sizes):
   The scales' 1e-4 amax floor applies as in ``fp8_linear``.
 
   Args:
-    x: ``[M, K]`` bf16/f32, rows sorted by group.
+    x: ``[M, K]`` bf16/f16/f32, rows sorted by group.
     w: ``[G, K, N]``.
     group_sizes: int32 ``[G]`` device array (empty groups fine; rows past the sum give 0).
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """
-  x, w = jnp.asarray(x), jnp.asarray(w)
+  x, w = _checks.arrays("fp8_grouped_linear", "x w", x, w)
   group_sizes = _checks.sizes_array("fp8_grouped_linear", "group_sizes", group_sizes)
   _check_float("fp8_grouped_linear", "x", x)
   _check_float("fp8_grouped_linear", "w", w)

@@ -158,6 +158,24 @@ def test_errors():
                             jnp.ones((2,), jnp.int32))
 
 
+def test_operands_that_are_no_arrays_are_named():
+  # As in the ops: a TypeError naming the layer and the operand (it was JAX's unnamed
+  # "None is not a valid value for jnp.array", a ValueError). Lists of numbers still convert.
+  x, w = jnp.ones((4, 128)), jnp.ones((128, 32))
+  for bad in (None, "x", {"a": 1}):
+    with pytest.raises(TypeError, match="fp8_linear: x must be an array of numbers"):
+      jd.fp8_linear(bad, w)
+    with pytest.raises(TypeError, match="fp8_linear: w must be an array of numbers"):
+      jd.fp8_linear(x, bad)
+    with pytest.raises(TypeError, match="fp8_linear: bias must be an array of numbers"):
+      jd.fp8_linear(x, w, "b" if bad is None else bad)
+    with pytest.raises(TypeError, match="fp8_grouped_linear: x must be an array of numbers"):
+      jd.fp8_grouped_linear(bad, w[None], [4])
+    with pytest.raises(TypeError, match="fp8_grouped_linear: w must be an array of numbers"):
+      jd.fp8_grouped_linear(x, bad, [4])
+  assert jd.fp8_linear(x.tolist(), w, [0.0] * 32).shape == (4, 32)
+
+
 def test_forward_mode_and_second_derivatives_raise(rng):
   # First-order reverse mode only (README): the layers' custom_vjp has no forward mode, and
   # the ops their backward runs have no derivative; both say so.

@@ -114,11 +114,13 @@ def _inverse(perm):
 
 
 # ----------------------------------------------------------------------------- the layer
-def moe_forward(moe, x2, params, mesh, expert_axis):
+def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
   """The expert-parallel forward of ``moe`` (a ``flax.MoE``) on ``x2 [T, H]``.
 
   ``params``: the module's parameter arrays by name (``router``, ``w_gate``, ``w_up``,
-  ``w_down`` and, with shared experts, ``shared_*``). Returns ``(y [T, H], aux)``.
+  ``w_down`` and, with shared experts, ``shared_*``); ``dtype``: the call's compute dtype (the
+  layer's, or with its ``dtype=None`` the promotion of x's and the parameters').
+  Returns ``(y [T, H], aux)``.
   """
   token_axes = tuple(mesh.axis_names)
   shards = math.prod(mesh.shape.values())
@@ -132,7 +134,7 @@ def moe_forward(moe, x2, params, mesh, expert_axis):
     return jnp.zeros_like(x2), jnp.zeros((), jnp.float32)
   names = sorted(params)
   specs = {n: P(expert_axis) if n.startswith("w_") else P() for n in names}
-  body = functools.partial(_local_moe, moe, names=names, expert_axis=expert_axis,
+  body = functools.partial(_local_moe, moe, names=names, dtype=dtype, expert_axis=expert_axis,
                            token_axes=token_axes, ep=mesh.shape[expert_axis],
                            total=x2.shape[0])
   run = jax.shard_map(body, mesh=mesh, in_specs=(P(token_axes), [specs[n] for n in names]),
@@ -164,7 +166,7 @@ _cotangent_as.defvjp(lambda x, sharding: (x, None),
                      lambda sharding, _, ct: (jax.sharding.reshard(ct, sharding),))
 
 
-def _local_moe(moe, x, param_list, *, names, expert_axis, token_axes, ep, total):
+def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep, total):
   """One device: ``x [t, H]`` local tokens, ``w_* [E/ep, ...]`` local experts."""
   p = dict(zip(names, param_list))
   t, h, k, e = x.shape[0], x.shape[1], moe.top_k, moe.num_experts
@@ -188,7 +190,7 @@ def _local_moe(moe, x, param_list, *, names, expert_axis, token_axes, ep, total)
       jnp.arange(t * k, dtype=jnp.int32))                                   # fill: t*k
   token_at = jnp.where(choice_at < t * k, choice_at // k, t)                # fill: t
 
-  xc = x.astype(moe.dtype)
+  xc = x.astype(dtype)
   x_send = _gather(xc, token_at, slot.reshape(t, k), k)
   x_recv = jax.lax.all_to_all(x_send.reshape(ep, cap, h), expert_axis, 0, 0)
   recv = jax.lax.all_to_all(per_dest, expert_axis, 0, 0)  # [source, local expert] rows

@@ -223,16 +223,6 @@ class Fp8Linear(nnx.Linear):
 
 
 # ----------------------------------------------------------------------------- module
-class _WithDtype:
-  """``moe`` with ``dtype`` (a call's resolved compute dtype) in place of its own None."""
-
-  def __init__(self, moe, dtype):
-    self._moe, self.dtype = moe, dtype
-
-  def __getattr__(self, name):
-    return getattr(self._moe, name)
-
-
 class MoE(nnx.Module):
   """Top-k routed SwiGLU experts (+ optional shared experts) with FP8 or bf16 grouped GEMMs.
 
@@ -390,9 +380,7 @@ class MoE(nnx.Module):
     params = {n: getattr(self, n)[...] for n in names}
     dtype = self._compute_dtype(x2, params.values())
     if self.mesh is not None:
-      # (expert_parallel casts x to the layer's dtype: it sees this call's)
-      layer = self if self.dtype is not None else _WithDtype(self, dtype)
-      y, aux = expert_parallel.moe_forward(layer, x2, params, self.mesh, self.expert_axis)
+      y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis, dtype)
       return _primitive.unfold_like(y, x, fold), aux
 
     probs, ids, weights = self._route(x2)

@@ -259,5 +259,13 @@ def test_remat_policy_can_save_the_fp8_casts(rng, grouped):
   # Forward: X's and W's casts and the GEMM; backward: dY's cast and the dgrad GEMM. Without
   # saving, the backward recomputes the forward's casts and GEMM once more.
   assert counts == {"nothing": (3, 2, 3), "fp8": (2, 1, 2)}, counts
+  # The same bits, where the ops compute deterministically (CPU; the kernels). The reference on
+  # a GPU (non-Hopper, or JAX_DEEPGEMM_FORCE_REFERENCE=1) is XLA's f32 dots, whose fusions and
+  # algorithms differ between the two graphs: a recomputed y can differ in its last bf16 bit,
+  # which moves dY's fp8 scales (seen on an H100: diffs of one fp8 step), so there FP8-close.
+  exact = jax.default_backend() != "gpu" or jd.use_kernels()
   for a, b in zip(grads["nothing"], grads["fp8"]):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if exact:
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    else:
+      assert oracle.calc_diff(a, b) < 2e-3

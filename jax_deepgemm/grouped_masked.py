@@ -101,7 +101,7 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
   masked_m = _checks.sizes_array(OP, "masked_m", masked_m)
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if expected_m is not None:
-    _checks.concrete_int(OP, "expected_m", expected_m)
+    expected_m = _checks.concrete_int(OP, "expected_m", expected_m)  # a Python int in the params
   if a.ndim == 3:
     expected_m = a.shape[1] if expected_m is None else expected_m
     # Other integer types are clipped before they narrow to int32 (huge sizes must not wrap).

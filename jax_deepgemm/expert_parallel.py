@@ -122,7 +122,6 @@ def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
   layer's, or with its ``dtype=None`` the promotion of x's and the parameters').
   Returns ``(y [T, H], aux)``.
   """
-  token_axes = tuple(mesh.axis_names)
   shards = math.prod(mesh.shape.values())
   if x2.shape[0] % shards:
     raise ValueError(f"MoE: the {x2.shape[0]} tokens must split evenly over the mesh's "
@@ -132,6 +131,16 @@ def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
     # operands are all empty fails inside Shardy). The single-device layer's result: an empty
     # y and aux = 0, so every gradient is 0.
     return jnp.zeros_like(x2), jnp.zeros((), jnp.float32)
+  return _sharded(moe, x2, params, mesh=mesh, expert_axis=expert_axis, dtype=dtype)
+
+
+# Jitted: called eagerly, a shard_map runs (and differentiates) op by op, and jax 0.11.2's
+# XLA:CPU crashed compiling one of those ops (a concatenate with an empty operand in the
+# group sizes' running sum of the backward): eager nnx.grad ended in a segfault. The layer is
+# a pytree argument, so calls with the same configuration reuse the compiled function.
+@functools.partial(jax.jit, static_argnames=("mesh", "expert_axis", "dtype"))
+def _sharded(moe, x2, params, *, mesh, expert_axis, dtype):
+  token_axes = tuple(mesh.axis_names)
   names = sorted(params)
   specs = {n: P(expert_axis) if n.startswith("w_") else P() for n in names}
   body = functools.partial(_local_moe, moe, names=names, dtype=dtype, expert_axis=expert_axis,

@@ -45,6 +45,7 @@ the ops that follow stay sharded instead of taking a replicated type and an all-
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -427,6 +428,31 @@ def _without_mesh(per_device):
   return run
 
 
+def _on_auto_axes(ctx):
+  """``ctx`` with its operands and results typed on Auto axes where they are on Explicit ones,
+  and that mesh (None if no type is on an Explicit axis).
+
+  In a shard_map over some of the mesh's axes the plain op is lowered, traced with the
+  operands' types: on the remaining Explicit axes the references' reshapes and updates of
+  split dimensions failed ('This reshape is not supported', a ShardingTypeError). The plain
+  op has no sharding to keep there (XLA partitions it, as on Auto axes).
+  """
+  avals = list(ctx.avals_in) + list(ctx.avals_out)
+  mesh = next((a.sharding.mesh for a in avals if _primitive.explicit_spec(a) is not None), None)
+  if mesh is None:
+    return ctx, None
+  auto = mesh.update_axis_types({n: jax.sharding.AxisType.Auto for n, t in
+                                 zip(mesh.axis_names, mesh.axis_types)
+                                 if t == jax.sharding.AxisType.Explicit})
+  def retype(a):
+    s = getattr(a, "sharding", None)
+    if not isinstance(s, NamedSharding) or s.mesh != mesh:
+      return a
+    return a.update(sharding=NamedSharding(auto, P()))
+  return ctx.replace(avals_in=[retype(a) for a in ctx.avals_in],
+                     avals_out=[retype(a) for a in ctx.avals_out]), auto
+
+
 def _install(prim, rule, plan, prepare=None):
   """Lowers ``prim`` through ``custom_partitioning`` with ``rule`` (Shardy) and ``plan``.
 
@@ -451,7 +477,9 @@ def _install(prim, rule, plan, prepare=None):
       # Inside shard_map: per-device code already (with some axes left automatic, XLA
       # partitions the plain op). jax.export: custom_partitioning's rules are a Python
       # callback, which an exported module cannot carry; XLA partitions the plain op.
-      return mlir.lower_fun(local, multiple_results=multi)(ctx, *args)
+      ctx, mesh = _on_auto_axes(ctx)
+      with jax.sharding.use_abstract_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return mlir.lower_fun(local, multiple_results=multi)(ctx, *args)
     shapes = [tuple(a.shape) for a in ctx.avals_in]
 
     def make(mesh, arg_shapes, result_shape):

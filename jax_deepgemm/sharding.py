@@ -432,10 +432,11 @@ def _on_auto_axes(ctx):
   """``ctx`` with its operands and results typed on Auto axes where they are on Explicit ones,
   and that mesh (None if no type is on an Explicit axis).
 
-  In a shard_map over some of the mesh's axes the plain op is lowered, traced with the
-  operands' types: on the remaining Explicit axes the references' reshapes and updates of
-  split dimensions failed ('This reshape is not supported', a ShardingTypeError). The plain
-  op has no sharding to keep there (XLA partitions it, as on Auto axes).
+  In a shard_map over some of the mesh's axes, and for jax.export, the plain op is lowered,
+  traced with the operands' types: on (the remaining) Explicit axes the references' reshapes
+  and updates of split dimensions failed ('This reshape is not supported', a
+  ShardingTypeError). The plain op has no sharding to keep there (XLA partitions it, as on
+  Auto axes).
   """
   avals = list(ctx.avals_in) + list(ctx.avals_out)
   mesh = next((a.sharding.mesh for a in avals if _primitive.explicit_spec(a) is not None), None)

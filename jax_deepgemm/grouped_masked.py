@@ -59,7 +59,8 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
     return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
         args, dims, expected_m=expected_m, out_dtype=out_dtype)
   a, sa, b, sb, masked_m = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
-  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  # (Sizes spelled out: a -1 cannot be inferred when an operand is empty, M_max, N or K = 0.)
+  flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
   out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
                       expected_m=expected_m, out_dtype=out_dtype)
   return out.reshape((size, a.shape[1]) + out.shape[1:]), 0

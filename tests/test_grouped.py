@@ -7,7 +7,7 @@ import pytest
 
 import jax_deepgemm as jd
 import oracle
-from helpers import quant_act, quant_w
+from helpers import quant_act, quant_w, randn
 
 ROUTINGS = {
     "skewed": [1, 0, 130, 7, 0, 20],
@@ -115,6 +115,22 @@ def test_masked_vmap_folds_into_groups(rng):
   for i in range(3):
     want = oracle.grouped_masked(a[i], sa[i], b, sb, mm[i])
     assert oracle.calc_diff(d[i], want) < 1e-5 and oracle.calc_diff(d2[i], want) < 1e-5
+
+
+@pytest.mark.parametrize("m_max,n,k", [(0, 40, 128), (16, 0, 128), (16, 40, 0)])
+def test_masked_vmap_of_empty_operands(rng, m_max, n, k):
+  # Batched weights fold the batch into G; with an empty operand (M_max, N or K = 0) that
+  # reshape failed ('integer modulo by zero': a -1 size cannot be inferred from 0 elements).
+  g = 2
+  a, sa = jd.per_token_cast_to_fp8(randn(rng, (3, g, m_max, k), jnp.bfloat16))
+  b, sb = jd.per_block_cast_to_fp8(randn(rng, (3, g, n, k)))
+  mm = jnp.asarray([[1, 16], [0, 7], [16, 3]], jnp.int32)
+  d = jax.vmap(jd.m_grouped_fp8_gemm_nt_masked)(a, sa, b, sb, mm)
+  assert d.shape == (3, g, m_max, n) and d.dtype == jnp.bfloat16
+  for i in range(3):
+    want = jd.m_grouped_fp8_gemm_nt_masked(a[i], sa[i], b[i], sb[i], mm[i])
+    np.testing.assert_array_equal(np.asarray(d[i], np.float32), np.asarray(want, np.float32))
+  assert not np.asarray(d, np.float32).any()  # K = 0: zero sums; else nothing to compute
 
 
 def test_masked_errors(rng):

@@ -110,3 +110,29 @@ def test_boolean_env_vars_reject_other_values(monkeypatch):
   monkeypatch.setenv(_ffi.MN_MAJOR_SCALES_ENV, "maybe")
   with pytest.raises(ValueError, match="JAX_DEEPGEMM_MN_MAJOR_SCALES='maybe'"):
     _ffi.mn_major_scales()
+
+
+def test_readme_api_examples_run_under_x64():
+  # README (API): under jax_enable_x64 default-dtype arrays are float64, which the ops refuse as
+  # c, bias or scales (TypeError, no downcast); the examples give c and bias as float32, so they
+  # run there too, and the casts and layers take float64 inputs.
+  import subprocess
+  import sys
+  import multidevice  # noqa: PLC0415
+  code = "\n".join(_readme_section_python_blocks("API")) + """
+import pytest
+with pytest.raises(TypeError, match="fp8_gemm_nt: c must be float32, got float64"):
+  jd.fp8_gemm_nt(xq, xs, wq, ws, c=jnp.zeros((M, N)))
+with pytest.raises(TypeError, match="fp8_gemm_nt: bias must be float32 or bfloat16, got float64"):
+  jd.fp8_gemm_nt(xq, xs, wq, ws, bias=jnp.ones((N,)))
+with pytest.raises(TypeError, match="fp8_gemm_nt: sa must be float32, got float64"):
+  jd.fp8_gemm_nt(xq, xs.tolist(), wq, ws)
+x64 = jnp.ones((4, 256))
+assert x64.dtype == jnp.float64 and jd.per_token_cast_to_fp8(x64)[1].dtype == jnp.float32
+assert jd.fp8_linear(x64, jnp.ones((256, 8))).dtype == jnp.float64
+print("x64 ok")
+"""
+  r = subprocess.run([sys.executable, "-c", code], env=multidevice.env(JAX_ENABLE_X64="1"),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "x64 ok" in r.stdout, r.stdout

@@ -53,7 +53,8 @@ def _reference(*args, out_dtype, has_bias, has_c):
   d = jnp.dot(dequantize_per_token(a, sa), dequantize_per_block(b, sb).T,
               precision=_HI, preferred_element_type=jnp.float32)
   if bias is not None:
-    d = d + bias.astype(jnp.float32)
+    # (Broadcast explicitly: under jax_numpy_rank_promotion='raise' [M, N] + [N] is an error.)
+    d = d + bias.astype(jnp.float32)[None, :]
   if c is not None:
     d = d + c
   return d.astype(out_dtype)

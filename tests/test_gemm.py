@@ -69,6 +69,22 @@ def test_bias_and_c_together(rng):
   assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb, bias=bias, c=c)) < 1e-5
 
 
+def test_bias_under_rank_promotion_raise(rng):
+  # The reference added bias [N] to [M, N] by rank promotion: under
+  # jax_numpy_rank_promotion='raise' (a common strictness setting) fp8_gemm_nt(bias=...) and
+  # fp8_linear(x, w, bias) raised "Operands could not be broadcast together".
+  a, sa = quant_act(rng, 9, 256)
+  b, sb = quant_w(rng, 140, 256)
+  bias = randn(rng, (140,))
+  x, w = randn(rng, (2, 5, 256)), randn(rng, (256, 140), scale=0.1)
+  with jax.numpy_rank_promotion("raise"):
+    d = jax.jit(lambda *z: jd.fp8_gemm_nt(*z[:4], bias=z[4]))(a, sa, b, sb, bias)
+    y = jax.jit(jd.fp8_linear)(x, w, bias)
+  assert oracle.calc_diff(d, oracle.gemm_nt(a, sa, b, sb, bias=bias)) < 1e-5
+  want = oracle.f64(x) @ oracle.f64(w) + oracle.f64(bias)
+  assert y.shape == (2, 5, 140) and oracle.calc_diff(y, want) < 1e-3
+
+
 def test_vmap_over_activations_folds_into_m(rng):
   a, sa = quant_act(rng, 3 * 20, 256)
   b, sb = quant_w(rng, 130, 256)

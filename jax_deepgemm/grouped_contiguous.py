@@ -130,9 +130,22 @@ def sanitize_group_sizes(group_sizes, m, op="jax_deepgemm"):
     group_sizes = jax.sharding.reshard(
         group_sizes, jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec()))
   # Each size clipped without wrapping, then a saturating running sum so no prefix
-  # overflows int32.
-  g = clip_rows(group_sizes, m)
-  ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x + y, m), g)
+  # overflows int32. (m is an operand of the jitted sum: a symbolic m works, and eager calls
+  # compile once per number of groups.)
+  return _saturated_sizes(clip_rows(group_sizes, m), jnp.asarray(m, jnp.int32))
+
+
+@jax.jit
+def _saturated_sizes(g, m):
+  """Clipped int32 sizes ``g`` → the sizes once their running sum saturates at ``m``.
+
+  Jitted, so that it compiles as one computation: op by op (eagerly, e.g. in an eager
+  shard_map body) the associative_scan runs its concatenates alone, and one with an empty
+  operand segfaulted XLA:CPU (jax 0.11.2), as ``jnp.diff``'s would for G = 0.
+  """
+  # min(x + y, m) as x + min(y, m - x): x and y are in [0, m], and x + y wrapped past
+  # int32 for m > 2**30 (two sizes of 2**31 - 1 summed to -2).
+  ends = jax.lax.associative_scan(lambda x, y: x + jnp.minimum(y, m - x), g)
   return jnp.diff(ends, prepend=jnp.zeros((1,), jnp.int32))
 
 

@@ -1,10 +1,15 @@
 """K-grouped weight-gradient GEMM on the default backend."""
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_deepgemm as jd
+import multidevice
 import oracle
 from helpers import quant_act, randn
 
@@ -135,3 +140,50 @@ def test_non_finite_token_stays_in_its_group(rng, operand):
   sel = slice(128, None)
   want = oracle.k_grouped(a[sel], sa[1:], b[sel], sb[1:], [0, 128])
   assert oracle.calc_diff(d[1], want[1]) < 1e-5
+
+
+_EAGER_SHARD_MAP = r"""
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import jax_deepgemm as jd, oracle
+from helpers import quant_act
+from jax_deepgemm.grouped_contiguous import sanitize_group_sizes
+import numpy as np
+
+mesh = jax.make_mesh((jax.device_count(),), ("x",))
+def eager(f, *args):  # not jitted: the body runs op by op
+  return jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P())(*args)
+
+out = {"sanitized": []}
+for sizes, dtype, m in json.loads(%r):
+  gs = jnp.asarray(np.asarray(sizes, dtype))
+  out["sanitized"].append(np.asarray(eager(lambda g: sanitize_group_sizes(g, m), gs)).tolist())
+rng = np.random.default_rng(0)
+a, sa = quant_act(rng, 200, 16, axis=0)
+b, sb = quant_act(rng, 200, 24, axis=0)
+sizes = [100, 0, 157, 3]
+d = eager(jd.k_grouped_fp8_gemm_tn_contiguous, a, sa, b, sb, jnp.asarray(sizes, jnp.int32))
+out["diff"] = float(oracle.calc_diff(d, oracle.k_grouped(a, sa, b, sb, sizes)))
+print(json.dumps(out))
+"""
+
+
+def test_eager_in_shard_map():
+  # Eagerly (not jitted) in a shard_map, the op's group-size running sum (an associative_scan)
+  # ran op by op, and XLA:CPU segfaulted on one of its concatenates, with an empty operand
+  # (jax 0.11.2, 2 CPU devices; jnp.concatenate([g[:0], g]) there does too): the process
+  # died. It runs jitted now. In a child process, which needs the devices (and a crash must
+  # fail the test, not end pytest). Sizes past int32 in sum: their saturating sum wrapped.
+  # (No groups; clipped sizes; int8 ones; ones whose running sum passes int32.)
+  cases = [([], "int32", 10), ([3, 4, 5, 6], "int32", 10), ([5, 100, -3, 127], "int8", 300),
+           ([2**31 - 1, 2**31 - 1, 5], "int32", 2**31 - 1)]
+  proc = subprocess.run([sys.executable, "-c", _EAGER_SHARD_MAP % json.dumps(cases)],
+                        env=multidevice.env(devices=2), cwd=multidevice.TESTS,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for (sizes, dtype, m), got in zip(cases, out["sanitized"]):
+    ends = np.minimum(np.cumsum(np.clip(np.asarray(sizes, dtype).astype(np.int64), 0, m)), m)
+    np.testing.assert_array_equal(got, np.diff(ends, prepend=0), err_msg=str((sizes, dtype, m)))
+  assert len(out["sanitized"]) == len(cases) and out["diff"] < 1e-5

@@ -56,6 +56,25 @@ def export_safety_checks() -> list:
   return [jax_export.DisabledSafetyCheck.custom_call(name) for name in FFI_TARGETS]
 
 
+def installed_extension_elsewhere(dist_name: str = "jax_deepgemm") -> str | None:
+  """The directory of an installed ``jax_deepgemm`` that has the compiled extension, where it
+  is not the package imported here (which has none); else None. Only for the warning above:
+  mixing an installed ``_C`` with other sources could call kernels with other signatures."""
+  from importlib import metadata
+  try:
+    files = metadata.distribution(dist_name).files or []
+  except metadata.PackageNotFoundError:
+    return None
+  here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+  for f in files:
+    parts = f.parts
+    if len(parts) == 2 and parts[0] == "jax_deepgemm" and parts[1].startswith("_C."):
+      pkg = os.path.realpath(os.path.dirname(str(f.locate())))
+      if pkg != here and os.path.exists(str(f.locate())):
+        return pkg
+  return None
+
+
 def extension_built() -> bool:
   """True when the package was installed with its CUDA kernels."""
   return _C is not None
@@ -94,8 +113,17 @@ def use_kernels() -> bool:
     logger.warning("jax_deepgemm: JAX_DEEPGEMM_FORCE_REFERENCE is set; using the reference path.")
     return False
   if _C is None:
-    logger.warning("jax_deepgemm: CUDA extension not built (%s); GPU ops use the pure-JAX "
-                   "reference path.", _IMPORT_ERROR)
+    elsewhere = installed_extension_elsewhere()
+    if elsewhere:
+      # The usual cause: `python -m ...` (or a script) run from the repository root imports the
+      # source tree, which has no compiled _C, while `pip install .` put one in site-packages.
+      logger.warning("jax_deepgemm: imported from %s, which has no compiled extension, but the "
+                     "installed package at %s has one; GPU ops use the pure-JAX reference path. "
+                     "Run outside the source tree (or `python -P`) to use the kernels.",
+                     os.path.dirname(os.path.abspath(__file__)), elsewhere)
+    else:
+      logger.warning("jax_deepgemm: CUDA extension not built (%s); GPU ops use the pure-JAX "
+                     "reference path.", _IMPORT_ERROR)
     return False
   if not _hopper_present():
     logger.warning("jax_deepgemm: no Hopper (sm_90) GPU; GPU ops use the pure-JAX reference path.")

@@ -136,3 +136,36 @@ print("x64 ok")
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-4000:]
   assert "x64 ok" in r.stdout, r.stdout
+
+
+def _fake_dist(root, name, files):
+  """A minimal installed distribution ``name`` under ``root`` holding ``files``."""
+  info = root / f"{name}-0.1.0.dist-info"
+  info.mkdir()
+  (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+  (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+  for f in files:
+    (root / f).parent.mkdir(parents=True, exist_ok=True)
+    (root / f).write_bytes(b"")
+
+
+def test_warning_names_an_installed_extension_elsewhere(tmp_path, monkeypatch, caplog):
+  # Run from a source tree (no _C) with the package pip-installed elsewhere, the reference
+  # path used to be explained as "CUDA extension not built": the warning now says where the
+  # kernels are and how to use them.
+  import logging
+  from jax_deepgemm import _ffi
+  _fake_dist(tmp_path, "jdg_probe_kernels", ["jax_deepgemm/__init__.py",
+                                             "jax_deepgemm/_C.cpython-312-x86_64-linux-gnu.so"])
+  _fake_dist(tmp_path, "jdg_probe_none", ["jax_deepgemm/__init__.py"])
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert _ffi.installed_extension_elsewhere("jdg_probe_kernels") == str(tmp_path / "jax_deepgemm")
+  assert _ffi.installed_extension_elsewhere("jdg_probe_none") is None
+  assert _ffi.installed_extension_elsewhere("jdg_probe_absent") is None
+
+  monkeypatch.setattr(_ffi, "_C", None)
+  monkeypatch.setattr(_ffi, "installed_extension_elsewhere", lambda: "/site/jax_deepgemm")
+  monkeypatch.delenv("JAX_DEEPGEMM_FORCE_REFERENCE", raising=False)
+  with caplog.at_level(logging.WARNING, logger="jax_deepgemm"):
+    assert _ffi.use_kernels.__wrapped__() is False
+  assert "/site/jax_deepgemm has one" in caplog.text and "python -P" in caplog.text

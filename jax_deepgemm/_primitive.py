@@ -38,12 +38,14 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
   prim.def_impl(_impl)
   prim.def_abstract_eval(aval_rule)
   prim.aval_rule = aval_rule  # jax_deepgemm.sharding adds explicit-axis output types to it
+  prim.reference = reference  # (tests/test_export.py checks what it calls)
   register_lowerings(prim, reference, cuda, multiple_results=multiple_results)
   # The same op with plain lowerings only: jax_deepgemm.sharding gives `prim` partitioning
   # rules and lowers `prim.local` on each shard.
   prim.local = Primitive(name + "_local")
   prim.local.multiple_results = multiple_results
   prim.local.def_abstract_eval(aval_rule)
+  prim.local.reference = reference
   register_lowerings(prim.local, reference, cuda, multiple_results=multiple_results)
   if batching_rule is not None:
     batching.primitive_batchers[prim] = batching_rule
@@ -60,7 +62,16 @@ def define(name: str, *, abstract_eval, reference, cuda, batching_rule=None,
 
 
 def register_lowerings(prim, reference, cuda, *, multiple_results=False):
-  """``reference`` everywhere; on CUDA ``cuda`` when our kernels can run there."""
+  """``reference`` everywhere; on CUDA ``cuda`` when our kernels can run there.
+
+  Lowered for several platforms (``jax.export`` for ("cpu", "cuda")), each rule lowers in
+  its own branch, but JAX caches a nested ``jax.jit``'s lowering per module, not per
+  platform: a jitted helper that lowers differently on CUDA (``jnp.cumsum``, and
+  ``jnp.repeat`` with ``total_repeat_length``, which calls it: jax 0.11 lowers cumsum for
+  CUDA to a chlo.scan composite) was lowered for the CUDA branch and called by the CPU one,
+  and XLA:CPU aborted compiling it. So the references call ``jax.lax.cumsum`` (a primitive,
+  whose lowering JAX caches per platform), never such a helper.
+  """
   ref_rule = mlir.lower_fun(reference, multiple_results=multiple_results)
   cuda_rule = mlir.lower_fun(cuda, multiple_results=multiple_results)
   mlir.register_lowering(prim, ref_rule)

@@ -29,10 +29,10 @@ def tile_group_pairs(sizes, m):
   """(tile, group, valid), each ``[ceil(m/128) + G]``: the (tile, group) pairs in which a group
   holds rows, for sanitized ``sizes`` (non-negative, ending by row ``m``); the rest padding."""
   g = sizes.shape[0]
-  ends = jnp.cumsum(sizes)
+  ends = jax.lax.cumsum(sizes)  # (not jnp.cumsum: see _primitive.register_lowerings)
   first = (ends - sizes) // TILE
   count = jnp.where(sizes > 0, (ends - 1) // TILE - first + 1, 0)  # tiles group g touches
-  last_pair = jnp.cumsum(count)  # one past each group's last pair
+  last_pair = jax.lax.cumsum(count)  # one past each group's last pair
   p = jnp.arange(-(-m // TILE) + g, dtype=last_pair.dtype)
   # The group of pair p: how many groups' pairs end at or before it (G: padding). (Not
   # jnp.searchsorted: it fails inside a shard_map over some of the mesh's axes, jax 0.10.)

@@ -153,7 +153,7 @@ def group_of_rows(sizes, m):
   """Each of ``m`` rows' group under sanitized ``sizes`` (``G`` for rows past the last group):
   how many groups end at or before the row. (Not ``jnp.searchsorted``: it fails inside a
   shard_map over some of the mesh's axes, jax 0.10.)"""
-  ends = jnp.cumsum(sizes)
+  ends = jax.lax.cumsum(sizes)  # (not jnp.cumsum: see _primitive.register_lowerings)
   rows = jnp.arange(m, dtype=ends.dtype)
   return jnp.sum(rows[:, None] >= ends[None, :], axis=1, dtype=ends.dtype)
 

@@ -171,7 +171,7 @@ def dequantize_per_token(x_fp8, scale, *, axis: int = -1):
   _checks.dtype("dequantize_per_token", "scale", scale, jnp.float32)
   _checks.shape("dequantize_per_token", "scale", scale, expected,
                 f"one scale per {BLOCK} along axis {axis}")
-  s = jnp.repeat(scale, BLOCK, axis=axis, total_repeat_length=scale.shape[axis] * BLOCK)
+  s = jnp.repeat(scale, BLOCK, axis=axis)  # (see _primitive.register_lowerings)
   s = jax.lax.slice_in_dim(s, 0, n, axis=axis)
   return x_fp8.astype(jnp.float32) * s
 

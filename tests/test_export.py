@@ -13,7 +13,7 @@ from jax import export
 
 import jax_deepgemm as jd
 import multidevice
-from jax_deepgemm import _ffi
+from jax_deepgemm import _ffi, _tiled_groups
 from helpers import quant_act, quant_w, randn
 
 
@@ -87,6 +87,57 @@ def test_export_runs_where_the_kernels_do_not(rng, platforms):
       assert g.shape == w.shape and g.dtype == w.dtype
       np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                  rtol=1e-6, atol=1e-6)
+
+
+# Primitives that JAX lowers for CUDA otherwise than for CPU and that a reference could reach
+# (jax 0.11.2: cumsum lowers to a chlo.scan composite for CUDA; the others may follow).
+_LOWERED_PER_PLATFORM = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+
+
+def _eqns(jaxpr, in_jit=False):
+  """(equation, whether inside a nested jit) for every equation, nested ones too."""
+  for eqn in jaxpr.eqns:
+    yield eqn, in_jit
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)  # (a ClosedJaxpr's)
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub, in_jit or eqn.primitive.name in ("jit", "pjit"))
+
+
+def test_references_call_no_jitted_helper_lowered_per_platform(rng):
+  # Exported for ("cpu", "cuda") without our kernels, the grouped layer aborted the process
+  # when called on CPU (jax 0.11.2: test_export_runs_where_the_kernels_do_not took pytest
+  # down): XLA:CPU cannot compile the chlo.scan composite that JAX lowers cumsum to for CUDA
+  # ("ComputeOutputToInputIndexing is not implemented for opcode call", then a failed
+  # check), and the CPU branch of our ops called the jnp.cumsum (a jax.jit) lowered for the
+  # CUDA branch: JAX caches a nested jit's lowering per module, not per platform. Minimal
+  # reproduction, plain JAX: a primitive p with
+  #   ref = mlir.lower_fun(jnp.cumsum, multiple_results=False)
+  #   mlir.register_lowering(p, ref)
+  #   mlir.register_lowering(p, lambda ctx, x: ref(ctx, x), platform="cuda")
+  # then export.export(jax.jit(p.bind), platforms=("cpu", "cuda"))(x).call(x) aborts. Whether
+  # a module aborts depends on XLA's fusion; so this checks the cause: the references (what
+  # each op lowers to off our kernels) call no such primitive inside a nested jit (jnp.cumsum,
+  # jnp.repeat with total_repeat_length did), only at their top level (lax.cumsum), where
+  # JAX lowers it per platform. (See _primitive.register_lowerings.)
+  a, sa = quant_act(rng, 512, 128)
+  b, sb = quant_w(rng, 8, 128, 128)
+  gs = jnp.asarray([100, 0, 57, 3, 200, 1, 0, 30], jnp.int32)
+  assert _tiled_groups.worth_tiling(512, 8)  # the M-grouped reference's tiled path too
+  seen = set()
+  for fn, args in _cases(rng) + [(jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous),
+                                  (a, sa, b, sb, gs))]:
+    for eqn, _ in _eqns(jax.make_jaxpr(fn)(*args).jaxpr):
+      reference = getattr(eqn.primitive, "reference", None)
+      if reference is None:
+        continue
+      seen.add(eqn.primitive.name.removesuffix("_local"))
+      avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+      lowered = jax.make_jaxpr(lambda *x: reference(*x, **eqn.params))(*avals)
+      inside = {e.primitive.name for e, in_jit in _eqns(lowered.jaxpr) if in_jit}
+      assert not inside & _LOWERED_PER_PLATFORM, (eqn.primitive.name, inside)
+  assert len(seen) >= 8, seen  # the GEMMs (dense, M-grouped, masked, K-grouped), the casts
 
 
 def test_export_of_a_sharded_computation():

@@ -182,6 +182,10 @@ def fp8_grouped_linear(x, w, group_sizes):
     x: ``[M, K]`` bf16/f16/f32, rows sorted by group.
     w: ``[G, K, N]``.
     group_sizes: int32 ``[G]`` device array (empty groups fine; rows past the sum give 0).
+      Rows past the sum must be finite too: the weight gradient's token-axis cast scales X per
+      128 rows across groups, so an inf or NaN in any row (e.g. ``jnp.take``'s NaN fill of
+      padding rows) makes dW NaN for every group sharing its 128-row block, where
+      ``ragged_dot`` keeps it to the row's own group (none for padding rows).
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """

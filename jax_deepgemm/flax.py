@@ -244,7 +244,10 @@ class MoE(nnx.Module):
     aux_loss_coef: scale of the load-balancing loss returned next to the output.
     mesh: optional ``jax.sharding.Mesh``: run expert-parallel over it (experts split over
       ``expert_axis``, tokens over all its axes); ``num_experts`` must divide by the size of
-      ``expert_axis``.
+      ``expert_axis``. The expert weights then carry Flax's sharding metadata
+      (``out_sharding=(expert_axis, None, None)``), so ``nnx.get_partition_spec`` and
+      ``nnx.get_named_sharding`` give their split; layers stacked by ``nnx.vmap`` need
+      ``transform_metadata={nnx.PARTITION_NAME: None}`` for it to name the stacked axis.
     expert_axis: the mesh axis the experts are split over.
   """
 
@@ -294,13 +297,18 @@ class MoE(nnx.Module):
     # Experts: lecun-normal per expert (fan-in = the contracted axis; axis 0 is the expert).
     init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
     e, w = num_experts, expert_width
-    # With a mesh, each device keeps only its experts.
+    # With a mesh, each device keeps only its experts, and the Params say so to Flax's
+    # sharding tools (nnx.get_partition_spec / get_named_sharding, which the sharded-init and
+    # checkpoint-restore recipes apply: without it they read P() and replicated the experts).
+    # Placed here, not by Flax (eager_sharding=False): `place` also handles traced values.
     place = ((lambda v: v) if mesh is None else
              functools.partial(expert_parallel.shard_expert_weights, mesh=mesh,
                                expert_axis=expert_axis))
-    self.w_gate = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)))
-    self.w_up = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)))
-    self.w_down = nnx.Param(place(init(rngs.params(), (e, w, hidden), param_dtype)))
+    meta = {} if mesh is None else dict(out_sharding=(expert_axis, None, None),
+                                        eager_sharding=False)
+    self.w_gate = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)), **meta)
+    self.w_up = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)), **meta)
+    self.w_down = nnx.Param(place(init(rngs.params(), (e, w, hidden), param_dtype)), **meta)
     if num_shared_experts:
       s = num_shared_experts * expert_width
       dense = nnx.initializers.lecun_normal()

@@ -43,6 +43,10 @@ def test_eager_grads_match_single_device():
   multidevice.run(__file__, "case_eager_grads")
 
 
+def test_flax_sharding_metadata_names_the_expert_split():
+  multidevice.run(__file__, "case_partition_metadata")
+
+
 # ----------------------------------------------------------------------------- child side
 def _moe(mesh, impl, h, w, e, k, **kw):
   import jax.numpy as jnp
@@ -219,6 +223,67 @@ def case_placement():
         x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 64)), jnp.float32)
         y = nnx.jit(forward)(stacked, x)
         assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+  print("ok")
+
+
+def case_partition_metadata():
+  # Flax's sharding recipes read the Params' metadata: sharded init (nnx.jit a constructor,
+  # then with_sharding_constraint(state, nnx.get_partition_spec(state))) and restoring into
+  # an abstract model (nnx.get_named_sharding). The expert weights had none, so both read P()
+  # and replicated them on every device (and Adam's moments with them), silently.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax_deepgemm import expert_parallel
+  from jax_deepgemm.flax import MoE
+  mesh = expert_parallel.make_mesh(data=2, expert=4)
+  make = lambda key=0: MoE(64, 32, 8, 2, rngs=nnx.Rngs(key), num_shared_experts=1, mesh=mesh)
+  experts = ("w_gate", "w_up", "w_down")
+  want = {n: P("expert", None, None) if n in experts else P()
+          for n in experts + ("router", "shared_gate", "shared_up", "shared_down")}
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(make())))
+  assert specs == want, specs
+  shardings = nnx.to_pure_dict(nnx.get_named_sharding(nnx.state(nnx.eval_shape(make)), mesh))
+  assert shardings == {n: NamedSharding(mesh, s) for n, s in want.items()}, shardings
+  assert nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(MoE(64, 32, 8, 2, rngs=nnx.Rngs(0))))) \
+      == dict.fromkeys(("router",) + experts, P())  # (no mesh: nothing split)
+
+  @nnx.jit
+  def create():
+    model = make()
+    state = nnx.state(model)
+    nnx.update(model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+    return model
+  with jax.set_mesh(mesh):
+    model = create()
+  eager = make()
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  for name in experts:  # 8 experts over 4 devices: 2 each, weights and Adam's moments
+    for w in (getattr(model, name)[...], opt.opt_state[0].mu[name][...]):
+      assert {s.data.shape[0] for s in w.addressable_shards} == {2}, (name, w.sharding)
+    np.testing.assert_array_equal(np.asarray(getattr(model, name)[...]),
+                                  np.asarray(getattr(eager, name)[...]))
+  assert {s.data.shape for s in model.router[...].addressable_shards} == {(64, 8)}
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
+  y, y_eager = (nnx.jit(lambda m, x: m(x)[0])(m, x) for m in (model, eager))
+  np.testing.assert_allclose(y, y_eager, rtol=1e-5, atol=1e-6)  # (other partitioning)
+
+  # Stacked for nnx.scan: with Flax's transform_metadata the spec names the layer axis too.
+  @nnx.jit
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+  def stack(key):
+    model = make(key)
+    state = nnx.state(model)
+    nnx.update(model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+    return model
+  with jax.set_mesh(mesh):
+    stacked = stack(jax.random.split(jax.random.key(0), 3))
+  assert nnx.get_partition_spec(nnx.state(stacked)).w_gate.get_value() == P(None, "expert", None, None)
+  w = stacked.w_gate[...]
+  assert {s.data.shape[:2] for s in w.addressable_shards} == {(3, 2)}, w.sharding
   print("ok")
 
 

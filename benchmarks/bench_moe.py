@@ -19,15 +19,18 @@ x 2 B = 5.6 GB, plus as much again for the gradients.
 
 Records: op "moe_layer_fwd_bwd", m = tokens, n = hidden, k = expert width, groups = experts;
 ``step_ms``, ``tokens_per_s``, ``ratio_vs_bf16`` = t_bf16 / t_fp8 (> 1: FP8 is faster).
-TFLOPS = (18·T·top_k·hidden·width + 6·T·hidden·experts) / t: the three expert GEMMs and the
-router, forward and both backward GEMMs each, useful rows only. ``grad_diff``: DeepGEMM's
+TFLOPS = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t (``moe_flops``), useful rows only:
+the step differentiates the parameters, not x, so it runs seven expert GEMMs of 2·T·top_k·hidden·
+width each (gate, up and down forward; down's dgrad; the three weight gradients: the gate and up
+GEMMs' dgrads, gradients of x, are dead code that XLA drops) and the router's forward and
+weight gradient (2·T·hidden·experts each). ``grad_diff``: DeepGEMM's
 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight gradients (the largest over
 w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
 the parameters are shared by all rotated input sets (only x and the cotangent rotate).
 When the whole bf16 layer fails, its first expert GEMM is timed alone (op "moe_bf16_gate_gemm":
 ``ragged_dot`` of the T·top_k routed rows with w_gate, the real router's group sizes) and the FP8
 record gets ``ratio_vs_bf16_lower_bound`` = t_gemm / t_fp8: the bf16 layer's forward+backward
-runs that GEMM and eight more of its size, so its ratio can only be larger.
+runs that GEMM and at least six more of its size, so its ratio can only be larger.
 
   python benchmarks/bench_moe.py                 # writes results/moe.json
   python benchmarks/bench_moe.py --experts 256 --tokens 4096
@@ -72,6 +75,13 @@ def int_list(text: str):
   return vals
 
 
+def moe_flops(tokens, hidden, width, experts, top_k):
+  """Useful FLOPs of one ``make_step`` (forward + gradients w.r.t. the parameters, not x): seven
+  expert GEMMs over the ``tokens * top_k`` routed rows (gate, up, down; down's dgrad; three
+  wgrads) and the f32 router's forward and weight gradient."""
+  return 14.0 * tokens * top_k * hidden * width + 4.0 * tokens * hidden * experts
+
+
 def make_moe(cfg, experts_impl, abstract=False):
   def build():
     return MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=nnx.Rngs(0),
@@ -106,7 +116,7 @@ def make_floor(graphdef, params, rest, tokens, hidden, top_k):
   """The bf16 layer's first expert GEMM alone, as the layer runs it, for when the whole bf16
   layer fails: ``ragged_dot(x_sorted [T*k, hidden], w_gate [E, hidden, width], group_sizes)``
   with the group sizes of the real router on x. The layer's forward+backward runs this GEMM
-  and eight more of its size, so t_floor / t_fp8 is a lower bound of the layer ratio."""
+  and at least six more of its size, so t_floor / t_fp8 is a lower bound of the layer ratio."""
   @jax.jit
   def data(key):
     x = jax.random.normal(key, (tokens, hidden), BF16)
@@ -194,7 +204,7 @@ def main(argv=None) -> int:
 
   for tokens in args.tokens:
     name = f"T{tokens} H{h} W{w} E{e} top{k}"
-    flops = 18.0 * tokens * k * h * w + 6.0 * tokens * h * e
+    flops = moe_flops(tokens, h, w, e, k)
     print(f"[{OP} {name}]", flush=True)
     make = make_inputs_fn(params, tokens, h)
     results = {impl: runner.time_impl(f"{name}] [{impl}", step, make, timing, args.budget)

@@ -20,8 +20,8 @@ the expert count (``--expert-axis`` caps it), the data axis takes the rest.
 Records: m = global tokens per step, n = hidden, k = expert width, groups = experts, plus
 ``devices``, ``mesh``, ``step_ms``, ``tokens_per_s``, ``tokens_per_s_per_device`` and
 ``scaling_efficiency`` = (tokens/s per device on N) / (tokens/s on 1) (1.0 = perfect).
-TFLOPS (layer) = (18·T·top_k·hidden·width + 6·T·hidden·experts) / t over all devices, as in
-bench_moe.py. Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py); the
+TFLOPS (layer) = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t over all devices
+(``bench_moe.moe_flops``: the step differentiates the parameters, not x). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py); the
 parameters (and optimizer state) are shared by all rotated input sets.
 
 The expert-parallel layer exchanges drop-free buffers: ``N_expert * t * min(top_k, experts per
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
   cases = []
   if not args.skip_layer:
     cases.append((OP_LAYER, e, lambda mesh: layer_case(args, impl, mesh),
-                  lambda t: 18.0 * t * k * h * w + 6.0 * t * h * e,
+                  lambda t: BM.moe_flops(t, h, w, e, k),
                   dict(n=h, k=w, groups=e, top_k=k)))
   if not args.skip_train:
     cases.append((OP_TRAIN, cfg.experts, lambda mesh: train_case(args, cfg, impl, mesh),

@@ -54,6 +54,12 @@ QUICK_GROUPED = [(4, 64, 256, 384), (8, 32, 128, 256)]
 QUICK_DENSE = [(128, 256, 512)]
 
 
+def fwd_bwd_flops(m, n, k):
+  """``3·2·M·N·K``: the forward GEMM, dgrad and wgrad, each 2·M·N·K (grouped: M = all rows, in
+  groups; dgrad and wgrad both needed, since the step differentiates x and w)."""
+  return 3 * 2.0 * m * n * k
+
+
 # ------------------------------------------------------------------ the implementations
 
 def fwd_bwd(layer):
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
       name = f"{m}x{n}x{k}"
       impls, make = DENSE_IMPLS, dense_inputs(m, n, k)
       base_impl, ratio_key = "xla_bf16_dot", "ratio_vs_xla_bf16"
-    flops = 3 * 2.0 * m * n * k
+    flops = fwd_bwd_flops(m, n, k)
     print(f"[{op} {name}]", flush=True)
 
     results = {}

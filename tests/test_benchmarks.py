@@ -60,6 +60,73 @@ def test_bench_grouped_masked_runs_both_peers():
   assert "xla_bf16_einsum" in out and "[2x64 n256 k512] ragged_dot_bf16" in out
 
 
+# ----------------------------------------------------------------- FLOP and byte accounting
+# The TFLOPS and GB/s of the records rest on these formulas; each is checked against what the
+# benchmark's own step runs (its GEMMs, after dead-code elimination) or moves (its arrays).
+
+def gemm_flops_in(fn, *args):
+  """2·M·N·K summed over the GEMMs ``jax.jit(fn)(*args)`` runs: the dots and our GEMM ops of
+  its jaxpr once dead code is dropped (as XLA drops it), nested jaxprs included. Grouped ops
+  count all their rows (the callers' group sizes cover them)."""
+  import math  # noqa: PLC0415
+  from jax._src.interpreters import partial_eval as pe  # noqa: PLC0415
+  from jax.extend.core import jaxprs_in_params  # noqa: PLC0415
+  closed = jax.make_jaxpr(fn)(*args)
+  jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  found = []
+
+  def walk(j):
+    for eqn in j.eqns:
+      name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars]
+      if name == "dot_general":
+        (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+        free = [d for i, d in enumerate(shapes[1]) if i not in rc and i not in rb]
+        found.append((name, 2.0 * math.prod(shapes[0]) * math.prod(free)))
+      elif name in ("jax_deepgemm_fp8_gemm_nt",
+                    "jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous"):
+        (m, k), n = shapes[0], shapes[2][-2]
+        found.append((name, 2.0 * m * n * k))
+      elif name == "jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous":
+        a, b = shapes[0], shapes[2]
+        (n, t), k = (a, b[0]) if eqn.params["token_major"] else (a[::-1], b[1])
+        found.append((name, 2.0 * t * n * k))
+      else:
+        assert "fp8_gemm" not in name and "ragged_dot" not in name, f"uncounted GEMM {name}"
+      for sub in jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr)
+  return sum(f for _, f in found), [name for name, _ in found]
+
+
+def test_train_flops_are_the_three_gemms_of_each_step():
+  B = bench_module("bench_train")
+  for g, rows, n, k in B.QUICK_GROUPED:
+    inputs = B.grouped_inputs(g, rows, n, k)(jax.random.PRNGKey(0))
+    flops, gemms = gemm_flops_in(B.GROUPED_IMPLS["jax_deepgemm"], *inputs)
+    assert len(gemms) == 3 and flops == B.fwd_bwd_flops(g * rows, n, k)
+  for m, n, k in B.QUICK_DENSE:
+    inputs = B.dense_inputs(m, n, k)(jax.random.PRNGKey(0))
+    for fn in B.DENSE_IMPLS.values():
+      flops, gemms = gemm_flops_in(fn, *inputs)
+      assert len(gemms) == 3 and flops == B.fwd_bwd_flops(m, n, k)
+
+
+def test_moe_flops_are_the_gemms_of_its_step():
+  # The step differentiates the parameters, not x: the gate and up GEMMs' dgrads are dead
+  # code, so 7 expert GEMMs (not 9) and the router's forward and wgrad (not 3 dots) run. The
+  # formula was 18·T·k·H·W + 6·T·H·E before, 29% over the work at DeepSeek-V3's shapes.
+  B = bench_module("bench_moe")
+  from flax import nnx  # noqa: PLC0415
+  cfg = argparse.Namespace(hidden=256, expert_width=128, experts=8, top_k=2)
+  graphdef, params, rest = nnx.split(B.make_moe(cfg, "fp8"), nnx.Param, ...)
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 256), jax.numpy.bfloat16)
+  flops, gemms = gemm_flops_in(B.make_step(graphdef, rest), params, x, x)
+  assert flops == B.moe_flops(64, 256, 128, 8, 2)
+  assert sorted(gemms).count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 4
+  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 3
+  assert gemms.count("dot_general") == 2
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
 

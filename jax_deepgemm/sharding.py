@@ -203,12 +203,13 @@ def _gemm_plan(mesh, shapes, dims, out_dims, *, out_dtype, has_bias, has_c):
     if not k_ax:
       return fp8_gemm_nt_p.local.bind(*args, **params)
     # Each device holds a K-slice: FP32 partial products, summed across the K shards. Bias
-    # and C are added once, after the sum.
+    # and C are added once, after the sum. (The bias [N] broadcast explicitly: under
+    # jax_numpy_rank_promotion='raise' [M, N] + [N] failed the partitioning.)
     a, sa, b, sb, *rest = args
     d = fp8_gemm_nt_p.local.bind(a, sa, b, sb, out_dtype=F32, has_bias=False, has_c=False)
     d = jax.lax.psum(d, k_ax)
     for extra in rest:
-      d = d + extra.astype(F32)
+      d = d + jnp.broadcast_to(extra.astype(F32), d.shape)
     return d.astype(out_dtype)
 
   return specs, _spec(m_ax, n_ax), local

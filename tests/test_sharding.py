@@ -168,6 +168,16 @@ def case_gemm(partitioner):
   # M on one axis, K on the other.
   _check(mesh, f32, (a, sa, b, sb), (P("x", "y"), P("x", "y"), P(None, "y"), P(None, "y")),
          expect={"all-reduce": 1}, out_spec=P("x"), rtol=1e-5, atol=3e-5)
+  # K split with a bias under jax_numpy_rank_promotion='raise' (set globally: XLA's
+  # partitioning callback does not see a `with` block's setting): each device added the bias
+  # [N] to its summed [M, N] by rank promotion, which failed the partitioning.
+  import jax
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  try:
+    _check(mesh, lambda *xs: f32(*xs[:4], bias=xs[4]), (a, sa, b, sb, bias), k_split + (P(),),
+           expect={"all-reduce": 1}, rtol=1e-5, atol=3e-5)
+  finally:
+    jax.config.update("jax_numpy_rank_promotion", "allow")
 
 
 def case_m_grouped(partitioner):

@@ -454,36 +454,55 @@ def _profile(run: Callable[[], Any], reps: int) -> list[tuple[str, float, float]
     return None
 
 
+def op_events(events: Sequence[tuple[str, float, float]], op_names: Iterable[str],
+              fill_names: Iterable[str]) -> list[tuple[str, float, float]]:
+  """The op's events of a chilled trace: those named as the op's kernels (``op_names``, from a
+  profile of the op's own executable without fills). Raises if a fill kernel bears one of
+  those names: the two could not be told apart."""
+  op_names, clash = set(op_names), set(op_names) & set(fill_names)
+  if clash:
+    raise ValueError(f"the fill's kernels {sorted(clash)} are also the op's: chilled kernel "
+                     "times cannot tell them apart")
+  return [ev for ev in events if ev[0] in op_names]
+
+
 def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]], *,
-                 n_sets: int = 16, reps: int = 10, seed: int = 0, chill_bytes: int = 0,
-                 only: Sequence[str] | None = None) -> KernelTimes | None:
+                 n_sets: int = 16, reps: int = 10, seed: int = 0,
+                 chill_bytes: int = 0) -> KernelTimes | None:
   """Kernel time per call of ``fn(*make_inputs(key))`` on the GPU (None elsewhere, or
   when the profiler gives no GPU events): ``reps`` calls of one jitted function that
   runs the op on ``n_sets`` distinct input sets, traced with ``jax.profiler``.
 
   ``chill_bytes``: DeepGEMM's protocol (``bench_kineto``) instead. Every call is preceded
-  by zeroing that many bytes, so the GPU spends most of the time in a memory-bound fill
-  and each GEMM starts at a high clock rather than at the power cap of back-to-back
-  GEMMs; calls run one at a time. ``only``: count just these kernel names (the op's
-  kernels from a plain run), so that the fill never counts.
+  by filling (writing) that many bytes, so the GPU spends most of the time in a memory-bound
+  fill and each GEMM starts at a high clock rather than at the power cap of back-to-back
+  GEMMs; calls run one at a time, and only the op's kernels count: the kernels that the op's
+  own executable (``jax.jit(fn)``, the one the chilled calls run) launches in a plain profile.
+  (Names taken from another executable, e.g. the jit of ``n_sets`` calls that the plain
+  kernel times run, need not match: XLA names and fuses the kernels of each module anew.)
   """
   if jax.devices()[0].platform != "gpu":
     return None
   base = jax.random.PRNGKey(seed)
   sets = [tuple(make_inputs(jax.random.fold_in(base, i))) for i in range(n_sets)]
+  op_names = fill_names = None
   if chill_bytes:
     # Two executables per call, dispatched in order onto the same stream: the fill, then
     # the op (one jitted function would let XLA schedule them in either order). The fill
     # is an iota, not zeros: an op that zero-fills its output runs a kernel of the same
-    # name as a zeros fill (the K-grouped GEMM does), and `only` would count the fill.
+    # name as a zeros fill (the K-grouped GEMM does), and would count the fill.
     fill_fn = jax.jit(lambda: jax.lax.iota(jnp.int32, max(1, chill_bytes // 4)))
     op = jax.jit(fn)
-    if only is not None:
-      fill_names = {ev[0] for ev in _profile(lambda: jax.block_until_ready(fill_fn()), 1)
-                    or []}
-      if fill_names & set(only):
-        raise ValueError(f"the fill's kernels {sorted(fill_names & set(only))} are also the "
-                         "op's: chilled kernel times cannot tell them apart")
+
+    def op_alone():
+      out = None
+      for args in sets:
+        out = op(*args)
+      jax.block_until_ready(out)
+    op_alone()  # (compiles)
+    op_names = {ev[0] for ev in _profile(op_alone, 1) or []}
+    fill_names = {ev[0] for ev in _profile(lambda: jax.block_until_ready(fill_fn()), 1) or []}
+    op_events([], op_names, fill_names)  # a clash fails before the timed runs
 
     def run():
       for args in sets:
@@ -499,8 +518,8 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
   for _ in range(3):
     run()
   events = _profile(run, reps)
-  if only is not None:
-    events = [ev for ev in (events or []) if ev[0] in set(only)]
+  if chill_bytes:
+    events = op_events(events or [], op_names, fill_names)
   if not events:
     return None
   calls = reps * n_sets

@@ -96,6 +96,22 @@ def ceil_div(a, b):
   return -(-a // b)
 
 
+def gemm_flops(rows, n, k):
+  """``2·rows·N·K``: the useful work of a grouped GEMM over ``rows`` rows in groups (contiguous:
+  sum(group_sizes); masked: sum(masked_m), the valid rows, not G·expected_m)."""
+  return 2.0 * rows * n * k
+
+
+def grouped_bytes(rows, groups, n, k):
+  """Bytes moved at least, ``(ours, bf16 baselines)``, for ``rows`` rows of A against ``groups``
+  weights: ours reads e4m3 A [rows, K] and B [G, N, K], f32 scales [rows, ceil(K/128)] and
+  [G, ceil(N/128), ceil(K/128)], and writes bf16 [rows, N]; the bf16 GEMMs the same in bf16,
+  without scales. (Group sizes or masked_m, G int32s, are left out.)"""
+  kb, nb = ceil_div(k, 128), ceil_div(n, 128)
+  ours = rows * k + groups * n * k + 4 * rows * kb + 4 * groups * nb * kb + 2 * rows * n
+  return ours, 2 * (rows * k + groups * k * n + rows * n)
+
+
 # ======================================================================= shared helpers
 # (bench_train.py and bench_moe.py import these)
 
@@ -154,24 +170,20 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str, chill: bool = 
   if chill:
     p.add_argument("--chill-gb", type=float, default=0.0,
                    help="also record our kernel time the way DeepGEMM's figures were taken: each "
-                        "call after zeroing this many GB (DeepGEMM: 8), so the GEMM starts at a "
+                        "call after writing this many GB (DeepGEMM: 8), so the GEMM starts at a "
                         "high clock, not at the power cap of back-to-back GEMMs (kernel_us_chill)")
 
 
 def chill_extras(runner, name: str, fn, make_inputs, chill_gb: float, flops: float) -> dict:
   """``kernel_us_chill`` (and its TFLOPS) of ``fn`` under DeepGEMM's protocol, or {}.
 
-  A plain profiled run first names the op's kernels, so that only those are counted."""
+  Only the op's kernels count (``_timing.kernel_times`` names them from the op's own
+  executable)."""
   if chill_gb <= 0:
-    return {}
-  plain, _ = runner.attempt(f"{name}] [kernel names", lambda: T.kernel_times(fn, make_inputs,
-                                                                             n_sets=4, reps=3))
-  if not plain:
     return {}
   chilled, _ = runner.attempt(
       f"{name}] [chilled kernel times",
-      lambda: T.kernel_times(fn, make_inputs, n_sets=8, chill_bytes=int(chill_gb * 1e9),
-                             only=list(plain.kernels)))
+      lambda: T.kernel_times(fn, make_inputs, n_sets=8, chill_bytes=int(chill_gb * 1e9)))
   if not chilled:
     return {}
   out = chilled.chill_extras(chill_gb, flops)
@@ -333,8 +345,14 @@ class Masked:
   k: int
 
   @property
+  def masked_m(self):
+    """Valid rows per group: every row (the inputs' masked_m; expected_m is M_max too)."""
+    return (self.m_max,) * self.groups
+
+  @property
   def m(self):
-    return self.groups * self.m_max
+    """The rows counted (records' m, TFLOPS): the valid ones, sum(masked_m)."""
+    return int(sum(self.masked_m))
 
 
 def routed_sizes(tokens: int, experts: int, top_k: int, zipf_s: float, seed: int = 0):
@@ -466,7 +484,7 @@ def masked_fp8_inputs(case: Masked):
     ka, kb = jax.random.split(key)
     a, sa = jd.per_token_cast_to_fp8(jax.random.normal(ka, (g, mm, k), BF16))
     b, sb = jd.per_block_cast_to_fp8(jax.random.normal(kb, (g, n, k), BF16))
-    return a, sa, b, sb, jnp.full((g,), mm, jnp.int32)
+    return a, sa, b, sb, jnp.asarray(case.masked_m, jnp.int32)
   return make
 
 
@@ -488,7 +506,7 @@ def masked_ragged_inputs(case: Masked):
   def make(key):
     kx, kw = jax.random.split(key)
     return (jax.random.normal(kx, (g * mm, k), BF16), jax.random.normal(kw, (g, k, n), BF16),
-            jnp.full((g,), mm, jnp.int32))
+            jnp.asarray(case.masked_m, jnp.int32))
   return make
 
 
@@ -572,10 +590,8 @@ def main(argv=None) -> int:
     m, n, k = case.m, case.n, case.k
     g = case.groups
     name = f"{case.name} n{n} k{k}"
-    kb, nb = ceil_div(k, 128), ceil_div(n, 128)
-    flops = 2.0 * m * n * k
-    bytes_ours = m * k + g * n * k + 4 * m * kb + 4 * g * nb * kb + 2 * m * n
-    bytes_bf16 = 2 * (m * k + g * k * n + m * n)
+    flops = gemm_flops(m, n, k)
+    bytes_ours, bytes_bf16 = grouped_bytes(m, g, n, k)
     if isinstance(case, Contiguous):
       op, base_impl, ratio_key = OP_CONTIGUOUS, "ragged_dot_bf16", "ratio_vs_ragged_dot"
       sizes = np.asarray(case.sizes)

@@ -10,8 +10,13 @@ For every case (G experts x tokens per expert, output [G, N, K]), in one process
                    ``jax.lax.ragged_dot`` emits for the weight gradient.
 Also ``tokens_unaligned``: the same with group sizes that are not multiples of 128.
 
+Both take the group sizes as an int32 operand on the device, as the backward pass does (not
+as constants XLA could fold).
+
 Records (issue convention for K-grouped runs): m = total tokens, n and k = the output's two
-dimensions, groups = G. TFLOPS = 2·T·N·K / t. ``ratio_vs_ragged_dot`` = t_base / t_ours.
+dimensions, groups = G. TFLOPS = 2·T·N·K / t. GB/s = bytes / t with bytes = T·(N + K) + scales
+4·(N + K)·ceil(T/128) + 4·G·N·K (ours: e4m3 operands, f32 scales, f32 out),
+2·T·(N + K) + 4·G·N·K (bf16). ``ratio_vs_ragged_dot`` = t_base / t_ours.
 ``diff``: DeepGEMM's metric of ours against f32 HIGHEST of the dequantized inputs (first group).
 
   python benchmarks/bench_k_grouped.py               # writes results/k_grouped.json
@@ -44,30 +49,53 @@ def sizes_for(g, per, unaligned, seed=0):
   return np.asarray(BG.unaligned_sizes(g, per, seed), np.int32)
 
 
-def fp8_inputs(t, n, k):
+def k_grouped_flops(t, n, k):
+  """``2·T·N·K``: every token contributes to its group's N x K output."""
+  return 2.0 * t * n * k
+
+
+def k_grouped_bytes(t, groups, n, k):
+  """Bytes moved at least, ``(ours, bf16 baseline)``: ours reads e4m3 a [N, T] and b [K, T]
+  with f32 scales [ceil(T/128), N] and [ceil(T/128), K] and writes f32 [G, N, K]; the bf16
+  baseline reads bf16 x [T, N] and y [T, K] and writes the same f32 output."""
+  scales = 4 * (n + k) * (-(-t // 128))
+  return t * (n + k) + scales + 4 * groups * n * k, 2 * t * (n + k) + 4 * groups * n * k
+
+
+def fp8_inputs(t, n, k, gs):
+  gs = np.asarray(gs, np.int32)
+
+  @jax.jit
   def make(key):
     kx, ky = jax.random.split(key)
     x = jax.random.normal(kx, (t, n), jnp.bfloat16)
     y = jax.random.normal(ky, (t, k), jnp.bfloat16)
     a, sa = jd.per_token_cast_transpose_to_fp8(x)
     b, sb = jd.per_token_cast_transpose_to_fp8(y)
-    return a, sa, b, sb
+    return a, sa, b, sb, jnp.asarray(gs)
   return make
 
 
-def ours(gs):
-  gs = jnp.asarray(gs)
-  return lambda a, sa, b, sb: jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs,
-                                                                  token_major=True)
+def bf16_inputs(t, n, k, gs):
+  gs = np.asarray(gs, np.int32)
+
+  @jax.jit
+  def make(key):
+    kx, ky = jax.random.split(key)
+    return (jax.random.normal(kx, (t, n), jnp.bfloat16),
+            jax.random.normal(ky, (t, k), jnp.bfloat16), jnp.asarray(gs))
+  return make
 
 
-def ragged_bf16(gs):
-  gs = jnp.asarray(gs)
+def ours(a, sa, b, sb, gs):
+  return jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs, token_major=True)
+
+
+def ragged_bf16(x, y, gs):
   dn = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
       rhs_group_dimensions=[])
-  return lambda x, y: jax.lax.ragged_dot_general(x, y, gs, dn,
-                                                 preferred_element_type=jnp.float32)
+  return jax.lax.ragged_dot_general(x, y, gs, dn, preferred_element_type=jnp.float32)
 
 
 def main(argv=None) -> int:
@@ -84,32 +112,28 @@ def main(argv=None) -> int:
     gs = sizes_for(g, per, unaligned)
     t = int(gs.sum())
     name = f"{g}x{'~' if unaligned else ''}{per} n{n} k{k}"
-    flops = 2.0 * t * n * k
+    flops = k_grouped_flops(t, n, k)
     tile = jd.k_grouped_config(g, n, k) if jd.use_kernels() else "reference"
     print(f"[{OP} {name}] {tile}", flush=True)
-    t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours(gs),
-                                                fp8_inputs(t, n, k), timing, args.budget)
+    t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours,
+                                                fp8_inputs(t, n, k, gs), timing, args.budget)
     t_base = via_base = e_base = None
     if not args.skip_baseline:
-      def bf16_inputs(key):
-        kx, ky = jax.random.split(key)
-        return (jax.random.normal(kx, (t, n), jnp.bfloat16),
-                jax.random.normal(ky, (t, k), jnp.bfloat16))
-      t_base, via_base, e_base = runner.time_impl(f"{name}] [ragged_dot_bf16", ragged_bf16(gs),
-                                                  bf16_inputs, timing, args.budget)
+      t_base, via_base, e_base = runner.time_impl(f"{name}] [ragged_dot_bf16", ragged_bf16,
+                                                  bf16_inputs(t, n, k, gs), timing, args.budget)
     diff = None
     if t_ours is not None:
-      a, sa, b, sb = fp8_inputs(t, n, k)(jax.random.PRNGKey(1))
-      d = ours(gs)(a, sa, b, sb)[0]
+      a, sa, b, sb, gs_dev = fp8_inputs(t, n, k, gs)(jax.random.PRNGKey(1))
+      d = jax.jit(ours)(a, sa, b, sb, gs_dev)[0]
       t0 = int(gs[0])
       x = jd.dequantize_per_token(a.T, sa, axis=0)[:t0]
       y = jd.dequantize_per_token(b.T, sb, axis=0)[:t0]
       want = jnp.dot(x.T, y, precision=jax.lax.Precision.HIGHEST)
       diff = float(1 - 2 * jnp.sum(d * want) / jnp.sum(d * d + want * want))
-    chill = (BG.chill_extras(runner, name, ours(gs), fp8_inputs(t, n, k), args.chill_gb, flops)
+    chill = (BG.chill_extras(runner, name, ours, fp8_inputs(t, n, k, gs), args.chill_gb, flops)
              if t_ours is not None else {})
     r = BG.ratio(t_base, t_ours)
-    nbytes = t * (n + k) + 4 * g * n * k
+    nbytes, nbytes_bf16 = k_grouped_bytes(t, g, n, k)
     common = dict(op=OP, m=t, n=n, k=k, groups=g, flops=flops, tokens_per_group=per,
                   unaligned=unaligned)
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
@@ -118,7 +142,7 @@ def main(argv=None) -> int:
                                   ratio_vs_ragged_dot=r, **chill, **common))
     if not args.skip_baseline:
       records.append(BG.impl_record(impl="ragged_dot_bf16", timing=t_base, error=e_base,
-                                    nbytes=2 * t * (n + k) + 4 * g * n * k, config=via_base,
+                                    nbytes=nbytes_bf16, config=via_base,
                                     **common))
     rows.append([name, g, t, BG.cell(t_ours, float(t_ours) if t_ours else None, e_ours),
                  BG.cell(t_ours, T.tflops(flops, float(t_ours)) if t_ours else None, e_ours),

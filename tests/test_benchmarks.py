@@ -127,6 +127,78 @@ def test_moe_flops_are_the_gemms_of_its_step():
   assert gemms.count("dot_general") == 2
 
 
+def nbytes(*arrays):
+  """Bytes of arrays or shape-dtype structs."""
+  import math  # noqa: PLC0415
+  return sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays)
+
+
+def test_gemm_bytes_are_its_operands_scales_and_output():
+  B = bench_module("bench_gemm")
+  key = jax.random.PRNGKey(0)
+  for m, n, k in [(128, 256, 512), (200, 384, 320)]:
+    ours, fp8, bf16 = B.gemm_bytes(m, n, k)
+    a, sa, b, sb = B.ours_inputs(m, n, k)(key)
+    assert ours == nbytes(a, sa, b, sb, jax.jit(B.ours)(a, sa, b, sb))
+    a8, b8, _, _ = B.fp8_inputs(m, n, k)(key)  # (per-tensor scales: two scalars, not counted)
+    assert fp8 == nbytes(a8, b8) + 2 * m * n
+    x, w = B.bf16_inputs(m, n, k)(key)
+    assert bf16 == nbytes(x, w, jax.jit(B.xla_bf16)(x, w))
+
+
+def test_grouped_bytes_and_flops_count_the_rows_in_groups():
+  B = bench_module("bench_grouped")
+  key = jax.random.PRNGKey(0)
+  for case in B.quick_cases(0.5):
+    ours, bf16 = B.grouped_bytes(case.m, case.groups, case.n, case.k)
+    if isinstance(case, B.Contiguous):
+      a, sa, b, sb, gs = B.contiguous_fp8_inputs(case)(key)
+      assert int(gs.sum()) == case.m == a.shape[0]
+      out = jax.eval_shape(B.ours_contiguous, a, sa, b, sb, gs)
+      x, w, _ = B.contiguous_bf16_inputs(case)(key)
+    else:
+      a, sa, b, sb, mm = B.masked_fp8_inputs(case)(key)
+      assert int(mm.sum()) == case.m  # the valid rows (masked_m), what TFLOPS counts
+      out = jax.eval_shape(lambda *v: B.ours_masked(*v, expected_m=case.m_max), a, sa, b, sb, mm)
+      x, w = B.masked_bf16_inputs(case)(key)
+    assert ours == nbytes(a, sa, b, sb, out)
+    assert bf16 == nbytes(x, w) + 2 * case.m * case.n
+    assert B.gemm_flops(case.m, case.n, case.k) == 2.0 * case.m * case.n * case.k
+
+
+def test_k_grouped_bytes_and_group_sizes_operand():
+  B = bench_module("bench_k_grouped")
+  for g, per, n, k, unaligned in B.QUICK:
+    gs = B.sizes_for(g, per, unaligned)
+    t = int(gs.sum())
+    ours, bf16 = B.k_grouped_bytes(t, g, n, k)
+    a, sa, b, sb, gs_dev = B.fp8_inputs(t, n, k, gs)(jax.random.PRNGKey(0))
+    # The group sizes are an operand (as in the backward pass), not a constant of the jit.
+    assert gs_dev.tolist() == gs.tolist()
+    out = jax.eval_shape(B.ours, a, sa, b, sb, gs_dev)
+    assert ours == nbytes(a, sa, b, sb, out)
+    x, y, _ = B.bf16_inputs(t, n, k, gs)(jax.random.PRNGKey(0))
+    assert bf16 == nbytes(x, y, jax.eval_shape(B.ragged_bf16, x, y, gs_dev))
+    assert B.k_grouped_flops(t, n, k) == 2.0 * t * n * k
+
+
+def test_quant_bytes_are_input_and_outputs():
+  B = bench_module("bench_quant")
+  for case in B.QUICK_CASES:
+    x, = B.make_inputs(case)(jax.random.PRNGKey(0))
+    outs = jax.eval_shape(B.IMPLS[case.op][0], x)
+    assert B.moved_bytes(case) == nbytes(x, *outs), case.name
+
+
+def test_chilled_kernel_times_count_the_ops_kernels_only():
+  T = bench_module("_timing")
+  ev = [("fill_iota", 3000.0, 0.0), ("gemm", 100.0, 3000.0), ("transpose", 2.0, 3100.0),
+        ("fill_iota", 3000.0, 3200.0), ("gemm", 101.0, 6200.0)]
+  assert T.op_events(ev, {"gemm", "transpose"}, {"fill_iota"}) == [ev[1], ev[2], ev[4]]
+  with pytest.raises(ValueError, match="also the op's"):
+    T.op_events(ev, {"gemm", "fill_iota"}, {"fill_iota"})
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
 

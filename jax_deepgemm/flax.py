@@ -144,10 +144,26 @@ def _vmap_batching_all(f, depth=0):
 
 # custom_vmap has no reverse mode, so the gradient is a custom_vjp whose two directions are
 # each batched as above.
-_ragged_fwd = _vmap_batching_all(_ragged_dot_f32)
-_ragged_bwd = _vmap_batching_all(lambda x, w, g, dy: tuple(
+def _first_order_only(f):
+  """``f``, whose derivative raises a named error. Differentiating the gradient below (grad of
+  grad) differentiates both of its directions, which custom_vmap cannot ('Linearization failed
+  to produce known values for all output primals', JAX's error)."""
+  g = jax.custom_jvp(f)
+
+  @g.defjvp
+  def jvp(primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(
+        "MoE(experts_impl='bf16'): the grouped GEMMs' gradient has no derivative: "
+        "first-order reverse mode only (jax.grad, jax.vjp); forward mode and second "
+        "derivatives are not supported, as with experts_impl='fp8'")
+  return g
+
+
+_ragged_fwd = _first_order_only(_vmap_batching_all(_ragged_dot_f32))
+_ragged_bwd = _first_order_only(_vmap_batching_all(lambda x, w, g, dy: tuple(
     d.astype(p.dtype) for d, p in
-    zip(jax.vjp(lambda x, w: _ragged_dot_f32(x, w, g), x, w)[1](dy), (x, w))))
+    zip(jax.vjp(lambda x, w: _ragged_dot_f32(x, w, g), x, w)[1](dy), (x, w)))))
 
 
 @jax.custom_vjp

@@ -372,6 +372,23 @@ def test_sigmoid_routing_with_underflowing_scores(rng, impl):
   assert float(jnp.abs(g["router"]).max()) > 0
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_second_derivatives_are_refused_by_name(rng, impl):
+  # grad of grad: the FP8 ops' NotImplementedError, and for the bf16 experts one naming the
+  # layer (it was JAX's 'Linearization failed to produce known values for all output
+  # primals', a ValueError from the ragged_dot's custom_vmap). First order is unaffected.
+  model = make(impl, 64, 32, 4, 2, dtype=jnp.float32)
+  x = jnp.asarray(rng.standard_normal((6, 64)), jnp.float32)
+  grad_x = jax.grad(lambda x: jnp.sum(model(x)[0] ** 2))
+  assert grad_x(x).shape == x.shape
+  match = "first-order reverse mode" if impl == "fp8" else (
+      r"MoE\(experts_impl='bf16'\): .* first-order reverse mode only")
+  for grad_grad in (jax.grad(lambda x: jnp.sum(grad_x(x))),
+                    jax.jit(jax.grad(lambda x: jnp.sum(grad_x(x) ** 2)))):
+    with pytest.raises(NotImplementedError, match=match):
+      grad_grad(x)
+
+
 def test_argument_validation():
   rngs = nnx.Rngs(0)
   with pytest.raises(ValueError, match="top_k"):

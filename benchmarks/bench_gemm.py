@@ -16,11 +16,20 @@ For every shape (M, N, K), in one process:
                             XLA's own FP8 rewrite tests.
                  With the default ``best`` all are timed and the fastest is recorded; the
                  record's ``config`` says which, and which backend XLA compiled it to.
+                 All run at the default precision, where XLA turns on cuBLASLt's FP8 *fast
+                 accumulation* (``CUBLASLT_MATMUL_DESC_FAST_ACCUM``: partial sums stay in the
+                 tensor cores' reduced-precision accumulator, never promoted to f32), the
+                 imprecision DeepGEMM's per-128-K promotion exists to avoid (records:
+                 ``fast_accum``, for cuBLASLt).
+  xla_fp8_dot_promoted  the direct dot at ``precision=HIGHEST``, where XLA leaves fast
+                 accumulation off: cuBLASLt promotes its partial sums to f32, the accuracy
+                 class of ours (still per-tensor scales). Ours' records carry both ratios.
   xla_bf16_dot   ``a_bf16 · b_bf16ᵀ`` -> bf16 (cuBLAS).
 
 TFLOPS = 2·M·N·K / t. GB/s = bytes / t with bytes = M·K + N·K + scales + 2·M·N (ours),
 M·K + N·K + 2·M·N (XLA FP8), 2·(M·K + N·K + M·N) (BF16). ``ratio_vs_xla_*`` = t_xla / t_ours
-(> 1: ours is faster). ``diff`` = 1 - 2Σxy / Σ(x² + y²) (DeepGEMM's measure) of our output
+(> 1: ours is faster; ``ratio_vs_xla_fp8_promoted`` likewise). ``diff`` = 1 - 2Σxy / Σ(x² + y²)
+(DeepGEMM's measure) of our output
 against an f32 HIGHEST-precision dot of the dequantized inputs; > 1e-5 prints a warning.
 Timing method: see ``_timing.py``.
 
@@ -134,6 +143,15 @@ XLA_FP8_PATTERNS = {"direct": xla_fp8_direct, "dequant": xla_fp8_dequant,
                     "dequant_f32": xla_fp8_dequant_f32}
 
 
+def xla_fp8_promoted(a, b, sa, sb):
+  """The direct FP8 dot without fast accumulation: XLA enables cuBLASLt's FP8 fast
+  accumulation only for dots at DEFAULT precision (stream_executor's ``IsFastAccumEnabled``),
+  so at HIGHEST the GEMM promotes its partial sums to f32, as ours does per 128 of K."""
+  del sa, sb
+  return jax.lax.dot_general(a, b, NT, precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=BF16)
+
+
 def xla_bf16(a, b):
   return jax.lax.dot_general(a, b, NT, preferred_element_type=BF16)
 
@@ -227,6 +245,13 @@ def hlo_backend(hlo: str) -> str:
   if re.search(r"\bdot\(", hlo):
     return "dot"  # e.g. the CPU backend
   return "other"
+
+
+def fast_accum(backend: str | None, promoted: bool) -> bool | None:
+  """Whether an XLA FP8 dot accumulated without promotion: cuBLASLt FP8 GEMMs do at DEFAULT
+  precision (XLA sets CUBLASLT_MATMUL_DESC_FAST_ACCUM), not at HIGHEST; None for other
+  backends (e.g. Triton), whose accumulation this does not describe."""
+  return (not promoted) if backend == "cublaslt_f8" else None
 
 
 def hlo_gemm_lines(hlo: str, limit: int = 8) -> list[str]:
@@ -349,6 +374,7 @@ def main(argv=None) -> int:
 
     t_fp8, fp8_cfg, pattern_us = None, None, {}
     t_bf16, bf16_cfg = None, None
+    t_prom, prom_cfg = None, None
     if not args.skip_xla:
       for name in patterns:
         fn = XLA_FP8_PATTERNS[name]
@@ -377,6 +403,21 @@ def main(argv=None) -> int:
         if t_fp8 is None or t.time_us < t_fp8.time_us:
           t_fp8, fp8_cfg = t, f"{name}:{backend}"
 
+      def _prom_hlo():
+        inputs = fp8_inputs(m, n, k)(jax.random.PRNGKey(0))
+        return hlo_backend(T.compiled_hlo(xla_fp8_promoted, *inputs))
+      prom_cfg = attempt("xla_fp8_dot_promoted compile", _prom_hlo)
+      if args.check_hlo:
+        print(f"  [check-hlo] xla_fp8_dot_promoted: {prom_cfg}")
+      if dev.platform in ("gpu", "cuda") and prom_cfg not in (None, "cublaslt_f8", "triton",
+                                                              "cudnn"):
+        print(f"WARNING [{shape}]: xla_fp8_dot_promoted compiled to '{prom_cfg}', not an FP8 "
+              "GEMM.", file=sys.stderr)
+      if prom_cfg is not None:
+        t_prom = attempt("xla_fp8_dot_promoted",
+                         lambda: T.bench(xla_fp8_promoted, fp8_inputs(m, n, k), **timing))
+      gc.collect()
+
       def _bf16_hlo():
         return hlo_backend(T.compiled_hlo(xla_bf16, *bf16_inputs(m, n, k)(jax.random.PRNGKey(0))))
       bf16_cfg = attempt("xla_bf16_dot compile", _bf16_hlo)
@@ -385,7 +426,7 @@ def main(argv=None) -> int:
       t_bf16 = attempt("xla_bf16_dot", lambda: T.bench(xla_bf16, bf16_inputs(m, n, k), **timing))
       gc.collect()
 
-    k_ours = k_fp8 = k_bf16 = None
+    k_ours = k_fp8 = k_bf16 = k_prom = None
     if (args.kernel_times == "on" or args.chill_gb > 0
         or (args.kernel_times == "auto" and m <= 512)):
       k_ours = attempt("kernel times jax_deepgemm",
@@ -394,12 +435,15 @@ def main(argv=None) -> int:
         best = XLA_FP8_PATTERNS[fp8_cfg.split(":")[0]]
         k_fp8 = attempt("kernel times xla_fp8_dot",
                         lambda: T.kernel_times(best, fp8_inputs(m, n, k)))
+      if t_prom is not None:
+        k_prom = attempt("kernel times xla_fp8_dot_promoted",
+                         lambda: T.kernel_times(xla_fp8_promoted, fp8_inputs(m, n, k)))
       if t_bf16 is not None:
         k_bf16 = attempt("kernel times xla_bf16_dot",
                          lambda: T.kernel_times(xla_bf16, bf16_inputs(m, n, k)))
       gc.collect()
     # DeepGEMM's protocol (--chill-gb): the op's kernels only, each call after a large fill.
-    c_ours = c_fp8 = None
+    c_ours = c_fp8 = c_prom = None
     if args.chill_gb > 0:
       cb = int(args.chill_gb * 1e9)
       if k_ours:
@@ -408,6 +452,10 @@ def main(argv=None) -> int:
       if k_fp8:
         c_fp8 = attempt("chilled kernel times xla_fp8_dot",
                         lambda: T.kernel_times(best, fp8_inputs(m, n, k), chill_bytes=cb))
+      if k_prom:
+        c_prom = attempt("chilled kernel times xla_fp8_dot_promoted",
+                         lambda: T.kernel_times(xla_fp8_promoted, fp8_inputs(m, n, k),
+                                                chill_bytes=cb))
       gc.collect()
 
     def k_extras(kt, chilled=None):
@@ -419,17 +467,25 @@ def main(argv=None) -> int:
 
     r_fp8 = t_fp8.time_us / t_ours.time_us if t_ours and t_fp8 else None
     r_bf16 = t_bf16.time_us / t_ours.time_us if t_ours and t_bf16 else None
+    r_prom = t_prom.time_us / t_ours.time_us if t_ours and t_prom else None
     if t_ours:
       records.append(T.make_record(impl="jax_deepgemm", time_us=t_ours.time_us, nbytes=bytes_ours,
                                    config=config, ratio_vs_xla_fp8=r_fp8,
                                    sa_layout="mn_major" if args.mn_major_scales else "row_major",
-                                   ratio_vs_xla_bf16=r_bf16, diff=diff, **t_ours.extras(),
+                                   ratio_vs_xla_bf16=r_bf16, ratio_vs_xla_fp8_promoted=r_prom,
+                                   diff=diff, **t_ours.extras(),
                                    kernel_ratio_vs_xla_fp8=kr_fp8, **k_extras(k_ours, c_ours),
                                    **common))
     if t_fp8:
       records.append(T.make_record(impl="xla_fp8_dot", time_us=t_fp8.time_us, nbytes=bytes_fp8,
                                    config=fp8_cfg, pattern_time_us=pattern_us,
+                                   fast_accum=fast_accum(fp8_cfg.split(":")[-1], promoted=False),
                                    **t_fp8.extras(), **k_extras(k_fp8, c_fp8), **common))
+    if t_prom:
+      records.append(T.make_record(impl="xla_fp8_dot_promoted", time_us=t_prom.time_us,
+                                   nbytes=bytes_fp8, config=prom_cfg,
+                                   fast_accum=fast_accum(prom_cfg, promoted=True),
+                                   **t_prom.extras(), **k_extras(k_prom, c_prom), **common))
     if t_bf16:
       records.append(T.make_record(impl="xla_bf16_dot", time_us=t_bf16.time_us,
                                    nbytes=bytes_bf16, config=bf16_cfg, **t_bf16.extras(),
@@ -513,9 +569,12 @@ def main(argv=None) -> int:
         return T.tflops(flops, kt.total_us) if kt else None
       print(f"[{shape}] kernel time after a {args.chill_gb:g} GB fill (DeepGEMM's protocol): "
             f"ours {T.fmt(c_ours and c_ours.total_us)} us {T.fmt(tfk(c_ours))} TFLOPS | xla_fp8 "
-            f"{T.fmt(c_fp8 and c_fp8.total_us)} us {T.fmt(tfk(c_fp8))} TFLOPS", flush=True)
+            f"{T.fmt(c_fp8 and c_fp8.total_us)} us {T.fmt(tfk(c_fp8))} TFLOPS | xla_fp8 promoted "
+            f"{T.fmt(c_prom and c_prom.total_us)} us {T.fmt(tfk(c_prom))} TFLOPS", flush=True)
     print(f"[{shape}] ours {T.fmt(row[2])} us {T.fmt(row[3])} TFLOPS | xla_fp8 {T.fmt(row[5])} "
-          f"({row[6]}) | xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]} | SM MHz "
+          f"({row[6]}; promoted, no fast accumulation: "
+          f"{T.fmt(T.tflops(flops, t_prom.time_us) if t_prom else None)}) "
+          f"| xla_bf16 {T.fmt(row[7])} TFLOPS | diff {row[10]} | SM MHz "
           f"{T.mhz(t_ours)}/{T.mhz(t_fp8)}/{T.mhz(t_bf16)} | W "
           f"{T.watts(t_ours)}/{T.watts(t_fp8)}/{T.watts(t_bf16)} | of FP8 peak per clock "
           f"{T.per_clock(row[3], t_ours)}/{T.per_clock(row[5], t_fp8)}", flush=True)

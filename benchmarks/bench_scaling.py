@@ -21,7 +21,8 @@ Records: m = global tokens per step, n = hidden, k = expert width, groups = expe
 ``devices``, ``mesh``, ``step_ms``, ``tokens_per_s``, ``tokens_per_s_per_device`` and
 ``scaling_efficiency`` = (tokens/s per device on N) / (tokens/s on 1) (1.0 = perfect).
 TFLOPS (layer) = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t over all devices
-(``bench_moe.moe_flops``: the step differentiates the parameters, not x). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py); the
+(``bench_moe.moe_flops``: the step differentiates the parameters, not x). Timing:
+``_timing.bench`` via bench_grouped.measure (see bench_grouped.py); the
 parameters (and optimizer state) are shared by all rotated input sets.
 
 The expert-parallel layer exchanges drop-free buffers: ``N_expert * t * min(top_k, experts per

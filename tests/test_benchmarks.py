@@ -190,6 +190,19 @@ def test_quant_bytes_are_input_and_outputs():
     assert B.moved_bytes(case) == nbytes(x, *outs), case.name
 
 
+def test_xla_fp8_peers_precision():
+  # XLA turns on cuBLASLt's FP8 fast accumulation (no promotion of partial sums) for dots at
+  # DEFAULT precision: the "xla_fp8_dot" patterns are that; the promoted peer asks HIGHEST.
+  B = bench_module("bench_gemm")
+  inputs = B.fp8_inputs(128, 256, 512)(jax.random.PRNGKey(0))
+  for fn in B.XLA_FP8_PATTERNS.values():
+    assert "precision = [DEFAULT, DEFAULT]" in jax.jit(fn).lower(*inputs).as_text()
+  assert "precision = [HIGHEST, HIGHEST]" in jax.jit(B.xla_fp8_promoted).lower(*inputs).as_text()
+  assert B.fast_accum("cublaslt_f8", promoted=False) is True
+  assert B.fast_accum("cublaslt_f8", promoted=True) is False
+  assert B.fast_accum("triton", promoted=False) is None
+
+
 def test_chilled_kernel_times_count_the_ops_kernels_only():
   T = bench_module("_timing")
   ev = [("fill_iota", 3000.0, 0.0), ("gemm", 100.0, 3000.0), ("transpose", 2.0, 3100.0),

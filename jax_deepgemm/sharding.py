@@ -417,35 +417,30 @@ def _typed(aval_rule, plan, multi):
   return rule
 
 
-def _without_mesh(per_device):
-  """``per_device`` traced with no mesh in context. XLA calls ``partition`` while compiling,
-  inside the caller's ``jax.set_mesh``; with Explicit axes (jax 0.11) the per-device ops then
-  came out typed on that mesh, and their sharding constraints, left in the partitioned code,
-  failed the run ('No registered implementation for untyped custom call to Sharding')."""
-  @functools.wraps(per_device)
-  def run(*xs):
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-      return per_device(*xs)
-  return run
+def _auto_axes(mesh):
+  """``mesh`` with its Explicit axes Auto: where the ops are traced to run as they are.
+
+  The plain op (lowered inside shard_map over some of the mesh's axes, and for jax.export)
+  and each device's code (traced by ``partition``, while XLA compiles) have no sharding to
+  keep: XLA partitions the former, the latter runs on local shards. Traced on Explicit axes,
+  both failed: the references' reshapes and updates of split dimensions ('This reshape is not
+  supported', a ShardingTypeError), and the per-device ops came out typed on the caller's
+  ``jax.set_mesh`` (jax 0.11), their sharding constraints left in the partitioned code failing
+  the run ('No registered implementation for untyped custom call to Sharding').
+  """
+  return mesh.update_axis_types({n: jax.sharding.AxisType.Auto for n, t in
+                                 zip(mesh.axis_names, mesh.axis_types)
+                                 if t == jax.sharding.AxisType.Explicit})
 
 
 def _on_auto_axes(ctx):
-  """``ctx`` with its operands and results typed on Auto axes where they are on Explicit ones,
-  and that mesh (None if no type is on an Explicit axis).
-
-  In a shard_map over some of the mesh's axes, and for jax.export, the plain op is lowered,
-  traced with the operands' types: on (the remaining) Explicit axes the references' reshapes
-  and updates of split dimensions failed ('This reshape is not supported', a
-  ShardingTypeError). The plain op has no sharding to keep there (XLA partitions it, as on
-  Auto axes).
-  """
+  """``ctx`` with its operands and results typed on Auto axes (``_auto_axes``) where they are
+  on Explicit ones, and that mesh (None if no type is on an Explicit axis)."""
   avals = list(ctx.avals_in) + list(ctx.avals_out)
   mesh = next((a.sharding.mesh for a in avals if _primitive.explicit_spec(a) is not None), None)
   if mesh is None:
     return ctx, None
-  auto = mesh.update_axis_types({n: jax.sharding.AxisType.Auto for n, t in
-                                 zip(mesh.axis_names, mesh.axis_types)
-                                 if t == jax.sharding.AxisType.Explicit})
+  auto = _auto_axes(mesh)
   def retype(a):
     s = getattr(a, "sharding", None)
     if not isinstance(s, NamedSharding) or s.mesh != mesh:
@@ -453,6 +448,17 @@ def _on_auto_axes(ctx):
     return a.update(sharding=NamedSharding(auto, P()))
   return ctx.replace(avals_in=[retype(a) for a in ctx.avals_in],
                      avals_out=[retype(a) for a in ctx.avals_out]), auto
+
+
+def _on_auto_mesh(mesh, per_device):
+  """``per_device`` traced on ``mesh`` with Auto axes (``_auto_axes``), whatever mesh the
+  caller's ``jax.set_mesh`` set (XLA calls ``partition`` while compiling, inside it)."""
+  auto = _auto_axes(mesh.abstract_mesh)
+  @functools.wraps(per_device)
+  def run(*xs):
+    with jax.sharding.use_abstract_mesh(auto):
+      return per_device(*xs)
+  return run
 
 
 def _install(prim, rule, plan, prepare=None):
@@ -500,7 +506,7 @@ def _install(prim, rule, plan, prepare=None):
 
     def partition(mesh, arg_shapes, result_shape):
       specs, out_spec, per_device = make(mesh, arg_shapes, result_shape)
-      return (mesh, _without_mesh(per_device), named(mesh, out_spec),
+      return (mesh, _on_auto_mesh(mesh, per_device), named(mesh, out_spec),
               tuple(NamedSharding(mesh, s) for s in specs))
 
     op = custom_partitioning(local)

@@ -213,29 +213,60 @@ class Fp8Linear(nnx.Linear):
   and returns the promoted dtype (``preferred_element_type``, if given, casts the result; as in
   ``nnx.Linear``, whose bias is added after the dot, the result then promotes with the bias:
   ``preferred_element_type=bf16`` with an f32 bias gives f32, the bias added in f32).
-  ``precision`` and ``dot_general`` have no meaning for an FP8 GEMM and are refused.
+  ``precision`` may only be the default (``None`` or ``Precision.DEFAULT``, in any spelling
+  ``lax.dot_general`` takes), as an FP8 GEMM cannot honour a higher one; a ``dot_general`` is
+  refused. A call's ``out_sharding`` types the result as ``nnx.Linear``'s does (the GEMM runs
+  on the operands' shardings, then the result is resharded to it).
   """
 
   def __init__(self, in_features: int, out_features: int, **kwargs):
-    for name, default in (("precision", None), ("dot_general", jax.lax.dot_general)):
-      if kwargs.get(name, default) is not default:
-        raise ValueError(f"Fp8Linear: {name} is not supported (the matmul is the FP8 GEMM)")
+    precision = kwargs.get("precision")
+    if not _default_precision(precision):
+      raise ValueError(f"Fp8Linear: precision={precision!r} cannot be honoured: the matmul is "
+                       f"the FP8 GEMM (e4m3 operands, f32 accumulation); pass None or "
+                       f"jax.lax.Precision.DEFAULT")
+    if kwargs.get("dot_general", jax.lax.dot_general) is not jax.lax.dot_general:
+      raise ValueError("Fp8Linear: dot_general is not supported (the matmul is the FP8 GEMM)")
     super().__init__(in_features, out_features, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
-    if out_sharding is not None:
-      raise ValueError("Fp8Linear: out_sharding is not supported; shard the inputs instead "
-                       "(the op has partitioning rules)")
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     y = fp8_linear(inputs, kernel, bias)
-    if self.preferred_element_type is None:
+    if self.preferred_element_type is not None:
+      # nnx.Linear adds the bias to its dot's preferred_element_type result, so its output
+      # promotes with the bias (bf16 with an f32 bias gives f32): the same dtype here.
+      out = self.preferred_element_type
+      y = y.astype(out if bias is None else jnp.promote_types(out, bias.dtype))
+    # nnx.Linear hands out_sharding to its dot_general, whose result takes that type (e.g.
+    # row-parallel under Explicit axes, where a split contraction leaves it ambiguous). Our op
+    # types its result from the operands' shardings, so it is resharded; reshard checks the
+    # sharding as dot_general does (a PartitionSpec needs jax.set_mesh, Auto axis names are
+    # refused) and an empty mesh's NamedSharding means none, as there.
+    if out_sharding is None or (isinstance(out_sharding, NamedSharding) and
+                                out_sharding.mesh.empty):
       return y
-    # nnx.Linear adds the bias to its dot's preferred_element_type result, so its output
-    # promotes with the bias (bf16 with an f32 bias gives f32): the same dtype here.
-    out = self.preferred_element_type
-    return y.astype(out if bias is None else jnp.promote_types(out, bias.dtype))
+    return jax.sharding.reshard(y, out_sharding)
+
+
+def _default_precision(precision) -> bool:
+  """Whether ``precision`` asks for ``lax.dot_general``'s default: None, ``Precision.DEFAULT``
+  (also spelt 'default', 'bfloat16' or 'fastest', or as a pair) or ``DotAlgorithmPreset.DEFAULT``
+  (or its name), as nnx.Linear would pass them on."""
+  def default(p):
+    if isinstance(p, str):
+      try:
+        p = jax.lax.Precision(p)
+      except ValueError:
+        return False
+    return p is jax.lax.Precision.DEFAULT
+
+  if precision is None or precision in (jax.lax.DotAlgorithmPreset.DEFAULT, "DEFAULT"):
+    return True
+  if isinstance(precision, (tuple, list)):
+    return len(precision) == 2 and all(map(default, precision))
+  return default(precision)
 
 
 # ----------------------------------------------------------------------------- module

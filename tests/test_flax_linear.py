@@ -6,6 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
+import multidevice
 import oracle
 from jax_deepgemm.flax import Fp8Linear
 from helpers import randn
@@ -65,13 +66,14 @@ def test_trains_under_nnx_jit(rng):
 
 
 def test_refuses_what_an_fp8_gemm_cannot_honour():
-  with pytest.raises(ValueError, match="precision is not supported"):
-    Fp8Linear(128, 128, rngs=nnx.Rngs(0), precision=jax.lax.Precision.HIGHEST)
+  Precision = jax.lax.Precision
+  for precision in (Precision.HIGHEST, Precision.HIGH, "highest", "tensorfloat32",
+                    (Precision.DEFAULT, Precision.HIGHEST), jax.lax.DotAlgorithmPreset.F32_F32_F32):
+    with pytest.raises(ValueError, match=r"precision=.* cannot be honoured: the matmul is the FP8"):
+      Fp8Linear(128, 128, rngs=nnx.Rngs(0), precision=precision)
   with pytest.raises(ValueError, match="dot_general is not supported"):
     Fp8Linear(128, 128, rngs=nnx.Rngs(0), dot_general=lambda *a, **k: None)
   layer = Fp8Linear(128, 64, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="out_sharding is not supported"):
-    layer(jnp.ones((4, 128)), out_sharding=jax.sharding.PartitionSpec())
   # Inputs promote with the parameters as in nnx.Linear: FP8 ones refuse to (JAX's rule).
   with pytest.raises(jax.dtypes.TypePromotionError):
     layer(jnp.ones((4, 128), jnp.float8_e5m2))
@@ -79,6 +81,83 @@ def test_refuses_what_an_fp8_gemm_cannot_honour():
   y = Fp8Linear(128, 64, rngs=nnx.Rngs(0), preferred_element_type=jnp.float32,
                 dtype=jnp.bfloat16)(jnp.ones((4, 128)))
   assert y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("precision", [
+    None, jax.lax.Precision.DEFAULT, "default", "bfloat16",
+    (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT), jax.lax.DotAlgorithmPreset.DEFAULT])
+def test_default_precision_is_accepted(rng, precision):
+  # nnx.Linear passes precision to its dot, where DEFAULT (in any spelling) asks for nothing
+  # more than None does: a model written with it swaps to Fp8Linear unchanged.
+  fp8, ref = _pair(256, 128, precision=precision)
+  x = randn(rng, (8, 256), jnp.float32)
+  np.testing.assert_array_equal(fp8(x), Fp8Linear(256, 128, rngs=nnx.Rngs(3))(x))
+  assert fp8.precision == ref.precision and oracle.calc_diff(fp8(x), ref(x)) < 2e-3
+
+
+def test_out_sharding_types_the_result_as_nnx_linear():
+  multidevice.run(__file__, "case_out_sharding", devices=8)
+
+
+def case_out_sharding():
+  # nnx.Linear's out_sharding (its dot_general's) on a 2x4 CPU mesh: Fp8Linear's result and
+  # gradients carry the same shardings, with nnx.Linear's values (FP8 rounding apart).
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  assert jax.device_count() == 8, jax.devices()
+  mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+  rng = np.random.default_rng(0)
+  x2, x3 = randn(rng, (16, 256), jnp.float32), randn(rng, (2, 8, 256), jnp.float32)
+  bias = nnx.initializers.normal(1.0)
+
+  def check(fp8, ref, x, out_sharding, grad=False):
+    got, want = (m(x, out_sharding=out_sharding) for m in (fp8, ref))
+    assert jax.typeof(got).sharding == jax.typeof(want).sharding, (jax.typeof(got), out_sharding)
+    assert got.sharding == want.sharding and got.dtype == want.dtype, (got.sharding, want.sharding)
+    assert oracle.calc_diff(got, want) < 2e-3
+    if grad:  # (reshard's transpose types the cotangents as the primals)
+      loss = lambda m, x: jnp.sum(m(x, out_sharding=out_sharding) ** 2)
+      (gm, gx), (gm_ref, gx_ref) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fp8, ref))
+      for g, g_ref in ((gx, gx_ref), (gm.kernel[...], gm_ref.kernel[...]),
+                       (gm.bias[...], gm_ref.bias[...])):
+        assert jax.typeof(g).sharding == jax.typeof(g_ref).sharding, (jax.typeof(g), out_sharding)
+        assert oracle.calc_diff(g, g_ref) < 2e-3
+
+  with jax.set_mesh(mesh):
+    # Row-parallel (K split in x and the kernel, where nnx.Linear needs out_sharding), and
+    # column-parallel (the kernel's N split) gathered or moved to other axes.
+    row = _pair(256, 128, bias_init=bias, kernel_metadata={"out_sharding": ("y", None)})
+    # (N = 4 x 128: whole 128-blocks per shard, which the GEMM keeps split.)
+    col = _pair(256, 512, bias_init=bias, kernel_metadata={"out_sharding": (None, "y")})
+    assert jax.typeof(row[0].kernel[...]).sharding.spec == P("y", None)
+    xr, xc = jax.device_put(x2, P("x", "y")), jax.device_put(x2, P("x", None))
+    for out_sharding in (P("x", None), P("x", "y"), P(None, "y"), P(),
+                         NamedSharding(mesh, P("y", "x"))):
+      check(*row, xr, out_sharding, grad=out_sharding == P("x", "y"))
+      check(*col, xc, out_sharding)
+    check(*col, jax.device_put(x3, P(None, "x")), P(None, "x", "y"), grad=True)
+    check(*col, xc, NamedSharding(jax.sharding.AbstractMesh((), ()), P()))  # means None
+    jitted = nnx.jit(lambda m, x: m(x, out_sharding=P(None, "y")))
+    got, want = jitted(row[0], xr), jitted(row[1], xr)
+    assert got.sharding == want.sharding == NamedSharding(mesh, P(None, "y"))
+
+  # No mesh context: operands placed on the mesh, out_sharding a NamedSharding.
+  fp8, ref = (m for m in _pair(256, 128, bias_init=bias))
+  for m in (fp8, ref):
+    m.kernel.set_value(jax.device_put(ref.kernel[...], NamedSharding(mesh, P("y", None))))
+  check(fp8, ref, jax.device_put(x2, NamedSharding(mesh, P("x", "y"))),
+        NamedSharding(mesh, P(None, "y")))
+
+  # Auto axes: as in nnx.Linear, P() is fine and an axis name is refused (by JAX).
+  auto = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+  fp8, ref = _pair(256, 128)
+  with jax.set_mesh(auto):
+    check(fp8, ref, x2, P())
+    for m in (fp8, ref):
+      with pytest.raises(ValueError, match="cannot contain axis names that are of type Auto"):
+        m(x2, out_sharding=P("x"))
+  for m in (fp8, ref):  # a PartitionSpec needs a mesh context
+    with pytest.raises(ValueError, match="not under a mesh context"):
+      m(x2, out_sharding=P("x"))
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
@@ -105,3 +184,7 @@ def test_dtypes_are_nnx_linears(rng, use_bias, param_dtype, dtype, x_dtype, pet)
     g, g_ref = getattr(gm, name)[...], getattr(gm_ref, name)[...]
     assert g.dtype == g_ref.dtype == jnp.dtype(param_dtype), name
     assert oracle.calc_diff(g, g_ref) < 2e-2, name
+
+
+if __name__ == "__main__":
+  multidevice.main(globals())

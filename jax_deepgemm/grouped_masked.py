@@ -58,12 +58,22 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   if size * groups > limit and size > 1:
     return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
         args, dims, expected_m=expected_m, out_dtype=out_dtype)
-  a, sa, b, sb, masked_m = (_primitive.at_front(x, d, size) for x, d in zip(args, dims))
+  xs = [_primitive.at_front(x, d, size) for x, d in zip(args, dims)]
+  # Groups are independent: any order of (batch, G) will do, the same for every operand.
+  # Explicit axes fold only split dimensions first: with G split over them (expert-parallel)
+  # and the batch not, G goes first ([B, G@x] -> [B*G] is a ShardingTypeError). An operand
+  # split otherwise is gathered there (in_order): one order serves all. (Auto axes carry no
+  # types to choose by: the batch first, which keeps a split batch local but gathers a split G.)
+  order = next((o for o in (_primitive.split_first(x, 2) for x in xs) if o), None)
+  if order is not None:
+    xs = [_primitive.in_order(jnp.swapaxes(x, 0, 1), 2) for x in xs]
+  a, sa, b, sb, masked_m = xs
   # (Sizes spelled out: a -1 cannot be inferred when an operand is empty, M_max, N or K = 0.)
   flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
   out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
                       expected_m=expected_m, out_dtype=out_dtype)
-  return out.reshape((size, a.shape[1]) + out.shape[1:]), 0
+  # ([G, B, ...] folded: the batch is dimension 1, where vmap moves it from, or leaves it.)
+  return out.reshape(a.shape[:2] + out.shape[1:]), 0 if order is None else 1
 
 
 def _cuda(a, sa, b, sb, masked_m, *, expected_m, out_dtype):

@@ -27,15 +27,16 @@ from jax_deepgemm.quant_kernels import (AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX,  
 
 
 def is_wide_float(dtype) -> bool:
-  """bf16, f16, f32 (or f64): the inputs the casts and layers take. 8-bit floats (any FP8
-  flavour) are not: casting them again would silently keep their few mantissa bits."""
+  """bf16, f16, f32 or f64 (under jax_enable_x64): the inputs the casts and layers take. 8-bit
+  floats (any FP8 flavour) are not: casting them again would silently keep their few mantissa
+  bits."""
   return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize >= 2
 
 
 def _check_float(name, x, arg="x"):
   x = _checks.array(name, arg, x)
   if not is_wide_float(x.dtype):
-    raise TypeError(f"{name}: {arg} must be a bf16, f16 or f32 array, got {x.dtype}")
+    raise TypeError(f"{name}: {arg} must be a bf16, f16, f32 or f64 array, got {x.dtype}")
   return x
 
 

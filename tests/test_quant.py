@@ -134,13 +134,18 @@ def test_cast_errors_name_the_operand():
            "per_block_cast_to_fp8_and_transpose": ("w", 2)}
   for op, (arg, min_ndim) in casts.items():
     for dt in (jnp.int32, jnp.bool_, jnp.float8_e5m2, jnp.complex64):
-      with pytest.raises(TypeError, match=f"^{op}: {arg} must be a bf16, f16 or f32 array, "
+      with pytest.raises(TypeError, match=f"^{op}: {arg} must be a bf16, f16, f32 or f64 array, "
                          f"got {jnp.dtype(dt)}$"):
         getattr(jd, op)(jnp.ones((4, 128), dt))
     for shape in [(), (128,)][:min_ndim]:
       want = f"^{op}: {arg} must .*got shape {re.escape(str(shape))}$"
       with pytest.raises(ValueError, match=want):
         getattr(jd, op)(jnp.ones(shape))
+    # The dtype error named bf16, f16 and f32 only, though f64 (under jax_enable_x64) is taken.
+    with jax.enable_x64(True):
+      x = jnp.ones((4, 256), jnp.float64)
+      q, s = getattr(jd, op)(x)[:2]
+      assert x.dtype == jnp.float64 and q.dtype == jnp.float8_e4m3fn and s.dtype == jnp.float32
   with pytest.raises(ValueError, match=r"^dequantize_per_block: w_fp8 must be \[..., N, K\], "
                      r"got shape \(128,\)$"):
     jd.dequantize_per_block(jnp.ones((128,), jnp.float8_e4m3fn), jnp.ones((1,)))

@@ -454,15 +454,22 @@ def _profile(run: Callable[[], Any], reps: int) -> list[tuple[str, float, float]
     return None
 
 
+def _check_no_clash(op_names: Iterable[str], fill_names: Iterable[str]) -> None:
+  """Raises if a fill kernel bears one of the op's kernel names: a chilled trace could not
+  tell the two apart."""
+  clash = set(op_names) & set(fill_names)
+  if clash:
+    raise ValueError(f"the fill's kernels {sorted(clash)} are also the op's: chilled kernel "
+                     "times cannot tell them apart")
+
+
 def op_events(events: Sequence[tuple[str, float, float]], op_names: Iterable[str],
               fill_names: Iterable[str]) -> list[tuple[str, float, float]]:
   """The op's events of a chilled trace: those named as the op's kernels (``op_names``, from a
   profile of the op's own executable without fills). Raises if a fill kernel bears one of
-  those names: the two could not be told apart."""
-  op_names, clash = set(op_names), set(op_names) & set(fill_names)
-  if clash:
-    raise ValueError(f"the fill's kernels {sorted(clash)} are also the op's: chilled kernel "
-                     "times cannot tell them apart")
+  those names (``_check_no_clash``)."""
+  op_names = set(op_names)
+  _check_no_clash(op_names, fill_names)
   return [ev for ev in events if ev[0] in op_names]
 
 
@@ -502,7 +509,7 @@ def kernel_times(fn: Callable, make_inputs: Callable[[jax.Array], Sequence[Any]]
     op_alone()  # (compiles)
     op_names = {ev[0] for ev in _profile(op_alone, 1) or []}
     fill_names = {ev[0] for ev in _profile(lambda: jax.block_until_ready(fill_fn()), 1) or []}
-    op_events([], op_names, fill_names)  # a clash fails before the timed runs
+    _check_no_clash(op_names, fill_names)  # (fails before the timed runs)
 
     def run():
       for args in sets:

@@ -210,6 +210,10 @@ def test_chilled_kernel_times_count_the_ops_kernels_only():
   assert T.op_events(ev, {"gemm", "transpose"}, {"fill_iota"}) == [ev[1], ev[2], ev[4]]
   with pytest.raises(ValueError, match="also the op's"):
     T.op_events(ev, {"gemm", "fill_iota"}, {"fill_iota"})
+  # kernel_times checks the names before its timed runs, by the same check.
+  T._check_no_clash(iter(["gemm", "transpose"]), iter(["fill_iota"]))
+  with pytest.raises(ValueError, match=r"the fill's kernels \['fill_iota'\] are also the op's"):
+    T._check_no_clash(iter(["gemm", "fill_iota"]), iter(["fill_iota"]))
 
 
 if __name__ == "__main__":

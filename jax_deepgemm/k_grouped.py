@@ -55,10 +55,12 @@ def _reference(a, sa, b, sb, group_sizes, *c, has_c, token_major, out_dtype):
   # which infers no types on Explicit mesh axes (inside a shard_map over some axes of one).
   # Both operands are selected, as the kernel masks both: zeroing x's rows alone still let a
   # NaN or inf in y's rows of one group into every other group (0 * NaN).
-  sizes = sanitize_group_sizes(group_sizes, a.shape[0], OP)
-  token_group = group_of_rows(sizes, a.shape[0])
+  # The sizes come sanitized (int32, clipped, summing to T at most), as group_of_rows needs:
+  # the public op sanitizes them before binding, and the sharded op's per-device windows are
+  # so by construction.
+  token_group = group_of_rows(group_sizes, a.shape[0])
   if _tiled_groups.worth_tiling(a.shape[0], group_sizes.shape[0]):
-    d = _tiled_groups.k_grouped_product(x, y, sizes, token_group)
+    d = _tiled_groups.k_grouped_product(x, y, group_sizes, token_group)
     return (d + c[0] if has_c else d).astype(out_dtype)
 
   def one_group(_, g):
@@ -126,6 +128,9 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, group_sizes, *, c=None,
   token_major = _checks.static_bool(OP, "token_major", token_major)
   a, sa, b, sb = _checks.arrays(OP, "a sa b sb", a, sa, b, sb)
   group_sizes = _checks.sizes_array(OP, "group_sizes", group_sizes)
+  # Sanitized here, once, for every lowering: the kernel's int32 operand (other integer types
+  # clipped before they narrow) and the reference's group table, which relies on it.
+  # (Otherwise the primitive's checks say what is wrong.)
   if a.ndim == 2 and group_sizes.ndim == 1 and jnp.issubdtype(group_sizes.dtype, jnp.integer):
     group_sizes = sanitize_group_sizes(group_sizes, a.shape[1 if token_major else 0], OP)
   extra = () if c is None else (_checks.array(OP, "c", c),)

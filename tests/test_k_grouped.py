@@ -124,6 +124,36 @@ def test_errors(rng):
   assert f(a, sa, a, sa, []).shape == (0, 16, 16)  # no groups, as an empty Python list
 
 
+def test_sizes_are_sanitized_once(rng, monkeypatch):
+  # The op sanitizes the sizes before binding, and its reference lowering did it again (a
+  # second scan over the groups in every CPU computation, on sizes already sanitized). Once
+  # now, with the same results for sizes that need it: negative, past T, other int types.
+  from jax_deepgemm import grouped_contiguous, k_grouped
+  calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(args[1:])
+    return grouped_contiguous.sanitize_group_sizes(*args, **kwargs)
+  monkeypatch.setattr(k_grouped, "sanitize_group_sizes", counted)
+  t, n, k = 200, 16, 24
+  a, sa = quant_act(rng, t, n, axis=0)
+  b, sb = quant_act(rng, t, k, axis=0)
+  f = jd.k_grouped_fp8_gemm_tn_contiguous
+  cases = [([-5, 150, 100, 7], np.int32), ([100, -1, 127, 3], np.int8),
+           ([2**32 - 1, 5, 0, 0], np.uint32), ([0, 0, 0, 0], np.int32)]
+  for token_major in (False, True):
+    args = (a.T, sa, b.T, sb) if token_major else (a, sa, b, sb)
+    for sizes, dtype in cases:
+      calls.clear()
+      d = jax.jit(lambda *xs: f(*xs, token_major=token_major))(*args, np.asarray(sizes, dtype))
+      assert calls == [(t, k_grouped.OP)], (sizes, dtype, token_major, calls)
+      want = oracle.k_grouped(a, sa, b, sb, np.asarray(sizes, dtype))
+      if any(np.asarray(sizes, np.int64) > 0):
+        assert oracle.calc_diff(d, want) < 1e-5, (sizes, dtype, token_major)
+      else:
+        assert not np.asarray(d).any()
+
+
 @pytest.mark.parametrize("operand", ["a", "b"])
 def test_non_finite_token_stays_in_its_group(rng, operand):
   # The kernel masks both operands' tokens outside a group; the reference zeroed only a's, so

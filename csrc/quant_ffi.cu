@@ -20,10 +20,12 @@
 //                                                  q [A, N, T] (transpose = 1),
 //                                                  s [A, ceil(T/128), N]
 //                                   attrs use_ue8m0, recip, transpose
-//   "jax_deepgemm_dual_cast"        x [A, T, C] -> q [A, T, C],  s [A, T, ceil(C/128)]
+//   "jax_deepgemm_dual_cast"        x [A, T, C], keep_rows int32 [A]
+//                                               -> q [A, T, C],  s [A, T, ceil(C/128)]
 //                                                  (per-token) and qt [A, C, T],
 //                                                  st [A, ceil(T/128), C] (token axis, q
-//                                                  transposed), from one read of x
+//                                                  transposed), from one read of x; rows
+//                                                  t >= keep_rows[a] are cast as zeros
 //                                   attrs use_ue8m0, recip_token, recip_axis (the recip
 //                                   flags of the per-token and the token-axis cast),
 //                                   s_mn_major (s's bytes are [ceil(C/128), A, T])
@@ -282,7 +284,7 @@ ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
 constexpr char kDualOp[] = "jax_deepgemm_dual_cast";
 
 ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                        ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                        ffi::AnyBuffer keep_rows, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
                         ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
                         int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
                         int32_t s_mn_major) {
@@ -295,6 +297,10 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (ffi::Error e = CheckOutputs(kDualOp, *qt, {batch, c, t}, *st, {batch, tg, c});
       e.failure()) {
     return e;
+  }
+  if (keep_rows.element_type() != ffi::DataType::S32 || !HasDims(keep_rows, {batch})) {
+    return InvalidArg(kDualOp, "keep_rows must be int32 [" + std::to_string(batch) + "], got " +
+                                   Dims(keep_rows));
   }
   if (batch == 0 || t == 0 || c == 0) return ffi::Error::Success();
   // The kernel addresses a tile's elements with 32-bit offsets (row * c, and
@@ -322,7 +328,8 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                               : (aligned ? &quant::dual_cast_kernel<T, true, false>
                                          : &quant::dual_cast_kernel<T, false, false>);
     kernel<<<static_cast<int>(batch * tg * cg), S::kThreads, 0, stream>>>(
-        xp, qp, sp, qtp, stp, static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
+        xp, static_cast<const int*>(keep_rows.untyped_data()), qp, sp, qtp, stp,
+        static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
         static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t, batch * t);
     return LaunchStatus(kDualOp);
   });
@@ -389,6 +396,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
         .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // x
+        .Arg<xla::ffi::AnyBuffer>()  // keep_rows
         .Ret<xla::ffi::AnyBuffer>()  // q
         .Ret<xla::ffi::AnyBuffer>()  // s
         .Ret<xla::ffi::AnyBuffer>()  // qt

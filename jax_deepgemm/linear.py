@@ -18,11 +18,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jax_deepgemm import _checks, _primitive
 from jax_deepgemm.gemm import fp8_gemm_nt
-from jax_deepgemm.grouped_contiguous import m_grouped_fp8_gemm_nt_contiguous
+from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
+                                             sanitize_group_sizes)
 from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose)
+from jax_deepgemm.quant_kernels import dual_cast_p
 
 
 # Names for remat policies (``jax.checkpoint_policies.save_only_these_names``): what the
@@ -42,7 +44,7 @@ def _gemm_dtype(dtype):
 
 def _check_float(op, name, x):
   if not is_wide_float(x.dtype):
-    raise TypeError(f"{op}: {name} must be bf16, f16 or f32, got {x.dtype}")
+    raise TypeError(f"{op}: {name} must be bf16, f16, f32 or f64, got {x.dtype}")
 
 
 # ----------------------------------------------------------------------------- dense
@@ -106,7 +108,7 @@ def fp8_linear(x, w, bias=None):
   by ~1e-9) lose precision or flush to zero (README, "API").
 
   Args:
-    x: ``[..., K]`` bf16/f16/f32 activations.
+    x: ``[..., K]`` bf16/f16/f32 activations (f64 under ``jax_enable_x64``).
     w: ``[K, N]`` weights (flax.nnx.Linear's kernel layout).
     bias: optional ``[N]``.
   Returns:
@@ -145,11 +147,21 @@ def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
   return y.astype(dtype)
 
 
+def _grouped_cast(x, group_sizes):
+  """Both casts of X or dY ``[M, ·]`` (as ``per_token_cast_to_fp8_and_transpose``) with the rows
+  past the groups cast as zeros: whatever those hold (``jnp.take``'s NaN fill, garbage) would
+  otherwise set the token-axis scale of the 128-row block the last group ends in, and so that
+  group's dW."""
+  keep = jnp.sum(sanitize_group_sizes(group_sizes, x.shape[0], "fp8_grouped_linear"),
+                 dtype=jnp.int32)  # <= M: the sizes saturate at M
+  return dual_cast_p.bind(x, keep, use_ue8m0=False)
+
+
 def _grouped_fwd(x, w, group_sizes, types):
   del types
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read.
-  xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x)
+  xq, xs, xt, xts = _grouped_cast(x, group_sizes)
   wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
@@ -159,7 +171,7 @@ def _grouped_fwd(x, w, group_sizes, types):
 def _grouped_bwd(types, res, dy):
   xt, xts, wq, ws, w_like, group_sizes = res  # dy has X's dtype
   # dY's two casts from one read (as in _linear_bwd).
-  dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
+  dyq, dys, dyt, dyts = _grouped_cast(dy, group_sizes)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
@@ -179,13 +191,13 @@ def fp8_grouped_linear(x, w, group_sizes):
   The scales' 1e-4 amax floor applies as in ``fp8_linear``.
 
   Args:
-    x: ``[M, K]`` bf16/f16/f32, rows sorted by group.
+    x: ``[M, K]`` bf16/f16/f32 (f64 under ``jax_enable_x64``), rows sorted by group.
     w: ``[G, K, N]``.
-    group_sizes: int32 ``[G]`` device array (empty groups fine; rows past the sum give 0).
-      Rows past the sum must be finite too: the weight gradient's token-axis cast scales X per
-      128 rows across groups, so an inf or NaN in any row (e.g. ``jnp.take``'s NaN fill of
-      padding rows) makes dW NaN for every group sharing its 128-row block, where
-      ``ragged_dot`` keeps it to the row's own group (none for padding rows).
+    group_sizes: int32 ``[G]`` device array (empty groups fine; rows past the sum give 0
+      and get a zero gradient, whatever they hold, e.g. ``jnp.take``'s NaN fill).
+      The weight gradient's token-axis cast scales X and dY per 128 rows across groups, so an
+      inf or NaN in a row of one group makes dW NaN for the groups sharing its 128-row block,
+      where ``ragged_dot`` keeps it to the row's own group.
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """

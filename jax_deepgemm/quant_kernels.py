@@ -22,6 +22,10 @@ primitive                             x                         q, scale
                                                                 ``st [..., ceil(T/128), C]``
 ====================================  ========================  ==================================
 
+The dual cast's optional second operand, int32 ``keep_rows`` (``x``'s leading axes), casts rows
+``t >= keep_rows`` as zeros: ``fp8_grouped_linear``'s rows past its groups, whatever they hold,
+then cannot reach the token-axis scales that rows of its last group share with them.
+
 The reference lowering (every platform, and CUDA without our kernels) is the pure-JAX code
 below. On Hopper with the extension (``_ffi.use_kernels()``) each op is one kernel that reads
 ``x`` once and writes ``q`` and the scales once (``csrc/kernels/quant.cuh``); leading axes are
@@ -138,12 +142,16 @@ def token_axis_cast_reference(x, *, use_ue8m0=False, transpose=False):
   return (q if transpose else jnp.swapaxes(q, -1, -2)), jnp.swapaxes(s, -1, -2)
 
 
-def dual_cast_reference(x, *, use_ue8m0=False):
+def dual_cast_reference(x, keep_rows=None, *, use_ue8m0=False):
   """Both activation casts of ``x [..., T, C]``: ``(q, s, qt, st)``.
 
   ``q, s`` is the per-token (1x128 along C) cast, ``qt, st`` the token-axis (128x1 along T)
-  cast with ``qt`` transposed, ``[..., C, T]``.
+  cast with ``qt`` transposed, ``[..., C, T]``. Rows ``t >= keep_rows`` (int32, ``x``'s
+  leading axes; None: every row) are cast as zeros, whatever they hold.
   """
+  if keep_rows is not None:
+    rows = jax.lax.broadcasted_iota(jnp.int32, x.shape[:-1] + (1,), x.ndim - 2)
+    x = jnp.where(rows < keep_rows[..., None, None], x, jnp.zeros((), x.dtype))
   q, s = per_token_cast_reference(x, use_ue8m0=use_ue8m0)
   qt, st = token_axis_cast_reference(x, use_ue8m0=use_ue8m0, transpose=True)
   return q, s, qt, st
@@ -232,7 +240,8 @@ def _out_avals(x, *specs):
 
 
 def _define(name, *, abstract_eval, reference, cuda, outputs=2) -> Primitive:
-  """A primitive of ``outputs`` results with one operand whose leading axes are a batch.
+  """A primitive of ``outputs`` results whose operands' leading axes are a batch (``x``, and
+  the dual cast's ``keep_rows``, which has only those axes).
 
   vmap moves the batch axis to the front; differentiation follows the reference (the
   casts were plain JAX and differentiable before they were primitives).
@@ -241,8 +250,9 @@ def _define(name, *, abstract_eval, reference, cuda, outputs=2) -> Primitive:
                            multiple_results=True, vma=False)
 
   def batching_rule(args, dims, **params):
-    (x,), (d,) = args, dims
-    return prim.bind(jnp.moveaxis(x, d, 0), **params), [0] * outputs
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [_primitive.at_front(a, d, size) for a, d in zip(args, dims)]
+    return prim.bind(*args, **params), [0] * outputs
 
   def jvp_rule(primals, tangents, **params):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
@@ -354,19 +364,22 @@ token_axis_cast_p = _define(
 
 # --- both activation casts of x [..., T, C] from one read (fp8_linear's forward and backward)
 
-def _dual_abstract(x, *, use_ue8m0):
+def _dual_abstract(x, keep_rows=None, *, use_ue8m0):
   del use_ue8m0
   *lead, t, c = x.shape
   lead = tuple(lead)
+  if keep_rows is not None and (keep_rows.shape != lead or keep_rows.dtype != jnp.int32):
+    raise ValueError(f"jax_deepgemm_dual_cast: keep_rows must be int32 {lead} (x's leading "
+                     f"axes), got {keep_rows.dtype} {keep_rows.shape}")
   return _out_avals(x, (x.shape, FP8_DTYPE), (lead + (t, ceil_div(c, BLOCK)), F32),
                     (lead + (c, t), FP8_DTYPE), (lead + (ceil_div(t, BLOCK), c), F32))
 
 
-def _dual_cuda(x, *, use_ue8m0):
+def _dual_cuda(x, keep_rows=None, *, use_ue8m0):
   *lead, t, c = x.shape
   a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
   if not _kernel_ok(x, t * BLOCK, c * BLOCK, a * tg * cg):
-    return dual_cast_reference(x, use_ue8m0=use_ue8m0)
+    return dual_cast_reference(x, keep_rows, use_ue8m0=use_ue8m0)
   # MN-major s: its bytes are [cg, a, t], so that the [a * t, cg] the GEMMs take is a bitcast.
   mn_major = _ffi.mn_major_scales()
   call = jax.ffi.ffi_call("jax_deepgemm_dual_cast",
@@ -376,7 +389,12 @@ def _dual_cuda(x, *, use_ue8m0):
                            jax.ShapeDtypeStruct((a, tg, c), F32)),
                           output_layouts=(None, (2, 0, 1) if mn_major else None, None, None))
   # Each half quantizes as its own op does: the two references are probed separately.
-  q, s, qt, st = call(x.reshape(a, t, c), use_ue8m0=np.int32(bool(use_ue8m0)),
+  if keep_rows is None:  # every row: a constant (jnp.full for symbolic sizes, export's)
+    static = _primitive.known(a) and _primitive.known(t)
+    keep_rows = np.full(a, t, np.int32) if static else jnp.full((a,), t, jnp.int32)
+  keep_rows = keep_rows.reshape(a)
+  q, s, qt, st = call(x.reshape(a, t, c), keep_rows,
+                      use_ue8m0=np.int32(bool(use_ue8m0)),
                       recip_token=np.int32(_kernel_recip("token")),
                       recip_axis=np.int32(_kernel_recip("token_axis")),
                       s_mn_major=np.int32(mn_major))

@@ -375,14 +375,16 @@ def _cast_plan(prim, mesh, shapes, dims, out_dims, *, blocked, transposed_scales
 def _pair_rule(shapes, *, axes, results, **_):
   """A cast of ``x [..., A, B]`` (``axes`` = "AB") with both A and B in 128-blocks: each
   result's last two axes as in ``results``, an upper-case letter an axis of ``x``, the
-  lower-case one that axis counted in blocks (the scales')."""
+  lower-case one that axis counted in blocks (the scales'). A second operand (the dual
+  cast's ``keep_rows``) has ``x``'s leading axes."""
   lead = [f"d{i}" for i in range(len(shapes[0]) - 2)]
   names, rep, sizes = {}, (), {}
   for a, n in zip(axes, shapes[0][-2:]):
     d, ds, _, r, sz = _blocks_rule(a.lower(), n)
     names, rep, sizes = {**names, a: d, a.lower(): ds}, rep + r, {**sizes, **sz}
   dims = lambda letters: " ".join(lead + [names[c] for c in letters])
-  return _rule([dims(axes)], ", ".join(map(dims, results)), (), rep, **sizes)
+  operands = [dims(axes)] + [" ".join(lead)] * (len(shapes) - 1)
+  return _rule(operands, ", ".join(map(dims, results)), (), rep, **sizes)
 
 
 def _pair_plan(prim, mesh, shapes, dims, out_dims, *, axes, results, **params):
@@ -392,7 +394,17 @@ def _pair_plan(prim, mesh, shapes, dims, out_dims, *, axes, results, **params):
   x = _spec(*split)  # A and B hold whole 128-blocks (or are not split): the scales split as x
   swapped = _spec(*split[:-2], split[-1], split[-2])
   outs = tuple(x if r[0].upper() == axes[0] else swapped for r in results)
-  return [x], outs, lambda x: prim.local.bind(x, **params)
+  if len(shapes) == 1:
+    return [x], outs, lambda x: prim.local.bind(x, **params)
+  a_ax, rows = split[-2], shape[-2] // _size(mesh, split[-2])
+
+  def local(x, keep_rows):
+    # keep_rows counts the global rows along A: this device's are [i * rows, (i + 1) * rows).
+    if a_ax:
+      keep_rows = jnp.clip(keep_rows - jax.lax.axis_index(a_ax) * rows, 0, rows)
+    return prim.local.bind(x, keep_rows, **params)
+
+  return [x, _spec(*split[:-2])], outs, local
 
 
 # ----------------------------------------------------------------------------- install

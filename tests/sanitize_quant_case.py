@@ -2,7 +2,7 @@
 
 Ragged shapes (aligned and unaligned rows, 1-element edges) in bf16, f16 and f32, each cast
 (per-token, per-block, its transpose and both at once, token axis and its transpose, the
-dual cast):
+dual cast, with keep_rows too):
 
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     compute-sanitizer --tool memcheck python3 tests/sanitize_quant_case.py
@@ -25,4 +25,10 @@ for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
     for cast in casts:
       use_ue8m0 = dtype == jnp.bfloat16  # (no other memory access)
       jax.block_until_ready(jax.jit(lambda x: cast(x, use_ue8m0=use_ue8m0))(x))
+  # The dual cast's keep_rows (fp8_grouped_linear's rows past its groups): none, some, all,
+  # past the end, per batch slice.
+  from jax_deepgemm.quant_kernels import dual_cast_p
+  x = jnp.asarray(rng.standard_normal((3, 257, 129)), dtype)
+  keep = jnp.asarray([0, 130, 400], jnp.int32)
+  jax.block_until_ready(jax.jit(lambda x, k: dual_cast_p.bind(x, k, use_ue8m0=False))(x, keep))
 print("sanitize quant case done; kernels used:", jd.use_kernels())

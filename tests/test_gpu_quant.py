@@ -317,6 +317,29 @@ def test_dual_cast_non_finite_vmap_and_lowering(rng):
         jnp.zeros(shape, jnp.bfloat16)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dual_cast_keep_rows(rng, dtype):
+  # Rows past keep_rows (NaN, inf and huge garbage here) are cast as zeros: bitwise the cast
+  # of x with those rows zeroed, and the reference's; per slice, vmapped over keep_rows too.
+  x = np.asarray(_data(rng, (3, 300, 1000), dtype)).astype(np.float32)
+  keep = np.array([0, 129, 250], np.int32)
+  for a, k in enumerate(keep):
+    x[a, k:] = np.where(rng.random(x[a, k:].shape) < 0.5, np.nan, 3e38)
+    x[a, k:, 7] = np.inf
+  zeroed = np.where(np.arange(300)[None, :, None] < keep[:, None, None], x, 0)
+  xd, zd = jnp.asarray(x, dtype), jnp.asarray(zeroed, dtype)
+  bind = lambda x, k: qk.dual_cast_p.bind(x, k, use_ue8m0=False)
+  got = jax.jit(bind)(xd, jnp.asarray(keep))
+  what = f"dual keep_rows {dtype.__name__}"
+  _assert_dual(got, _jit(jd.per_token_cast_to_fp8_and_transpose)(zd), what)
+  _assert_dual(got, jax.jit(qk.dual_cast_reference)(xd, jnp.asarray(keep)), what + " vs reference")
+  f = jax.jit(jax.vmap(bind, in_axes=(None, 0)))  # x shared, keep_rows batched
+  many = f(xd[1], jnp.asarray([0, 1, 128, 299, 300], jnp.int32))
+  for i, k in enumerate([0, 1, 128, 299, 300]):
+    want = _jit(jd.per_token_cast_to_fp8_and_transpose)(xd[1].at[k:].set(0))
+    _assert_dual([o[i] for o in many], want, f"{what} vmapped keep {k}")
+
+
 def test_fp8_linear_uses_the_dual_cast(rng):
   x = _data(rng, (256, 384), jnp.bfloat16)
   w = _data(rng, (384, 256), jnp.bfloat16)

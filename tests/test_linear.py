@@ -206,6 +206,30 @@ def test_linear_empty_k_and_m():
   assert y.shape == (3, 256) and not np.asarray(y).any()
 
 
+@pytest.mark.parametrize("fill", [np.nan, np.inf, 3e38])
+def test_grouped_rows_past_the_groups_may_hold_anything(rng, fill):
+  # jnp.take's NaN fill of padding rows (or garbage) past sum(group_sizes) must not reach
+  # dW through the token-axis scale of the 128-row block the last group ends in (rows 169..
+  # 199 share rows 128..168's block): the result and both gradients are those of zero rows.
+  g, k, n, m = len(ROUTING), 256, 136, 260
+  w = randn(rng, (g, k, n), jnp.float32, scale=k ** -0.5)
+  gs = jnp.asarray(ROUTING, jnp.int32)  # sum 200
+  x = randn(rng, (m, k), jnp.float32)
+  r = randn(rng, (m, n), jnp.float32).at[200:].set(fill)  # dY past the groups too
+  bad, clean = x.at[200:].set(fill), x.at[200:].set(0)
+  grads = jax.jit(lambda x, r: jax.vjp(jd.fp8_grouped_linear, x, w, gs)[1](r)[:2])
+  (dx0, dw0), (dx1, dw1) = grads(bad, r), grads(clean, r.at[200:].set(0))
+  assert np.isfinite(np.asarray(dw0)).all() and np.isfinite(np.asarray(dx0)).all()
+  np.testing.assert_array_equal(np.asarray(dw0), np.asarray(dw1))
+  np.testing.assert_array_equal(np.asarray(dx0), np.asarray(dx1))
+  assert float(jnp.abs(dx0[200:]).max()) == 0.0
+  np.testing.assert_array_equal(np.asarray(jd.fp8_grouped_linear(bad, w, gs)[:200]),
+                                np.asarray(jd.fp8_grouped_linear(clean, w, gs)[:200]))
+  # Against float64: the last group's dW is still right.
+  xx, rr = f64(clean), f64(r[:200])
+  assert oracle.calc_diff(dw0[5], xx[160:200].T @ rr[160:200]) < 2e-3
+
+
 def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
   # 3e9 as uint32 would wrap negative in an int32 cast; it must saturate at M instead.
   x = randn(rng, (64, 128), jnp.float32)

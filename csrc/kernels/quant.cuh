@@ -755,7 +755,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
 // (d) Both activation casts of x [batch, t, n] from one read: 1x128 groups
 //     along n (q [batch, t, n], s [batch, t, ceil(n/128)], as (a)) and 128x1
 //     groups along t written transposed (qt [batch, n, t], st [batch,
-//     ceil(t/128), n], as (c) with kTranspose)
+//     ceil(t/128), n], as (c) with kTranspose); rows t >= keep_rows[batch]
+//     are cast as zeros
 // ---------------------------------------------------------------------------
 // fp8_linear needs both casts of X (forward GEMM operand, wgrad residual) and
 // of dY (dgrad, wgrad); two kernels read x twice. One CTA per tile of 128
@@ -795,7 +796,8 @@ struct DualCastShape {
 // per-token scales' layout that the GEMMs read).
 template <typename T, bool kAligned, bool kMnMajor>
 __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::kMinBlocks)
-    dual_cast_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s,
+    dual_cast_kernel(const T* __restrict__ x, const int* __restrict__ keep_rows,
+                     uint8_t* __restrict__ q, float* __restrict__ s,
                      uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
                      int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t,
                      int64_t s_rows) {
@@ -821,6 +823,17 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
 
   uint4 chunk[S::kRowsPerThread];
   load_column_chunks<T, kAligned>(chunk, xt, r0, rows, n, c0, valid_cols);
+  // Rows of slice a at or past keep_rows[a] are cast as zeros (fp8_grouped_linear's rows
+  // past its groups: whatever they hold must not reach the token-axis scales that valid
+  // rows share). Masked after the loads, not instead of them: the limit's load then
+  // overlaps the tile's instead of delaying them.
+  {
+    const int keep = keep_rows[a] - g * kGroup;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      if (r0 + i >= keep) chunk[i] = make_uint4(0, 0, 0, 0);
+    }
+  }
   // Token-axis column amax, as in (c): this thread's rows, the warp's row
   // groups, then (after the per-token half) the warps.
   const int warp = threadIdx.x / 32;

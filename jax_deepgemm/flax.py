@@ -321,7 +321,7 @@ class MoE(nnx.Module):
     if dtype is not None and not is_wide_float(jnp.dtype(dtype)):
       # (An 8-bit float passed as floating and failed in the FP8 GEMM's input check.)
       raise ValueError(f"MoE: dtype must be a floating dtype of 16 bits or more (the compute "
-                       f"dtype: bf16, f16 or f32), got {dtype!r}")
+                       f"dtype: bf16, f16, f32 or f64), got {dtype!r}")
     if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
       raise ValueError(f"MoE: param_dtype must be a floating dtype, got {param_dtype!r}")
     if mesh is not None:
@@ -417,7 +417,7 @@ class MoE(nnx.Module):
   def __call__(self, x):
     x = jnp.asarray(x)
     if not is_wide_float(x.dtype):
-      raise TypeError(f"MoE: x must be bf16, f16 or f32, got {x.dtype}")
+      raise TypeError(f"MoE: x must be bf16, f16, f32 or f64, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != self.hidden:
       raise ValueError(f"MoE: x must be [..., {self.hidden}], got {x.shape}")
     x_in, spec = x, _primitive.explicit_spec(jax.typeof(x))

@@ -12,9 +12,12 @@ For every case, in one process:
                      ``XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true`` on a new
                      enough XLA + cuDNN, hands it to cuDNN's grouped GEMM; the record's
                      ``config`` says what it compiled to.
-  op "m_grouped_masked" (decode layout [G, M_max, K], masked_m = M_max, expected_m = M_max)
-    jax_deepgemm     ``m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=M_max)``.
-    xla_bf16_einsum  ``einsum("gmk,gnk->gmn")`` in bf16 (a batched cuBLAS GEMM).
+  op "m_grouped_masked" (decode layout [G, M_max, K]; masked_m = expected_m = M_max, or in the
+  "dg" cases DeepGEMM's protocol: M_max 4096, masked_m drawn per group as
+  int(expected_m * U(0.7, 1.3)), fixed seed)
+    jax_deepgemm     ``m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m)``.
+    xla_bf16_einsum  ``einsum("gmk,gnk->gmn")`` in bf16 (a batched cuBLAS GEMM over all M_max
+                     rows: in the "dg" cases ~4x the counted work).
     ragged_dot_bf16  ``jax.lax.ragged_dot`` in bf16 on the same rows packed [G * M_max, K] with
                      group sizes masked_m (what a ragged_dot user would run; the issue's
                      "x vs ragged_dot" bar is over every grouped shape, masked ones included).
@@ -26,7 +29,8 @@ Cases (G groups x rows per group, N, K):
   1/rank(e)^s, ``--zipf-s``, default 0.5, 0 = uniform; each token picks 8 distinct experts by the
   Gumbel-top-k trick; fixed seed) at (4096, 7168) and (7168, 2048); and an unaligned variant,
   8 groups of about 4096 rows whose sizes are not multiples of 128 (7168, 2048). Routed sizes
-  are used as they come (not padded to 128 either). Masked: 1x1024, 2x512, 4x256 at (4096, 7168).
+  are used as they come (not padded to 128 either). Masked: 1x1024, 2x512, 4x256 at (4096, 7168),
+  every row valid, and the same under DeepGEMM's protocol ("dg 1x1024" ...: the bars' figures).
 
 Records: m = total rows = sum(group_sizes) (the useful work), n, k, groups. TFLOPS = 2·m·N·K / t
 (useful rows only, whatever the implementation computes). GB/s = bytes / t with bytes =
@@ -343,11 +347,21 @@ class Masked:
   m_max: int
   n: int
   k: int
+  expected: int = 0  # 0: every row valid; else DeepGEMM's draw around it
 
   @property
   def masked_m(self):
-    """Valid rows per group: every row (the inputs' masked_m; expected_m is M_max too)."""
-    return (self.m_max,) * self.groups
+    """Valid rows per group (the inputs' masked_m): every row, or as DeepGEMM's masked test
+    draws them, int(expected * U(0.7, 1.3)) per group (seeded by the case)."""
+    if not self.expected:
+      return (self.m_max,) * self.groups
+    rng = np.random.default_rng([self.groups, self.expected, self.n, self.k])
+    return tuple(min(self.m_max, int(self.expected * u))
+                 for u in rng.uniform(0.7, 1.3, self.groups))
+
+  @property
+  def expected_m(self):
+    return self.expected or self.m_max
 
   @property
   def m(self):
@@ -392,6 +406,8 @@ def default_cases(zipf_s: float):
       Contiguous("32x512", (512,) * 32, 2048, 7168, "uniform"),
   ]
   cases += [Masked(f"{g}x{m}", g, m, 4096, 7168) for g, m in ((1, 1024), (2, 512), (4, 256))]
+  cases += [Masked(f"dg {g}x{m}", g, 4096, 4096, 7168, expected=m)
+            for g, m in ((1, 1024), (2, 512), (4, 256))]
   cases.append(Contiguous("256x64", (64,) * 256, 2048, 7168, "uniform"))
   for tokens in (4096, 16384):
     sizes = routed_sizes(tokens, 256, 8, zipf_s)
@@ -406,6 +422,7 @@ def quick_cases(zipf_s: float):
       Contiguous("4x128", (128,) * 4, 256, 512, "uniform"),
       Contiguous("unaligned 4x~200", unaligned_sizes(4, 200), 256, 320, "unaligned"),
       Masked("2x64", 2, 64, 256, 512),
+      Masked("dg 2x64", 2, 256, 256, 512, expected=64),
       Contiguous("16x32", (32,) * 16, 128, 256, "uniform"),
       Contiguous("route16top4 t64", routed_sizes(64, 16, 4, zipf_s), 256, 384, zipf),
   ]
@@ -545,9 +562,11 @@ def masked_diff(case: Masked) -> float:
 
   @jax.jit
   def diff(a, sa, b, sb, mm):
-    d = jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, expected_m=case.m_max).astype(F32)
+    d = jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, expected_m=case.expected_m)
     y = jnp.einsum("gmk,gnk->gmn", jd.dequantize_per_token(a, sa), jd.dequantize_per_block(b, sb),
                    precision=HIGHEST, preferred_element_type=F32)
+    valid = jnp.arange(case.m_max)[None, :, None] < mm[:, None, None]  # the rows computed
+    d, y = jnp.where(valid, d.astype(F32), 0), jnp.where(valid, y, 0)
     return jnp.sum(jnp.square(d - y)) / jnp.maximum(jnp.sum(d * d + y * y), 1e-30)
   return float(diff(a, sa, b, sb, mm))
 
@@ -610,10 +629,12 @@ def main(argv=None) -> int:
       more_bases = []
     else:
       op, base_impl, ratio_key = OP_MASKED, "xla_bf16_einsum", "ratio_vs_xla_bf16"
-      extras = dict(m_max=case.m_max, masked_m=case.m_max, expected_m=case.m_max)
-      print(f"[{op} {name}] G={g} M_max={case.m_max}", flush=True)
+      extras = dict(m_max=case.m_max, masked_m=list(case.masked_m), expected_m=case.expected_m)
+      print(f"[{op} {name}] G={g} M_max={case.m_max} masked_m={list(case.masked_m)} "
+            f"expected_m={case.expected_m}", flush=True)
       ours_fn = functools.partial(
-          ours_masked_mn_major if args.mn_major_scales else ours_masked, expected_m=case.m_max)
+          ours_masked_mn_major if args.mn_major_scales else ours_masked,
+          expected_m=case.expected_m)
       ours_inputs = masked_fp8_inputs(case)
       if args.mn_major_scales:
         ours_inputs = mn_major_inputs(ours_inputs)

@@ -156,13 +156,21 @@ def test_grouped_bytes_and_flops_count_the_rows_in_groups():
       assert int(gs.sum()) == case.m == a.shape[0]
       out = jax.eval_shape(B.ours_contiguous, a, sa, b, sb, gs)
       x, w, _ = B.contiguous_bf16_inputs(case)(key)
+      assert ours == nbytes(a, sa, b, sb, out)
+      assert bf16 == nbytes(x, w) + 2 * case.m * case.n
     else:
       a, sa, b, sb, mm = B.masked_fp8_inputs(case)(key)
       assert int(mm.sum()) == case.m  # the valid rows (masked_m), what TFLOPS counts
-      out = jax.eval_shape(lambda *v: B.ours_masked(*v, expected_m=case.m_max), a, sa, b, sb, mm)
+      out = jax.eval_shape(lambda *v: B.ours_masked(*v, expected_m=case.expected_m),
+                           a, sa, b, sb, mm)
       x, w = B.masked_bf16_inputs(case)(key)
-    assert ours == nbytes(a, sa, b, sb, out)
-    assert bf16 == nbytes(x, w) + 2 * case.m * case.n
+      # The rows' bytes count the valid rows only (DeepGEMM's "dg" cases: M_max of 4096 rows
+      # past masked_m, which the kernel never reads).
+      rows = lambda *v: nbytes(*v) * case.m // (case.groups * case.m_max)  # noqa: E731
+      assert ours == nbytes(b, sb) + rows(a, sa, out)
+      assert bf16 == nbytes(w) + rows(x) + 2 * case.m * case.n
+      assert case.expected_m == (case.expected or case.m_max)
+      assert all(0 < v <= case.m_max for v in case.masked_m)
     assert B.gemm_flops(case.m, case.n, case.k) == 2.0 * case.m * case.n * case.k
 
 

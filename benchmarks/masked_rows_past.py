@@ -4,23 +4,45 @@ expected_m (a second wave) cost. Back-to-back calls, wall clock; an experiment, 
 
   python benchmarks/masked_rows_past.py
 """
-import time, jax, jax.numpy as jnp, numpy as np, jax_deepgemm as jd
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jax_deepgemm as jd
+
 N, K = 4096, 7168
-def t_us(f, *a, n=200):
-  jax.block_until_ready(f(*a))
+# (G, M_max, masked_m, expected_m): every row valid, then M_max 4096 with masked_m at, below
+# and above expected_m, and a larger expected_m hint.
+CASES = [(1, 1024, 1024, 1024), (1, 4096, 1024, 1024), (1, 4096, 1127, 1024),
+         (1, 4096, 1127, 1152), (1, 4096, 1127, 4096),
+         (4, 256, 256, 256), (4, 4096, 256, 256), (4, 4096, 231, 256), (4, 4096, 262, 256),
+         (4, 4096, 262, 384), (4, 4096, 4096, 4096)]
+
+
+def time_us(f, *args, n=200):
+  jax.block_until_ready(f(*args))
   t0 = time.perf_counter()
-  for _ in range(n): r = f(*a)
+  for _ in range(n):
+    r = f(*args)
   jax.block_until_ready(r)
   return (time.perf_counter() - t0) / n * 1e6
-print(jax.devices()[0].device_kind)
-for g, mmax, mm, exp in [(1,1024,1024,1024),(1,4096,1024,1024),(1,4096,1127,1024),(1,4096,1127,1152),(1,4096,1127,4096),
-                         (4,256,256,256),(4,4096,256,256),(4,4096,231,256),(4,4096,262,256),(4,4096,262,384),(4,4096,4096,4096)]:
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  a, sa = jax.jit(jd.per_token_cast_to_fp8)(jax.random.normal(k1, (g, mmax, K), jnp.bfloat16))
-  b, sb = jax.jit(jd.per_block_cast_to_fp8)(jax.random.normal(k2, (g, N, K), jnp.bfloat16))
-  m = jnp.full((g,), mm, jnp.int32)
-  f = jax.jit(lambda a, sa, b, sb, m: jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, m, expected_m=exp))
-  us = t_us(f, a, sa, b, sb, m)
-  zero_mb = g * (mmax - mm) * N * 2 / 1e6
-  print(f"G={g} M_max={mmax} masked_m={mm} expected_m={exp} config={jd.gemm_config(exp, N, K, groups=g, masked=True)}: "
-        f"{us:.1f} us {2*g*mm*N*K/us/1e6:.0f} TFLOPS (zero-filled {zero_mb:.0f} MB)", flush=True)
+
+
+def main():
+  print(jax.devices()[0].device_kind)
+  for g, m_max, rows, expected in CASES:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a, sa = jax.jit(jd.per_token_cast_to_fp8)(jax.random.normal(k1, (g, m_max, K), jnp.bfloat16))
+    b, sb = jax.jit(jd.per_block_cast_to_fp8)(jax.random.normal(k2, (g, N, K), jnp.bfloat16))
+    masked_m = jnp.full((g,), rows, jnp.int32)
+    f = jax.jit(lambda *v, e=expected: jd.m_grouped_fp8_gemm_nt_masked(*v, expected_m=e))
+    us = time_us(f, a, sa, b, sb, masked_m)
+    config = jd.gemm_config(expected, N, K, groups=g, masked=True)
+    print(f"G={g} M_max={m_max} masked_m={rows} expected_m={expected} config={config}: "
+          f"{us:.1f} us {2 * g * rows * N * K / us / 1e6:.0f} TFLOPS "
+          f"(zero-filled {g * (m_max - rows) * N * 2 / 1e6:.0f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+  main()

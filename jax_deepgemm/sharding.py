@@ -154,6 +154,12 @@ def _window(group_sizes, rows, row_axes, experts, expert_axes, total_rows):
   return lo, hi
 
 
+def _rows_here(count, axes, rows):
+  """Of the first ``count`` global rows (a dimension split over ``axes``, ``rows`` per device),
+  how many this device holds: its rows are ``[i * rows, (i + 1) * rows)`` for its index i."""
+  return jnp.clip(count - jax.lax.axis_index(axes) * rows, 0, rows)
+
+
 def _blocks_rule(name, n):
   """Shardy factors of a dimension of ``n`` elements in 128-blocks and of its scale dimension.
 
@@ -334,7 +340,7 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
       # (Clipped to the global M_max first: the op hands int32 sizes over unclipped, and
       # -2^31 - r0 would wrap around to a large positive count.)
       masked_m = clip_rows(masked_m, rows * _size(mesh, m_ax))
-      masked_m = jnp.clip(masked_m - jax.lax.axis_index(m_ax) * rows, 0, rows)
+      masked_m = _rows_here(masked_m, m_ax, rows)
     d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m,
                             out_dtype=F32 if k_ax else out_dtype)
     return jax.lax.psum(d, k_ax).astype(out_dtype) if k_ax else d
@@ -399,10 +405,9 @@ def _pair_plan(prim, mesh, shapes, dims, out_dims, *, axes, results, **params):
   a_ax, rows = split[-2], shape[-2] // _size(mesh, split[-2])
 
   def local(x, keep_rows):
-    # keep_rows counts the global rows along A: this device's are [i * rows, (i + 1) * rows).
-    if a_ax:
-      keep_rows = jnp.clip(keep_rows - jax.lax.axis_index(a_ax) * rows, 0, rows)
-    return prim.local.bind(x, keep_rows, **params)
+    # (keep_rows counts global rows along A; at most the global count: no wrap below.)
+    return prim.local.bind(x, _rows_here(keep_rows, a_ax, rows) if a_ax else keep_rows,
+                           **params)
 
   return [x, _spec(*split[:-2])], outs, local
 

@@ -147,13 +147,16 @@ def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
   return y.astype(dtype)
 
 
-def _grouped_cast(x, group_sizes):
+def _rows_in_groups(group_sizes, m):
+  """How many of the M rows belong to a group (<= M: the sanitized sizes saturate at M)."""
+  return jnp.sum(sanitize_group_sizes(group_sizes, m, "fp8_grouped_linear"), dtype=jnp.int32)
+
+
+def _grouped_cast(x, keep):
   """Both casts of X or dY ``[M, ·]`` (as ``per_token_cast_to_fp8_and_transpose``) with the rows
-  past the groups cast as zeros: whatever those hold (``jnp.take``'s NaN fill, garbage) would
-  otherwise set the token-axis scale of the 128-row block the last group ends in, and so that
-  group's dW."""
-  keep = jnp.sum(sanitize_group_sizes(group_sizes, x.shape[0], "fp8_grouped_linear"),
-                 dtype=jnp.int32)  # <= M: the sizes saturate at M
+  at or past ``keep`` (those in no group) cast as zeros: whatever those hold (``jnp.take``'s NaN
+  fill, garbage) would otherwise set the token-axis scale of the 128-row block the last group
+  ends in, and so that group's dW."""
   return dual_cast_p.bind(x, keep, use_ue8m0=False)
 
 
@@ -161,17 +164,19 @@ def _grouped_fwd(x, w, group_sizes, types):
   del types
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read.
-  xq, xs, xt, xts = _grouped_cast(x, group_sizes)
+  # The row count in groups rides in the residuals: dY's cast needs it again.
+  keep = _rows_in_groups(group_sizes, x.shape[0])
+  xq, xs, xt, xts = _grouped_cast(x, keep)
   wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
-  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep)
 
 
 def _grouped_bwd(types, res, dy):
-  xt, xts, wq, ws, w_like, group_sizes = res  # dy has X's dtype
+  xt, xts, wq, ws, w_like, group_sizes, keep = res  # dy has X's dtype
   # dY's two casts from one read (as in _linear_bwd).
-  dyq, dys, dyt, dyts = _grouped_cast(dy, group_sizes)
+  dyq, dys, dyt, dyts = _grouped_cast(dy, keep)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)

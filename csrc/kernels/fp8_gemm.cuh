@@ -745,36 +745,11 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const bool bias_smem = L::kBytesBias > 0 && bias != nullptr && N % 4 == 0 &&
                          reinterpret_cast<uintptr_t>(bias) % 16 == 0;
 
-  // Rows that belong to no group come out as zeros (like the reference). The
-  // producer warpgroup's three idle warps write them while the GEMM runs: from
-  // the math warps after their last tile the writes were all exposed (a masked
-  // M_max 4096 decode GEMM with 256 rows per group: 126 MB, 40% of its time).
-  // Under 24 registers (three math warpgroups) the math warps keep the job.
-  constexpr bool kZeroInProducer = L::kNumMathWG != 3;
-  auto zero_unused_rows = [&](int64_t tid, int64_t nthreads) {
-    if (grp.masked_stride > 0) {
-      for (int g = 0; g < num_groups; ++g) {
-        zero_rows(out, grp_rend[g], static_cast<int64_t>(g + 1) * grp.masked_stride, N, tid,
-                  nthreads);
-      }
-    } else {
-      zero_rows(out, grp_rend[num_groups - 1], M, N, tid, nthreads);
-    }
-  };
-
   if (wg == L::kNumMathWG) {
     // ------------------------------------------------------------------
     // Producer warpgroup: one thread issues all TMA loads.
     // ------------------------------------------------------------------
     ptx::setmaxnreg_dec<kTmaRegs>();
-    if constexpr (kGrouped && kZeroInProducer) {
-      if (warp % 4 != 0) {
-        constexpr int kZeroThreads = 96;
-        zero_unused_rows(static_cast<int64_t>(blockIdx.x) * kZeroThreads +
-                             (thread - L::kNumMathThreads - 32),
-                         static_cast<int64_t>(gridDim.x) * kZeroThreads);
-      }
-    }
     // A short A box (decode, fp8_gemm_a_rows) delivers a_rows rows of A and of sa.
     const int a_rows = fp8_gemm_a_rows(BLOCK_M, kGrouped, kMulticast, M);
     const uint32_t tx_bytes =
@@ -1178,9 +1153,18 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // TMA stores read smem asynchronously: done before the CTA exits.
     if (store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) ptx::bulk_wait_group0();
 
-    if constexpr (kGrouped && !kZeroInProducer) {
-      zero_unused_rows(static_cast<int64_t>(blockIdx.x) * L::kNumMathThreads + thread,
-                       static_cast<int64_t>(gridDim.x) * L::kNumMathThreads);
+    if constexpr (kGrouped) {
+      // Rows that belong to no group come out as zeros (like the reference).
+      const int64_t tid = static_cast<int64_t>(blockIdx.x) * L::kNumMathThreads + thread;
+      const int64_t nthreads = static_cast<int64_t>(gridDim.x) * L::kNumMathThreads;
+      if (grp.masked_stride > 0) {
+        for (int g = 0; g < num_groups; ++g) {
+          zero_rows(out, grp_rend[g], static_cast<int64_t>(g + 1) * grp.masked_stride, N,
+                    tid, nthreads);
+        }
+      } else {
+        zero_rows(out, grp_rend[num_groups - 1], M, N, tid, nthreads);
+      }
     }
   }
   // The peer may still arrive on our barriers: stay resident until it is done.

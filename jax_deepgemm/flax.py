@@ -382,6 +382,19 @@ class MoE(nnx.Module):
       return fp8_linear(x, w)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
+  def _check_shapes(self, params):
+    # Parameters replaced after init (nnx.update from another configuration's state) failed
+    # deep inside the layer ('mul got incompatible shapes for broadcasting: (4,), (8,)').
+    h, w, e = self.hidden, self.expert_width, self.num_experts
+    s = self.num_shared_experts * w
+    want = dict(router=(h, e), w_gate=(e, h, w), w_up=(e, h, w), w_down=(e, w, h),
+                shared_gate=(h, s), shared_up=(h, s), shared_down=(s, h))
+    for name, p in params.items():
+      if p.shape != want[name]:
+        raise ValueError(f"MoE: {name} must have shape {want[name]} (hidden {h}, expert_width "
+                         f"{w}, num_experts {e}, num_shared_experts "
+                         f"{self.num_shared_experts}), got {p.shape}")
+
   def _compute_dtype(self, x, params):
     # dtype=None: nnx.Linear's rule (flax's promote_dtype), x with every parameter.
     return self.dtype if self.dtype is not None else jnp.result_type(x, *params)
@@ -433,6 +446,7 @@ class MoE(nnx.Module):
     names = ["router", "w_gate", "w_up", "w_down"]
     names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
     params = {n: getattr(self, n)[...] for n in names}
+    self._check_shapes(params)
     dtype = self._compute_dtype(x2, params.values())
     if self.mesh is not None:
       y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis, dtype)

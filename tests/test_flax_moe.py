@@ -1,4 +1,6 @@
 """jax_deepgemm.flax.MoE: values and gradients against a dense reference, jit/remat, training."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -422,6 +424,29 @@ def test_argument_validation():
           num_shared_experts=np.int64(1))
   assert (type(m.hidden), m.hidden, m.top_k, m.num_shared_experts) == (int, 64, 2, 1)
   assert m(jnp.zeros((3, 64)))[0].shape == (3, 64)
+
+
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_parameters_of_another_configuration_are_named(impl):
+  # State moved in from a layer of other sizes (nnx.update): a ValueError naming the
+  # parameter. (It failed deep inside, e.g. 'mul got incompatible shapes for broadcasting:
+  # (4,), (8,)' for a router of 8 experts, or ragged_dot's group-dimension TypeError.)
+  x = jnp.ones((6, 64), jnp.float32)
+  other = dict(num_experts=MoE(64, 32, 8, 2, rngs=nnx.Rngs(1), num_shared_experts=1),
+               expert_width=MoE(64, 48, 4, 2, rngs=nnx.Rngs(1), num_shared_experts=1),
+               num_shared_experts=MoE(64, 32, 4, 2, rngs=nnx.Rngs(1), num_shared_experts=2))
+  for what, src in other.items():
+    for name in ("router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
+                 "shared_down"):
+      m = MoE(64, 32, 4, 2, rngs=nnx.Rngs(0), experts_impl=impl, num_shared_experts=1)
+      p = getattr(src, name)[...]
+      if p.shape == getattr(m, name)[...].shape:
+        continue
+      getattr(m, name).set_value(p)
+      with pytest.raises(ValueError, match=rf"MoE: {name} must have shape .* got {re.escape(str(p.shape))}"):
+        m(x)
+      with pytest.raises(ValueError, match=rf"MoE: {name} must have shape"):
+        nnx.jit(lambda m, x: m(x))(m, x)
 
 
 def test_init_scales():

@@ -177,10 +177,11 @@ def _progress(i, total, loss, t0, tty):
 
 
 def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None, mesh=None):
-  """Trains one model; returns (model, [(step, loss)], seconds).
+  """Trains one model; returns (model, [(step, loss)], seconds of the steps after the first).
 
-  With ``mesh`` (see ``parse_mesh``) the run is data- and expert-parallel over it; every
-  process draws the same global batches and feeds its devices their rows.
+  The first step compiles, so it is left out of the time (None with a single step). With
+  ``mesh`` (see ``parse_mesh``) the run is data- and expert-parallel over it; every process
+  draws the same global batches and feeds its devices their rows.
   """
   if mesh is not None and cfg.batch % mesh.size:
     raise ValueError(f"train: the batch ({cfg.batch}) must split evenly over the mesh's "
@@ -196,6 +197,8 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
     tokens = lang.batch(cfg.batch, cfg.seq + 1)
     tokens = jax.device_put(tokens, rows) if mesh is not None else jnp.asarray(tokens)
     loss = float(train_step(model, optimizer, tokens))
+    if step == 1:  # it compiled: the time is taken from here (tokens/s counted compiling)
+      t1 = time.time()
     losses.append((step, loss))
     _progress(step, cfg.steps, loss, t0, tty)
     if jax.process_index() == 0 and (step % log_every == 0 or step == cfg.steps):
@@ -203,7 +206,7 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
         sys.stderr.write("\n")
       print(f"[{impl}] step {step:5d}  loss {loss:.4f}  (floor {lang.entropy:.4f})  "
             f"{time.time() - t0:.1f}s", flush=True)
-  return model, losses, time.time() - t0
+  return model, losses, (time.time() - t1 if cfg.steps > 1 else None)
 
 
 def check_ckpt_dir(path):
@@ -311,8 +314,9 @@ def main(argv=None):
     if args.restore:
       model = restore_checkpoint(model, args.restore)
     model, losses, secs = train(cfg, impl, log_every=args.log_every, model=model, mesh=mesh)
-    tokens = cfg.steps * cfg.batch * cfg.seq
-    say(f"[{impl}] final loss {losses[-1][1]:.4f}; {tokens / secs:,.0f} tokens/s")
+    rate = (f"; {(cfg.steps - 1) * cfg.batch * cfg.seq / secs:,.0f} tokens/s after the first "
+            "(compiling) step" if secs is not None else "")
+    say(f"[{impl}] final loss {losses[-1][1]:.4f}{rate}")
     curves[f"{impl} experts"] = losses
   if len(impls) == 2:
     tail = {k: np.mean([l for _, l in v[-10:]]) for k, v in curves.items()}

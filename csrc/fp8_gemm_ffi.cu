@@ -896,11 +896,11 @@ ffi::Error GroupedInvalid(const std::string& msg) {
                     "jax_deepgemm_m_grouped_fp8_gemm_nt: " + msg);
 }
 
-ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
-                                 ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
-                                 ffi::AnyBuffer sb, ffi::AnyBuffer sizes,
-                                 ffi::Result<ffi::AnyBuffer> out, int64_t masked_stride,
-                                 int64_t expected_m) {
+// keep_unused_rows: `out` aliases the caller's buffer, whose rows in no group stay as they are.
+ffi::Error MGroupedLaunch(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer a,
+                          ffi::AnyBuffer sa, ffi::AnyBuffer b, ffi::AnyBuffer sb,
+                          ffi::AnyBuffer sizes, ffi::Result<ffi::AnyBuffer> out,
+                          int64_t masked_stride, int64_t expected_m, bool keep_unused_rows) {
   if (a.element_type() != ffi::DataType::F8E4M3FN || a.dimensions().size() != 2) {
     return GroupedInvalid("a must be a rank-2 float8_e4m3fn array, got shape " +
                           Dims(a));
@@ -966,9 +966,34 @@ ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
   }
   LaunchArgs args = MakeArgs(a, sa, b, sb, n, *out);
   args.grp = GroupArgs{static_cast<const int*>(sizes.untyped_data()), static_cast<int>(g),
-                       static_cast<int>(masked_stride)};
+                       static_cast<int>(masked_stride), keep_unused_rows ? 1 : 0};
   const LaunchFn fn = out->element_type() == ffi::DataType::BF16 ? entry->bf16 : entry->f32;
   return fn(args, stream, device, num_sms);
+}
+
+ffi::Error MGroupedFp8GemmNtImpl(cudaStream_t stream, int32_t device_ordinal,
+                                 ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
+                                 ffi::AnyBuffer sb, ffi::AnyBuffer sizes,
+                                 ffi::Result<ffi::AnyBuffer> out, int64_t masked_stride,
+                                 int64_t expected_m) {
+  return MGroupedLaunch(stream, device_ordinal, a, sa, b, sb, sizes, out, masked_stride,
+                        expected_m, false);
+}
+
+// The same GEMM into `into`, which XLA aliases to `out` (input_output_aliases): only the
+// rows of the groups are written.
+ffi::Error MGroupedFp8GemmNtIntoImpl(cudaStream_t stream, int32_t device_ordinal,
+                                     ffi::AnyBuffer a, ffi::AnyBuffer sa, ffi::AnyBuffer b,
+                                     ffi::AnyBuffer sb, ffi::AnyBuffer sizes,
+                                     ffi::AnyBuffer into, ffi::Result<ffi::AnyBuffer> out,
+                                     int64_t masked_stride, int64_t expected_m) {
+  if (into.untyped_data() != out->untyped_data() ||
+      into.element_type() != out->element_type() ||
+      into.size_bytes() != out->size_bytes()) {
+    return GroupedInvalid("the output must alias the buffer it is written into");
+  }
+  return MGroupedLaunch(stream, device_ordinal, a, sa, b, sb, sizes, out, masked_stride,
+                        expected_m, true);
 }
 
 ffi::Error KGroupedInvalid(const std::string& msg) {
@@ -1190,6 +1215,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()  // b
         .Arg<xla::ffi::AnyBuffer>()  // sb
         .Arg<xla::ffi::AnyBuffer>()  // group sizes
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Attr<int64_t>("masked_stride")
+        .Attr<int64_t>("expected_m"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MGroupedFp8GemmNtInto, jax_deepgemm::MGroupedFp8GemmNtIntoImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // a
+        .Arg<xla::ffi::AnyBuffer>()  // sa
+        .Arg<xla::ffi::AnyBuffer>()  // b
+        .Arg<xla::ffi::AnyBuffer>()  // sb
+        .Arg<xla::ffi::AnyBuffer>()  // group sizes
+        .Arg<xla::ffi::AnyBuffer>()  // into (aliased to out)
         .Ret<xla::ffi::AnyBuffer>()  // out
         .Attr<int64_t>("masked_stride")
         .Attr<int64_t>("expected_m"),

@@ -12,6 +12,9 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Fp8GemmNt);
 // "jax_deepgemm_m_grouped_fp8_gemm_nt" (contiguous and masked MoE layouts).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MGroupedFp8GemmNt);
+// "jax_deepgemm_m_grouped_fp8_gemm_nt_into": the same into an aliased buffer whose rows in no
+// group stay as they are (the masked op's `out`).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MGroupedFp8GemmNtInto);
 // "jax_deepgemm_k_grouped_fp8_gemm_tn" (MoE weight gradient).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(KGroupedFp8GemmTn);
 

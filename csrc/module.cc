@@ -32,6 +32,8 @@ NB_MODULE(_C, m) {
             nb::capsule(reinterpret_cast<void*>(&DualCastFp8));
         d["jax_deepgemm_m_grouped_fp8_gemm_nt"] =
             nb::capsule(reinterpret_cast<void*>(&MGroupedFp8GemmNt));
+        d["jax_deepgemm_m_grouped_fp8_gemm_nt_into"] =
+            nb::capsule(reinterpret_cast<void*>(&MGroupedFp8GemmNtInto));
         d["jax_deepgemm_k_grouped_fp8_gemm_tn"] =
             nb::capsule(reinterpret_cast<void*>(&KGroupedFp8GemmTn));
         return d;

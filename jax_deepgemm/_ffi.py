@@ -31,6 +31,7 @@ else:
 FFI_TARGETS = (
     "jax_deepgemm_fp8_gemm_nt",
     "jax_deepgemm_m_grouped_fp8_gemm_nt",
+    "jax_deepgemm_m_grouped_fp8_gemm_nt_into",
     "jax_deepgemm_k_grouped_fp8_gemm_tn",
     "jax_deepgemm_per_token_cast",
     "jax_deepgemm_per_block_cast",

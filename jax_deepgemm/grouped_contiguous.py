@@ -62,10 +62,12 @@ def _reference(a, sa, b, sb, group_sizes, *, out_dtype):
 MAX_KERNEL_GROUPS = 1024
 
 
-def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_dtype):
+def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_dtype,
+                        into=None):
   """The M-grouped kernel on ``a [M, K]`` (rows of all groups) and ``b [G, N, K]``.
 
-  Shared by the contiguous and masked ops (``masked_stride`` 0 or rows per group).
+  Shared by the contiguous and masked ops (``masked_stride`` 0 or rows per group). ``into``
+  (``[M, N]`` of ``out_dtype``): the result takes its buffer, and its rows in no group.
   """
   (m, k), (g, n, _) = a.shape, b.shape
   # (A symbolic G, under shape-polymorphic export, is checked by the kernel's handler.)
@@ -83,11 +85,15 @@ def grouped_kernel_call(a, sa, b, sb, sizes, *, masked_stride, expected_m, out_d
     a = jnp.pad(a, ((0, 0), (0, pad)))
     b = jnp.pad(b, ((0, 0), (0, 0), (0, pad)))
   sa_op, sa_layout = a_scales_operand(sa)
+  operands = [a, sa_op, b, sb, sizes.astype(jnp.int32)]
+  if into is not None:  # written in place (XLA copies it first if it is still needed)
+    operands.append(into)
   call = jax.ffi.ffi_call(
-      "jax_deepgemm_m_grouped_fp8_gemm_nt", jax.ShapeDtypeStruct((m, n), out_dtype),
-      input_layouts=(None, sa_layout, None, None, None))
-  return call(a, sa_op, b, sb, sizes.astype(jnp.int32),
-              masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
+      "jax_deepgemm_m_grouped_fp8_gemm_nt" + ("_into" if into is not None else ""),
+      jax.ShapeDtypeStruct((m, n), out_dtype),
+      input_layouts=(None, sa_layout) + (None,) * (len(operands) - 2),
+      input_output_aliases={5: 0} if into is not None else None)
+  return call(*operands, masked_stride=np.int64(masked_stride), expected_m=np.int64(expected_m))
 
 
 def _cuda(a, sa, b, sb, group_sizes, *, out_dtype):

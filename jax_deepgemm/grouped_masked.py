@@ -3,7 +3,9 @@
 Layouts: a e4m3 ``[G, M_max, K]``, sa float32 ``[G, M_max, ceil(K/128)]``; b e4m3
 ``[G, N, K]``, sb float32 ``[G, ceil(N/128), ceil(K/128)]``; masked_m int32 ``[G]`` on
 device → D ``[G, M_max, N]``. Only rows ``< masked_m[g]`` of group g are computed; the
-rest come out zero. ``expected_m`` (static) only steers the kernel config.
+rest come out zero, or as they are in ``out`` when one is given (its buffer is written in
+place, as DeepGEMM's kernel writes the caller's). ``expected_m`` (static) only steers the
+kernel config.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 OP = "m_grouped_fp8_gemm_nt_masked"
 
 
-def _abstract_eval(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+def _abstract_eval(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
   _checks.fp8(OP, "a", a)
   _checks.fp8(OP, "b", b)
   _checks.ndim(OP, "a", a, 3, "[G, M_max, K]")
@@ -32,21 +34,29 @@ def _abstract_eval(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
   _checks.shape(OP, "sa", sa, (g, m, -(-k // 128)), "one float32 scale per 1x128 group")
   _checks.block_scales(OP, "sb", sb, (g,), n, k)
   _checks.group_sizes(OP, "masked_m", masked_m, g)
+  if has_out:
+    _checks.dtype(OP, "out", out[0], out_dtype)
+    _checks.shape(OP, "out", out[0], (g, m, n), "[G, M_max, N]")
   return ShapedArray((g, m, n), out_dtype)
 
 
-def _reference(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+def _reference(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
   d = jnp.einsum("gmk,gnk->gmn", dequantize_per_token(a, sa), dequantize_per_block(b, sb),
                  precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  rows = jnp.arange(a.shape[1], dtype=jnp.int32)
-  d = jnp.where(rows[None, :, None] < masked_m.astype(jnp.int32)[:, None, None], d, 0.0)
-  return d.astype(out_dtype)
+  return keep_rows_past(d.astype(out_dtype), masked_m, out[0] if has_out else None)
 
 
-def _batching_rule(args, dims, *, expected_m, out_dtype):
+def keep_rows_past(d, masked_m, out):
+  """``d [G, M_max, N]`` with rows ``>= masked_m[g]`` taken from ``out`` (zeros if None)."""
+  rows = jnp.arange(d.shape[1], dtype=jnp.int32)
+  past = jnp.zeros((), d.dtype) if out is None else out
+  return jnp.where(rows[None, :, None] < masked_m.astype(jnp.int32)[:, None, None], d, past)
+
+
+def _batching_rule(args, dims, **params):
   if dims[2] is None or dims[3] is None:
     # Shared weights: folding would copy them per batch element; loop instead.
-    return _primitive.map_rule(masked_p)(args, dims, expected_m=expected_m, out_dtype=out_dtype)
+    return _primitive.map_rule(masked_p)(args, dims, **params)
   # Every batch element is G more groups: fold the batch into G, in chunks of as many
   # groups as the kernel's group table holds.
   size = _primitive.batch_size(args, dims)
@@ -54,10 +64,9 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   limit = grouped_contiguous.MAX_KERNEL_GROUPS
   if not (_primitive.known(size) and _primitive.known(groups)):
     # Symbolic (shape-polymorphic export): the folded groups may exceed the table; a loop.
-    return _primitive.map_rule(masked_p)(args, dims, expected_m=expected_m, out_dtype=out_dtype)
+    return _primitive.map_rule(masked_p)(args, dims, **params)
   if size * groups > limit and size > 1:
-    return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
-        args, dims, expected_m=expected_m, out_dtype=out_dtype)
+    return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(args, dims, **params)
   xs = [_primitive.at_front(x, d, size) for x, d in zip(args, dims)]
   # Groups are independent: any order of (batch, G) will do, the same for every operand.
   # Explicit axes fold only split dimensions first: with G split over them (expert-parallel)
@@ -67,27 +76,27 @@ def _batching_rule(args, dims, *, expected_m, out_dtype):
   order = next((o for o in (_primitive.split_first(x, 2) for x in xs) if o), None)
   if order is not None:
     xs = [_primitive.in_order(jnp.swapaxes(x, 0, 1), 2) for x in xs]
-  a, sa, b, sb, masked_m = xs
   # (Sizes spelled out: a -1 cannot be inferred when an operand is empty, M_max, N or K = 0.)
   flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-  out = masked_p.bind(flat(a), flat(sa), flat(b), flat(sb), flat(masked_m),
-                      expected_m=expected_m, out_dtype=out_dtype)
+  out = masked_p.bind(*map(flat, xs), **params)
   # ([G, B, ...] folded: the batch is dimension 1, where vmap moves it from, or leaves it.)
-  return out.reshape(a.shape[:2] + out.shape[1:]), 0 if order is None else 1
+  return out.reshape(xs[0].shape[:2] + out.shape[1:]), 0 if order is None else 1
 
 
-def _cuda(a, sa, b, sb, masked_m, *, expected_m, out_dtype):
+def _cuda(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
   (g, m, k), n = a.shape, b.shape[1]
   if g == 0 or m == 0 or n == 0 or k == 0:
-    return _reference(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)
+    return _reference(a, sa, b, sb, masked_m, *out, expected_m=expected_m, out_dtype=out_dtype,
+                      has_out=has_out)
   if not _primitive.known(m):
     # (The kernel takes the rows per group as a compile-time attribute.)
     raise ValueError(f"{OP}: the Hopper kernel needs M_max (a's second dimension) as a "
                      f"number, got the symbolic {m}; export with a concrete M_max")
   # The same kernel as the contiguous layout, with group g at rows [g*M_max, ...).
-  out = grouped_kernel_call(a.reshape(g * m, k), sa.reshape(g * m, -1), b, sb, masked_m,
-                            masked_stride=m, expected_m=expected_m, out_dtype=out_dtype)
-  return out.reshape(g, m, n)
+  d = grouped_kernel_call(a.reshape(g * m, k), sa.reshape(g * m, -1), b, sb, masked_m,
+                          masked_stride=m, expected_m=expected_m, out_dtype=out_dtype,
+                          into=out[0].reshape(g * m, n) if has_out else None)
+  return d.reshape(g, m, n)
 
 
 masked_p = _primitive.define(
@@ -96,9 +105,10 @@ masked_p = _primitive.define(
     batching_rule=_batching_rule)
 
 
-def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
-                                 out_dtype=jnp.bfloat16):
-  """For each group g: ``D[g, :masked_m[g]] = A[g, :masked_m[g]] · B[g]ᵀ``; other rows zero.
+def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None, out_dtype=None,
+                                 out=None):
+  """For each group g: ``D[g, :masked_m[g]] = A[g, :masked_m[g]] · B[g]ᵀ``; other rows zero,
+  or ``out``'s.
 
   Args:
     a: e4m3 ``[G, M_max, K]``, ``sa`` float32 ``[G, M_max, ceil(K/128)]``.
@@ -106,10 +116,20 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     masked_m: int32 ``[G]`` device array, valid rows per group (clipped to ``[0, M_max]``).
     expected_m: static int, the typical ``masked_m`` (a config hint); default ``M_max``,
       and larger values count as ``M_max``.
-    out_dtype: ``bfloat16`` (default) or ``float32``.
+    out_dtype: ``bfloat16`` (default) or ``float32``; ``out``'s dtype when ``out`` is given.
+    out: optional ``[G, M_max, N]`` of ``out_dtype``: rows ``>= masked_m[g]`` come from it
+      instead of being zeroed, and on GPU the result takes its buffer and writes only the
+      valid rows (DeepGEMM's semantics). That saves writing ``G·M_max·N`` elements, and pays
+      where XLA can hand the buffer over: donated to ``jit`` (``donate_argnums``), or an
+      intermediate of the computation that nothing reads afterwards (else XLA copies it).
   """
   a, sa, b, sb = _checks.arrays(OP, "a sa b sb", a, sa, b, sb)
   masked_m = _checks.sizes_array(OP, "masked_m", masked_m)
+  if out is not None:
+    out = _checks.array(OP, "out", out)
+    if out_dtype is None:  # out's dtype, which must be one the kernel writes
+      _checks.dtype(OP, "out", out, *_checks.OUT_DTYPES)
+      out_dtype = out.dtype
   out_dtype = _checks.out_dtype(OP, out_dtype)
   if expected_m is not None:
     expected_m = _checks.concrete_int(OP, "expected_m", expected_m)  # a Python int in the params
@@ -120,4 +140,6 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None,
     # ahead of the GEMM (1.2 us on an H100: 2-10% of a decode step's masked GEMM).
     if jnp.issubdtype(masked_m.dtype, jnp.integer) and masked_m.dtype != jnp.int32:
       masked_m = clip_rows(masked_m, a.shape[1])
-  return masked_p.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=out_dtype)
+  extra = () if out is None else (out,)
+  return masked_p.bind(a, sa, b, sb, masked_m, *extra, expected_m=expected_m,
+                       out_dtype=out_dtype, has_out=out is not None)

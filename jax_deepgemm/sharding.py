@@ -62,7 +62,7 @@ from jax_deepgemm import _ffi, _primitive
 from jax_deepgemm.gemm import fp8_gemm_nt_p
 from jax_deepgemm.grouped_contiguous import (MAX_KERNEL_GROUPS, clip_rows,
                                              m_grouped_contiguous_p, sanitize_group_sizes)
-from jax_deepgemm.grouped_masked import masked_p
+from jax_deepgemm.grouped_masked import keep_rows_past, masked_p
 from jax_deepgemm.k_grouped import OP as K_GROUPED_OP, k_grouped_p
 from jax_deepgemm.quant_kernels import (dual_cast_p, per_block_cast_p, per_block_dual_cast_p,
                                         per_token_cast_p, token_axis_cast_p,
@@ -316,15 +316,16 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
 
 
 # ----------------------------------------------------------------------------- m-grouped masked
-def _masked_rule(shapes, **_):
+def _masked_rule(shapes, has_out=False, **_):
   (_, _, k), (_, n, _) = shapes[0], shapes[2]
   kd, ks, kred, krep, ksizes = _blocks_rule("k", k)
   nd, ns, _, nrep, nsizes = _blocks_rule("n", n)
   operands = [f"g m {kd}", f"g m {ks}", f"g {nd} {kd}", f"g {ns} {ks}", "g"]
+  operands += [f"g m {nd}"] * has_out
   return _rule(operands, f"g m {nd}", kred, krep + nrep, **ksizes, **nsizes)
 
 
-def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
+def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype, has_out):
   del out_dims
   (g, _, k), (_, n, _) = shapes[0], shapes[2]
   g_ax = _split(mesh, _first(dims[0][0], dims[2][0]), g)
@@ -332,18 +333,23 @@ def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype):
   n_ax = _free(_blocked(mesh, dims[2][1], n), g_ax, m_ax)
   k_ax = _free(_blocked(mesh, _first(dims[0][2], dims[2][2]), k), g_ax, m_ax, n_ax)
   specs = [_spec(g_ax, m_ax, k_ax), _spec(g_ax, m_ax, k_ax), _spec(g_ax, n_ax, k_ax),
-           _spec(g_ax, n_ax, k_ax), _spec(g_ax)]
+           _spec(g_ax, n_ax, k_ax), _spec(g_ax)] + [_spec(g_ax, m_ax, n_ax)] * has_out
 
-  def local(a, sa, b, sb, masked_m):
+  def local(a, sa, b, sb, masked_m, *out):
     if m_ax:  # rows [r0, r0 + rows) of every group: the valid ones are those < masked_m
       rows = a.shape[1]
       # (Clipped to the global M_max first: the op hands int32 sizes over unclipped, and
       # -2^31 - r0 would wrap around to a large positive count.)
       masked_m = clip_rows(masked_m, rows * _size(mesh, m_ax))
       masked_m = _rows_here(masked_m, m_ax, rows)
-    d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m,
-                            out_dtype=F32 if k_ax else out_dtype)
-    return jax.lax.psum(d, k_ax).astype(out_dtype) if k_ax else d
+    if not k_ax:
+      return masked_p.local.bind(a, sa, b, sb, masked_m, *out, expected_m=expected_m,
+                                 out_dtype=out_dtype, has_out=has_out)
+    # FP32 partial products summed across the K shards; out's rows once, after the sum.
+    d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=F32,
+                            has_out=False)
+    d = jax.lax.psum(d, k_ax).astype(out_dtype)
+    return keep_rows_past(d, masked_m, out[0]) if has_out else d
 
   return specs, _spec(g_ax, m_ax, n_ax), local
 

@@ -38,6 +38,9 @@ for m, n, k, sizes in grouped_cases:
   am, sam = a[: g * mmax].reshape(g, mmax, k), sa[: g * mmax].reshape(g, mmax, -1)
   mm = jnp.asarray([0, mmax, 5][:g] + [1] * max(0, g - 3), jnp.int32)
   jax.block_until_ready(jax.jit(jd.m_grouped_fp8_gemm_nt_masked)(am, sam, b, sb, mm))
+  # Into a donated `out`: only the valid rows written.
+  into = jax.jit(lambda o, *x: jd.m_grouped_fp8_gemm_nt_masked(*x, out=o), donate_argnums=0)
+  jax.block_until_ready(into(jnp.ones((g, mmax, n), jnp.bfloat16), am, sam, b, sb, mm))
 # K-grouped wgrad: group boundaries inside 128-token blocks, an empty group, ragged T,
 # chunks of 1..8 blocks; fp32 (with and without c) and bf16 outputs.
 for t, n, k, sizes in [(300, 72, 136, [100, 0, 29, 171]), (130, 64, 64, [0, 130]),

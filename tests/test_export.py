@@ -42,6 +42,8 @@ def _cases(rng):
       (jax.jit(jax.value_and_grad(_loss_grouped, argnums=(0, 1))), (xg, wg, gs)),
       (jax.jit(lambda *z: jd.m_grouped_fp8_gemm_nt_masked(*z, expected_m=64)),
        (am, sam, bm, sbm, mm)),
+      (jax.jit(lambda o, *z: jd.m_grouped_fp8_gemm_nt_masked(*z, expected_m=64, out=o)),
+       (jnp.ones(am.shape[:2] + bm.shape[1:2], jnp.bfloat16), am, sam, bm, sbm, mm)),
       (jax.jit(jd.per_token_cast_to_fp8), (x,)),
       (jax.jit(jd.per_block_cast_to_fp8), (w,)),
       (jax.jit(jd.per_token_cast_transpose_to_fp8), (x,)),

@@ -109,6 +109,53 @@ def test_masked(rng, masked, g, mmax, n, k):
   assert float(jnp.abs(d.astype(jnp.float32))[rows].max(initial=0.0)) == 0.0
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("donate", [False, True])
+def test_masked_into_out(rng, out_dtype, donate):
+  # `out`: the kernel writes only the valid rows, into out's buffer (the aliased `_into`
+  # target); the rest keep out's values, NaN and inf included. Valid rows bitwise the
+  # zero-filling op's; unclipped int32 masked_m (an empty group, a full one, past M_max).
+  g, mmax, n, k = 5, 200, 320, 384
+  a, sa = quant_act(rng, g * mmax, k)
+  a, sa = a.reshape(g, mmax, k), sa.reshape(g, mmax, -1)
+  b, sb = quant_w(rng, g, n, k)
+  mm = jnp.asarray([0, mmax, 37, -3, 2**31 - 1], jnp.int32)
+  out_np = rng.standard_normal((g, mmax, n)).astype(np.float32)
+  out_np[2, 37:40, :2] = [[np.nan, np.inf]] * 3
+  op = jd.m_grouped_fp8_gemm_nt_masked
+  f = jax.jit(lambda o, *x: op(*x, expected_m=64, out=o), donate_argnums=(0,) if donate else ())
+  hlo = f.lower(jnp.asarray(out_np, out_dtype), a, sa, b, sb, mm).compile().as_text()
+  assert "jax_deepgemm_m_grouped_fp8_gemm_nt_into" in hlo
+  got = np.asarray(f(jnp.asarray(out_np, out_dtype), a, sa, b, sb, mm), np.float32)
+  zero_filled = np.asarray(jax.jit(lambda *x: op(*x, expected_m=64, out_dtype=out_dtype))(
+      a, sa, b, sb, mm), np.float32)
+  rows = np.arange(mmax)[None, :] < np.clip(np.asarray(mm), 0, mmax)[:, None]
+  np.testing.assert_array_equal(got[rows], zero_filled[rows])
+  np.testing.assert_array_equal(got[~rows], np.asarray(jnp.asarray(out_np, out_dtype), np.float32)[~rows])
+  assert oracle.calc_diff(got[rows], oracle.grouped_masked(a, sa, b, sb, np.clip(mm, 0, mmax))[rows]) < 1e-5
+
+
+def test_masked_into_out_carried_through_a_scan(rng):
+  # A decode loop's pattern: one buffer carried (in place) through the steps, fewer valid rows
+  # each step; rows a step leaves alone keep the last step's values that wrote them.
+  g, mmax, n, k = 3, 96, 256, 256
+  a, sa = quant_act(rng, g * mmax, k)
+  a, sa = a.reshape(g, mmax, k), sa.reshape(g, mmax, -1)
+  b, sb = quant_w(rng, g, n, k)
+  steps = jnp.asarray([[96, 50, 7], [60, 0, 7], [10, 0, 3]], jnp.int32)
+
+  def body(buf, mm):
+    return jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, out=buf), None
+
+  init = jnp.full((g, mmax, n), -1.0, jnp.float32)
+  got = np.asarray(jax.jit(lambda i: jax.lax.scan(body, i, steps)[0], donate_argnums=0)(init))
+  full = np.asarray(jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, jnp.full((g,), mmax, jnp.int32),
+                                                    out_dtype=jnp.float32))
+  written = np.arange(mmax)[None, :] < np.asarray(steps).max(axis=0)[:, None]
+  np.testing.assert_array_equal(got[written], full[written])
+  assert (got[~written] == -1.0).all()
+
+
 def test_lowers_to_grouped_kernel(rng):
   a, sa = quant_act(rng, 256, 256)
   b, sb = quant_w(rng, 2, 128, 256)

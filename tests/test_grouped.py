@@ -133,6 +133,69 @@ def test_masked_vmap_of_empty_operands(rng, m_max, n, k):
   assert not np.asarray(d, np.float32).any()  # K = 0: zero sums; else nothing to compute
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_masked_out_keeps_rows_past(rng, out_dtype):
+  # Rows < masked_m against float64, rows past it out's own values (NaN and inf too: kept,
+  # never read); masked_m out of range clipped, an empty group all out's; dtype from out.
+  g, m_max, n, k = 5, 40, 200, 320
+  a, sa = quant_act(rng, g * m_max, k)
+  a, sa = a.reshape(g, m_max, k), sa.reshape(g, m_max, -1)
+  b, sb = quant_w(rng, g, n, k)
+  masked = np.array([7, 0, 40, -3, 2**31 - 1], np.int32)
+  out = rng.standard_normal((g, m_max, n))
+  out[0, 9, :3] = [np.nan, np.inf, -np.inf]
+  out = jnp.asarray(out, out_dtype)
+  d = jax.jit(lambda *x: jd.m_grouped_fp8_gemm_nt_masked(*x[:5], expected_m=8, out=x[5]))(
+      a, sa, b, sb, jnp.asarray(masked), out)
+  assert d.dtype == out_dtype and d.shape == (g, m_max, n)
+  clipped = np.clip(masked, 0, m_max)
+  want = oracle.grouped_masked(a, sa, b, sb, clipped)
+  rows = np.arange(m_max)[None, :] < clipped[:, None]
+  oracle.assert_elementwise(
+      np.where(rows[..., None], np.asarray(d, np.float64), want), want,
+      oracle.abs_terms(oracle.grouped_masked, a, sa, b, sb, clipped), out_dtype)
+  np.testing.assert_array_equal(np.asarray(d, np.float32)[~rows], np.asarray(out, np.float32)[~rows])
+  # The same values as the zero-filling op where rows are valid.
+  d0 = jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, jnp.asarray(masked), expected_m=8,
+                                       out_dtype=out_dtype)
+  np.testing.assert_array_equal(np.asarray(d, np.float32)[rows], np.asarray(d0, np.float32)[rows])
+
+
+def test_masked_out_under_vmap(rng):
+  # out batched with the rest (it folds into G with them) or shared by every batch element.
+  g, m_max, n, k = 2, 24, 72, 256
+  a, sa = quant_act(rng, 3 * g * m_max, k)
+  a, sa = a.reshape(3, g, m_max, k), sa.reshape(3, g, m_max, -1)
+  b, sb = quant_w(rng, 3 * g, n, k)
+  b, sb = b.reshape(3, g, n, k), sb.reshape(3, g, *sb.shape[1:])
+  mm = jnp.asarray(rng.integers(0, m_max + 1, (3, g)), jnp.int32)
+  outs = jnp.asarray(rng.standard_normal((3, g, m_max, n)), jnp.float32)
+  f = lambda *x: jd.m_grouped_fp8_gemm_nt_masked(*x[:5], out=x[5])
+  batched = jax.jit(jax.vmap(f))(a, sa, b, sb, mm, outs)
+  shared = jax.jit(jax.vmap(f, in_axes=(0,) * 5 + (None,)))(a, sa, b, sb, mm, outs[1])
+  for i in range(3):
+    args = (a[i], sa[i], b[i], sb[i], mm[i])
+    np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(*args, outs[i])))
+    np.testing.assert_array_equal(np.asarray(shared[i]), np.asarray(f(*args, outs[1])))
+
+
+def test_masked_out_errors(rng):
+  a, sa = quant_act(rng, 32, 128)
+  a, sa = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)
+  b, sb = quant_w(rng, 2, 32, 128)
+  mm = jnp.zeros((2,), jnp.int32)
+  f = jd.m_grouped_fp8_gemm_nt_masked
+  out = jnp.zeros((2, 16, 32), jnp.float32)
+  with pytest.raises(TypeError, match="out must be bfloat16 or float32, got float16"):
+    f(a, sa, b, sb, mm, out=out.astype(jnp.float16))
+  with pytest.raises(TypeError, match="out must be float32, got bfloat16"):
+    f(a, sa, b, sb, mm, out=out.astype(jnp.bfloat16), out_dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"out must have shape \(2, 16, 32\)"):
+    f(a, sa, b, sb, mm, out=out[:, :8])
+  with pytest.raises(TypeError, match="m_grouped_fp8_gemm_nt_masked: out"):
+    f(a, sa, b, sb, mm, out="zeros")
+
+
 def test_masked_errors(rng):
   a, sa = quant_act(rng, 32, 128)
   a, sa = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)

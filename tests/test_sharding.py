@@ -302,6 +302,17 @@ def case_masked(partitioner):
   k_split = P(None, None, "y")
   _check(mesh, op, args, (k_split,) * 4 + (P(),), expect={"all-reduce": 1}, rtol=1e-5,
          atol=3e-5)
+  # With `out` (rows past masked_m are its own: random, so a wrong row shows): split like the
+  # result, local; with K split, taken once after the all-reduce.
+  out = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+  op_out = lambda *x: op(*x[:5], out=x[5])
+  args_out = args[:4] + (wild, out)
+  _check(mesh, op_out, args_out, (P("x", "y"), P("x", "y"), P("x"), P("x"), P("x"),
+                                  P("x", "y")), expect={}, out_spec=P("x", "y"))
+  _check(mesh, op_out, args_out, (P(), P(), P(None, "x"), P(None, "x"), P(), P(None, None, "x")),
+         expect={}, out_spec=P(None, None, "x"))
+  _check(mesh, op_out, args_out, (k_split,) * 4 + (P(), P()), expect={"all-reduce": 1},
+         rtol=1e-5, atol=3e-5)
 
 
 def case_casts(partitioner):

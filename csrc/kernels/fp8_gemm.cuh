@@ -301,6 +301,8 @@ struct GroupArgs {
   const int* sizes;   // [num_groups] int32 on device; nullptr = dense GEMM
   int num_groups;
   int masked_stride;
+  // 1: rows in no group keep what `out` holds (it aliases the caller's buffer), else zeros.
+  int keep_unused_rows = 0;
 };
 
 // Fills the smem group table (run by one full warp): mblk[g] = first global
@@ -1153,7 +1155,7 @@ fp8_gemm_nt_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // TMA stores read smem asynchronously: done before the CTA exits.
     if (store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) ptx::bulk_wait_group0();
 
-    if constexpr (kGrouped) {
+    if (kGrouped && !grp.keep_unused_rows) {
       // Rows that belong to no group come out as zeros (like the reference).
       const int64_t tid = static_cast<int64_t>(blockIdx.x) * L::kNumMathThreads + thread;
       const int64_t nthreads = static_cast<int64_t>(gridDim.x) * L::kNumMathThreads;

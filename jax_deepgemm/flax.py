@@ -210,9 +210,10 @@ class Fp8Linear(nnx.Linear):
   and metadata as ``nnx.Linear``, so a model's state moves between the two unchanged (e.g. train
   in FP8, evaluate in bf16). The inputs and parameters are promoted to ``dtype`` as
   ``nnx.Linear`` does; the FP8 GEMM then takes them (x per 1x128, the kernel per 128x128 block)
-  and returns the promoted dtype (``preferred_element_type``, if given, casts the result; as in
-  ``nnx.Linear``, whose bias is added after the dot, the result then promotes with the bias:
-  ``preferred_element_type=bf16`` with an f32 bias gives f32, the bias added in f32).
+  and returns the promoted dtype, or ``preferred_element_type`` (the GEMM writes it: f32 from
+  bf16 inputs is the f32 accumulator, not a bf16 result cast up; as in ``nnx.Linear``, whose bias
+  is added after the dot, the result promotes with the bias: ``preferred_element_type=bf16``
+  with an f32 bias gives f32, the bias added in f32).
   ``precision`` may only be the default (``None`` or ``Precision.DEFAULT``, in any spelling
   ``lax.dot_general`` takes), as an FP8 GEMM cannot honour a higher one; a ``dot_general`` is
   refused. A call's ``out_sharding`` types the result as ``nnx.Linear``'s does (the GEMM runs
@@ -233,12 +234,14 @@ class Fp8Linear(nnx.Linear):
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    y = fp8_linear(inputs, kernel, bias)
+    out = None
     if self.preferred_element_type is not None:
       # nnx.Linear adds the bias to its dot's preferred_element_type result, so its output
-      # promotes with the bias (bf16 with an f32 bias gives f32): the same dtype here.
+      # promotes with the bias (bf16 with an f32 bias gives f32): the same dtype here,
+      # written by the GEMM itself (an f32 result from bf16 inputs is not rounded to bf16).
       out = self.preferred_element_type
-      y = y.astype(out if bias is None else jnp.promote_types(out, bias.dtype))
+      out = out if bias is None else jnp.promote_types(out, bias.dtype)
+    y = fp8_linear(inputs, kernel, bias, preferred_element_type=out)
     # nnx.Linear hands out_sharding to its dot_general, whose result takes that type (e.g.
     # row-parallel under Explicit axes, where a split contraction leaves it ambiguous). Our op
     # types its result from the operands' shardings, so it is resharded; reshard checks the

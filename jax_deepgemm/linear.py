@@ -48,13 +48,13 @@ def _check_float(op, name, x):
 
 
 # ----------------------------------------------------------------------------- dense
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _linear(x2, w, bias, types):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _linear(x2, w, bias, types, out_dtype):
   del types
   xq, xs = per_token_cast_to_fp8(x2)
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
   wtq, wts = per_block_cast_to_fp8(w, transpose=True)
-  return _linear_gemm(xq, xs, wtq, wts, x2.dtype, bias)
+  return _linear_gemm(xq, xs, wtq, wts, out_dtype, bias)
 
 
 def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
@@ -63,7 +63,7 @@ def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
   return y.astype(dtype)
 
 
-def _linear_fwd(x2, w, bias, types):
+def _linear_fwd(x2, w, bias, types, out_dtype):
   del types
   # The backward needs X only as the wgrad operand, cast along tokens: that cast is
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
@@ -72,9 +72,10 @@ def _linear_fwd(x2, w, bias, types):
   # Likewise W: both block casts from one read, the [N, K] one for the GEMM here, the
   # [K, N] one (dgrad's operand) saved instead of W. (An empty array keeps W's dtype.)
   wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
-  y = _linear_gemm(xq, xs, wtq, wts, x2.dtype, bias)
+  y = _linear_gemm(xq, xs, wtq, wts, out_dtype, bias)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
-  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), bias)
+  # (Empty arrays carry X's and W's dtypes: dY has the output's.)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), w.dtype), bias)
 
 
 def _name_residuals(xt, xts, wq, ws):
@@ -82,13 +83,14 @@ def _name_residuals(xt, xts, wq, ws):
           checkpoint_name(wq, W_FP8), checkpoint_name(ws, W_FP8))
 
 
-def _linear_bwd(types, res, dy):
-  xt, xts, wq, ws, w_like, bias = res  # dy has X's dtype and row count
+def _linear_bwd(types, out_dtype, res, dy):
+  del out_dtype
+  xt, xts, wq, ws, x_like, w_like, bias = res  # dy has X's row count
   # dY's two casts from one read: per 1x128 for dgrad, along tokens (written token-major,
   # the layout the wgrad kernel reads) for wgrad.
   dyq, dys, dyt, dyts = per_token_cast_to_fp8_and_transpose(dy)
   # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] (forward).
-  dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
+  dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(x_like.dtype)).astype(x_like.dtype)
   # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
   m = jnp.full((1,), dy.shape[0], jnp.int32)
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
@@ -101,7 +103,7 @@ def _linear_bwd(types, res, dy):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def fp8_linear(x, w, bias=None):
+def fp8_linear(x, w, bias=None, *, preferred_element_type=None):
   """``x @ w (+ bias)`` in FP8 with DeepSeek-V3's fine-grained scales, differentiable.
 
   Scales are ``max(amax, 1e-4) / 448`` per 128 elements, so tiny gradients (a loss scaled down
@@ -111,8 +113,11 @@ def fp8_linear(x, w, bias=None):
     x: ``[..., K]`` bf16/f16/f32 activations (f64 under ``jax_enable_x64``).
     w: ``[K, N]`` weights (flax.nnx.Linear's kernel layout).
     bias: optional ``[N]``.
+    preferred_element_type: the result's dtype (bf16, f16, f32, or f64 under x64), default
+      ``x.dtype``: f32 from bf16 inputs keeps the GEMM's f32 result (and bias added in f32)
+      unrounded, as ``jnp.dot(x, w, preferred_element_type=jnp.float32)`` does.
   Returns:
-    ``[..., N]`` in ``x.dtype``.
+    ``[..., N]`` in ``preferred_element_type`` or ``x.dtype``.
   """
   x, w = _checks.arrays("fp8_linear", "x w", x, w)
   _check_float("fp8_linear", "x", x)
@@ -124,10 +129,20 @@ def fp8_linear(x, w, bias=None):
     _check_float("fp8_linear", "bias", bias)
     if bias.shape != (w.shape[1],):
       raise ValueError(f"fp8_linear: bias must have shape ({w.shape[1]},), got {bias.shape}")
+  out_dtype = x.dtype
+  if preferred_element_type is not None:
+    try:
+      out_dtype = jnp.dtype(preferred_element_type)
+    except TypeError:
+      raise TypeError(f"fp8_linear: preferred_element_type must be a float dtype, got "
+                      f"{preferred_element_type!r}") from None
+    if not is_wide_float(out_dtype):
+      raise TypeError(f"fp8_linear: preferred_element_type must be bf16, f16, f32 or f64, got "
+                      f"{out_dtype}")
   x, w, bias = _primitive.match_vma(x, w, bias)
   order = _primitive.split_first(x, x.ndim - 1)
   x2 = _primitive.fold(x, order)
-  y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias))
+  y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias), out_dtype)
   y = checkpoint_name(y, OUT)
   return _primitive.unfold_like(y, x, order)
 

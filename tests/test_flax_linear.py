@@ -8,6 +8,7 @@ from flax import nnx
 
 import multidevice
 import oracle
+import jax_deepgemm as jd
 from jax_deepgemm.flax import Fp8Linear
 from helpers import randn
 
@@ -78,9 +79,17 @@ def test_refuses_what_an_fp8_gemm_cannot_honour():
   with pytest.raises(jax.dtypes.TypePromotionError):
     layer(jnp.ones((4, 128), jnp.float8_e5m2))
   assert layer(jnp.ones((4, 128), jnp.int32)).dtype == jnp.float32
-  y = Fp8Linear(128, 64, rngs=nnx.Rngs(0), preferred_element_type=jnp.float32,
-                dtype=jnp.bfloat16)(jnp.ones((4, 128)))
+  layer = Fp8Linear(128, 64, rngs=nnx.Rngs(0), preferred_element_type=jnp.float32,
+                    dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (4, 128))
+  y = layer(x)
   assert y.dtype == jnp.float32
+  # The GEMM's f32 result from the bf16-promoted operands, not a bf16 one cast up.
+  bf = lambda v: v.astype(jnp.bfloat16)
+  want = jd.fp8_linear(bf(x), bf(layer.kernel[...]), bf(layer.bias[...]),
+                       preferred_element_type=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  assert (np.asarray(y) != np.asarray(y.astype(jnp.bfloat16), np.float32)).any()
 
 
 @pytest.mark.parametrize("precision", [

@@ -32,6 +32,37 @@ def test_linear_value_and_grads(rng, dtype, m, k, n):
   assert oracle.calc_diff(db, rr.sum(0)) < 1e-4
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_linear_preferred_element_type(rng, use_bias):
+  # bf16 operands, f32 result: the GEMM's f32 output itself (plus the bias in f32), not a
+  # bf16 result cast up; the bf16 result is its rounding. Gradients keep the inputs' dtypes.
+  m, k, n = 70, 384, 200
+  x = randn(rng, (m, k), jnp.bfloat16)
+  w = randn(rng, (k, n), jnp.bfloat16, scale=k ** -0.5)
+  b = randn(rng, (n,), jnp.bfloat16) if use_bias else None
+  y32 = jax.jit(lambda x, w, b: jd.fp8_linear(x, w, b, preferred_element_type=jnp.float32))(
+      x, w, b)
+  y16 = jax.jit(jd.fp8_linear)(x, w, b)
+  assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y32.astype(jnp.bfloat16), np.float32),
+                                np.asarray(y16, np.float32))
+  assert (np.asarray(y32) != np.asarray(y32.astype(jnp.bfloat16), np.float32)).mean() > 0.9
+  want = f64(x) @ f64(w) + (0.0 if b is None else f64(b))
+  assert oracle.calc_diff(y32, want) < 1e-3
+  r = randn(rng, (m, n), jnp.float32)
+  loss = lambda x, w, b: jnp.sum(jd.fp8_linear(x, w, b, preferred_element_type=jnp.float32) * r)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2) if use_bias else (0, 1)))(x, w, b)
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  rr = f64(r)
+  assert oracle.calc_diff(grads[0], rr @ f64(w).T) < 2e-3
+  assert oracle.calc_diff(grads[1], f64(x).T @ rr) < 2e-3
+  if use_bias:
+    assert oracle.calc_diff(grads[2], rr.sum(0)) < 1e-4
+  for bad in (jnp.int32, jnp.float8_e4m3fn, "nonsense"):
+    with pytest.raises(TypeError, match="fp8_linear: preferred_element_type"):
+      jd.fp8_linear(x, w, preferred_element_type=bad)
+
+
 def test_linear_leading_dims_vmap_checkpoint(rng):
   x = randn(rng, (2, 3, 5, 128), jnp.bfloat16)
   w = randn(rng, (128, 64), jnp.bfloat16, scale=0.1)

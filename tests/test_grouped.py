@@ -158,7 +158,16 @@ def test_masked_out_keeps_rows_past(rng, out_dtype):
   # The same values as the zero-filling op where rows are valid.
   d0 = jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, jnp.asarray(masked), expected_m=8,
                                        out_dtype=out_dtype)
-  np.testing.assert_array_equal(np.asarray(d, np.float32)[rows], np.asarray(d0, np.float32)[rows])
+  _same(np.asarray(d, np.float32)[rows], np.asarray(d0, np.float32)[rows])
+
+
+def _same(got, want):
+  """Bitwise where the kernel or the CPU computes both; the reference on a GPU (XLA's dots,
+  compiled per program) may add in another order."""
+  if jd.use_kernels() or jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(got, want)
+  else:
+    assert oracle.calc_diff(got, want) < 1e-8
 
 
 def test_masked_out_under_vmap(rng):
@@ -175,8 +184,8 @@ def test_masked_out_under_vmap(rng):
   shared = jax.jit(jax.vmap(f, in_axes=(0,) * 5 + (None,)))(a, sa, b, sb, mm, outs[1])
   for i in range(3):
     args = (a[i], sa[i], b[i], sb[i], mm[i])
-    np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(*args, outs[i])))
-    np.testing.assert_array_equal(np.asarray(shared[i]), np.asarray(f(*args, outs[1])))
+    _same(np.asarray(batched[i]), np.asarray(f(*args, outs[i])))
+    _same(np.asarray(shared[i]), np.asarray(f(*args, outs[1])))
 
 
 def test_masked_out_errors(rng):

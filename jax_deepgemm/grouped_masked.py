@@ -9,6 +9,8 @@ kernel config.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
@@ -21,7 +23,20 @@ from jax_deepgemm.quant import dequantize_per_block, dequantize_per_token
 OP = "m_grouped_fp8_gemm_nt_masked"
 
 
-def _abstract_eval(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
+def _abstract_eval(*args, expected_m, out_dtype, has_out, lead):
+  # `lead` leading dimensions (vmap's batches, each one G more groups) come first on every
+  # operand; the public function checked each batch element's shapes already.
+  shape = args[0].shape[:lead]
+  for name, x in zip(("a", "sa", "b", "sb", "masked_m", "out"), args):
+    if x.ndim < lead or x.shape[:lead] != shape:
+      raise ValueError(f"{OP}: batched operands disagree on their leading dimensions: a's "
+                       f"{shape}, {name}'s {x.shape[:lead]}")
+  d = _check(*(ShapedArray(x.shape[lead:], x.dtype) for x in args), out_dtype=out_dtype,
+             has_out=has_out)
+  return ShapedArray(shape + d.shape, d.dtype)
+
+
+def _check(a, sa, b, sb, masked_m, *out, out_dtype, has_out):
   _checks.fp8(OP, "a", a)
   _checks.fp8(OP, "b", b)
   _checks.ndim(OP, "a", a, 3, "[G, M_max, K]")
@@ -40,54 +55,61 @@ def _abstract_eval(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out)
   return ShapedArray((g, m, n), out_dtype)
 
 
-def _reference(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
+def _folding(fn):
+  """``fn`` of the unbatched operands (``lead`` 0) applied to batched ones: the leading
+  dimensions fold into G, on the device's own shards (so no sharding ever has to follow a
+  reshape), and unfold in the result."""
+  def folded(*args, lead, **params):
+    if not lead:
+      return fn(*args, **params)
+    shape = args[0].shape[:lead]
+    # (Sizes spelled out: a -1 cannot be inferred when an operand is empty.)
+    flat = [x.reshape((math.prod(x.shape[:lead + 1]),) + x.shape[lead + 1:]) for x in args]
+    d = fn(*flat, **params)
+    return d.reshape(shape + (args[0].shape[lead],) + d.shape[1:])
+  return folded
+
+
+def _reference_one(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
   d = jnp.einsum("gmk,gnk->gmn", dequantize_per_token(a, sa), dequantize_per_block(b, sb),
                  precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   return keep_rows_past(d.astype(out_dtype), masked_m, out[0] if has_out else None)
 
 
 def keep_rows_past(d, masked_m, out):
-  """``d [G, M_max, N]`` with rows ``>= masked_m[g]`` taken from ``out`` (zeros if None)."""
-  rows = jnp.arange(d.shape[1], dtype=jnp.int32)
+  """``d [..., G, M_max, N]`` with rows ``>= masked_m[..., g]`` from ``out`` (zeros if None)."""
+  rows = jnp.arange(d.shape[-2], dtype=jnp.int32)
   past = jnp.zeros((), d.dtype) if out is None else out
-  return jnp.where(rows[None, :, None] < masked_m.astype(jnp.int32)[:, None, None], d, past)
+  return jnp.where(rows[:, None] < masked_m.astype(jnp.int32)[..., None, None], d, past)
 
 
-def _batching_rule(args, dims, **params):
+def _batching_rule(args, dims, *, lead, **params):
   if dims[2] is None or dims[3] is None:
     # Shared weights: folding would copy them per batch element; loop instead.
-    return _primitive.map_rule(masked_p)(args, dims, **params)
-  # Every batch element is G more groups: fold the batch into G, in chunks of as many
-  # groups as the kernel's group table holds.
+    return _primitive.map_rule(masked_p)(args, dims, lead=lead, **params)
+  # Every batch element is G more groups: the batch becomes one more leading dimension, which
+  # the kernel's lowering folds into G on each device (sharded over any mesh axes or none), in
+  # chunks of as many groups as the kernel's group table holds.
   size = _primitive.batch_size(args, dims)
-  groups = args[2].shape[1 if dims[2] == 0 else 0]  # b: [G, N, K] plus the batch axis
+  # b: [*lead, G, N, K] plus the batch axis: the groups one call folds, without the batch
+  core = [n for i, n in enumerate(args[2].shape) if i != dims[2]][:lead + 1]
+  groups = math.prod(core) if all(map(_primitive.known, core)) else None
   limit = grouped_contiguous.MAX_KERNEL_GROUPS
-  if not (_primitive.known(size) and _primitive.known(groups)):
+  if not (_primitive.known(size) and groups is not None):
     # Symbolic (shape-polymorphic export): the folded groups may exceed the table; a loop.
-    return _primitive.map_rule(masked_p)(args, dims, **params)
+    return _primitive.map_rule(masked_p)(args, dims, lead=lead, **params)
   if size * groups > limit and size > 1:
-    return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(args, dims, **params)
+    return _primitive.map_rule(masked_p, batch_size=max(1, limit // groups))(
+        args, dims, lead=lead, **params)
   xs = [_primitive.at_front(x, d, size) for x, d in zip(args, dims)]
-  # Groups are independent: any order of (batch, G) will do, the same for every operand.
-  # Explicit axes fold only split dimensions first: with G split over them (expert-parallel)
-  # and the batch not, G goes first ([B, G@x] -> [B*G] is a ShardingTypeError). An operand
-  # split otherwise is gathered there (in_order): one order serves all. (Auto axes carry no
-  # types to choose by: the batch first, which keeps a split batch local but gathers a split G.)
-  order = next((o for o in (_primitive.split_first(x, 2) for x in xs) if o), None)
-  if order is not None:
-    xs = [_primitive.in_order(jnp.swapaxes(x, 0, 1), 2) for x in xs]
-  # (Sizes spelled out: a -1 cannot be inferred when an operand is empty, M_max, N or K = 0.)
-  flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-  out = masked_p.bind(*map(flat, xs), **params)
-  # ([G, B, ...] folded: the batch is dimension 1, where vmap moves it from, or leaves it.)
-  return out.reshape(xs[0].shape[:2] + out.shape[1:]), 0 if order is None else 1
+  return masked_p.bind(*xs, lead=lead + 1, **params), 0
 
 
-def _cuda(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
+def _cuda_one(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
   (g, m, k), n = a.shape, b.shape[1]
   if g == 0 or m == 0 or n == 0 or k == 0:
-    return _reference(a, sa, b, sb, masked_m, *out, expected_m=expected_m, out_dtype=out_dtype,
-                      has_out=has_out)
+    return _reference_one(a, sa, b, sb, masked_m, *out, expected_m=expected_m,
+                          out_dtype=out_dtype, has_out=has_out)
   if not _primitive.known(m):
     # (The kernel takes the rows per group as a compile-time attribute.)
     raise ValueError(f"{OP}: the Hopper kernel needs M_max (a's second dimension) as a "
@@ -97,6 +119,10 @@ def _cuda(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out):
                           masked_stride=m, expected_m=expected_m, out_dtype=out_dtype,
                           into=out[0].reshape(g * m, n) if has_out else None)
   return d.reshape(g, m, n)
+
+
+_reference = _folding(_reference_one)
+_cuda = _folding(_cuda_one)
 
 
 masked_p = _primitive.define(
@@ -142,4 +168,4 @@ def m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, *, expected_m=None, out
       masked_m = clip_rows(masked_m, a.shape[1])
   extra = () if out is None else (out,)
   return masked_p.bind(a, sa, b, sb, masked_m, *extra, expected_m=expected_m,
-                       out_dtype=out_dtype, has_out=out is not None)
+                       out_dtype=out_dtype, has_out=out is not None, lead=0)

@@ -316,42 +316,49 @@ def _k_grouped_plan(mesh, shapes, dims, out_dims, *, has_c, token_major, out_dty
 
 
 # ----------------------------------------------------------------------------- m-grouped masked
-def _masked_rule(shapes, has_out=False, **_):
-  (_, _, k), (_, n, _) = shapes[0], shapes[2]
+def _masked_rule(shapes, has_out=False, lead=0, **_):
+  (_, _, k), (_, n, _) = shapes[0][lead:], shapes[2][lead:]
   kd, ks, kred, krep, ksizes = _blocks_rule("k", k)
   nd, ns, _, nrep, nsizes = _blocks_rule("n", n)
-  operands = [f"g m {kd}", f"g m {ks}", f"g {nd} {kd}", f"g {ns} {ks}", "g"]
-  operands += [f"g m {nd}"] * has_out
-  return _rule(operands, f"g m {nd}", kred, krep + nrep, **ksizes, **nsizes)
+  # vmap's batch dimensions (lead) are more groups: their own factors, split like G.
+  bs = "".join(f"l{i} " for i in range(lead))
+  operands = [f"{bs}g m {kd}", f"{bs}g m {ks}", f"{bs}g {nd} {kd}", f"{bs}g {ns} {ks}", f"{bs}g"]
+  operands += [f"{bs}g m {nd}"] * has_out
+  return _rule(operands, f"{bs}g m {nd}", kred, krep + nrep, **ksizes, **nsizes)
 
 
-def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype, has_out):
+def _masked_plan(mesh, shapes, dims, out_dims, *, expected_m, out_dtype, has_out, lead):
   del out_dims
-  (g, _, k), (_, n, _) = shapes[0], shapes[2]
-  g_ax = _split(mesh, _first(dims[0][0], dims[2][0]), g)
-  m_ax = _free(dims[0][1], g_ax)
-  n_ax = _free(_blocked(mesh, dims[2][1], n), g_ax, m_ax)
-  k_ax = _free(_blocked(mesh, _first(dims[0][2], dims[2][2]), k), g_ax, m_ax, n_ax)
-  specs = [_spec(g_ax, m_ax, k_ax), _spec(g_ax, m_ax, k_ax), _spec(g_ax, n_ax, k_ax),
-           _spec(g_ax, n_ax, k_ax), _spec(g_ax)] + [_spec(g_ax, m_ax, n_ax)] * has_out
+  (g, _, k), (_, n, _) = shapes[0][lead:], shapes[2][lead:]
+  l_ax = []
+  for i in range(lead):
+    l_ax.append(_free(_split(mesh, _first(dims[0][i], dims[2][i]), shapes[0][i]), *l_ax))
+  da, db = dims[0][lead:], dims[2][lead:]
+  g_ax = _free(_split(mesh, _first(da[0], db[0]), g), *l_ax)
+  m_ax = _free(da[1], g_ax, *l_ax)
+  n_ax = _free(_blocked(mesh, db[1], n), g_ax, m_ax, *l_ax)
+  k_ax = _free(_blocked(mesh, _first(da[2], db[2]), k), g_ax, m_ax, n_ax, *l_ax)
+  spec = lambda *d: _spec(*l_ax, *d)
+  specs = [spec(g_ax, m_ax, k_ax), spec(g_ax, m_ax, k_ax), spec(g_ax, n_ax, k_ax),
+           spec(g_ax, n_ax, k_ax), spec(g_ax)] + [spec(g_ax, m_ax, n_ax)] * has_out
+  params = dict(expected_m=expected_m, lead=lead)
 
   def local(a, sa, b, sb, masked_m, *out):
     if m_ax:  # rows [r0, r0 + rows) of every group: the valid ones are those < masked_m
-      rows = a.shape[1]
+      rows = a.shape[lead + 1]
       # (Clipped to the global M_max first: the op hands int32 sizes over unclipped, and
       # -2^31 - r0 would wrap around to a large positive count.)
       masked_m = clip_rows(masked_m, rows * _size(mesh, m_ax))
       masked_m = _rows_here(masked_m, m_ax, rows)
     if not k_ax:
-      return masked_p.local.bind(a, sa, b, sb, masked_m, *out, expected_m=expected_m,
-                                 out_dtype=out_dtype, has_out=has_out)
+      return masked_p.local.bind(a, sa, b, sb, masked_m, *out, out_dtype=out_dtype,
+                                 has_out=has_out, **params)
     # FP32 partial products summed across the K shards; out's rows once, after the sum.
-    d = masked_p.local.bind(a, sa, b, sb, masked_m, expected_m=expected_m, out_dtype=F32,
-                            has_out=False)
+    d = masked_p.local.bind(a, sa, b, sb, masked_m, out_dtype=F32, has_out=False, **params)
     d = jax.lax.psum(d, k_ax).astype(out_dtype)
     return keep_rows_past(d, masked_m, out[0]) if has_out else d
 
-  return specs, _spec(g_ax, m_ax, n_ax), local
+  return specs, spec(g_ax, m_ax, n_ax), local
 
 
 # ----------------------------------------------------------------------------- FP8 casts

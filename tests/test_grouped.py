@@ -188,6 +188,25 @@ def test_masked_out_under_vmap(rng):
     _same(np.asarray(shared[i]), np.asarray(f(*args, outs[1])))
 
 
+def test_masked_nested_vmap_keeps_batches_as_leading_dims(rng):
+  # vmap of vmap: two leading batch dimensions on the primitive (no reshape at the JAX level),
+  # folded into G only where it lowers; values those of the op on each element.
+  g, m_max, n, k = 2, 16, 72, 256
+  a, sa = quant_act(rng, 2 * 3 * g * m_max, k)
+  a, sa = a.reshape(2, 3, g, m_max, k), sa.reshape(2, 3, g, m_max, -1)
+  b, sb = quant_w(rng, 2 * 3 * g, n, k)
+  b, sb = b.reshape(2, 3, g, n, k), sb.reshape(2, 3, g, *sb.shape[1:])
+  mm = jnp.asarray(rng.integers(-2, m_max + 3, (2, 3, g)), jnp.int32)
+  f = jax.vmap(jax.vmap(jd.m_grouped_fp8_gemm_nt_masked))
+  jaxpr = str(jax.make_jaxpr(f)(a, sa, b, sb, mm))
+  assert "lead=2" in jaxpr and "reshape" not in jaxpr, jaxpr
+  d = jax.jit(f)(a, sa, b, sb, mm)
+  for i in range(2):
+    for j in range(3):
+      _same(np.asarray(d[i, j], np.float32), np.asarray(jd.m_grouped_fp8_gemm_nt_masked(
+          a[i, j], sa[i, j], b[i, j], sb[i, j], mm[i, j]), np.float32))
+
+
 def test_masked_out_errors(rng):
   a, sa = quant_act(rng, 32, 128)
   a, sa = a.reshape(2, 16, 128), sa.reshape(2, 16, 1)

@@ -1,10 +1,11 @@
-"""``jax.vmap`` of ``m_grouped_fp8_gemm_nt_masked`` (batched weights: the batch folds into G)
-with its operands sharded, on 8 CPU devices (a 2 x 4 mesh, as tests/test_sharding.py).
+"""``jax.vmap`` of ``m_grouped_fp8_gemm_nt_masked`` (batched weights: each batch element is G
+more groups) with its operands sharded, on 8 CPU devices (a 2 x 4 mesh, as tests/test_sharding.py).
 
-The fold merged (batch, G) in that order. With G split over a mesh axis and the batch not
-(expert-parallel groups, vmapped over something else), Explicit axes refused the reshape (a
-ShardingTypeError) and Auto ones gathered every operand. Explicit axes now fold G first;
-Auto ones carry no types to choose by (see case_auto_groups_split).
+The batching rule used to fold (batch, G) into one dimension at the JAX level. With G split over
+a mesh axis and the batch not (expert-parallel groups, vmapped over something else), Explicit
+axes refused the reshape (a ShardingTypeError) and Auto ones gathered every operand. The batch
+now stays a leading dimension of the primitive, which its partitioning rule splits like G, and
+the per-device lowering folds the local shards: no collectives on either kind of axes.
 """
 import functools
 
@@ -14,20 +15,14 @@ import pytest
 import multidevice
 
 PARTITIONERS = ["shardy", "gspmd"]
-CASES = ["case_explicit", "case_explicit_chunked", "case_auto_batch_split"]
+CASES = ["case_explicit", "case_explicit_chunked", "case_auto_batch_split",
+         "case_auto_groups_split"]
 
 
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
 @pytest.mark.parametrize("case", CASES)
 def test_masked_vmap_sharding(case, partitioner):
   multidevice.run(__file__, case, partitioner)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "Auto axes: the batching rule sees no sharding to order (batch, G) by, and no fold order "
-    "keeps both a split batch and a split G local; needs a partitioning rule that sees both"))
-def test_auto_groups_split():
-  multidevice.run(__file__, "case_auto_groups_split", "shardy")
 
 
 # ----------------------------------------------------------------------------- child side
@@ -55,7 +50,10 @@ def _operands(seed, batch, groups, m=40, n=200, k=320):
 def _single():
   import jax.numpy as jnp
   import jax_deepgemm as jd
-  return functools.partial(jd.m_grouped_fp8_gemm_nt_masked, expected_m=16, out_dtype=jnp.float32)
+  def op(a, sa, b, sb, mm, *out):  # out: rows past masked_m from it
+    return jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, mm, expected_m=16,
+                                           out_dtype=jnp.float32, out=out[0] if out else None)
+  return op
 
 
 def _unbatched(args):
@@ -66,12 +64,19 @@ def _unbatched(args):
   return jnp.stack([op(*(x[i] for x in args)) for i in range(args[0].shape[0])])
 
 
-def _run(mesh, args, specs, *, in_context, collectives=True, out_spec=None):
+def _run(mesh, args, specs, *, in_context, collectives=True, out_spec=None, with_out=False):
   """The jitted vmapped op on ``args`` placed with ``specs`` (in a ``jax.set_mesh`` or by
-  NamedSharding): no collectives (if ``collectives``), bitwise the unbatched op's values."""
+  NamedSharding): no collectives (if ``collectives``), bitwise the unbatched op's values.
+  ``with_out``: also an ``out`` [B, G, M_max, N] of random values, placed as ``a``."""
   import contextlib
   import jax
   from jax.sharding import NamedSharding
+  if with_out:
+    a, b = args[0], args[2]
+    rng = np.random.default_rng(a.shape[0])
+    args = args + (jax.numpy.asarray(rng.standard_normal(a.shape[:3] + b.shape[2:3]),
+                                     jax.numpy.float32),)
+    specs = specs + specs[:1]
   want = _unbatched(args)
   with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
     placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(args, specs)]
@@ -83,7 +88,8 @@ def _run(mesh, args, specs, *, in_context, collectives=True, out_spec=None):
   if out_spec is not None:
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, out_spec), got.ndim), got.sharding
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert not np.asarray(got)[0, 1].any() and not np.asarray(got)[-1, -1].any()
+  past = np.asarray(args[5])[[0, -1], [1, -1]] if with_out else 0.0  # masked_m 0 there
+  np.testing.assert_array_equal(np.asarray(got)[[0, -1], [1, -1]], past)
 
 
 def case_explicit(partitioner):
@@ -127,10 +133,13 @@ def case_auto_batch_split(partitioner):
 
 
 def case_auto_groups_split(partitioner):
-  # (xfail) ... and a split G, the batch not, is gathered (5 all-gathers).
+  # ... and a split G, the batch not (it gathered all five operands when the batch folded
+  # into G at the JAX level); both split; out split like the result.
   from jax.sharding import PartitionSpec as P
   mesh = _setup(partitioner, "Auto")
   _run(mesh, _operands(5, 3, 8), (P(None, "y"),) * 5, in_context=False)
+  _run(mesh, _operands(6, 2, 4), (P("x", "y"),) * 5, in_context=False)
+  _run(mesh, _operands(7, 3, 8), (P(None, "y"),) * 5, in_context=False, with_out=True)
 
 
 if __name__ == "__main__":

@@ -216,9 +216,61 @@ def test_command_buffers_on_and_off(tmp_path):
 
 
 def test_every_grouped_config(tmp_path):
+  # Against float64, and bitwise against the first config (batch invariance, as dense).
   from jax_deepgemm import _C
   configs = _C.supported_grouped_gemm_configs().split("; ")
   assert len(configs) >= 4
-  for cfg in configs + ["block_m=64", "block_n=64"]:  # partial configs pick a built one
-    worst = _run_script({"JAX_DEEPGEMM_GEMM_CONFIG": cfg}, str(tmp_path / "x.npz"))
+  first = None
+  for i, cfg in enumerate(configs + ["block_m=64", "block_n=64"]):  # partial configs pick a built one
+    f = str(tmp_path / f"cfg{i}.npz")
+    worst = _run_script({"JAX_DEEPGEMM_GEMM_CONFIG": cfg}, f)
     assert worst < 1e-5, (cfg, worst)
+    got = np.load(f)
+    if first is None:
+      first = (cfg, got)
+      continue
+    for key in got.files:
+      np.testing.assert_array_equal(got[key], first[1][key], err_msg=f"{cfg} vs {first[0]}: {key}")
+
+
+def test_rows_do_not_depend_on_the_routing(rng):
+  # Batch invariance across ops and routings: a token's row is the same bits through the dense
+  # kernel with its expert's weights, the contiguous layout under two routings of the other
+  # tokens, and the masked layout (other groups' masked_m and expected_m changing the tiles).
+  g, n, k = 4, 2112, 7168
+  a, sa = quant_act(rng, 1024, k)
+  b, sb = quant_w(rng, g, n, k)
+  dense = [np.asarray(jd.fp8_gemm_nt(a, sa, b[e], sb[e]).astype(jnp.float32)) for e in range(g)]
+  contiguous = jax.jit(jd.m_grouped_fp8_gemm_nt_contiguous)
+  for sizes in ([256, 256, 256, 256], [1, 0, 1000, 23], [700, 300, 0, 24]):
+    got = np.asarray(contiguous(a, sa, b, sb, jnp.asarray(sizes, jnp.int32)).astype(jnp.float32))
+    start = np.concatenate([[0], np.cumsum(sizes)])
+    for e in range(g):
+      lo, hi = start[e], start[e + 1]
+      np.testing.assert_array_equal(got[lo:hi], dense[e][lo:hi], err_msg=f"{sizes} group {e}")
+  am, sam = a.reshape(g, 256, k), sa.reshape(g, 256, -1)
+  masked = jax.jit(jd.m_grouped_fp8_gemm_nt_masked, static_argnames="expected_m")
+  for mm, expected_m in (([256, 256, 256, 256], 256), ([3, 256, 130, 0], 32), ([256, 1, 65, 200], 128)):
+    got = np.asarray(masked(am, sam, b, sb, jnp.asarray(mm, jnp.int32),
+                            expected_m=expected_m).astype(jnp.float32))
+    for e in range(g):
+      want = dense[e][e * 256:e * 256 + mm[e]]
+      np.testing.assert_array_equal(got[e, :mm[e]], want, err_msg=f"{mm} group {e}")
+
+
+def test_linear_layers_rows_do_not_depend_on_the_batch(rng):
+  # The layers' forward keeps batch invariance: per-token casts, then the kernels above.
+  k, n, g = 1536, 1000, 3
+  x = jnp.asarray(rng.standard_normal((600, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, n)) / 40, jnp.bfloat16)
+  wg = jnp.asarray(rng.standard_normal((g, k, n)) / 40, jnp.bfloat16)
+  lin = jax.jit(jd.fp8_linear)
+  full = np.asarray(lin(x, w).astype(jnp.float32))
+  for lo, hi in [(0, 1), (5, 12), (300, 600)]:
+    np.testing.assert_array_equal(np.asarray(lin(x[lo:hi], w).astype(jnp.float32)), full[lo:hi])
+  grouped = jax.jit(jd.fp8_grouped_linear)
+  ref = np.asarray(grouped(x, wg, jnp.asarray([200, 200, 200], jnp.int32)).astype(jnp.float32))
+  # Rows 200..400 (group 1) again, with other tokens around them in groups 0 and 2.
+  xs = jnp.concatenate([x[:7], x[200:400], x[450:]])
+  got = np.asarray(grouped(xs, wg, jnp.asarray([7, 200, 150], jnp.int32)).astype(jnp.float32))
+  np.testing.assert_array_equal(got[7:207], ref[200:400])

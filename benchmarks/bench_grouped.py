@@ -16,6 +16,9 @@ For every case, in one process:
   "dg" cases DeepGEMM's protocol: M_max 4096, masked_m drawn per group as
   int(expected_m * U(0.7, 1.3)), fixed seed)
     jax_deepgemm     ``m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m)``.
+                     The "dg" cases also record our kernel's time into a caller's ``out``
+                     (``kernel_us_into_out``; ``..._chill_into_out`` under ``--chill-gb``): rows
+                     past masked_m untouched, as DeepGEMM's kernel leaves them.
     xla_bf16_einsum  ``einsum("gmk,gnk->gmn")`` in bf16 (a batched cuBLAS GEMM over all M_max
                      rows: in the "dg" cases ~4x the counted work).
     ragged_dot_bf16  ``jax.lax.ragged_dot`` in bf16 on the same rows packed [G * M_max, K] with
@@ -442,6 +445,41 @@ def ours_masked(a, sa, b, sb, masked_m, *, expected_m):
   return jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=expected_m)
 
 
+def ours_masked_into(a, sa, b, sb, masked_m, out, *, expected_m):
+  """The "dg" cases as DeepGEMM's kernel runs them: into the caller's buffer, rows past
+  masked_m left alone (``out=``)."""
+  return jd.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, expected_m=expected_m, out=out)
+
+
+def with_out(make_inputs, case: "Masked"):
+  """``make_inputs`` plus one shared bf16 ``out`` buffer (random: nothing to skip)."""
+  out = jax.random.normal(jax.random.PRNGKey(99), (case.groups, case.m_max, case.n), BF16)
+  return lambda key: (*make_inputs(key), out)
+
+
+# Our GEMM kernel's name in profiler traces: the into-out timings count it alone (not the
+# copy of `out` that XLA makes for a buffer that is not donated, as a decode loop would).
+GEMM_KERNEL = "fp8_gemm_nt_kernel"
+
+
+def into_out_extras(runner, name, fn, make_inputs, chill_gb, flops) -> dict:
+  """``kernel_us_into_out`` (and under ``--chill-gb``, ``kernel_us_chill_into_out``): our
+  kernel's time per call writing into ``out``, with TFLOPS over the valid rows."""
+  out = {}
+  for key, chill in (("into_out", 0), ("chill_into_out", chill_gb)):
+    if key == "chill_into_out" and chill_gb <= 0:
+      continue
+    kt, _ = runner.attempt(f"{name}] [kernel times, {key}", lambda c=chill: T.kernel_times(
+        fn, make_inputs, n_sets=8, chill_bytes=int(c * 1e9)))
+    us = sum(v for k, v in (kt.per_call_us if kt else {}).items() if GEMM_KERNEL in k)
+    if us > 0:
+      out[f"kernel_us_{key}"] = us
+      out[f"tflops_kernel_{key}"] = T.tflops(flops, us)
+      print(f"[{name}] our kernel into out ({key}): {T.fmt(us)} us "
+            f"{T.fmt(T.tflops(flops, us))} TFLOPS", flush=True)
+  return out
+
+
 # --mn-major-scales: sa arrives as [ceil(K/128), rows] (rows = M, or G * M_max); the
 # transposes below are layouts, not kernels (the GEMMs take sa MN-major).
 def ours_contiguous_mn_major(a, sa_t, b, sb, group_sizes):
@@ -676,6 +714,11 @@ def main(argv=None) -> int:
     kt = lambda x: x.extras() if x else {}  # noqa: E731
     chill = (chill_extras(runner, name, ours_fn, ours_inputs, args.chill_gb, flops)
              if t_ours is not None else {})
+    if (is_gpu and t_ours is not None and isinstance(case, Masked) and case.expected
+        and not args.mn_major_scales):
+      chill.update(into_out_extras(
+          runner, name, functools.partial(ours_masked_into, expected_m=case.expected_m),
+          with_out(ours_inputs, case), args.chill_gb, flops))
 
     r = ratio(t_base, t_ours)
     cfg = ours_config(via_ours)

@@ -193,10 +193,17 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
     place_state(optimizer, mesh)
     rows = NamedSharding(mesh, P(mesh.axis_names))
   losses, t0, tty = [], time.time(), sys.stderr.isatty() and jax.process_index() == 0
-  for step in range(1, cfg.steps + 1):
+
+  def next_batch():
     tokens = lang.batch(cfg.batch, cfg.seq + 1)
-    tokens = jax.device_put(tokens, rows) if mesh is not None else jnp.asarray(tokens)
-    loss = float(train_step(model, optimizer, tokens))
+    return jax.device_put(tokens, rows) if mesh is not None else jnp.asarray(tokens)
+
+  tokens = next_batch()
+  for step in range(1, cfg.steps + 1):
+    loss = train_step(model, optimizer, tokens)  # dispatched: the device runs it while
+    if step < cfg.steps:                         # the host draws the next batch
+      tokens = next_batch()
+    loss = float(loss)
     if step == 1:  # it compiled: the time is taken from here (tokens/s counted compiling)
       t1 = time.time()
     losses.append((step, loss))

@@ -36,6 +36,7 @@ runs that GEMM and at least six more of its size, so its ratio can only be large
   python benchmarks/bench_moe.py --experts 256 --tokens 4096
   python benchmarks/bench_moe.py --quick --no-write   # CPU smoke run
   python benchmarks/bench_moe.py --ragged-dot fusion   # bf16 baseline through XLA's ragged-dot fusion
+  python benchmarks/bench_moe.py --kernel-times --skip-baseline   # + the FP8 step's kernels, us each
 """
 from __future__ import annotations
 
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
   p.add_argument("--top-k", type=int, default=None, help="experts per token (default 8)")
   p.add_argument("--skip-baseline", action="store_true", help="time the FP8 layer only")
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
+  p.add_argument("--kernel-times", action="store_true",
+                 help="also the FP8 step's kernels from a profile: where a step's time goes")
   p.add_argument("--ragged-dot", choices=tuple(RAGGED_DOT_FLAGS), default="dense",
                  help="how XLA's GPU compiler lowers the bf16 layer's ragged_dot: 'dense' (its "
                       "default: dense masked dots, which run out of memory at large shapes), "
@@ -238,6 +241,19 @@ def main(argv=None) -> int:
               f"-> FP8 layer fwd+bwd >= {BG.ratio(t_floor, t_fp8):.2f}x the bf16 layer",
               flush=True)
 
+    kt = {}
+    if args.kernel_times and t_fp8 is not None:
+      k_fp8, _ = runner.attempt(f"{name}] [kernel times",
+                                lambda: T.kernel_times(steps["jax_deepgemm"], make, n_sets=2,
+                                                       reps=3))
+      if k_fp8:
+        kt = dict(k_fp8.extras(), kernel_per_call_us=k_fp8.per_call_us)
+        print(f"[{name}] kernels of one FP8 step: {T.fmt(k_fp8.total_us)} us in "
+              f"{k_fp8.launches_per_call:.0f} launches, {T.fmt(k_fp8.gap_us)} us idle between "
+              f"them; the largest (us per step):", flush=True)
+        for kname, us in k_fp8.top(30):
+          print(f"    {us:9.1f}  {kname[:110]}", flush=True)
+
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
                   param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot)
@@ -247,7 +263,7 @@ def main(argv=None) -> int:
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_fp8, error=e_fp8, nbytes=None,
                                   config=BG.ours_config(via_fp8), ratio_vs_bf16=r,
                                   ratio_vs_bf16_lower_bound=BG.ratio(t_floor, t_fp8),
-                                  grad_diff=diff, **perf(t_fp8), **common))
+                                  grad_diff=diff, **perf(t_fp8), **kt, **common))
     if not args.skip_baseline:
       records.append(BG.impl_record(impl="bf16", timing=t_bf16, error=e_bf16, nbytes=None,
                                     config=via_bf16, **perf(t_bf16), **common))

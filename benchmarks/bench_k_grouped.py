@@ -22,6 +22,8 @@ dimensions, groups = G. TFLOPS = 2·T·N·K / t. GB/s = bytes / t with bytes = T
   python benchmarks/bench_k_grouped.py               # writes results/k_grouped.json
   python benchmarks/bench_k_grouped.py --quick --no-write
   python benchmarks/bench_k_grouped.py --chill-gb 8  # also DeepGEMM's protocol (kernel_us_chill)
+  python benchmarks/bench_k_grouped.py --cases 64x~1024x7168x2048,64x~1024x2048x7168 --bf16-out
+                                     # the MoE layer's wgrads (64 experts, top-8 of 8192 tokens)
 """
 from __future__ import annotations
 
@@ -54,12 +56,12 @@ def k_grouped_flops(t, n, k):
   return 2.0 * t * n * k
 
 
-def k_grouped_bytes(t, groups, n, k):
+def k_grouped_bytes(t, groups, n, k, out_bytes=4):
   """Bytes moved at least, ``(ours, bf16 baseline)``: ours reads e4m3 a [N, T] and b [K, T]
   with f32 scales [ceil(T/128), N] and [ceil(T/128), K] and writes f32 [G, N, K]; the bf16
   baseline reads bf16 x [T, N] and y [T, K] and writes the same f32 output."""
   scales = 4 * (n + k) * (-(-t // 128))
-  return t * (n + k) + scales + 4 * groups * n * k, 2 * t * (n + k) + 4 * groups * n * k
+  return t * (n + k) + scales + out_bytes * groups * n * k, 2 * t * (n + k) + 4 * groups * n * k
 
 
 def fp8_inputs(t, n, k, gs):
@@ -91,6 +93,21 @@ def ours(a, sa, b, sb, gs):
   return jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs, token_major=True)
 
 
+def ours_bf16(a, sa, b, sb, gs):  # as fp8_grouped_linear's backward runs it for bf16 weights
+  return jd.k_grouped_fp8_gemm_tn_contiguous(a, sa, b, sb, gs, token_major=True,
+                                             out_dtype=jnp.bfloat16)
+
+
+def parse_case(spec: str):
+  """``GxPERxNxK``, ``~`` before PER for sizes that are not multiples of 128 (e.g.
+  ``64x~1024x7168x2048``: the MoE layer's gate/up wgrad at 64 experts)."""
+  try:
+    g, per, n, k = spec.split("x")
+    return int(g), int(per.lstrip("~")), int(n), int(k), per.startswith("~")
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected GxPERxNxK (PER may start with ~), got {spec!r}")
+
+
 def ragged_bf16(x, y, gs):
   dn = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
@@ -103,19 +120,24 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   BG.add_common_args(p, "k_grouped")
   p.add_argument("--skip-baseline", action="store_true", help="time jax_deepgemm only")
+  p.add_argument("--cases", type=lambda v: [parse_case(c) for c in v.split(",")], default=None,
+                 help="comma-separated GxPERxNxK cases instead of the defaults, ~PER: unaligned")
+  p.add_argument("--bf16-out", action="store_true",
+                 help="ours writes bf16 (fp8_grouped_linear's wgrad for bf16 weights), not f32")
   args = p.parse_args(argv)
+  fn = ours_bf16 if args.bf16_out else ours
   timing = BG.timing_config(args)
   T.print_header()
   runner = BG.Runner()
   records, rows = [], []
-  for g, per, n, k, unaligned in (QUICK if args.quick else CASES):
+  for g, per, n, k, unaligned in args.cases or (QUICK if args.quick else CASES):
     gs = sizes_for(g, per, unaligned)
     t = int(gs.sum())
     name = f"{g}x{'~' if unaligned else ''}{per} n{n} k{k}"
     flops = k_grouped_flops(t, n, k)
     tile = jd.k_grouped_config(g, n, k) if jd.use_kernels() else "reference"
     print(f"[{OP} {name}] {tile}", flush=True)
-    t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", ours,
+    t_ours, via_ours, e_ours = runner.time_impl(f"{name}] [jax_deepgemm", fn,
                                                 fp8_inputs(t, n, k, gs), timing, args.budget)
     t_base = via_base = e_base = None
     if not args.skip_baseline:
@@ -124,18 +146,18 @@ def main(argv=None) -> int:
     diff = None
     if t_ours is not None:
       a, sa, b, sb, gs_dev = fp8_inputs(t, n, k, gs)(jax.random.PRNGKey(1))
-      d = jax.jit(ours)(a, sa, b, sb, gs_dev)[0]
+      d = jax.jit(fn)(a, sa, b, sb, gs_dev)[0].astype(jnp.float32)
       t0 = int(gs[0])
       x = jd.dequantize_per_token(a.T, sa, axis=0)[:t0]
       y = jd.dequantize_per_token(b.T, sb, axis=0)[:t0]
       want = jnp.dot(x.T, y, precision=jax.lax.Precision.HIGHEST)
       diff = float(1 - 2 * jnp.sum(d * want) / jnp.sum(d * d + want * want))
-    chill = (BG.chill_extras(runner, name, ours, fp8_inputs(t, n, k, gs), args.chill_gb, flops)
+    chill = (BG.chill_extras(runner, name, fn, fp8_inputs(t, n, k, gs), args.chill_gb, flops)
              if t_ours is not None else {})
     r = BG.ratio(t_base, t_ours)
-    nbytes, nbytes_bf16 = k_grouped_bytes(t, g, n, k)
+    nbytes, nbytes_bf16 = k_grouped_bytes(t, g, n, k, 2 if args.bf16_out else 4)
     common = dict(op=OP, m=t, n=n, k=k, groups=g, flops=flops, tokens_per_group=per,
-                  unaligned=unaligned)
+                  unaligned=unaligned, out_dtype="bfloat16" if args.bf16_out else "float32")
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_ours, error=e_ours,
                                   nbytes=nbytes, config=f"{BG.ours_config(via_ours)} {tile}",
                                   diff=diff,

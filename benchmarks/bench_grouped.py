@@ -181,6 +181,22 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str, chill: bool = 
                         "high clock, not at the power cap of back-to-back GEMMs (kernel_us_chill)")
 
 
+def kernel_breakdown(runner, name: str, what: str, fn, make_inputs, *, n_sets: int, reps: int,
+                     top: int = 12) -> dict:
+  """Record fields of ``fn``'s kernels from a profile (``kernel_us``, ``kernel_per_call_us``,
+  ...), printing the ``top`` largest per ``what`` (e.g. "fwd+bwd call"); {} without a GPU."""
+  kt, _ = runner.attempt(f"{name}] [kernel times",
+                         lambda: T.kernel_times(fn, make_inputs, n_sets=n_sets, reps=reps))
+  if not kt:
+    return {}
+  print(f"[{name}] kernels of one {what}: {T.fmt(kt.total_us)} us in "
+        f"{kt.launches_per_call:.0f} launches, {T.fmt(kt.gap_us)} us idle between "
+        f"them; the largest (us per {what.split()[-1]}):", flush=True)
+  for kname, us in kt.top(top):
+    print(f"    {us:9.1f}  {kname[:110]}", flush=True)
+  return dict(kt.extras(), kernel_per_call_us=kt.per_call_us)
+
+
 def chill_extras(runner, name: str, fn, make_inputs, chill_gb: float, flops: float) -> dict:
   """``kernel_us_chill`` (and its TFLOPS) of ``fn`` under DeepGEMM's protocol, or {}.
 

@@ -243,16 +243,8 @@ def main(argv=None) -> int:
 
     kt = {}
     if args.kernel_times and t_fp8 is not None:
-      k_fp8, _ = runner.attempt(f"{name}] [kernel times",
-                                lambda: T.kernel_times(steps["jax_deepgemm"], make, n_sets=2,
-                                                       reps=3))
-      if k_fp8:
-        kt = dict(k_fp8.extras(), kernel_per_call_us=k_fp8.per_call_us)
-        print(f"[{name}] kernels of one FP8 step: {T.fmt(k_fp8.total_us)} us in "
-              f"{k_fp8.launches_per_call:.0f} launches, {T.fmt(k_fp8.gap_us)} us idle between "
-              f"them; the largest (us per step):", flush=True)
-        for kname, us in k_fp8.top(30):
-          print(f"    {us:9.1f}  {kname[:110]}", flush=True)
+      kt = BG.kernel_breakdown(runner, name, "FP8 step", steps["jax_deepgemm"], make,
+                               n_sets=2, reps=3, top=30)
 
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,

@@ -183,16 +183,8 @@ def main(argv=None) -> int:
 
     kt = {}
     if args.kernel_times and t_ours is not None:
-      k_ours, _ = runner.attempt(f"{name}] [kernel times",
-                                 lambda: T.kernel_times(impls["jax_deepgemm"], make, n_sets=4,
-                                                        reps=5))
-      if k_ours:
-        kt = dict(k_ours.extras(), kernel_per_call_us=k_ours.per_call_us)
-        print(f"[{name}] kernels of one fwd+bwd call: {T.fmt(k_ours.total_us)} us in "
-              f"{k_ours.launches_per_call:.0f} launches, {T.fmt(k_ours.gap_us)} us idle between "
-              f"them; the largest (us per call):", flush=True)
-        for kname, us in k_ours.top():
-          print(f"    {us:9.1f}  {kname[:110]}", flush=True)
+      kt = BG.kernel_breakdown(runner, name, "fwd+bwd call", impls["jax_deepgemm"], make,
+                               n_sets=4, reps=5)
 
     r = BG.ratio(t_base, t_ours)
     cfg = BG.ours_config(via_ours)

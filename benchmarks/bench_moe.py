@@ -83,10 +83,14 @@ def moe_flops(tokens, hidden, width, experts, top_k):
   return 14.0 * tokens * top_k * hidden * width + 4.0 * tokens * hidden * experts
 
 
+PAD = {"auto": None, "on": True, "off": False}  # --pad-expert-rows -> MoE(pad_expert_rows=)
+
+
 def make_moe(cfg, experts_impl, abstract=False):
   def build():
     return MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=nnx.Rngs(0),
-               experts_impl=experts_impl, dtype=BF16, param_dtype=BF16)
+               experts_impl=experts_impl, dtype=BF16, param_dtype=BF16,
+               pad_expert_rows=PAD[getattr(cfg, "pad_expert_rows", "auto")])
   return nnx.eval_shape(build) if abstract else build()
 
 
@@ -165,6 +169,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
   p.add_argument("--kernel-times", action="store_true",
                  help="also the FP8 step's kernels from a profile: where a step's time goes")
+  p.add_argument("--pad-expert-rows", choices=tuple(PAD), default="auto",
+                 help="MoE(pad_expert_rows=): each expert's rows padded to 128 (auto: the "
+                      "layer's default)")
   p.add_argument("--ragged-dot", choices=tuple(RAGGED_DOT_FLAGS), default="dense",
                  help="how XLA's GPU compiler lowers the bf16 layer's ragged_dot: 'dense' (its "
                       "default: dense masked dots, which run out of memory at large shapes), "
@@ -248,6 +255,7 @@ def main(argv=None) -> int:
 
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
+                  pad_expert_rows=args.pad_expert_rows,
                   param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot)
 
     def perf(t):

@@ -112,9 +112,11 @@ FP8_LAYER_TOL = 6e-3
 FP8_ROUTER_TOL = 1.5e-2
 
 
+@pytest.mark.parametrize("pad", [None, True])  # (None: these small batches are not padded)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_dense_reference(rng, name):
+def test_matches_dense_reference(rng, name, pad):
   lead, h, w, e, k, kw = CASES[name]
+  kw = dict(kw, pad_expert_rows=pad)
   router = jnp.asarray(rng.standard_normal((h, e)) * 0.3, jnp.float32)
   x = jnp.asarray(rng.standard_normal(lead + (h,)), jnp.float32)
   r = jnp.asarray(rng.standard_normal(lead + (h,)), jnp.float32)  # output cotangent
@@ -156,6 +158,42 @@ def test_matches_dense_reference(rng, name):
     assert oracle.calc_diff(gm[key], rgp[key]) < tol, (key, oracle.calc_diff(gm[key], rgp[key]))
   for key in ("w_gate", "w_up", "w_down"):
     assert np.all(np.asarray(gm[key])[unused] == 0), key
+
+
+@pytest.mark.parametrize("align", [1, 128, 8])
+def test_expert_rows_layout(rng, align):
+  from jax_deepgemm.flax import _expert_rows
+  e, tk = 6, 700
+  flat = rng.integers(0, e - 1, tk)  # the last expert gets no row
+  flat[:300] = 2                     # one expert with more than two blocks
+  order, inverse, sizes, counts = jax.jit(_expert_rows, static_argnums=(1, 2))(
+      jnp.asarray(flat, jnp.int32), e, align)
+  order, inverse, sizes, counts = map(np.asarray, (order, inverse, sizes, counts))
+  np.testing.assert_array_equal(counts, np.bincount(flat, minlength=e))
+  np.testing.assert_array_equal(sizes, -(-counts // align) * align)
+  assert order.shape == (tk + (min(e, tk) * (align - 1)),)
+  assert sizes.sum() <= order.shape[0]
+  np.testing.assert_array_equal(order[inverse], np.arange(tk))  # each choice's row holds it
+  start = np.cumsum(sizes) - sizes
+  for g in range(e):
+    rows = order[start[g]:start[g] + sizes[g]]
+    real = rows[rows < tk]
+    assert start[g] % align == 0
+    # The expert's choices in token order, then padding only.
+    np.testing.assert_array_equal(real, np.flatnonzero(flat == g))
+    assert np.all(rows[counts[g]:] == tk)
+  assert np.all(order[sizes.sum():] == tk)
+
+
+def test_expert_rows_padded_by_default_from_twice_the_bound():
+  rngs = nnx.Rngs(0)
+  fp8, bf16 = (MoE(64, 32, 64, 8, rngs=rngs, experts_impl=i) for i in ("fp8", "bf16"))
+  assert fp8._row_align(4064) == 128 and fp8._row_align(4063) == 1  # 64 * 127 <= 2 * rows
+  assert fp8._row_align(10) == 1  # (10 rows reach at most 10 experts: 1270 > 20)
+  assert bf16._row_align(1 << 20) == 1
+  forced = MoE(64, 32, 64, 8, rngs=rngs, pad_expert_rows=True)
+  assert forced._row_align(1) == 128
+  assert MoE(64, 32, 4, 1, rngs=rngs, pad_expert_rows=False)._row_align(1 << 20) == 1
 
 
 def test_fp8_single_gemm_error_within_deepgemm_bound(rng):
@@ -407,6 +445,8 @@ def test_argument_validation():
     MoE(64, 32, 4, 1, rngs=rngs, experts_impl="fp4")
   with pytest.raises(ValueError, match="num_shared_experts"):
     MoE(64, 32, 4, 1, rngs=rngs, num_shared_experts=-1)
+  with pytest.raises(ValueError, match="pad_expert_rows must be None, True or False, got 128"):
+    MoE(64, 32, 4, 1, rngs=rngs, pad_expert_rows=128)
   # (An FP8 compute dtype passed as a float and failed inside the FP8 GEMM's input check.)
   for dtype in (jnp.float8_e4m3fn, jnp.int32):
     for impl in ("fp8", "bf16"):
@@ -461,8 +501,8 @@ def test_init_scales():
 
 
 # ----------------------------------------------------------------------------- training
-def _train(impl, x, target, steps=30):
-  model = MoE(32, 32, 8, 2, rngs=nnx.Rngs(0), experts_impl=impl, num_shared_experts=1)
+def _train(impl, x, target, steps=30, seed=0):
+  model = MoE(32, 32, 8, 2, rngs=nnx.Rngs(seed), experts_impl=impl, num_shared_experts=1)
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
   def loss_fn(model, x, target):
@@ -483,19 +523,24 @@ def _train(impl, x, target, steps=30):
 
 
 def test_training_loss_falls_fp8_close_to_bf16():
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   # 512 tokens: with fewer, a few routing flips between the two runs (routing is discrete)
-  # swing the final loss by up to ~10%; here the runs agree to ~2% over seeds.
-  x = jax.random.normal(k1, (512, 32))
-  a = jax.random.normal(k2, (32, 32)) / 32 ** 0.5
-  b = jax.random.normal(k3, (32, 32)) / 32 ** 0.5
-  target = jnp.tanh(x @ a) @ b  # a smooth nonlinear teacher
-  init8, l8, final8 = _train("fp8", x, target)
-  init16, l16, final16 = _train("bf16", x, target)
-  for k in init8:  # same init for both impls
-    np.testing.assert_array_equal(init8[k], init16[k])
-  for losses, final in ((l8, final8), (l16, final16)):
-    assert np.all(np.isfinite(losses))
-    assert final < 0.25 * losses[0], (losses[0], final)
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) and final < min(losses[:-1]) * 1.05
-  assert abs(final8 - final16) / final16 < 0.05, (final8, final16)
+  # swing the final loss by up to ~10%. Here one seed's runs differ by 0-5% either way (seeds
+  # 0-3 with the experts' rows padded: +5.1%, -3.7%, 0.0%, -0.6%; unpadded +3.0%, -5.1%, +0.2%,
+  # -1.1%), so three seeds are bounded together: a broken FP8 gradient moves every one.
+  diffs = []
+  for seed in range(3):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k1, (512, 32))
+    a = jax.random.normal(k2, (32, 32)) / 32 ** 0.5
+    b = jax.random.normal(k3, (32, 32)) / 32 ** 0.5
+    target = jnp.tanh(x @ a) @ b  # a smooth nonlinear teacher
+    init8, l8, final8 = _train("fp8", x, target, seed=seed)
+    init16, l16, final16 = _train("bf16", x, target, seed=seed)
+    for k in init8:  # same init for both impls
+      np.testing.assert_array_equal(init8[k], init16[k])
+    for losses, final in ((l8, final8), (l16, final16)):
+      assert np.all(np.isfinite(losses))
+      assert final < 0.25 * losses[0], (losses[0], final)
+      assert np.mean(losses[-5:]) < np.mean(losses[:5]) and final < min(losses[:-1]) * 1.05
+    diffs.append(abs(final8 - final16) / final16)
+  assert max(diffs) < 0.08 and np.mean(diffs) < 0.04, diffs

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive
+from jax_deepgemm._routing import expert_rows
 
 
 def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
@@ -205,14 +206,16 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
   recv = jax.lax.all_to_all(per_dest, expert_axis, 0, 0)  # [source, local expert] rows
 
   # Rows from each source are sorted by local expert; sort all of them by local expert
-  # (stable: by source within an expert), the padding rows (expert e_local) last.
+  # (stable: by source within an expert), the unused rows (expert e_local) last. As in the
+  # single-device layer, each expert's rows may be padded to whole token blocks: this
+  # device's experts get t*k rows on average.
   ends = jnp.cumsum(recv, axis=1)                                           # [ep, e_local]
   row = jnp.arange(cap, dtype=jnp.int32)
   local_expert = jax.vmap(lambda c: jnp.searchsorted(c, row, side="right"))(ends)
   local_expert = local_expert.reshape(-1).astype(jnp.int32)
-  lorder = jnp.argsort(local_expert, stable=True).astype(jnp.int32)
-  linverse = _inverse(lorder)
-  group_sizes = recv.sum(0)
+  lorder, linverse, group_sizes, _ = expert_rows(local_expert, e_local + 1,
+                                                 moe._row_align(t * k, e_local))
+  group_sizes = group_sizes[:e_local]
 
   xs = _gather(x_recv.reshape(ep * cap, h), lorder, linverse, 1)
   hid = moe._grouped(xs, p["w_gate"], group_sizes)

@@ -14,7 +14,7 @@ Layout (no capacity factor, no token dropping, static shapes throughout)::
   y_sorted --inverse gather--> [T, k, H] --weighted sum over k (f32)--> + shared --> y [T, H]
 
 ``R = T*k``, or, with ``pad_expert_rows``, each expert's rows padded with zero rows to a multiple
-of 128 within a static ``R = T*k + 127 * min(E, T*k)`` (see ``_expert_rows``).
+of 128 within a static ``R = T*k + 127 * min(E, T*k)`` (see ``_routing.expert_rows``).
 
 Parameters: ``router [H, E]``, ``w_gate [E, H, W]``, ``w_up [E, H, W]``, ``w_down [E, W, H]``
 (the ``jax.lax.ragged_dot`` weight layout ``[G, K, N]``), and, with ``num_shared_experts > 0``,
@@ -55,6 +55,7 @@ from jax import custom_batching
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
+from jax_deepgemm._routing import expert_rows
 from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
 from jax_deepgemm.quant import is_wide_float
 
@@ -69,7 +70,7 @@ _IMPLS = ("fp8", "bf16")
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dispatch(x, order, inverse, k):
   """``x [T, H]`` -> ``[R, H]``: row ``i`` is token ``order[i] // k``, or zeros where
-  ``order[i] == T*k`` (a padding row of the aligned layout, see ``_expert_rows``)."""
+  ``order[i] == T*k`` (a padding row of the aligned layout, see ``_routing.expert_rows``)."""
   return x.at[order // k].get(mode="fill", fill_value=0)
 
 
@@ -104,34 +105,6 @@ def _combine_gather_bwd(res, dy):
 
 
 _combine_gather.defvjp(_combine_gather_fwd, _combine_gather_bwd)
-
-
-def _expert_rows(flat_ids, num_experts, align):
-  """The routed rows' layout, sorted by expert (stable: tokens in order within each expert).
-
-  Returns ``order [R]`` (row r holds token-choice ``order[r]``; ``T*k`` marks a padding row),
-  ``inverse [T*k]`` (each token-choice's row), ``group_sizes [E]`` (rows per expert, padding
-  included) and ``counts [E]`` (token-choices per expert).
-  With ``align > 1`` every expert's rows start at a multiple of ``align`` and its group is
-  padded with zero rows to one (DeepGEMM's contiguous layout): the weight gradient's token
-  blocks then never straddle two experts, so the K-grouped kernel masks nothing, and each
-  128-token scale of the token-axis cast covers one expert's tokens only. R is static:
-  ``T*k`` plus ``align - 1`` rows for each expert that can be non-empty.
-  """
-  tk = flat_ids.shape[0]
-  order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
-  group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-  if align == 1:
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(tk, dtype=jnp.int32))
-    return order, inverse, group_sizes, group_sizes
-  padded = (group_sizes + align - 1) // align * align
-  pad = padded - group_sizes
-  shift = jnp.cumsum(pad) - pad  # padding rows before each expert's first row
-  row = jnp.arange(tk, dtype=jnp.int32) + shift[flat_ids[order]]
-  rows = tk + min(num_experts, tk) * (align - 1)
-  order_padded = jnp.full((rows,), tk, jnp.int32).at[row].set(order)
-  inverse = jnp.zeros((tk,), jnp.int32).at[order].set(row)
-  return order_padded, inverse, padded, group_sizes
 
 
 def _specs(*xs):
@@ -338,7 +311,7 @@ class MoE(nnx.Module):
       padding's static bound (127 rows per expert that can be routed to) is at most twice the
       ``T*k`` routed rows (64 experts: from 4064 rows on, e.g. 508 tokens at top-8), where it
       made the H100's training step 1.06-1.34x faster (README); smaller batches (decode) would
-      mostly run padding. No effect with ``mesh``.
+      mostly run padding. With ``mesh``, on each device's rows and experts.
   """
 
   def __init__(self, hidden: int, expert_width: int, num_experts: int, top_k: int, *,
@@ -423,11 +396,13 @@ class MoE(nnx.Module):
       return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(x.dtype)
     return _ragged_f32(x, w, group_sizes).astype(x.dtype)
 
-  def _row_align(self, rows: int) -> int:
-    """128 where the experts' rows are padded to whole token blocks (``_expert_rows``), else 1."""
+  def _row_align(self, rows: int, experts: int | None = None) -> int:
+    """128 where the ``rows`` routed to ``experts`` (default: all) are padded to whole token
+    blocks (``_routing.expert_rows``), else 1."""
     pad = self.pad_expert_rows
     if pad is None:
-      pad = self.experts_impl == "fp8" and min(self.num_experts, rows) * 127 <= 2 * rows
+      experts = self.num_experts if experts is None else experts
+      pad = self.experts_impl == "fp8" and min(experts, rows) * 127 <= 2 * rows
     return 128 if pad else 1
 
   def _dense(self, x, w):
@@ -510,7 +485,7 @@ class MoE(nnx.Module):
 
     # Sort the T*k token-choices by expert. The stable sort keeps tokens in order within each
     # expert; `inverse` maps each token-choice to its row in the sorted layout.
-    order, inverse, group_sizes, counts = _expert_rows(ids.reshape(-1), e,
+    order, inverse, group_sizes, counts = expert_rows(ids.reshape(-1), e,
                                                        self._row_align(t * k))
 
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes

@@ -14,7 +14,7 @@ import pytest
 import multidevice
 
 LAYER_CONFIGS = ["data2_expert4_shared", "expert8_sigmoid_k3", "explicit_axes_mesh",
-                 "mixed_axes_mesh"]
+                 "mixed_axes_mesh", "expert4_padded_rows"]
 
 
 @pytest.mark.parametrize("config", LAYER_CONFIGS)
@@ -86,6 +86,10 @@ def case_layer(impl, config):
     # 2 experts per device < top-3: a token can send 2 rows to one device.
     mesh = expert_parallel.make_mesh(expert=8)
     h, w, e, k, kw, lead = 48, 40, 16, 3, dict(score="sigmoid"), (16, 8)
+  elif config == "expert4_padded_rows":
+    # Each expert's rows padded to 128 in both layers (pad_expert_rows=True).
+    mesh = expert_parallel.make_mesh(data=2, expert=4)
+    h, w, e, k, kw, lead = 64, 32, 8, 2, dict(pad_expert_rows=True), (8, 16)
   elif config == "explicit_axes_mesh":
     # jax.make_mesh's default: explicit axes (inputs are resharded for the shard_map).
     mesh = jax.make_mesh((2, 4), ("data", "expert"))

@@ -162,11 +162,11 @@ def test_matches_dense_reference(rng, name, pad):
 
 @pytest.mark.parametrize("align", [1, 128, 8])
 def test_expert_rows_layout(rng, align):
-  from jax_deepgemm.flax import _expert_rows
+  from jax_deepgemm._routing import expert_rows
   e, tk = 6, 700
   flat = rng.integers(0, e - 1, tk)  # the last expert gets no row
   flat[:300] = 2                     # one expert with more than two blocks
-  order, inverse, sizes, counts = jax.jit(_expert_rows, static_argnums=(1, 2))(
+  order, inverse, sizes, counts = jax.jit(expert_rows, static_argnums=(1, 2))(
       jnp.asarray(flat, jnp.int32), e, align)
   order, inverse, sizes, counts = map(np.asarray, (order, inverse, sizes, counts))
   np.testing.assert_array_equal(counts, np.bincount(flat, minlength=e))

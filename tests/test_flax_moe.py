@@ -196,6 +196,17 @@ def test_expert_rows_padded_by_default_from_twice_the_bound():
   assert MoE(64, 32, 4, 1, rngs=rngs, pad_expert_rows=False)._row_align(1 << 20) == 1
 
 
+@pytest.mark.parametrize("pad", [None, True])
+def test_empty_batch(pad):
+  m = MoE(64, 32, 4, 2, rngs=nnx.Rngs(0), pad_expert_rows=pad)
+  x = jnp.zeros((0, 64), jnp.bfloat16)
+  y, aux = m(x)
+  assert y.shape == (0, 64) and float(aux) == 0.0
+  g = nnx.grad(lambda m, x: m(x)[0].astype(jnp.float32).sum() + m(x)[1])(m, x)
+  for name, v in nnx.to_pure_dict(g).items():
+    assert not np.any(np.asarray(v)), name
+
+
 def test_fp8_single_gemm_error_within_deepgemm_bound(rng):
   # The 2e-3 bound does hold for each FP8 GEMM inside the layer: one expert's gate projection.
   model = make("fp8", 64, 32, 1, 1, dtype=jnp.float32)

@@ -264,6 +264,21 @@ def test_grouped_rows_past_the_groups_may_hold_anything(rng, fill):
   assert oracle.calc_diff(dw0[5], xx[160:200].T @ rr[160:200]) < 2e-3
 
 
+def test_grouped_groups_of_whole_blocks_keep_a_nan_to_their_own_dw(rng):
+  # The token-axis scales are per 128 rows: groups of whole blocks (the MoE layer's padded
+  # layout) share none, so a NaN row reaches only its own group's dW; a group ending inside
+  # the NaN row's block gets it too (the documented price of unaligned groups).
+  k, n = 256, 136
+  w = randn(rng, (3, k, n), jnp.float32, scale=k ** -0.5)
+  x = randn(rng, (512, k), jnp.float32).at[200].set(np.nan)  # block 1: rows 128..255
+  r = randn(rng, (512, n), jnp.float32)
+  dw = jax.jit(lambda x, gs: jax.vjp(jd.fp8_grouped_linear, x, w, gs)[1](r)[1])
+  aligned = np.asarray(dw(x, jnp.asarray([128, 256, 128], jnp.int32)))
+  assert np.isnan(aligned[1]).any() and np.isfinite(aligned[[0, 2]]).all()
+  unaligned = np.asarray(dw(x, jnp.asarray([140, 244, 128], jnp.int32)))
+  assert np.isnan(unaligned[0]).any() and np.isfinite(unaligned[2]).all()
+
+
 def test_grouped_huge_unsigned_sizes_do_not_wrap(rng):
   # 3e9 as uint32 would wrap negative in an int32 cast; it must saturate at M instead.
   x = randn(rng, (64, 128), jnp.float32)

@@ -3,6 +3,11 @@ each expert's rows padded to whole 128-token blocks."""
 import jax.numpy as jnp
 
 
+def inverse_permutation(perm):
+  """``inv`` with ``inv[perm[i]] = i``."""
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
 def expert_rows(flat_ids, num_experts, align):
   """The routed rows' layout, sorted by expert (stable: tokens in order within each expert).
 
@@ -19,8 +24,7 @@ def expert_rows(flat_ids, num_experts, align):
   order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
   group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
   if align == 1:
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(tk, dtype=jnp.int32))
-    return order, inverse, group_sizes, group_sizes
+    return order, inverse_permutation(order), group_sizes, group_sizes
   padded = (group_sizes + align - 1) // align * align
   pad = padded - group_sizes
   shift = jnp.cumsum(pad) - pad  # padding rows before each expert's first row

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive
-from jax_deepgemm._routing import expert_rows
+from jax_deepgemm._routing import expert_rows, inverse_permutation
 
 
 def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
@@ -110,10 +110,6 @@ def _gather_bwd(k, inv, dy):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def _inverse(perm):
-  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-
-
 # ----------------------------------------------------------------------------- the layer
 def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
   """The expert-parallel forward of ``moe`` (a ``flax.MoE``) on ``x2 [T, H]``.
@@ -186,7 +182,7 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
   probs, ids, weights = moe._route(x, p["router"])
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  pos = _inverse(order)  # each token-choice's row when sorted by expert
+  pos = inverse_permutation(order)  # each token-choice's row when sorted by expert
   counts = jnp.bincount(flat, length=e).astype(jnp.int32)
 
   # Send buffer [ep, cap, H]: destination d gets the choices of experts d*e_local ... in

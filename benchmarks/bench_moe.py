@@ -23,7 +23,8 @@ TFLOPS = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t (``moe_flops`
 the step differentiates the parameters, not x, so it runs seven expert GEMMs of 2·T·top_k·hidden·
 width each (gate, up and down forward; down's dgrad; the three weight gradients: the gate and up
 GEMMs' dgrads, gradients of x, are dead code that XLA drops) and the router's forward and
-weight gradient (2·T·hidden·experts each). ``grad_diff``: DeepGEMM's
+weight gradient (2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside a
+network does: nine expert GEMMs and three router GEMMs (``grad_x`` in the records). ``grad_diff``: DeepGEMM's
 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight gradients (the largest over
 w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
 the parameters are shared by all rotated input sets (only x and the cotangent rotate).
@@ -37,12 +38,14 @@ runs that GEMM and at least six more of its size, so its ratio can only be large
   python benchmarks/bench_moe.py --quick --no-write   # CPU smoke run
   python benchmarks/bench_moe.py --ragged-dot fusion   # bf16 baseline through XLA's ragged-dot fusion
   python benchmarks/bench_moe.py --kernel-times --skip-baseline   # + the FP8 step's kernels, us each
+  python benchmarks/bench_moe.py --grad-x --hlo /tmp/moe.hlo   # x's gradient too; the step's HLO
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import re
 import sys
 
 import jax
@@ -76,11 +79,13 @@ def int_list(text: str):
   return vals
 
 
-def moe_flops(tokens, hidden, width, experts, top_k):
-  """Useful FLOPs of one ``make_step`` (forward + gradients w.r.t. the parameters, not x): seven
+def moe_flops(tokens, hidden, width, experts, top_k, grad_x=False):
+  """Useful FLOPs of one ``make_step`` (forward + gradients w.r.t. the parameters): seven
   expert GEMMs over the ``tokens * top_k`` routed rows (gate, up, down; down's dgrad; three
-  wgrads) and the f32 router's forward and weight gradient."""
-  return 14.0 * tokens * top_k * hidden * width + 4.0 * tokens * hidden * experts
+  wgrads) and the f32 router's forward and weight gradient; with ``grad_x`` also the gate and
+  up GEMMs' dgrads and the router's (nine expert GEMMs, three router GEMMs)."""
+  gemms, router = (18.0, 6.0) if grad_x else (14.0, 4.0)
+  return gemms * tokens * top_k * hidden * width + router * tokens * hidden * experts
 
 
 PAD = {"auto": None, "on": True, "off": False}  # --pad-expert-rows -> MoE(pad_expert_rows=)
@@ -94,14 +99,27 @@ def make_moe(cfg, experts_impl, abstract=False):
   return nnx.eval_shape(build) if abstract else build()
 
 
-def make_step(graphdef, rest):
-  """``(params, x, ct) -> (loss, grads)``: the layer's forward and backward."""
+def make_step(graphdef, rest, grad_x=False):
+  """``(params, x, ct) -> (loss, grads)``: the layer's forward and backward (``grad_x``: grads =
+  (parameter gradients, x's gradient), as a layer inside a network needs)."""
   def step(params, x, ct):
-    def loss(params):
+    def loss(params, x):
       y, aux = nnx.merge(graphdef, params, rest)(x)
       return jnp.sum(y.astype(F32) * ct.astype(F32)) + aux
-    return jax.value_and_grad(loss)(params)
+    loss_, (g, gx) = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    return loss_, ((g, gx) if grad_x else g)
   return step
+
+
+def hlo_summary(step, make, path):
+  """Writes the compiled step's optimized HLO to ``path``; returns {custom-call target: count}."""
+  text = jax.jit(step).lower(*make(jax.random.PRNGKey(0))).compile().as_text()
+  with open(path, "w") as f:
+    f.write(text)
+  counts = {}
+  for target in re.findall(r'custom_call_target="([^"]+)"', text):
+    counts[target] = counts.get(target, 0) + 1
+  return counts
 
 
 def make_inputs_fn(params, tokens, hidden):
@@ -148,11 +166,15 @@ def grad_diff(steps, make) -> float:
     a, b = a.astype(F32), b.astype(F32)
     return jnp.sum(jnp.square(a - b)) / jnp.maximum(jnp.sum(a * a + b * b), 1e-30)
 
-  _, g1 = jax.jit(steps["jax_deepgemm"])(params, x, ct)
-  g1 = {name: g1[name][...] for name in EXPERT_WEIGHTS}
+  def grads(step):  # (the parameter gradients; with --grad-x the first of two)
+    _, g = jax.jit(step)(params, x, ct)
+    g = g[0] if isinstance(g, tuple) else g
+    return {name: g[name][...] for name in EXPERT_WEIGHTS}
+
+  g1 = grads(steps["jax_deepgemm"])
   gc.collect()
-  _, g2 = jax.jit(steps["bf16"])(params, x, ct)
-  return max(float(d(g1[name], g2[name][...])) for name in EXPERT_WEIGHTS)
+  g2 = grads(steps["bf16"])
+  return max(float(d(g1[name], g2[name])) for name in EXPERT_WEIGHTS)
 
 
 def main(argv=None) -> int:
@@ -169,6 +191,12 @@ def main(argv=None) -> int:
   p.add_argument("--no-diff", action="store_true", help="skip the FP8-vs-bf16 gradient check")
   p.add_argument("--kernel-times", action="store_true",
                  help="also the FP8 step's kernels from a profile: where a step's time goes")
+  p.add_argument("--grad-x", action="store_true",
+                 help="the step also differentiates x (a layer inside a network): + the gate and "
+                      "up GEMMs' dgrads")
+  p.add_argument("--hlo", default=None, metavar="PATH",
+                 help="write the compiled FP8 step's optimized HLO (first token count) to PATH "
+                      "and print its custom calls by target")
   p.add_argument("--pad-expert-rows", choices=tuple(PAD), default="auto",
                  help="MoE(pad_expert_rows=): each expert's rows padded to 128 (auto: the "
                       "layer's default)")
@@ -207,16 +235,22 @@ def main(argv=None) -> int:
     print(f"could not build the MoE layer ({err})", file=sys.stderr)
     return 1
   graphdef_fp8, params, rest = built
-  steps = {"jax_deepgemm": make_step(graphdef_fp8, rest)}
+  steps = {"jax_deepgemm": make_step(graphdef_fp8, rest, args.grad_x)}
   if not args.skip_baseline:
     graphdef_bf16, _, rest_bf16 = nnx.split(make_moe(args, "bf16", abstract=True), nnx.Param, ...)
-    steps["bf16"] = make_step(graphdef_bf16, rest_bf16)
+    steps["bf16"] = make_step(graphdef_bf16, rest_bf16, args.grad_x)
 
   for tokens in args.tokens:
     name = f"T{tokens} H{h} W{w} E{e} top{k}"
-    flops = moe_flops(tokens, h, w, e, k)
+    flops = moe_flops(tokens, h, w, e, k, args.grad_x)
     print(f"[{OP} {name}]", flush=True)
     make = make_inputs_fn(params, tokens, h)
+    if args.hlo and tokens == args.tokens[0]:
+      counts, err = runner.attempt(f"{name}] [hlo", lambda: hlo_summary(
+          steps["jax_deepgemm"], make, args.hlo))
+      if counts is not None:
+        print(f"[{name}] FP8 step custom calls ({args.hlo}): " +
+              ", ".join(f"{t} x{c}" for t, c in sorted(counts.items())), flush=True)
     results = {impl: runner.time_impl(f"{name}] [{impl}", step, make, timing, args.budget)
                for impl, step in steps.items()}
     t_fp8, via_fp8, e_fp8 = results["jax_deepgemm"]
@@ -255,7 +289,7 @@ def main(argv=None) -> int:
 
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
-                  pad_expert_rows=args.pad_expert_rows,
+                  pad_expert_rows=args.pad_expert_rows, grad_x=args.grad_x,
                   param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot)
 
     def perf(t):

@@ -125,6 +125,12 @@ def test_moe_flops_are_the_gemms_of_its_step():
   assert sorted(gemms).count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 4
   assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 3
   assert gemms.count("dot_general") == 2
+  # --grad-x: x's gradient brings the gate and up dgrads and the router's dgrad back.
+  flops, gemms = gemm_flops_in(B.make_step(graphdef, rest, grad_x=True), params, x, x)
+  assert flops == B.moe_flops(64, 256, 128, 8, 2, grad_x=True)
+  assert gemms.count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 6
+  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 3
+  assert gemms.count("dot_general") == 3
 
 
 def nbytes(*arrays):

@@ -15,7 +15,8 @@
 // which leaves room for a 6th stage at 128x128).
 // K-grouped (k_grouped_gemm_tn_kernel, f32 out, no c; -DKB_K_GROUPED): G groups
 // of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192) and
-// -DKB_BLOCK_N (default 128).
+// -DKB_BLOCK_N (default 128); with experiments/kgrouped_tma_store.patch applied,
+// KB_STORE_MODE=0 as for dense.
 // An experimental copy of csrc/kernels/ can come first on the include path.
 //
 // Per shape: the median of 20 launches, each timed alone (cudaEvent), on
@@ -359,8 +360,15 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
     uint8_t *a, *b;
     float *sa, *sb, *out;
     int* sizes;
-    CUtensorMap ta, tb, tsa, tsb;
+    CUtensorMap ta, tb, tsa, tsb, tout;
   };
+#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE  // csrc with experiments/kgrouped_tma_store.patch
+  // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA
+  // (the D tile's stage stays given up: -DJAX_DEEPGEMM_NO_TMA_STORE takes it back).
+  const char* mode_env = std::getenv("KB_STORE_MODE");
+  const int store_mode =
+      (mode_env != nullptr && mode_env[0] == '0') || L::kBytesD == 0 ? kStoreRegisters : kStoreTma;
+#endif
   std::vector<Copy> ops(num_copies(ha.size() + hb.size() + out_elems * 4));
   for (auto& o : ops) {
     o.a = to_device(ha);
@@ -377,6 +385,10 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
                             CU_TENSOR_MAP_SWIZZLE_NONE);
     r |= tma::make_2d_tiled(&o.tsb, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sb, tb, kp, 1, BN,
                             CU_TENSOR_MAP_SWIZZLE_NONE);
+#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE
+    r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.out,
+                            static_cast<uint64_t>(g) * n, k, 64, 32, CU_TENSOR_MAP_SWIZZLE_128B);
+#endif
     if (r != 0) {
       std::fprintf(stderr, "tensor map failed\n");
       std::exit(1);
@@ -388,8 +400,13 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
   time_launches([&](int i) {
     const Copy& o = ops[i % ops.size()];
     const GroupArgs grp{o.sizes, g, 0};
+#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE
+    kernel<<<grid, L::kNumThreads, L::kDynamicSmem>>>(o.ta, o.tb, o.tsa, o.tsb, nullptr, o.out,
+                                                      o.tout, store_mode, n, k, t, grp);
+#else
     kernel<<<grid, L::kNumThreads, L::kDynamicSmem>>>(o.ta, o.tb, o.tsa, o.tsb, nullptr, o.out,
                                                       n, k, t, grp);
+#endif
   }, static_cast<int>(ops.size()), &median, &min);
 
   std::vector<float> hout(out_elems);

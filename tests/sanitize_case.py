@@ -42,9 +42,11 @@ for m, n, k, sizes in grouped_cases:
   into = jax.jit(lambda o, *x: jd.m_grouped_fp8_gemm_nt_masked(*x, out=o), donate_argnums=0)
   jax.block_until_ready(into(jnp.ones((g, mmax, n), jnp.bfloat16), am, sam, b, sb, mm))
 # K-grouped wgrad: group boundaries inside 128-token blocks, an empty group, ragged T,
-# chunks of 1..8 blocks; fp32 (with and without c) and bf16 outputs.
+# chunks of 1..8 blocks; fp32 (with and without c) and bf16 outputs; N 320 (a 192-row tile's
+# last warpgroup past N) and K 90 (rows not a multiple of 16 bytes).
 for t, n, k, sizes in [(300, 72, 136, [100, 0, 29, 171]), (130, 64, 64, [0, 130]),
-                       (2100, 200, 136, [1, 1300, 0, 799])]:
+                       (2100, 200, 136, [1, 1300, 0, 799]), (600, 320, 64, [250, 0, 350]),
+                       (300, 70, 90, [100, 200])]:
   a, sa = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((t, n)), jnp.bfloat16), axis=0)
   b, sb = jd.per_token_cast_to_fp8(jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16), axis=0)
   c = jnp.asarray(rng.standard_normal((len(sizes), n, k)), jnp.float32)

@@ -23,10 +23,10 @@ TFLOPS = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t (``moe_flops`
 the step differentiates the parameters, not x, so it runs seven expert GEMMs of 2·T·top_k·hidden·
 width each (gate, up and down forward; down's dgrad; the three weight gradients: the gate and up
 GEMMs' dgrads, gradients of x, are dead code that XLA drops) and the router's forward and
-weight gradient (2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside a
-network does: nine expert GEMMs and three router GEMMs (``grad_x`` in the records). ``grad_diff``: DeepGEMM's
-1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight gradients (the largest over
-w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
+weight gradient (2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside
+a network does: nine expert GEMMs and three router GEMMs (``grad_x`` in the records).
+``grad_diff``: DeepGEMM's 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight
+gradients (the largest over w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
 the parameters are shared by all rotated input sets (only x and the cotangent rotate).
 When the whole bf16 layer fails, its first expert GEMM is timed alone (op "moe_bf16_gate_gemm":
 ``ragged_dot`` of the T·top_k routed rows with w_gate, the real router's group sizes) and the FP8
@@ -106,8 +106,7 @@ def make_step(graphdef, rest, grad_x=False):
     def loss(params, x):
       y, aux = nnx.merge(graphdef, params, rest)(x)
       return jnp.sum(y.astype(F32) * ct.astype(F32)) + aux
-    loss_, (g, gx) = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    return loss_, ((g, gx) if grad_x else g)
+    return jax.value_and_grad(loss, argnums=(0, 1) if grad_x else 0)(params, x)
   return step
 
 
@@ -246,7 +245,7 @@ def main(argv=None) -> int:
     print(f"[{OP} {name}]", flush=True)
     make = make_inputs_fn(params, tokens, h)
     if args.hlo and tokens == args.tokens[0]:
-      counts, err = runner.attempt(f"{name}] [hlo", lambda: hlo_summary(
+      counts, _ = runner.attempt(f"{name}] [hlo", lambda: hlo_summary(
           steps["jax_deepgemm"], make, args.hlo))
       if counts is not None:
         print(f"[{name}] FP8 step custom calls ({args.hlo}): " +

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive
-from jax_deepgemm._routing import expert_rows, inverse_permutation
+from jax_deepgemm._routing import expert_rows
 
 
 def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
@@ -181,9 +181,8 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
 
   probs, ids, weights = moe._route(x, p["router"])
   flat = ids.reshape(-1)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  pos = inverse_permutation(order)  # each token-choice's row when sorted by expert
-  counts = jnp.bincount(flat, length=e).astype(jnp.int32)
+  # pos: each token-choice's row when sorted by expert (unpadded: this is the send order).
+  _, pos, counts, _ = expert_rows(flat, e, 1)
 
   # Send buffer [ep, cap, H]: destination d gets the choices of experts d*e_local ... in
   # expert order, from row 0 of its slice. slot[c] is choice c's row in the flat buffer.

@@ -486,7 +486,7 @@ class MoE(nnx.Module):
     # Sort the T*k token-choices by expert. The stable sort keeps tokens in order within each
     # expert; `inverse` maps each token-choice to its row in the sorted layout.
     order, inverse, group_sizes, counts = expert_rows(ids.reshape(-1), e,
-                                                       self._row_align(t * k))
+                                                      self._row_align(t * k))
 
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
     x_sorted = _dispatch(xc, order, inverse, k)

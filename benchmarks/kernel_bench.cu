@@ -362,13 +362,11 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
     int* sizes;
     CUtensorMap ta, tb, tsa, tsb, tout;
   };
-#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE  // csrc with experiments/kgrouped_tma_store.patch
   // KB_STORE_MODE=0: the epilogue stores from registers instead of through TMA
   // (the D tile's stage stays given up: -DJAX_DEEPGEMM_NO_TMA_STORE takes it back).
   const char* mode_env = std::getenv("KB_STORE_MODE");
   const int store_mode =
       (mode_env != nullptr && mode_env[0] == '0') || L::kBytesD == 0 ? kStoreRegisters : kStoreTma;
-#endif
   std::vector<Copy> ops(num_copies(ha.size() + hb.size() + out_elems * 4));
   for (auto& o : ops) {
     o.a = to_device(ha);
@@ -385,10 +383,8 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
                             CU_TENSOR_MAP_SWIZZLE_NONE);
     r |= tma::make_2d_tiled(&o.tsb, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.sb, tb, kp, 1, BN,
                             CU_TENSOR_MAP_SWIZZLE_NONE);
-#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE
     r |= tma::make_2d_tiled(&o.tout, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, o.out,
                             static_cast<uint64_t>(g) * n, k, 64, 32, CU_TENSOR_MAP_SWIZZLE_128B);
-#endif
     if (r != 0) {
       std::fprintf(stderr, "tensor map failed\n");
       std::exit(1);
@@ -400,13 +396,8 @@ static void run_k_grouped(int g, int tg, int n, int k, std::mt19937& rng, int nu
   time_launches([&](int i) {
     const Copy& o = ops[i % ops.size()];
     const GroupArgs grp{o.sizes, g, 0};
-#ifdef JAX_DEEPGEMM_K_GROUPED_TMA_STORE
     kernel<<<grid, L::kNumThreads, L::kDynamicSmem>>>(o.ta, o.tb, o.tsa, o.tsb, nullptr, o.out,
                                                       o.tout, store_mode, n, k, t, grp);
-#else
-    kernel<<<grid, L::kNumThreads, L::kDynamicSmem>>>(o.ta, o.tb, o.tsa, o.tsb, nullptr, o.out,
-                                                      n, k, t, grp);
-#endif
   }, static_cast<int>(ops.size()), &median, &min);
 
   std::vector<float> hout(out_elems);

@@ -343,6 +343,23 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
                       "jax_deepgemm: cuTensorMapEncodeTiled failed (CUresult " +
                           std::to_string(static_cast<int>(res)) + ")");
   }
+  // The TMA-store epilogue (as the dense kernel's): out as [G*N, K] with
+  // 16-byte rows and base; an fp32 c only when it is out itself (reduce-add).
+  int store_mode = kStoreRegisters;
+  CUtensorMap tmap_out;
+  std::memset(&tmap_out, 0, sizeof(tmap_out));
+  constexpr int kOutBytes = sizeof(OutT);
+  if (L::kBytesD > 0 && (static_cast<int64_t>(args.k) * kOutBytes) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(args.out) % 16 == 0 &&
+      (args.c == nullptr || static_cast<const void*>(args.c) == args.out) &&
+      tma::make_2d_tiled(&tmap_out,
+                         kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                         kOutBytes, args.out, static_cast<int64_t>(args.grp.num_groups) * args.n,
+                         args.k, 64, fp8_gemm_out_box_cols<OutT>(),
+                         CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
+    store_mode = args.c != nullptr ? kStoreTmaAdd : kStoreTma;
+  }
   const int64_t num_tiles = static_cast<int64_t>(args.grp.num_groups) *
                             ((args.n + BM - 1) / BM) * ((args.k + BN - 1) / BN);
   if (num_tiles > INT32_MAX) {
@@ -351,8 +368,8 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
   }
   const int grid = static_cast<int>(num_tiles < num_sms ? num_tiles : num_sms);
   k_grouped_gemm_tn_kernel<BM, BN, ST, OutT><<<grid, L::kNumThreads, L::kDynamicSmem, stream>>>(
-      tmap_a, tmap_b, tmap_sa, tmap_sb, args.c, static_cast<OutT*>(args.out), args.n, args.k,
-      args.t, args.grp);
+      tmap_a, tmap_b, tmap_sa, tmap_sb, args.c, static_cast<OutT*>(args.out), tmap_out,
+      store_mode, args.n, args.k, args.t, args.grp);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,

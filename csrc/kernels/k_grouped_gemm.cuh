@@ -20,6 +20,18 @@
 
 namespace jax_deepgemm {
 
+// The D tile of the TMA-store epilogue (store_tile_tma, fp8_gemm.cuh), which
+// takes the tile's store off the math warps' path: stmatrix into shared memory
+// and one TMA store per 64 rows, where each thread otherwise issued 16-32
+// global stores (and quad shuffles for bf16) with the tensor cores idle.
+constexpr int k_grouped_d_bytes(int block_m, int block_n) {
+#ifdef JAX_DEEPGEMM_NO_TMA_STORE
+  return 0;
+#else
+  return block_m * block_n * 2;
+#endif
+}
+
 template <int BLOCK_M, int BLOCK_N, int STAGES>
 struct KGroupedLayout {
   static constexpr int kNumMathWG = BLOCK_M / 64;
@@ -38,10 +50,14 @@ struct KGroupedLayout {
   static constexpr int kBytesSA = BLOCK_M * 4;
   static constexpr int kBytesSB = BLOCK_N * 4;
   static constexpr uint32_t kTxBytes = kBytesA + kBytesB + kBytesSA + kBytesSB;
+  // The TMA-store epilogue's D tile: BLOCK_M x BLOCK_N bf16 (an fp32 tile goes
+  // through it in two column halves), 64 rows per math warpgroup.
+  static constexpr int kBytesD = k_grouped_d_bytes(BLOCK_M, BLOCK_N);
 
   static constexpr int kOffA = 0;
   static constexpr int kOffB = kOffA + STAGES * kBytesA;
-  static constexpr int kOffSA = kOffB + STAGES * kBytesB;
+  static constexpr int kOffD = kOffB + STAGES * kBytesB;  // 1024B aligned (128B swizzle)
+  static constexpr int kOffSA = kOffD + kBytesD;
   static constexpr int kOffSB = kOffSA + STAGES * kBytesSA;
   static constexpr int kOffBar = kOffSB + STAGES * kBytesSB;
   static constexpr int kOffGroups = kOffBar + 2 * STAGES * 8;
@@ -52,11 +68,12 @@ struct KGroupedLayout {
   static_assert(kNumMathThreads * kMathRegs + 128 * kTmaRegs <= 65536, "register file");
   static_assert(BLOCK_N % 64 == 0 && BLOCK_N <= 256, "bad BLOCK_N");
   static_assert(kBytesSA % 128 == 0 && kBytesSB % 128 == 0, "scale stages stay 128B aligned");
+  static_assert(kOffD % 1024 == 0, "the D tile is 128B-swizzled");
   static_assert(kDynamicSmem <= kMaxSmemPerBlock, "too many stages");
 };
 
 constexpr int k_grouped_max_stages(int block_m, int block_n) {
-  return (kMaxSmemPerBlock - kSmemAlignPad - kGroupTableBytes) /
+  return (kMaxSmemPerBlock - kSmemAlignPad - kGroupTableBytes - k_grouped_d_bytes(block_m, block_n)) /
          ((block_m + block_n) * (kBlockK + 4) + 16);
 }
 
@@ -87,8 +104,13 @@ __device__ __forceinline__ void mask_tokens(uint8_t* tile, int row_begin, int ro
 //   tmap_b : bT [K, T] uint8, box [BLOCK_N, 128], 128B swizzle
 //   tmap_sa: sa [TB, NP] f32, box [1, BLOCK_M] (NP = N rounded up to 4)
 //   tmap_sb: sb [TB, KP] f32, box [1, BLOCK_N] (KP = K rounded up to 4)
-//   c      : [G, N, K] f32 or nullptr; may alias out (then OutT is float)
+//   c      : [G, N, K] f32 or nullptr; may alias out (then OutT is float). With
+//            kStoreTmaAdd c is `out` itself and is never read here: TMA adds
+//            each tile into it.
 //   out    : [G, N, K] f32 or bf16
+//   tmap_out: out as [G*N, K], box [64, 128 bytes], 128B swizzle (used unless
+//            store_mode is kStoreRegisters, which the host picks when out
+//            cannot take TMA)
 //   grp    : token counts per group (contiguous rules of GroupArgs, over T)
 template <int BLOCK_M, int BLOCK_N, int STAGES, typename OutT>
 __global__ void __launch_bounds__(KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>::kNumThreads, 1)
@@ -96,7 +118,9 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
                          const __grid_constant__ CUtensorMap tmap_b,
                          const __grid_constant__ CUtensorMap tmap_sa,
                          const __grid_constant__ CUtensorMap tmap_sb,
-                         const float* c, OutT* out, int N, int K, int T, GroupArgs grp) {
+                         const float* c, OutT* out,
+                         const __grid_constant__ CUtensorMap tmap_out, int store_mode,
+                         int N, int K, int T, GroupArgs grp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = KGroupedLayout<BLOCK_M, BLOCK_N, STAGES>;
   using Mma = ptx::WgmmaFp8<BLOCK_N>;
@@ -106,6 +130,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
   uint8_t* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* smem_a = smem + L::kOffA;
   uint8_t* smem_b = smem + L::kOffB;
+  uint8_t* smem_d = smem + L::kOffD;
   float* smem_sa = reinterpret_cast<float*>(smem + L::kOffSA);
   float* smem_sb = reinterpret_cast<float*>(smem + L::kOffSB);
   uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
@@ -124,6 +149,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     ptx::prefetch_tma_descriptor(&tmap_b);
     ptx::prefetch_tma_descriptor(&tmap_sa);
     ptx::prefetch_tma_descriptor(&tmap_sb);
+    if (L::kBytesD > 0 && store_mode != kStoreRegisters) ptx::prefetch_tma_descriptor(&tmap_out);
   }
   if (thread == 0) {
 #pragma unroll
@@ -260,7 +286,15 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // its wgmmas. `prev_*` is the tile whose result `acc` holds (prev_g < 0: none).
     int prev_g = -1, prev_m = 0, prev_n = 0;
     auto flush = [&]() {
-      if (prev_g >= 0) {
+      // Through TMA where the warpgroup's 64 rows are all below N (a box over
+      // [G*N, K] would write the next group's rows); a warpgroup whose rows
+      // all lie past N stores nothing either way.
+      const int wg_row = prev_m * BLOCK_M + wg * 64;
+      if (L::kBytesD > 0 && prev_g >= 0 && store_mode != kStoreRegisters && wg_row + 64 <= N) {
+        store_tile_tma<BLOCK_N, BLOCK_N, OutT>(acc, smem_d + wg * (BLOCK_N * 128), &tmap_out,
+                                               store_mode == kStoreTmaAdd, prev_g * N + wg_row,
+                                               prev_n * BLOCK_N, K, wg, warp_in_wg, lane);
+      } else if (prev_g >= 0) {
         const int64_t group_offset = static_cast<int64_t>(prev_g) * N * K;
         store_tile<BLOCK_N, OutT>(acc, out + group_offset,
                                    c != nullptr ? c + group_offset : nullptr,
@@ -351,6 +385,10 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       prev_n = n_block;
     }
     flush();  // the last tile
+    // TMA stores read smem asynchronously: done before the CTA exits.
+    if (L::kBytesD > 0 && store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) {
+      ptx::bulk_wait_group0();
+    }
   }
 #else
   __trap();

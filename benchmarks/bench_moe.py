@@ -20,16 +20,19 @@ x 2 B = 5.6 GB, plus as much again for the gradients.
 Records: op "moe_layer_fwd_bwd", m = tokens, n = hidden, k = expert width, groups = experts;
 ``step_ms``, ``tokens_per_s``, ``ratio_vs_bf16`` = t_bf16 / t_fp8 (> 1: FP8 is faster).
 TFLOPS = (14·T·top_k·hidden·width + 4·T·hidden·experts) / t (``moe_flops``), useful rows only:
-the step differentiates the parameters, not x, so it runs seven expert GEMMs of 2·T·top_k·hidden·
-width each (gate, up and down forward; down's dgrad; the three weight gradients: the gate and up
-GEMMs' dgrads, gradients of x, are dead code that XLA drops) and the router's forward and
-weight gradient (2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside
-a network does: nine expert GEMMs and three router GEMMs (``grad_x`` in the records).
+the step differentiates the parameters, not x, so it runs the work of seven expert GEMMs of
+2·T·top_k·hidden·width each (gate, up and down forward; down's dgrad; the three weight gradients;
+gate and up run as one fused GEMM of twice the width, forward and wgrad; their dgrad, a gradient
+of x, is dead code that XLA drops) and the router's forward and weight gradient
+(2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside a network does:
+nine expert GEMMs' work (the fused gate|up dgrad, K = 2·width, counts two) and three router GEMMs
+(``grad_x`` in the records).
 ``grad_diff``: DeepGEMM's 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight
-gradients (the largest over w_gate, w_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
+gradients (the larger over w_gate_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
 the parameters are shared by all rotated input sets (only x and the cotangent rotate).
 When the whole bf16 layer fails, its first expert GEMM is timed alone (op "moe_bf16_gate_gemm":
-``ragged_dot`` of the T·top_k routed rows with w_gate, the real router's group sizes) and the FP8
+``ragged_dot`` of the T·top_k routed rows with the gate half of w_gate_up, the real router's
+group sizes) and the FP8
 record gets ``ratio_vs_bf16_lower_bound`` = t_gemm / t_fp8: the bf16 layer's forward+backward
 runs that GEMM and at least six more of its size, so its ratio can only be larger.
 
@@ -60,7 +63,7 @@ OP = "moe_layer_fwd_bwd"
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 IMPLS = {"jax_deepgemm": "fp8", "bf16": "bf16"}  # record impl -> MoE experts_impl
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+EXPERT_WEIGHTS = ("w_gate_up", "w_down")
 # --ragged-dot: XLA flags (present in jaxlib 0.10/0.11) for the bf16 baseline's ragged_dot.
 RAGGED_DOT_FLAGS = {
     "dense": "",
@@ -81,9 +84,10 @@ def int_list(text: str):
 
 def moe_flops(tokens, hidden, width, experts, top_k, grad_x=False):
   """Useful FLOPs of one ``make_step`` (forward + gradients w.r.t. the parameters): seven
-  expert GEMMs over the ``tokens * top_k`` routed rows (gate, up, down; down's dgrad; three
-  wgrads) and the f32 router's forward and weight gradient; with ``grad_x`` also the gate and
-  up GEMMs' dgrads and the router's (nine expert GEMMs, three router GEMMs)."""
+  expert GEMMs' work over the ``tokens * top_k`` routed rows (gate, up, down; down's dgrad; three
+  wgrads; gate and up run fused, as one GEMM of twice the width) and the f32 router's forward
+  and weight gradient; with ``grad_x`` also the gate and up dgrads (one GEMM of K = 2·width) and
+  the router's (nine expert GEMMs' work, three router GEMMs)."""
   gemms, router = (18.0, 6.0) if grad_x else (14.0, 4.0)
   return gemms * tokens * top_k * hidden * width + router * tokens * hidden * experts
 
@@ -135,24 +139,28 @@ def make_inputs_fn(params, tokens, hidden):
 
 
 def make_floor(graphdef, params, rest, tokens, hidden, top_k):
-  """The bf16 layer's first expert GEMM alone, as the layer runs it, for when the whole bf16
-  layer fails: ``ragged_dot(x_sorted [T*k, hidden], w_gate [E, hidden, width], group_sizes)``
-  with the group sizes of the real router on x. The layer's forward+backward runs this GEMM
-  and at least six more of its size, so t_floor / t_fp8 is a lower bound of the layer ratio."""
+  """The bf16 layer's gate GEMM alone, for when the whole bf16 layer fails:
+  ``ragged_dot(x_sorted [T*k, hidden], w_gate [E, hidden, width], group_sizes)`` (w_gate: the
+  first half of w_gate_up's columns) with the group sizes of the real router on x. The layer's
+  forward+backward runs this GEMM's work and at least six more of its size (gate and up as one
+  GEMM of twice its width), so t_floor / t_fp8 is a lower bound of the layer ratio."""
   @jax.jit
   def data(key):
     x = jax.random.normal(key, (tokens, hidden), BF16)
     _, ids, _ = nnx.merge(graphdef, params, rest)._route(x)
-    sizes = jnp.bincount(ids.reshape(-1), length=params["w_gate"][...].shape[0]).astype(jnp.int32)
+    sizes = jnp.bincount(ids.reshape(-1), length=params["w_down"][...].shape[0]).astype(jnp.int32)
     x_sorted = jax.random.normal(jax.random.fold_in(key, 1), (tokens * top_k, hidden), BF16)
     return x_sorted, sizes
 
   def gemm(x_sorted, w, sizes):
     return jax.lax.ragged_dot(x_sorted, w, sizes, preferred_element_type=F32).astype(BF16)
 
+  width = params["w_down"][...].shape[1]
+  w_gate = params["w_gate_up"][...][..., :width]  # (a copy, made once)
+
   def make(key):
     x_sorted, sizes = data(key)
-    return x_sorted, params["w_gate"][...], sizes
+    return x_sorted, w_gate, sizes
   return gemm, make
 
 

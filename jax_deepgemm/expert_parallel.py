@@ -114,7 +114,7 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
   """The expert-parallel forward of ``moe`` (a ``flax.MoE``) on ``x2 [T, H]``.
 
-  ``params``: the module's parameter arrays by name (``router``, ``w_gate``, ``w_up``,
+  ``params``: the module's parameter arrays by name (``router``, ``w_gate_up``,
   ``w_down`` and, with shared experts, ``shared_*``); ``dtype``: the call's compute dtype (the
   layer's, or with its ``dtype=None`` the promotion of x's and the parameters').
   Returns ``(y [T, H], aux)``.
@@ -213,8 +213,7 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
   group_sizes = group_sizes[:e_local]
 
   xs = _gather(x_recv.reshape(ep * cap, h), lorder, linverse, 1)
-  hid = moe._grouped(xs, p["w_gate"], group_sizes)
-  hid = jax.nn.silu(hid) * moe._grouped(xs, p["w_up"], group_sizes)
+  hid = moe._silu_glu(moe._grouped(xs, p["w_gate_up"], group_sizes))
   ys = moe._grouped(hid, p["w_down"], group_sizes)
   y_recv = _gather(ys, linverse, lorder, 1)
   y_back = jax.lax.all_to_all(y_recv.reshape(ep, cap, h), expert_axis, 0, 0)
@@ -222,7 +221,7 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
   y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
   if moe.num_shared_experts:
-    hs = jax.nn.silu(moe._dense(xc, p["shared_gate"])) * moe._dense(xc, p["shared_up"])
+    hs = moe._silu_glu(moe._dense(xc, p["shared_gate_up"]))
     y = y + moe._dense(hs, p["shared_down"]).astype(jnp.float32)
 
   # The single-device layer's load-balancing loss, from global counts and probabilities.

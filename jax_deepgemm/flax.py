@@ -10,16 +10,19 @@ Layout (no capacity factor, no token dropping, static shapes throughout)::
   x [T, H] --router (f32)--> scores [T, E] --top_k--> ids, weights [T, k]
   token-choices [T*k] sorted by expert id (stable) --gather--> x_sorted [R, H]
   group_sizes [E]: rows per expert           (a device array: nothing syncs with the host)
-  x_sorted --grouped GEMMs (gate, up, down)--> y_sorted [R, H]
+  x_sorted --grouped GEMM (gate|up)--> [R, 2W] --silu(gate) * up--> [R, W] --grouped GEMM (down)--> y_sorted [R, H]
   y_sorted --inverse gather--> [T, k, H] --weighted sum over k (f32)--> + shared --> y [T, H]
 
 ``R = T*k``, or, with ``pad_expert_rows``, each expert's rows padded with zero rows to a multiple
 of 128 within a static ``R = T*k + 127 * min(E, T*k)`` (see ``_routing.expert_rows``).
 
-Parameters: ``router [H, E]``, ``w_gate [E, H, W]``, ``w_up [E, H, W]``, ``w_down [E, W, H]``
-(the ``jax.lax.ragged_dot`` weight layout ``[G, K, N]``), and, with ``num_shared_experts > 0``,
-``shared_gate [H, S]``, ``shared_up [H, S]``, ``shared_down [S, H]`` with ``S =
-num_shared_experts * expert_width``.
+Parameters: ``router [H, E]``, ``w_gate_up [E, H, 2W]`` (gate in columns ``[:W]``, up in
+``[W:]``) and ``w_down [E, W, H]`` (the ``jax.lax.ragged_dot`` weight layout ``[G, K, N]``), and,
+with ``num_shared_experts > 0``, ``shared_gate_up [H, 2S]`` and ``shared_down [S, H]`` with ``S =
+num_shared_experts * expert_width``. Gate and up are one GEMM (as Megatron's fused ``fc1``): x_sorted
+is read and quantized once, and the backward pass runs one dgrad GEMM of K = 2W, with no add of
+two [R, H] dgrads. (With W not a multiple of 128, one 128-column weight block, and one 1x128
+group of the backward's dY, spans the last gate and first up columns: they share a scale.)
 
 Two expert implementations, same parameters, same routing:
 
@@ -203,10 +206,6 @@ def _ragged_dot_on_auto_axes_bwd(res, dy):
 _ragged_dot_on_auto_axes.defvjp(_ragged_dot_on_auto_axes_fwd, _ragged_dot_on_auto_axes_bwd)
 
 
-def _silu_glu(gate, up):
-  return jax.nn.silu(gate) * up
-
-
 # ----------------------------------------------------------------------------- Linear
 class Fp8Linear(nnx.Linear):
   """``nnx.Linear`` whose matmul is :func:`jax_deepgemm.fp8_linear` (DeepSeek-V3's FP8 recipe).
@@ -373,17 +372,17 @@ class MoE(nnx.Module):
                                expert_axis=expert_axis))
     meta = {} if mesh is None else dict(out_sharding=(expert_axis, None, None),
                                         eager_sharding=False)
-    self.w_gate = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)), **meta)
-    self.w_up = nnx.Param(place(init(rngs.params(), (e, hidden, w), param_dtype)), **meta)
+    # (lecun-normal's scale depends on the fan-in H only: gate and up columns as if separate.)
+    self.w_gate_up = nnx.Param(place(init(rngs.params(), (e, hidden, 2 * w), param_dtype)),
+                               **meta)
     self.w_down = nnx.Param(place(init(rngs.params(), (e, w, hidden), param_dtype)), **meta)
     if num_shared_experts:
       s = num_shared_experts * expert_width
       dense = nnx.initializers.lecun_normal()
-      self.shared_gate = nnx.Param(dense(rngs.params(), (hidden, s), param_dtype))
-      self.shared_up = nnx.Param(dense(rngs.params(), (hidden, s), param_dtype))
+      self.shared_gate_up = nnx.Param(dense(rngs.params(), (hidden, 2 * s), param_dtype))
       self.shared_down = nnx.Param(dense(rngs.params(), (s, hidden), param_dtype))
     else:
-      self.shared_gate = self.shared_up = self.shared_down = None
+      self.shared_gate_up = self.shared_down = None
 
   # --------------------------------------------------------------------------- GEMMs
   # x comes in the compute dtype (cast once, before the expert GEMMs): the GEMMs run in it.
@@ -405,6 +404,12 @@ class MoE(nnx.Module):
       pad = self.experts_impl == "fp8" and min(experts, rows) * 127 <= 2 * rows
     return 128 if pad else 1
 
+  @staticmethod
+  def _silu_glu(gate_up):
+    """``silu(gate) * up`` of the fused gate|up GEMM's ``[..., 2W]`` output (gate first)."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
   def _dense(self, x, w):
     w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
@@ -416,8 +421,8 @@ class MoE(nnx.Module):
     # deep inside the layer ('mul got incompatible shapes for broadcasting: (4,), (8,)').
     h, w, e = self.hidden, self.expert_width, self.num_experts
     s = self.num_shared_experts * w
-    want = dict(router=(h, e), w_gate=(e, h, w), w_up=(e, h, w), w_down=(e, w, h),
-                shared_gate=(h, s), shared_up=(h, s), shared_down=(s, h))
+    want = dict(router=(h, e), w_gate_up=(e, h, 2 * w), w_down=(e, w, h),
+                shared_gate_up=(h, 2 * s), shared_down=(s, h))
     for name, p in params.items():
       if p.shape != want[name]:
         raise ValueError(f"MoE: {name} must have shape {want[name]} (hidden {h}, expert_width "
@@ -472,8 +477,8 @@ class MoE(nnx.Module):
     fold = _primitive.split_first(x, x.ndim - 1)  # (x's split dimensions first, see fold)
     x2 = _primitive.fold(x, fold)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
-    names = ["router", "w_gate", "w_up", "w_down"]
-    names += ["shared_gate", "shared_up", "shared_down"] if self.num_shared_experts else []
+    names = ["router", "w_gate_up", "w_down"]
+    names += ["shared_gate_up", "shared_down"] if self.num_shared_experts else []
     params = {n: getattr(self, n)[...] for n in names}
     self._check_shapes(params)
     dtype = self._compute_dtype(x2, params.values())
@@ -490,8 +495,7 @@ class MoE(nnx.Module):
 
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
     x_sorted = _dispatch(xc, order, inverse, k)
-    h = _silu_glu(self._grouped(x_sorted, self.w_gate[...], group_sizes),
-                  self._grouped(x_sorted, self.w_up[...], group_sizes))
+    h = self._silu_glu(self._grouped(x_sorted, self.w_gate_up[...], group_sizes))
     y_sorted = self._grouped(h, self.w_down[...], group_sizes)
 
     # Back to [T, k, H]; the weighted sum over the k choices accumulates in f32 (elementwise,
@@ -500,7 +504,7 @@ class MoE(nnx.Module):
     y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
     if self.num_shared_experts:
-      hs = _silu_glu(self._dense(xc, self.shared_gate[...]), self._dense(xc, self.shared_up[...]))
+      hs = self._silu_glu(self._dense(xc, self.shared_gate_up[...]))
       y = y + self._dense(hs, self.shared_down[...]).astype(jnp.float32)
 
     # Load balance: f_e counts routed choices (no gradient), P_e carries the router gradient.

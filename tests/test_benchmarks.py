@@ -112,9 +112,11 @@ def test_train_flops_are_the_three_gemms_of_each_step():
 
 
 def test_moe_flops_are_the_gemms_of_its_step():
-  # The step differentiates the parameters, not x: the gate and up GEMMs' dgrads are dead
-  # code, so 7 expert GEMMs (not 9) and the router's forward and wgrad (not 3 dots) run. The
-  # formula was 18·T·k·H·W + 6·T·H·E before, 29% over the work at DeepSeek-V3's shapes.
+  # The step differentiates the parameters, not x: the fused gate|up GEMM's dgrad is dead
+  # code, so 7 expert GEMMs' work (not 9) and the router's forward and wgrad (not 3 dots) run.
+  # The formula was 18·T·k·H·W + 6·T·H·E before, 29% over the work at DeepSeek-V3's shapes.
+  # Gate and up are one GEMM of twice the width: forward (gate|up, down), down's dgrad; wgrads
+  # of w_gate_up and w_down.
   B = bench_module("bench_moe")
   from flax import nnx  # noqa: PLC0415
   cfg = argparse.Namespace(hidden=256, expert_width=128, experts=8, top_k=2)
@@ -122,14 +124,14 @@ def test_moe_flops_are_the_gemms_of_its_step():
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 256), jax.numpy.bfloat16)
   flops, gemms = gemm_flops_in(B.make_step(graphdef, rest), params, x, x)
   assert flops == B.moe_flops(64, 256, 128, 8, 2)
-  assert sorted(gemms).count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 4
-  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 3
+  assert sorted(gemms).count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 3
+  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 2
   assert gemms.count("dot_general") == 2
-  # --grad-x: x's gradient brings the gate and up dgrads and the router's dgrad back.
+  # --grad-x: x's gradient brings the gate|up dgrad (one GEMM, K = 2W) and the router's back.
   flops, gemms = gemm_flops_in(B.make_step(graphdef, rest, grad_x=True), params, x, x)
   assert flops == B.moe_flops(64, 256, 128, 8, 2, grad_x=True)
-  assert gemms.count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 6
-  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 3
+  assert gemms.count("jax_deepgemm_m_grouped_fp8_gemm_nt_contiguous") == 4
+  assert gemms.count("jax_deepgemm_k_grouped_fp8_gemm_tn_contiguous") == 2
   assert gemms.count("dot_general") == 3
 
 

@@ -111,7 +111,7 @@ def case_layer(impl, config):
   single.router[...] = router
   par.router[...] = router
   by_expert = NamedSharding(mesh, P("expert"))
-  for name in ("w_gate", "w_up", "w_down"):  # same init, and split over the expert axis
+  for name in ("w_gate_up", "w_down"):  # same init, and split over the expert axis
     np.testing.assert_array_equal(getattr(par, name)[...], getattr(single, name)[...])
     assert getattr(par, name)[...].sharding.is_equivalent_to(by_expert, 3), name
 
@@ -141,7 +141,7 @@ def case_layer(impl, config):
 
   # Expert weight gradients stay split like the weights; the forward exchanges tokens
   # (all_to_all of the rows there and back, of the counts) and gathers nothing.
-  assert g2["w_gate"].sharding.is_equivalent_to(by_expert, 3), g2["w_gate"].sharding
+  assert g2["w_gate_up"].sharding.is_equivalent_to(by_expert, 3), g2["w_gate_up"].sharding
   forward = nnx.jit(lambda m, x: m(x))
   counts = multidevice.collectives(forward.lower(par, x).compile().as_text())
   # On Explicit axes y is typed as x: unsplit here, so one all-gather of y brings it back.
@@ -208,17 +208,17 @@ def case_placement():
       eager = make(None)
       built = nnx.jit(lambda: make(None))()
       for m in (eager, built):
-        for name in ("w_gate", "w_up", "w_down"):
+        for name in ("w_gate_up", "w_down"):
           w = getattr(m, name)[...]
           assert {s.data.shape[0] for s in w.addressable_shards} == {2}, (types, name, w.sharding)
-      np.testing.assert_array_equal(np.asarray(built.w_gate[...]), np.asarray(eager.w_gate[...]))
+      np.testing.assert_array_equal(np.asarray(built.w_gate_up[...]), np.asarray(eager.w_gate_up[...]))
       for layers in (4, 3):
         @nnx.vmap(in_axes=0, out_axes=0)
         def stack(key):
           from jax_deepgemm.flax import MoE
           return MoE(64, 32, 8, 2, rngs=nnx.Rngs(key), dtype=jnp.float32, mesh=mesh)
         stacked = stack(jax.random.split(jax.random.key(0), layers))
-        w = stacked.w_gate[...]
+        w = stacked.w_gate_up[...]
         assert {s.data.shape[:2] for s in w.addressable_shards} == {(layers, 2)}, (types, w.sharding)
 
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
@@ -245,9 +245,9 @@ def case_partition_metadata():
   from jax_deepgemm.flax import MoE
   mesh = expert_parallel.make_mesh(data=2, expert=4)
   make = lambda key=0: MoE(64, 32, 8, 2, rngs=nnx.Rngs(key), num_shared_experts=1, mesh=mesh)
-  experts = ("w_gate", "w_up", "w_down")
+  experts = ("w_gate_up", "w_down")
   want = {n: P("expert", None, None) if n in experts else P()
-          for n in experts + ("router", "shared_gate", "shared_up", "shared_down")}
+          for n in experts + ("router", "shared_gate_up", "shared_down")}
   specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(make())))
   assert specs == want, specs
   shardings = nnx.to_pure_dict(nnx.get_named_sharding(nnx.state(nnx.eval_shape(make)), mesh))
@@ -285,8 +285,8 @@ def case_partition_metadata():
     return model
   with jax.set_mesh(mesh):
     stacked = stack(jax.random.split(jax.random.key(0), 3))
-  assert nnx.get_partition_spec(nnx.state(stacked)).w_gate.get_value() == P(None, "expert", None, None)
-  w = stacked.w_gate[...]
+  assert nnx.get_partition_spec(nnx.state(stacked)).w_gate_up.get_value() == P(None, "expert", None, None)
+  w = stacked.w_gate_up[...]
   assert {s.data.shape[:2] for s in w.addressable_shards} == {(3, 2)}, w.sharding
   print("ok")
 

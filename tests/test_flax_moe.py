@@ -36,14 +36,16 @@ def reference_moe(p, x, *, top_k, score, normalize_topk, aux_loss_coef):
     weights = weights / weights.sum(-1, keepdims=True)
   # mix[t, e] = weight of expert e for token t (0 where not chosen).
   mix = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(ids, e, dtype=jnp.float32))
-  gate = jnp.einsum("th,ehw->tew", x, p["w_gate"], precision=HI)
-  up = jnp.einsum("th,ehw->tew", x, p["w_up"], precision=HI)
+  w = p["w_down"].shape[1]  # gate is w_gate_up's first W columns, up the last W
+  gate = jnp.einsum("th,ehw->tew", x, p["w_gate_up"][..., :w], precision=HI)
+  up = jnp.einsum("th,ehw->tew", x, p["w_gate_up"][..., w:], precision=HI)
   h = gate * jax.nn.sigmoid(gate) * up
   y_all = jnp.einsum("tew,ewh->teh", h, p["w_down"], precision=HI)
   y = jnp.einsum("te,teh->th", mix, y_all, precision=HI)
-  if "shared_gate" in p:
-    g = jnp.dot(x, p["shared_gate"], precision=HI)
-    hs = g * jax.nn.sigmoid(g) * jnp.dot(x, p["shared_up"], precision=HI)
+  if "shared_gate_up" in p:
+    s = p["shared_down"].shape[0]
+    g = jnp.dot(x, p["shared_gate_up"][:, :s], precision=HI)
+    hs = g * jax.nn.sigmoid(g) * jnp.dot(x, p["shared_gate_up"][:, s:], precision=HI)
     y = y + jnp.dot(hs, p["shared_down"], precision=HI)
   counts = jax.nn.one_hot(ids, e).sum((0, 1))
   f = jax.lax.stop_gradient(counts / (t * top_k))
@@ -156,7 +158,7 @@ def test_matches_dense_reference(rng, name, pad):
   for key in gm:
     tol = FP8_ROUTER_TOL if key == "router" else FP8_LAYER_TOL
     assert oracle.calc_diff(gm[key], rgp[key]) < tol, (key, oracle.calc_diff(gm[key], rgp[key]))
-  for key in ("w_gate", "w_up", "w_down"):
+  for key in ("w_gate_up", "w_down"):
     assert np.all(np.asarray(gm[key])[unused] == 0), key
 
 
@@ -208,12 +210,12 @@ def test_empty_batch(pad):
 
 
 def test_fp8_single_gemm_error_within_deepgemm_bound(rng):
-  # The 2e-3 bound does hold for each FP8 GEMM inside the layer: one expert's gate projection.
+  # The 2e-3 bound does hold for each FP8 GEMM inside the layer: one expert's gate|up projection.
   model = make("fp8", 64, 32, 1, 1, dtype=jnp.float32)
   x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
   gs = jnp.asarray([64], jnp.int32)
-  got = jax.jit(model._grouped)(x, model.w_gate[...], gs)
-  want = np.float64(x) @ np.float64(model.w_gate[...][0])
+  got = jax.jit(model._grouped)(x, model.w_gate_up[...], gs)
+  want = np.float64(x) @ np.float64(model.w_gate_up[...][0])
   assert oracle.calc_diff(got, want) < 1e-3
 
 
@@ -385,7 +387,7 @@ def test_aux_loss_positive_and_reaches_router(rng, score):
   g = nnx.to_pure_dict(g)
   assert np.all(np.isfinite(g["router"])) and float(jnp.abs(g["router"]).max()) > 0
   # The aux loss alone carries no gradient into the experts.
-  assert float(jnp.abs(g["w_gate"]).max()) == 0
+  assert float(jnp.abs(g["w_gate_up"]).max()) == 0
 
 
 @pytest.mark.parametrize("impl", ["fp8", "bf16"])
@@ -408,7 +410,7 @@ def test_sigmoid_routing_with_underflowing_scores(rng, impl):
   want = np.zeros_like(x64)
   for t in range(x64.shape[0]):
     for j, ex in enumerate(ids[t]):
-      hid = silu(x64[t] @ p["w_gate"][ex]) * (x64[t] @ p["w_up"][ex])
+      hid = silu(x64[t] @ p["w_gate_up"][ex][:, :w]) * (x64[t] @ p["w_gate_up"][ex][:, w:])
       want[t] += wts[t, j] * (hid @ p["w_down"][ex])
   f = np.bincount(ids.ravel(), minlength=e) / ids.size
   want_aux = 0.5 * e * np.sum(f * (s / s.sum(-1, keepdims=True)).mean(0))
@@ -487,8 +489,7 @@ def test_parameters_of_another_configuration_are_named(impl):
                expert_width=MoE(64, 48, 4, 2, rngs=nnx.Rngs(1), num_shared_experts=1),
                num_shared_experts=MoE(64, 32, 4, 2, rngs=nnx.Rngs(1), num_shared_experts=2))
   for what, src in other.items():
-    for name in ("router", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
-                 "shared_down"):
+    for name in ("router", "w_gate_up", "w_down", "shared_gate_up", "shared_down"):
       m = MoE(64, 32, 4, 2, rngs=nnx.Rngs(0), experts_impl=impl, num_shared_experts=1)
       p = getattr(src, name)[...]
       if p.shape == getattr(m, name)[...].shape:
@@ -503,12 +504,14 @@ def test_parameters_of_another_configuration_are_named(impl):
 def test_init_scales():
   m = MoE(64, 32, 8, 2, rngs=nnx.Rngs(0), num_shared_experts=2)
   # lecun-normal: std ≈ 1/sqrt(fan_in), fan-in per expert (not E * fan_in).
-  assert abs(float(jnp.std(m.w_gate[...])) * 64 ** 0.5 - 1) < 0.1
+  assert m.w_gate_up[...].shape == (8, 64, 64)  # [E, H, 2W]
+  assert abs(float(jnp.std(m.w_gate_up[...])) * 64 ** 0.5 - 1) < 0.1
   assert abs(float(jnp.std(m.w_down[...])) * 32 ** 0.5 - 1) < 0.1
-  assert abs(float(jnp.std(m.shared_up[...])) * 64 ** 0.5 - 1) < 0.1
+  assert m.shared_gate_up[...].shape == (64, 128)  # [H, 2S]
+  assert abs(float(jnp.std(m.shared_gate_up[...])) * 64 ** 0.5 - 1) < 0.1
   assert m.shared_down[...].shape == (64, 64)
   assert abs(float(jnp.std(m.router[...])) / 0.02 - 1) < 0.1
-  assert m.w_gate[...].dtype == jnp.float32
+  assert m.w_gate_up[...].dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------- training

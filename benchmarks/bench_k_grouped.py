@@ -22,7 +22,7 @@ dimensions, groups = G. TFLOPS = 2·T·N·K / t. GB/s = bytes / t with bytes = T
   python benchmarks/bench_k_grouped.py               # writes results/k_grouped.json
   python benchmarks/bench_k_grouped.py --quick --no-write
   python benchmarks/bench_k_grouped.py --chill-gb 8  # also DeepGEMM's protocol (kernel_us_chill)
-  python benchmarks/bench_k_grouped.py --cases 64x~1024x7168x2048,64x~1024x2048x7168 --bf16-out
+  python benchmarks/bench_k_grouped.py --cases 64x~1024x7168x4096,64x~1024x2048x7168 --bf16-out
                                      # the MoE layer's wgrads (64 experts, top-8 of 8192 tokens)
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def ours_bf16(a, sa, b, sb, gs):  # as fp8_grouped_linear's backward runs it for
 
 def parse_case(spec: str):
   """``GxPERxNxK``, ``~`` before PER for sizes that are not multiples of 128 (e.g.
-  ``64x~1024x7168x2048``: the MoE layer's gate/up wgrad at 64 experts)."""
+  ``64x~1024x7168x4096``: the MoE layer's fused gate|up wgrad at 64 experts)."""
   try:
     g, per, n, k = spec.split("x")
     return int(g), int(per.lstrip("~")), int(n), int(k), per.startswith("~")

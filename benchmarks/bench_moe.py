@@ -3,7 +3,7 @@
 For every token count, in one process, the time of one jitted step
 ``jax.value_and_grad(params -> sum(y * cotangent) + aux)(params)`` of
 ``MoE(hidden, expert_width, num_experts, top_k, experts_impl=..., dtype=bf16, param_dtype=bf16)``
-(router, top-k, sort/dispatch, the gate/up/down grouped GEMMs, SwiGLU, combine, aux loss and
+(router, top-k, sort/dispatch, the gate|up and down grouped GEMMs, SwiGLU, combine, aux loss and
 all their gradients w.r.t. every parameter), for
   jax_deepgemm  ``experts_impl="fp8"``: jax_deepgemm.fp8_grouped_linear for the expert GEMMs
   bf16          ``experts_impl="bf16"``: jax.lax.ragged_dot (bf16 operands, f32 result) -- which
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
   p.add_argument("--kernel-times", action="store_true",
                  help="also the FP8 step's kernels from a profile: where a step's time goes")
   p.add_argument("--grad-x", action="store_true",
-                 help="the step also differentiates x (a layer inside a network): + the gate and "
-                      "up GEMMs' dgrads")
+                 help="the step also differentiates x (a layer inside a network): + the fused "
+                      "gate|up GEMM's dgrad (K = 2 * width) and the router's")
   p.add_argument("--hlo", default=None, metavar="PATH",
                  help="write the compiled FP8 step's optimized HLO (first token count) to PATH "
                       "and print its custom calls by target")

@@ -8,7 +8,7 @@ replicated. Per device::
 
   x [t, H] (local tokens) --router--> ids, weights [t, k] --sort by expert--> per-destination
   slices --all_to_all(expert_axis)--> rows for my experts from every source [ep, C, H]
-  --sort by local expert--> grouped FP8 GEMMs (gate, up, down) on the local experts
+  --sort by local expert--> grouped FP8 GEMMs (gate|up, down) on the local experts
   --unsort, all_to_all back--> [t, k, H] --weighted sum over k--> (+ shared) --> y [t, H]
 
 No token is dropped and the result is the single-device layer's: every source reserves

@@ -15,8 +15,8 @@
 // which leaves room for a 6th stage at 128x128).
 // K-grouped (k_grouped_gemm_tn_kernel, f32 out, no c; -DKB_K_GROUPED): G groups
 // of T tokens each, output [G, N, K]; tile via -DKB_BLOCK_M (64, 128, 192) and
-// -DKB_BLOCK_N (default 128); with experiments/kgrouped_tma_store.patch applied,
-// KB_STORE_MODE=0 as for dense.
+// -DKB_BLOCK_N (default 128); KB_STORE_MODE=0 as for dense (the D tile's stage
+// stays given up).
 // An experimental copy of csrc/kernels/ can come first on the include path.
 //
 // Per shape: the median of 20 launches, each timed alone (cudaEvent), on

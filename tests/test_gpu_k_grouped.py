@@ -57,8 +57,8 @@ def test_shapes_random_routing(rng, t, n, k, g):
     (4000, 256, 384, [1, 127, 129, 1000, 1921, 0, 2, 820]),
     (1000, 100, 72, [500, 0, 300, 200]),  # odd N, K: the per-pair store
     # Rows of K * 4 (fp32) / K * 2 (bf16) bytes not a multiple of 16; N 320: a 192-row
-    # tile whose last warpgroup lies past N (the edges of a TMA-store epilogue,
-    # benchmarks/experiments/kgrouped_tma_store.patch)
+    # tile whose last warpgroup lies past N (the edges of the TMA-store epilogue: the
+    # register store where TMA cannot take the rows)
     (700, 70, 90, [300, 0, 400]), (600, 320, 64, [250, 0, 350]),
 ])
 def test_bf16_out(rng, t, n, k, sizes):

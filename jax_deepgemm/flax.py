@@ -10,7 +10,8 @@ Layout (no capacity factor, no token dropping, static shapes throughout)::
   x [T, H] --router (f32)--> scores [T, E] --top_k--> ids, weights [T, k]
   token-choices [T*k] sorted by expert id (stable) --gather--> x_sorted [R, H]
   group_sizes [E]: rows per expert           (a device array: nothing syncs with the host)
-  x_sorted --grouped GEMM (gate|up)--> [R, 2W] --silu(gate) * up--> [R, W] --grouped GEMM (down)--> y_sorted [R, H]
+  x_sorted --grouped GEMM (gate|up)--> [R, 2W] --silu(gate) * up--> [R, W]
+           --grouped GEMM (down)--> y_sorted [R, H]
   y_sorted --inverse gather--> [T, k, H] --weighted sum over k (f32)--> + shared --> y [T, H]
 
 ``R = T*k``, or, with ``pad_expert_rows``, each expert's rows padded with zero rows to a multiple
@@ -19,10 +20,10 @@ of 128 within a static ``R = T*k + 127 * min(E, T*k)`` (see ``_routing.expert_ro
 Parameters: ``router [H, E]``, ``w_gate_up [E, H, 2W]`` (gate in columns ``[:W]``, up in
 ``[W:]``) and ``w_down [E, W, H]`` (the ``jax.lax.ragged_dot`` weight layout ``[G, K, N]``), and,
 with ``num_shared_experts > 0``, ``shared_gate_up [H, 2S]`` and ``shared_down [S, H]`` with ``S =
-num_shared_experts * expert_width``. Gate and up are one GEMM (as Megatron's fused ``fc1``): x_sorted
-is read and quantized once, and the backward pass runs one dgrad GEMM of K = 2W, with no add of
-two [R, H] dgrads. (With W not a multiple of 128, one 128-column weight block, and one 1x128
-group of the backward's dY, spans the last gate and first up columns: they share a scale.)
+num_shared_experts * expert_width``. Gate and up are one GEMM (as Megatron's fused ``fc1``):
+x_sorted is read and quantized once, and the backward pass runs one dgrad GEMM of K = 2W, with
+no add of two [R, H] dgrads. (With W not a multiple of 128, one 128-column weight block, and one
+1x128 group of the backward's dY, spans the last gate and first up columns: they share a scale.)
 
 Two expert implementations, same parameters, same routing:
 

@@ -105,11 +105,11 @@ def _f32_matmuls_in_f32():
     yield
 
 # DeepGEMM's metric on one FP8 GEMM with randn operands is ~6.5e-4 (e4m3 rounding of both
-# operands; tests/test_linear.py bounds it by 1e-3). A SwiGLU expert stacks three of them
-# (gate and up, one fused GEMM, then down on the re-quantized product), so the layer's output and gradients sit
-# near 3 x 6.5e-4 = 2e-3 on average, up to ~4e-3 for a handful of tokens: a bound of 2e-3 on
-# the whole layer would fail about half the time. The router's gradient is a difference of
-# expert outputs (cancellation), so its relative error is larger still.
+# operands; tests/test_linear.py bounds it by 1e-3). A SwiGLU expert stacks three such errors
+# (gate and up, one fused GEMM, then down on the re-quantized product), so the layer's output
+# and gradients sit near 3 x 6.5e-4 = 2e-3 on average, up to ~4e-3 for a handful of tokens: a
+# bound of 2e-3 on the whole layer would fail about half the time. The router's gradient is a
+# difference of expert outputs (cancellation), so its relative error is larger still.
 FP8_LAYER_TOL = 6e-3
 FP8_ROUTER_TOL = 1.5e-2
 

@@ -101,6 +101,27 @@ inline cudaLaunchConfig_t ClusterLaunch(int grid, int threads, int smem, cudaStr
   return config;
 }
 
+// The epilogue's store mode for out [rows, cols] (OutT), and *tmap_out for it.
+// The TMA-store epilogue needs 16-byte rows and base. An fp32 c is added by a
+// TMA reduce-add into out, so only when c is out itself (the ops alias them).
+// Anything else, or !enabled, stores from registers.
+template <typename OutT>
+int PickStoreMode(bool enabled, void* out, const float* c, int64_t rows, int64_t cols,
+                  CUtensorMap* tmap_out) {
+  std::memset(tmap_out, 0, sizeof(*tmap_out));
+  constexpr int kOutBytes = sizeof(OutT);
+  if (enabled && (cols * kOutBytes) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+      (c == nullptr || static_cast<const void*>(c) == out) &&
+      tma::make_2d_tiled(tmap_out,
+                         kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                         kOutBytes, out, rows, cols, 64, fp8_gemm_out_box_cols<OutT>(),
+                         CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
+    return c != nullptr ? kStoreTmaAdd : kStoreTma;
+  }
+  return kStoreRegisters;
+}
+
 // Raises the kernel's dynamic shared-memory limit on `device` (the current
 // device), once. Not allowed while a stream is being captured into a CUDA
 // graph, so InitializeDevices() does it for every device ahead of time.
@@ -177,24 +198,9 @@ ffi::Error LaunchFp8GemmNt(const LaunchArgs& args, cudaStream_t stream,
                       "jax_deepgemm: cuTensorMapEncodeTiled failed (CUresult " +
                           std::to_string(static_cast<int>(res)) + ")");
   }
-  // The TMA-store epilogue needs 16-byte rows and base. An fp32 c is added by a
-  // TMA reduce-add into out, so only when c is out itself (the op aliases them).
-  // Anything else stores from registers.
-  int store_mode = kStoreRegisters;
   CUtensorMap tmap_out;
-  std::memset(&tmap_out, 0, sizeof(tmap_out));
-  constexpr int kOutBytes = sizeof(OutT);
-  if (fp8_gemm_tma_store(BM, BN) && args.tma_store &&
-      (static_cast<int64_t>(args.n) * kOutBytes) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(args.out) % 16 == 0 &&
-      (args.c == nullptr || static_cast<const void*>(args.c) == args.out) &&
-      tma::make_2d_tiled(&tmap_out,
-                         kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
-                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                         kOutBytes, args.out, args.m, args.n, 64, fp8_gemm_out_box_cols<OutT>(),
-                         CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
-    store_mode = args.c != nullptr ? kStoreTmaAdd : kStoreTma;
-  }
+  const int store_mode = PickStoreMode<OutT>(fp8_gemm_tma_store(BM, BN) && args.tma_store,
+                                             args.out, args.c, args.m, args.n, &tmap_out);
 
   // Grouped: an upper bound (each group adds at most one partial m-block).
   // Tiles are scheduled per cluster of MC CTAs.
@@ -343,23 +349,12 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
                       "jax_deepgemm: cuTensorMapEncodeTiled failed (CUresult " +
                           std::to_string(static_cast<int>(res)) + ")");
   }
-  // The TMA-store epilogue (as the dense kernel's): out as [G*N, K] with
-  // 16-byte rows and base; an fp32 c only when it is out itself (reduce-add).
-  int store_mode = kStoreRegisters;
+  // out is viewed as [G*N, K] (the kernel stores through TMA only where a
+  // warpgroup's rows stay inside one group).
   CUtensorMap tmap_out;
-  std::memset(&tmap_out, 0, sizeof(tmap_out));
-  constexpr int kOutBytes = sizeof(OutT);
-  if (L::kBytesD > 0 && (static_cast<int64_t>(args.k) * kOutBytes) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(args.out) % 16 == 0 &&
-      (args.c == nullptr || static_cast<const void*>(args.c) == args.out) &&
-      tma::make_2d_tiled(&tmap_out,
-                         kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
-                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                         kOutBytes, args.out, static_cast<int64_t>(args.grp.num_groups) * args.n,
-                         args.k, 64, fp8_gemm_out_box_cols<OutT>(),
-                         CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS) {
-    store_mode = args.c != nullptr ? kStoreTmaAdd : kStoreTma;
-  }
+  const int store_mode =
+      PickStoreMode<OutT>(L::kBytesD > 0, args.out, args.c,
+                          static_cast<int64_t>(args.grp.num_groups) * args.n, args.k, &tmap_out);
   const int64_t num_tiles = static_cast<int64_t>(args.grp.num_groups) *
                             ((args.n + BM - 1) / BM) * ((args.k + BN - 1) / BN);
   if (num_tiles > INT32_MAX) {

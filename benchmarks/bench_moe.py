@@ -28,13 +28,14 @@ of x, is dead code that XLA drops) and the router's forward and weight gradient
 nine expert GEMMs' work (the fused gate|up dgrad, K = 2·width, counts two) and three router GEMMs
 (``grad_x`` in the records).
 ``grad_diff``: DeepGEMM's 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight
-gradients (the larger over w_gate_up, w_down). Timing: ``_timing.bench`` via bench_grouped.measure (see bench_grouped.py);
-the parameters are shared by all rotated input sets (only x and the cotangent rotate).
-When the whole bf16 layer fails, its first expert GEMM is timed alone (op "moe_bf16_gate_gemm":
+gradients (the larger over w_gate_up, w_down). Timing: ``_timing.bench`` via
+bench_grouped.measure (see bench_grouped.py); the parameters are shared by all rotated input sets
+(only x and the cotangent rotate).
+When the whole bf16 layer fails, its gate GEMM is timed alone (op "moe_bf16_gate_gemm":
 ``ragged_dot`` of the T·top_k routed rows with the gate half of w_gate_up, the real router's
-group sizes) and the FP8
-record gets ``ratio_vs_bf16_lower_bound`` = t_gemm / t_fp8: the bf16 layer's forward+backward
-runs that GEMM and at least six more of its size, so its ratio can only be larger.
+group sizes) and the FP8 record gets ``ratio_vs_bf16_lower_bound`` = t_gemm / t_fp8: the bf16
+layer's forward+backward runs that GEMM's work and at least six more of its size, so its ratio
+can only be larger.
 
   python benchmarks/bench_moe.py                 # writes results/moe.json
   python benchmarks/bench_moe.py --experts 256 --tokens 4096

@@ -73,8 +73,8 @@ struct KGroupedLayout {
 };
 
 constexpr int k_grouped_max_stages(int block_m, int block_n) {
-  return (kMaxSmemPerBlock - kSmemAlignPad - kGroupTableBytes - k_grouped_d_bytes(block_m, block_n)) /
-         ((block_m + block_n) * (kBlockK + 4) + 16);
+  const int fixed = kSmemAlignPad + kGroupTableBytes + k_grouped_d_bytes(block_m, block_n);
+  return (kMaxSmemPerBlock - fixed) / ((block_m + block_n) * (kBlockK + 4) + 16);
 }
 
 // Zeroes, in a 128B-swizzled [rows, 128-token] fp8 tile, the tokens outside
@@ -143,13 +143,15 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int warp = __shfl_sync(0xffffffffu, thread / 32, 0);
   const int lane = thread & 31;
   const int wg = warp / 4;
+  // Tiles go out through the shared-memory D tile and TMA (else from registers).
+  const bool tma_store = L::kBytesD > 0 && store_mode != kStoreRegisters;
 
   if (thread == L::kNumMathThreads) {
     ptx::prefetch_tma_descriptor(&tmap_a);
     ptx::prefetch_tma_descriptor(&tmap_b);
     ptx::prefetch_tma_descriptor(&tmap_sa);
     ptx::prefetch_tma_descriptor(&tmap_sb);
-    if (L::kBytesD > 0 && store_mode != kStoreRegisters) ptx::prefetch_tma_descriptor(&tmap_out);
+    if (tma_store) ptx::prefetch_tma_descriptor(&tmap_out);
   }
   if (thread == 0) {
 #pragma unroll
@@ -290,7 +292,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // [G*N, K] would write the next group's rows); a warpgroup whose rows
       // all lie past N stores nothing either way.
       const int wg_row = prev_m * BLOCK_M + wg * 64;
-      if (L::kBytesD > 0 && prev_g >= 0 && store_mode != kStoreRegisters && wg_row + 64 <= N) {
+      if (tma_store && prev_g >= 0 && wg_row + 64 <= N) {
         store_tile_tma<BLOCK_N, BLOCK_N, OutT>(acc, smem_d + wg * (BLOCK_N * 128), &tmap_out,
                                                store_mode == kStoreTmaAdd, prev_g * N + wg_row,
                                                prev_n * BLOCK_N, K, wg, warp_in_wg, lane);
@@ -386,7 +388,7 @@ k_grouped_gemm_tn_kernel(const __grid_constant__ CUtensorMap tmap_a,
     }
     flush();  // the last tile
     // TMA stores read smem asynchronously: done before the CTA exits.
-    if (L::kBytesD > 0 && store_mode != kStoreRegisters && warp_in_wg == 0 && lane == 0) {
+    if (tma_store && warp_in_wg == 0 && lane == 0) {
       ptx::bulk_wait_group0();
     }
   }

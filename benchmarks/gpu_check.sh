@@ -72,7 +72,7 @@ if has sanitize; then
       grep -qE "ERROR SUMMARY|RACECHECK SUMMARY" "$2" && break
       echo "$1: no summary (rc=$rc), compute-sanitizer itself failed; try $try of 2"
     done
-    echo "$1 ${3:-} rc=$rc"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$2"
+    echo "$1${3:+ $3} rc=$rc"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case" "$2"
   }
   sanitize memcheck "$OUT/memcheck.log"
   sanitize racecheck "$OUT/racecheck.log"

@@ -11,6 +11,7 @@ on H100/H200, the pure-JAX references elsewhere).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose)
-from jax_deepgemm.quant_kernels import dual_cast_p
+from jax_deepgemm.quant_kernels import ceil_div, dual_cast_p
 
 
 # Names for remat policies (``jax.checkpoint_policies.save_only_these_names``): what the
@@ -35,6 +36,54 @@ X_FP8 = "jax_deepgemm_x_fp8"  # X's e4m3 cast along tokens and its scales
 W_FP8 = "jax_deepgemm_w_fp8"  # W's e4m3 [K, N] cast and its scales
 OUT = "jax_deepgemm_out"      # the layer's output
 FP8_RESIDUALS = (X_FP8, W_FP8, OUT)
+
+
+class Fp8Weight(NamedTuple):
+  """A weight's two 128x128 block casts, made once by ``quantize_weight`` and passed to
+  ``fp8_linear`` / ``fp8_grouped_linear`` as ``w_fp8`` (a pytree: it goes through ``jit``,
+  ``vmap`` and ``scan`` like the arrays it holds)."""
+  q: jax.Array   # W [..., K, N] in e4m3: the backward's dgrad operand
+  s: jax.Array   # its scales [..., ceil(K/128), ceil(N/128)], f32
+  qt: jax.Array  # Wᵀ [..., N, K] in e4m3: the forward GEMM's operand
+  st: jax.Array  # its scales [..., ceil(N/128), ceil(K/128)]
+
+
+def quantize_weight(w) -> Fp8Weight:
+  """W's casts for ``fp8_linear(x, w, w_fp8=...)`` / ``fp8_grouped_linear``, made once.
+
+  The layers cast W on every call (one read of W, two FP8 copies written). With gradient
+  accumulation W stays the same over the micro-batches of a step: cast it once before the
+  micro-batch loop and pass the result with W to every call, which then casts nothing of W,
+  as TransformerEngine's ``is_first_microbatch`` does. ``w_fp8`` must be this function of the
+  ``w`` passed with it; the layers check its shapes and dtypes, not its values. No gradient
+  flows through it (``stop_gradient``): W's gradient comes from the layers, through ``w``.
+
+  Args:
+    w: ``[K, N]`` (``fp8_linear``) or ``[G, K, N]`` (``fp8_grouped_linear``), bf16/f16/f32.
+  """
+  w = _checks.array("quantize_weight", "w", w)
+  _check_float("quantize_weight", "w", w)
+  return Fp8Weight(*per_block_cast_to_fp8_and_transpose(jax.lax.stop_gradient(w)))
+
+
+def _check_w_fp8(op, w_fp8, w):
+  """``w_fp8`` as ``quantize_weight(w)`` makes it (shapes and dtypes), or None."""
+  if w_fp8 is None:
+    return None
+  if not isinstance(w_fp8, Fp8Weight):
+    raise TypeError(f"{op}: w_fp8 must be quantize_weight(w)'s Fp8Weight, got "
+                    f"{type(w_fp8).__name__}")
+  q, s, qt, st = (_checks.array(op, f"w_fp8.{n}", v) for n, v in zip(Fp8Weight._fields, w_fp8))
+  lead, (k, n) = w.shape[:-2], w.shape[-2:]
+  blocks = (ceil_div(k, 128), ceil_div(n, 128))
+  hint = f"quantize_weight(w) of w {tuple(w.shape)}"
+  for name, x, want in (("q", q, (k, n)), ("qt", qt, (n, k))):
+    _checks.fp8(op, f"w_fp8.{name}", x)
+    _checks.shape(op, f"w_fp8.{name}", x, lead + want, hint)
+  for name, x, want in (("s", s, blocks), ("st", st, blocks[::-1])):
+    _checks.dtype(op, f"w_fp8.{name}", x, jnp.float32)
+    _checks.shape(op, f"w_fp8.{name}", x, lead + want, hint)
+  return Fp8Weight(q, s, qt, st)
 
 
 def _gemm_dtype(dtype):
@@ -48,12 +97,12 @@ def _check_float(op, name, x):
 
 
 # ----------------------------------------------------------------------------- dense
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _linear(x2, w, bias, types, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _linear(x2, w, bias, w_fp8, types, out_dtype):
   del types
   xq, xs = per_token_cast_to_fp8(x2)
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
-  wtq, wts = per_block_cast_to_fp8(w, transpose=True)
+  wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
   return _linear_gemm(xq, xs, wtq, wts, out_dtype, bias)
 
 
@@ -63,15 +112,16 @@ def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
   return y.astype(dtype)
 
 
-def _linear_fwd(x2, w, bias, types, out_dtype):
+def _linear_fwd(x2, w, bias, w_fp8, types, out_dtype):
   del types
   # The backward needs X only as the wgrad operand, cast along tokens: that cast is
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
   # Both casts of X come from one read (the per-token one feeds the GEMM here).
   xq, xs, xt, xts = per_token_cast_to_fp8_and_transpose(x2)
-  # Likewise W: both block casts from one read, the [N, K] one for the GEMM here, the
-  # [K, N] one (dgrad's operand) saved instead of W. (An empty array keeps W's dtype.)
-  wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
+  # Likewise W: both block casts from one read (or given), the [N, K] one for the GEMM
+  # here, the [K, N] one (dgrad's operand) saved instead of W. (An empty array keeps W's
+  # dtype.)
+  wq, ws, wtq, wts = w_fp8 or per_block_cast_to_fp8_and_transpose(w)
   y = _linear_gemm(xq, xs, wtq, wts, out_dtype, bias)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
   # (Empty arrays carry X's and W's dtypes: dY has the output's.)
@@ -97,13 +147,13 @@ def _linear_bwd(types, out_dtype, res, dy):
                                         out_dtype=_gemm_dtype(w_like.dtype))
   dw = dw[0].astype(w_like.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return _primitive.retyped((dx, dw, db), types)
+  return _primitive.retyped((dx, dw, db), types) + (None,)  # no gradient through w_fp8
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def fp8_linear(x, w, bias=None, *, preferred_element_type=None):
+def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
   """``x @ w (+ bias)`` in FP8 with DeepSeek-V3's fine-grained scales, differentiable.
 
   Scales are ``max(amax, 1e-4) / 448`` per 128 elements, so tiny gradients (a loss scaled down
@@ -116,6 +166,8 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None):
     preferred_element_type: the result's dtype (bf16, f16, f32, or f64 under x64), default
       ``x.dtype``: f32 from bf16 inputs keeps the GEMM's f32 result (and bias added in f32)
       unrounded, as ``jnp.dot(x, w, preferred_element_type=jnp.float32)`` does.
+    w_fp8: optional ``quantize_weight(w)``, made once for several calls with the same ``w``
+      (micro-batches): W is then not cast here, in the forward or the backward.
   Returns:
     ``[..., N]`` in ``preferred_element_type`` or ``x.dtype``.
   """
@@ -139,20 +191,23 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None):
     if not is_wide_float(out_dtype):
       raise TypeError(f"fp8_linear: preferred_element_type must be bf16, f16, f32 or f64, got "
                       f"{out_dtype}")
-  x, w, bias = _primitive.match_vma(x, w, bias)
+  w_fp8 = _check_w_fp8("fp8_linear", w_fp8, w)
+  x, w, bias, *packed = _primitive.match_vma(x, w, bias, *(w_fp8 or ()))
+  w_fp8 = Fp8Weight(*packed) if packed else None
   order = _primitive.split_first(x, x.ndim - 1)
   x2 = _primitive.fold(x, order)
-  y = _linear(x2, w, bias, _primitive.primal_types(x2, w, bias), out_dtype)
+  y = _linear(x2, w, bias, w_fp8, _primitive.primal_types(x2, w, bias), out_dtype)
   y = checkpoint_name(y, OUT)
   return _primitive.unfold_like(y, x, order)
 
 
 # ----------------------------------------------------------------------------- grouped
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped(x, w, group_sizes, types):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped(x, w, group_sizes, w_fp8, types):
   del types
   xq, xs = per_token_cast_to_fp8(x)
-  wtq, wts = per_block_cast_to_fp8(w, transpose=True)  # [G, N, K], written so by the cast
+  # [G, N, K], written so by the cast
+  wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
   return _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
 
 
@@ -175,14 +230,14 @@ def _grouped_cast(x, keep):
   return dual_cast_p.bind(x, keep, use_ue8m0=False)
 
 
-def _grouped_fwd(x, w, group_sizes, types):
+def _grouped_fwd(x, w, group_sizes, w_fp8, types):
   del types
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
-  # W, each cast pair from one read.
+  # W, each cast pair from one read (W's: or given).
   # The row count in groups rides in the residuals: dY's cast needs it again.
   keep = _rows_in_groups(group_sizes, x.shape[0])
   xq, xs, xt, xts = _grouped_cast(x, keep)
-  wq, ws, wtq, wts = per_block_cast_to_fp8_and_transpose(w)
+  wq, ws, wtq, wts = w_fp8 or per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
   return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep)
@@ -199,13 +254,13 @@ def _grouped_bwd(types, res, dy):
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None,)
+  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def fp8_grouped_linear(x, w, group_sizes):
+def fp8_grouped_linear(x, w, group_sizes, *, w_fp8=None):
   """FP8 drop-in for ``jax.lax.ragged_dot(x, w, group_sizes)``, differentiable in x and w.
 
   The scales' 1e-4 amax floor applies as in ``fp8_linear``.
@@ -220,6 +275,7 @@ def fp8_grouped_linear(x, w, group_sizes):
       where ``ragged_dot`` keeps it to the row's own group. Groups padded with zero rows to
       multiples of 128 share no block, and their weight gradient is faster (no straddling
       token blocks to mask): ``jax_deepgemm.flax.MoE`` lays its experts' rows out so.
+    w_fp8: optional ``quantize_weight(w)`` (as in ``fp8_linear``).
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """
@@ -231,8 +287,11 @@ def fp8_grouped_linear(x, w, group_sizes):
     raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
                      f"{x.shape}, {w.shape}")
   _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
-  x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
+  w_fp8 = _check_w_fp8("fp8_grouped_linear", w_fp8, w)
+  x, w, group_sizes, *packed = _primitive.match_vma(x, w, group_sizes, *(w_fp8 or ()))
+  w_fp8 = Fp8Weight(*packed) if packed else None
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
-  return checkpoint_name(_grouped(x, w, group_sizes, _primitive.primal_types(x, w)), OUT)
+  return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, _primitive.primal_types(x, w)),
+                         OUT)

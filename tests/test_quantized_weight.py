@@ -1,0 +1,133 @@
+"""quantize_weight + fp8_linear / fp8_grouped_linear(w_fp8=...): W cast once for many calls."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import jaxprs_in_params
+
+import jax_deepgemm as jd
+import oracle
+from helpers import randn
+
+W_CASTS = ("jax_deepgemm_per_block_cast", "jax_deepgemm_per_block_dual_cast")
+
+
+def casts_of_w(fn, *args, under=None):
+  """How many block casts (W's casts: X and dY take the per-token ones) ``fn``'s jaxpr holds;
+  with ``under``, only those inside an equation of that primitive (e.g. a scan's body)."""
+  def count(jaxpr, inside):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += inside and eqn.primitive.name in W_CASTS
+      for sub in jaxprs_in_params(eqn.params):
+        n += count(sub, inside or eqn.primitive.name == under)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr, under is None)
+
+
+def same(a, b):
+  return all(bool(jnp.array_equal(u, v)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_linear_with_w_fp8_is_bitwise_the_plain_layer(rng, dtype):
+  m, k, n = 70, 300, 260  # odd K and N: partial 128x128 blocks
+  x, w, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype, k ** -0.5), randn(rng, (n,), dtype)
+  r = randn(rng, (m, n), jnp.float32)
+  wq = jd.quantize_weight(w)
+  assert isinstance(wq, jd.Fp8Weight)
+  assert wq.q.shape == (k, n) and wq.qt.shape == (n, k) and wq.s.shape == wq.st.shape[::-1] == (3, 3)
+
+  def loss(x, w, b, w_fp8=None):
+    return jnp.sum(jd.fp8_linear(x, w, b, w_fp8=w_fp8).astype(jnp.float32) * r)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  assert same(grad(x, w, b, wq), grad(x, w, b))
+  assert same(jax.jit(jd.fp8_linear)(x, w, b), jax.jit(
+      lambda x, w, b, p: jd.fp8_linear(x, w, b, w_fp8=p))(x, w, b, wq))
+  # Against float64 on the dequantized weight: the layer takes W from w_fp8.
+  y = jd.fp8_linear(x, w, b, w_fp8=wq)
+  w_deq = np.asarray(jd.dequantize_per_block(wq.q, wq.s), np.float64)
+  assert oracle.calc_diff(y, np.asarray(jnp.asarray(x, jnp.float32), np.float64) @ w_deq
+                          + np.asarray(jnp.asarray(b, jnp.float32), np.float64)) < 1e-3
+  # The point: no cast of W in the step (the plain layer casts it once, forward and backward
+  # sharing the one-read pair).
+  assert casts_of_w(jax.grad(loss, argnums=1), x, w, b, wq) == 0
+  assert casts_of_w(jax.grad(loss, argnums=1), x, w, b) == 1
+
+
+def test_grouped_with_w_fp8_is_bitwise_the_plain_layer(rng):
+  g, m, k, n = 4, 300, 256, 200
+  sizes = jnp.array([120, 0, 97, 50], jnp.int32)  # an empty group, rows past the sum
+  x, w = randn(rng, (m, k), jnp.bfloat16), randn(rng, (g, k, n), jnp.bfloat16, k ** -0.5)
+  r = randn(rng, (m, n), jnp.float32)
+  wq = jd.quantize_weight(w)
+
+  def loss(x, w, w_fp8=None):
+    y = jd.fp8_grouped_linear(x, w, sizes, w_fp8=w_fp8)
+    return jnp.sum(y.astype(jnp.float32) * r)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  assert same(grad(x, w, wq), grad(x, w))
+  assert casts_of_w(jax.grad(loss, argnums=1), x, w, wq) == 0
+
+
+def test_micro_batches_share_one_cast(rng):
+  # Gradient accumulation: W cast once before the scan over micro-batches; the summed
+  # gradient is the one the plain layer gives, micro-batch by micro-batch.
+  mb, m, k, n = 3, 64, 256, 192
+  xs, w = randn(rng, (mb, m, k), jnp.bfloat16), randn(rng, (k, n), jnp.float32, k ** -0.5)
+  rs = randn(rng, (mb, m, n), jnp.float32)
+
+  def loss(w, x, r, w_fp8=None):
+    return jnp.sum(jd.fp8_linear(x, w, w_fp8=w_fp8).astype(jnp.float32) * r)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def accumulated(w, cast_once):
+    w_fp8 = jd.quantize_weight(w) if cast_once else None
+    def body(acc, xr):
+      return acc + jax.grad(loss)(w, *xr, w_fp8), None
+    return jax.lax.scan(body, jnp.zeros_like(w), (xs, rs))[0]
+
+  assert same(accumulated(w, True), accumulated(w, False))
+  # One cast in all, outside the loop; without w_fp8 the loop body casts (each micro-batch).
+  assert casts_of_w(lambda w: accumulated(w, True), w) == 1
+  assert casts_of_w(lambda w: accumulated(w, True), w, under="scan") == 0
+  assert casts_of_w(lambda w: accumulated(w, False), w, under="scan") == 1
+
+
+def test_w_fp8_made_inside_the_loss_adds_no_gradient(rng):
+  # quantize_weight stops the gradient: W's comes from the layer alone, as without w_fp8.
+  x, w = randn(rng, (40, 128), jnp.float32), randn(rng, (128, 136), jnp.float32)
+  plain = jax.grad(lambda w: jnp.sum(jd.fp8_linear(x, w) ** 2))(w)
+  inside = jax.grad(lambda w: jnp.sum(jd.fp8_linear(x, w, w_fp8=jd.quantize_weight(w)) ** 2))(w)
+  assert same(plain, inside)
+
+
+def test_vmap_over_layers(rng):
+  # A stack of layers (nnx.vmap / scan over layers): w and its casts batched together.
+  x, w = randn(rng, (3, 20, 256), jnp.bfloat16), randn(rng, (3, 256, 130), jnp.bfloat16)
+  wq = jax.vmap(jd.quantize_weight)(w)
+  y = jax.vmap(lambda x, w, p: jd.fp8_linear(x, w, w_fp8=p))(x, w, wq)
+  assert same(y, jax.vmap(jd.fp8_linear)(x, w))
+
+
+def test_bad_w_fp8_is_a_clear_error(rng):
+  x, w = randn(rng, (8, 256), jnp.bfloat16), randn(rng, (256, 128), jnp.bfloat16)
+  wq = jd.quantize_weight(w)
+  with pytest.raises(TypeError, match=r"fp8_linear: w_fp8 must be quantize_weight\(w\)'s"):
+    jd.fp8_linear(x, w, w_fp8=tuple(wq))
+  other = jd.quantize_weight(randn(rng, (256, 256), jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"fp8_linear: w_fp8.q must have shape \(256, 128\)"):
+    jd.fp8_linear(x, w, w_fp8=other)
+  with pytest.raises(TypeError, match=r"w_fp8.qt must be float8_e4m3fn"):
+    jd.fp8_linear(x, w, w_fp8=wq._replace(qt=wq.qt.astype(jnp.float32)))
+  with pytest.raises(TypeError, match=r"w_fp8.st must be float32"):
+    jd.fp8_linear(x, w, w_fp8=wq._replace(st=wq.st.astype(jnp.bfloat16)))
+  sizes = jnp.array([8], jnp.int32)
+  with pytest.raises(ValueError, match=r"fp8_grouped_linear: w_fp8.q must have shape \(1, 256, "):
+    jd.fp8_grouped_linear(x, w[None], sizes, w_fp8=wq)  # a dense layer's casts
+  with pytest.raises(TypeError, match=r"quantize_weight: w must be"):
+    jd.quantize_weight(wq.q)

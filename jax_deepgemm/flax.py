@@ -60,7 +60,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
 from jax_deepgemm._routing import expert_rows
-from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear
+from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear, quantize_weight
 from jax_deepgemm.quant import is_wide_float
 
 _SCORES = ("softmax", "sigmoid")
@@ -387,10 +387,10 @@ class MoE(nnx.Module):
 
   # --------------------------------------------------------------------------- GEMMs
   # x comes in the compute dtype (cast once, before the expert GEMMs): the GEMMs run in it.
-  def _grouped(self, x, w, group_sizes):
+  def _grouped(self, x, w, group_sizes, w_fp8=None):
     w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
-      return fp8_grouped_linear(x, w, group_sizes)
+      return fp8_grouped_linear(x, w, group_sizes, w_fp8=w_fp8)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and AxisType.Explicit in mesh.axis_types:
       return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(x.dtype)
@@ -411,10 +411,10 @@ class MoE(nnx.Module):
     gate, up = jnp.split(gate_up, 2, axis=-1)
     return jax.nn.silu(gate) * up
 
-  def _dense(self, x, w):
+  def _dense(self, x, w, w_fp8=None):
     w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
-      return fp8_linear(x, w)
+      return fp8_linear(x, w, w_fp8=w_fp8)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
   def _check_shapes(self, params):
@@ -430,9 +430,60 @@ class MoE(nnx.Module):
                          f"{w}, num_experts {e}, num_shared_experts "
                          f"{self.num_shared_experts}), got {p.shape}")
 
+  def _param_values(self):
+    names = ["router", "w_gate_up", "w_down"]
+    names += ["shared_gate_up", "shared_down"] if self.num_shared_experts else []
+    params = {n: getattr(self, n)[...] for n in names}
+    self._check_shapes(params)
+    return params
+
+  def quantize_weights(self, x_dtype=None):
+    """The experts' weights cast to FP8 once, for ``__call__(x, weights_fp8=...)``.
+
+    The layer casts its expert weights on every call (14% of an H100's training step at 8192
+    tokens, H 7168, 64 experts). With gradient accumulation the parameters stay the same over
+    a step's micro-batches: make this once per step, outside the micro-batch loop, and pass it
+    to every call, which then casts none of them (see ``jax_deepgemm.quantize_weight``; no
+    gradient flows through it, the parameters' gradients come from the calls as before). It
+    must be remade whenever the parameters change.
+
+    Args:
+      x_dtype: the dtype of the ``x`` the layer will be called with; needed only when the
+        layer's ``dtype`` is None (then the compute dtype, which the weights are cast to
+        first, follows x's and the parameters' dtypes).
+    Returns:
+      ``{name: Fp8Weight}`` for ``w_gate_up``, ``w_down`` (and ``shared_gate_up``,
+      ``shared_down`` with shared experts).
+    """
+    if self.experts_impl != "fp8":
+      raise ValueError("MoE.quantize_weights: experts_impl='bf16' has no FP8 weights")
+    if self.mesh is not None:
+      raise NotImplementedError("MoE.quantize_weights: not with mesh= (expert-parallel) yet")
+    if self.dtype is None and x_dtype is None:
+      raise ValueError("MoE.quantize_weights: the layer's dtype is None, so its compute dtype "
+                       "follows x: pass x_dtype, the dtype of the x it will be called with")
+    params = self._param_values()
+    dtype = self._compute_dtype(jnp.zeros((), x_dtype or jnp.float32), params.values())
+    return {n: quantize_weight(p.astype(dtype)) for n, p in params.items() if n != "router"}
+
   def _compute_dtype(self, x, params):
     # dtype=None: nnx.Linear's rule (flax's promote_dtype), x with every parameter.
     return self.dtype if self.dtype is not None else jnp.result_type(x, *params)
+
+  def _check_weights_fp8(self, weights_fp8, params):
+    """``weights_fp8`` as ``quantize_weights`` makes it (the layers check each one's shapes
+    and dtypes against its parameter), as a dict; ``{}`` for None."""
+    if weights_fp8 is None:
+      return {}
+    if self.experts_impl != "fp8":
+      raise ValueError("MoE: weights_fp8 needs experts_impl='fp8'")
+    if self.mesh is not None:
+      raise NotImplementedError("MoE: weights_fp8 is not supported with mesh= (expert-parallel)")
+    want = sorted(n for n in params if n != "router")
+    if not isinstance(weights_fp8, dict) or sorted(weights_fp8) != want:
+      got = sorted(weights_fp8) if isinstance(weights_fp8, dict) else type(weights_fp8).__name__
+      raise ValueError(f"MoE: weights_fp8 must be quantize_weights()'s dict of {want}, got {got}")
+    return weights_fp8
 
   # --------------------------------------------------------------------------- routing
   def _route(self, x2, router=None):
@@ -462,7 +513,9 @@ class MoE(nnx.Module):
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return probs, ids, weights
 
-  def __call__(self, x):
+  def __call__(self, x, *, weights_fp8=None):
+    """``y, aux_loss`` of ``x [..., hidden]``; ``weights_fp8``: optional
+    ``self.quantize_weights()``, made once for several calls (micro-batches)."""
     x = jnp.asarray(x)
     if not is_wide_float(x.dtype):
       raise TypeError(f"MoE: x must be bf16, f16, f32 or f64, got {x.dtype}")
@@ -478,11 +531,9 @@ class MoE(nnx.Module):
     fold = _primitive.split_first(x, x.ndim - 1)  # (x's split dimensions first, see fold)
     x2 = _primitive.fold(x, fold)
     t, k, e = x2.shape[0], self.top_k, self.num_experts
-    names = ["router", "w_gate_up", "w_down"]
-    names += ["shared_gate_up", "shared_down"] if self.num_shared_experts else []
-    params = {n: getattr(self, n)[...] for n in names}
-    self._check_shapes(params)
+    params = self._param_values()
     dtype = self._compute_dtype(x2, params.values())
+    wf = self._check_weights_fp8(weights_fp8, params)
     if self.mesh is not None:
       y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis, dtype)
       return _primitive.unfold_like(y, x, fold), aux
@@ -496,8 +547,9 @@ class MoE(nnx.Module):
 
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
     x_sorted = _dispatch(xc, order, inverse, k)
-    h = self._silu_glu(self._grouped(x_sorted, self.w_gate_up[...], group_sizes))
-    y_sorted = self._grouped(h, self.w_down[...], group_sizes)
+    h = self._silu_glu(self._grouped(x_sorted, params["w_gate_up"], group_sizes,
+                                     wf.get("w_gate_up")))
+    y_sorted = self._grouped(h, params["w_down"], group_sizes, wf.get("w_down"))
 
     # Back to [T, k, H]; the weighted sum over the k choices accumulates in f32 (elementwise,
     # not a dot, so no TF32/bf16 matmul precision applies to it on GPU).
@@ -505,8 +557,8 @@ class MoE(nnx.Module):
     y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
     if self.num_shared_experts:
-      hs = self._silu_glu(self._dense(xc, self.shared_gate_up[...]))
-      y = y + self._dense(hs, self.shared_down[...]).astype(jnp.float32)
+      hs = self._silu_glu(self._dense(xc, params["shared_gate_up"], wf.get("shared_gate_up")))
+      y = y + self._dense(hs, params["shared_down"], wf.get("shared_down")).astype(jnp.float32)
 
     # Load balance: f_e counts routed choices (no gradient), P_e carries the router gradient.
     # (max(.., 1): an empty batch gives aux = 0, not NaN.)

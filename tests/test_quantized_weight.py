@@ -131,3 +131,61 @@ def test_bad_w_fp8_is_a_clear_error(rng):
     jd.fp8_grouped_linear(x, w[None], sizes, w_fp8=wq)  # a dense layer's casts
   with pytest.raises(TypeError, match=r"quantize_weight: w must be"):
     jd.quantize_weight(wq.q)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_with_weights_fp8_is_bitwise_the_plain_layer(rng, shared):
+  from flax import nnx
+  from jax_deepgemm.flax import MoE
+  moe = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0),
+            num_shared_experts=shared)
+  x = randn(rng, (2, 40, 256), jnp.bfloat16)
+  wf = moe.quantize_weights()
+  assert sorted(wf) == sorted(["w_gate_up", "w_down"] + ["shared_gate_up", "shared_down"] * shared)
+
+  def loss(moe, x, wf):
+    y, aux = moe(x, weights_fp8=wf)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + aux
+
+  grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  (l0, (g0, dx0)), (l1, (g1, dx1)) = grad(moe, x, None), grad(moe, x, wf)
+  assert same((l0, dx0), (l1, dx1)) and same(nnx.state(g0), nnx.state(g1))
+  assert casts_of_w(lambda x: moe(x, weights_fp8=wf)[0], x) == 0
+  assert casts_of_w(lambda x: moe(x)[0], x) == 2 + 2 * shared
+
+
+def test_moe_bad_weights_fp8(rng):
+  from flax import nnx
+  from jax_deepgemm.flax import MoE
+  moe = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
+  x = randn(rng, (16, 256), jnp.bfloat16)
+  wf = moe.quantize_weights()
+  with pytest.raises(ValueError, match=r"weights_fp8 must be quantize_weights\(\)'s dict of "):
+    moe(x, weights_fp8={"w_gate_up": wf["w_gate_up"]})
+  with pytest.raises(ValueError, match=r"fp8_grouped_linear: w_fp8.q must have shape"):
+    moe(x, weights_fp8={"w_gate_up": wf["w_down"], "w_down": wf["w_gate_up"]})
+  bf16 = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0),
+             experts_impl="bf16")
+  with pytest.raises(ValueError, match="weights_fp8 needs experts_impl='fp8'"):
+    bf16(x, weights_fp8=wf)
+  with pytest.raises(ValueError, match="experts_impl='bf16' has no FP8 weights"):
+    bf16.quantize_weights()
+  promoting = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0),
+                  dtype=None)
+  with pytest.raises(ValueError, match="pass x_dtype"):
+    promoting.quantize_weights()
+  # dtype=None: the weights are cast to the promoted compute dtype first, as the call does.
+  wf32 = promoting.quantize_weights(x_dtype=jnp.bfloat16)
+  assert same(promoting(x, weights_fp8=wf32), promoting(x))
+
+
+def test_moe_weights_fp8_not_yet_expert_parallel(rng):
+  from flax import nnx
+  from jax_deepgemm.flax import MoE
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  moe = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0), mesh=mesh)
+  with pytest.raises(NotImplementedError, match="not with mesh="):
+    moe.quantize_weights()
+  plain = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match="weights_fp8 is not supported with mesh="):
+    moe(randn(rng, (16, 256), jnp.bfloat16), weights_fp8=plain.quantize_weights())

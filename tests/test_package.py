@@ -44,6 +44,7 @@ def test_readme_api_examples_run():
     exec(compile(block, "README.md (API)", "exec"), ns)  # pylint: disable=exec-used
   assert ns["d"].shape == (4, 64, 384) and ns["dw"].dtype == jnp.bfloat16
   assert ns["dx"].dtype == jnp.bfloat16 and ns["dx"].shape == ns["x"].shape
+  assert ns["dw_sum"].shape == ns["w"].shape and ns["dw_sum"].dtype == jnp.float32
 
 
 def test_readme_moe_and_export_examples_run():

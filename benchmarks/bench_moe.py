@@ -26,7 +26,11 @@ gate and up run as one fused GEMM of twice the width, forward and wgrad; their d
 of x, is dead code that XLA drops) and the router's forward and weight gradient
 (2·T·hidden·experts each). ``--grad-x`` differentiates x too, as a layer inside a network does:
 nine expert GEMMs' work (the fused gate|up dgrad, K = 2·width, counts two) and three router GEMMs
-(``grad_x`` in the records).
+(``grad_x`` in the records). ``--micro-batches N``: a step of N micro-batches of T tokens
+(gradient accumulation: a scan summing the loss and the parameter gradients; tokens_per_s counts
+all N·T tokens, TFLOPS N micro-batches' work), and the FP8 step once more with the experts'
+weights cast once per step (``MoE.quantize_weights``: impl ``jax_deepgemm_w_cast_once``, with
+``ratio_vs_per_call_casts`` = t_jax_deepgemm / t_cast_once); ``micro_batches`` in the records.
 ``grad_diff``: DeepGEMM's 1 - 2Σxy / Σ(x² + y²) between the FP8 and bf16 expert-weight
 gradients (the larger over w_gate_up, w_down). Timing: ``_timing.bench`` via
 bench_grouped.measure (see bench_grouped.py); the parameters are shared by all rotated input sets
@@ -43,6 +47,8 @@ can only be larger.
   python benchmarks/bench_moe.py --ragged-dot fusion   # bf16 baseline through XLA's ragged-dot fusion
   python benchmarks/bench_moe.py --kernel-times --skip-baseline   # + the FP8 step's kernels, us each
   python benchmarks/bench_moe.py --grad-x --hlo /tmp/moe.hlo   # x's gradient too; the step's HLO
+  python benchmarks/bench_moe.py --micro-batches 4 --skip-baseline   # gradient accumulation,
+                                 # and the FP8 weights cast once per step (quantize_weights)
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ BF16 = jnp.bfloat16
 F32 = jnp.float32
 IMPLS = {"jax_deepgemm": "fp8", "bf16": "bf16"}  # record impl -> MoE experts_impl
 EXPERT_WEIGHTS = ("w_gate_up", "w_down")
+CAST_ONCE = "jax_deepgemm_w_cast_once"  # --micro-batches: the FP8 step, weights cast once
 # --ragged-dot: XLA flags (present in jaxlib 0.10/0.11) for the bf16 baseline's ragged_dot.
 RAGGED_DOT_FLAGS = {
     "dense": "",
@@ -104,14 +111,31 @@ def make_moe(cfg, experts_impl, abstract=False):
   return nnx.eval_shape(build) if abstract else build()
 
 
-def make_step(graphdef, rest, grad_x=False):
+def make_step(graphdef, rest, grad_x=False, micro_batches=1, cast_once=False):
   """``(params, x, ct) -> (loss, grads)``: the layer's forward and backward (``grad_x``: grads =
-  (parameter gradients, x's gradient), as a layer inside a network needs)."""
+  (parameter gradients, x's gradient), as a layer inside a network needs).
+
+  ``micro_batches`` > 1: x and ct are ``[micro_batches, T, hidden]`` and the step is gradient
+  accumulation, a scan of forward+backward over them summing the loss and the parameter
+  gradients (x's are stacked); ``cast_once``: with the experts' FP8 weights made once per step
+  (``MoE.quantize_weights``) instead of in every micro-batch's call."""
   def step(params, x, ct):
-    def loss(params, x):
-      y, aux = nnx.merge(graphdef, params, rest)(x)
+    wf = nnx.merge(graphdef, params, rest).quantize_weights() if cast_once else None
+
+    def loss(params, x, ct):
+      y, aux = nnx.merge(graphdef, params, rest)(x, weights_fp8=wf)
       return jnp.sum(y.astype(F32) * ct.astype(F32)) + aux
-    return jax.value_and_grad(loss, argnums=(0, 1) if grad_x else 0)(params, x)
+    grad = jax.value_and_grad(loss, argnums=(0, 1) if grad_x else 0)
+    if micro_batches == 1:
+      return grad(params, x, ct)
+
+    def body(acc, xc):
+      l, g = grad(params, *xc)
+      gp, gx = g if grad_x else (g, None)
+      return jax.tree.map(jnp.add, acc, (l, gp)), gx
+    zero = (jnp.zeros((), F32), jax.tree.map(jnp.zeros_like, params))
+    (l, gp), gx = jax.lax.scan(body, zero, (x, ct))
+    return l, ((gp, gx) if grad_x else gp)
   return step
 
 
@@ -126,12 +150,13 @@ def hlo_summary(step, make, path):
   return counts
 
 
-def make_inputs_fn(params, tokens, hidden):
+def make_inputs_fn(params, tokens, hidden, micro_batches=1):
+  shape = (tokens, hidden) if micro_batches == 1 else (micro_batches, tokens, hidden)
+
   @jax.jit
   def data(key):
     kx, kc = jax.random.split(key)
-    return jax.random.normal(kx, (tokens, hidden), BF16), jax.random.normal(kc, (tokens, hidden),
-                                                                            BF16)
+    return jax.random.normal(kx, shape, BF16), jax.random.normal(kc, shape, BF16)
 
   def make(key):
     x, ct = data(key)
@@ -205,6 +230,10 @@ def main(argv=None) -> int:
   p.add_argument("--hlo", default=None, metavar="PATH",
                  help="write the compiled FP8 step's optimized HLO (first token count) to PATH "
                       "and print its custom calls by target")
+  p.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                 help="a step of N micro-batches of --tokens each (gradient accumulation), and "
+                      "the FP8 step also with the experts' weights cast once per step "
+                      "(MoE.quantize_weights: impl jax_deepgemm_w_cast_once)")
   p.add_argument("--pad-expert-rows", choices=tuple(PAD), default="auto",
                  help="MoE(pad_expert_rows=): each expert's rows padded to 128 (auto: the "
                       "layer's default)")
@@ -225,6 +254,9 @@ def main(argv=None) -> int:
       setattr(args, key, val)
   if not 1 <= args.top_k <= args.experts:
     p.error(f"--top-k must be in [1, --experts], got {args.top_k}")
+  if args.micro_batches < 1:
+    p.error(f"--micro-batches must be >= 1, got {args.micro_batches}")
+  mb = args.micro_batches
 
   timing = BG.timing_config(args)
   T.print_header()
@@ -243,16 +275,18 @@ def main(argv=None) -> int:
     print(f"could not build the MoE layer ({err})", file=sys.stderr)
     return 1
   graphdef_fp8, params, rest = built
-  steps = {"jax_deepgemm": make_step(graphdef_fp8, rest, args.grad_x)}
+  steps = {"jax_deepgemm": make_step(graphdef_fp8, rest, args.grad_x, mb)}
+  if mb > 1:
+    steps[CAST_ONCE] = make_step(graphdef_fp8, rest, args.grad_x, mb, cast_once=True)
   if not args.skip_baseline:
     graphdef_bf16, _, rest_bf16 = nnx.split(make_moe(args, "bf16", abstract=True), nnx.Param, ...)
-    steps["bf16"] = make_step(graphdef_bf16, rest_bf16, args.grad_x)
+    steps["bf16"] = make_step(graphdef_bf16, rest_bf16, args.grad_x, mb)
 
   for tokens in args.tokens:
-    name = f"T{tokens} H{h} W{w} E{e} top{k}"
-    flops = moe_flops(tokens, h, w, e, k, args.grad_x)
+    name = f"T{tokens} H{h} W{w} E{e} top{k}" + (f" x{mb}" if mb > 1 else "")
+    flops = mb * moe_flops(tokens, h, w, e, k, args.grad_x)
     print(f"[{OP} {name}]", flush=True)
-    make = make_inputs_fn(params, tokens, h)
+    make = make_inputs_fn(params, tokens, h, mb)
     if args.hlo and tokens == args.tokens[0]:
       counts, _ = runner.attempt(f"{name}] [hlo", lambda: hlo_summary(
           steps["jax_deepgemm"], make, args.hlo))
@@ -298,20 +332,33 @@ def main(argv=None) -> int:
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
                   pad_expert_rows=args.pad_expert_rows, grad_x=args.grad_x,
-                  param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot)
+                  param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot,
+                  micro_batches=mb)
 
-    def perf(t):
-      return dict(step_ms=t.time_us / 1e3, tokens_per_s=tokens / (t.time_us * 1e-6)) if t else {}
+    def perf(t):  # (tokens per second over all micro-batches)
+      return (dict(step_ms=t.time_us / 1e3, tokens_per_s=mb * tokens / (t.time_us * 1e-6))
+              if t else {})
     records.append(BG.impl_record(impl="jax_deepgemm", timing=t_fp8, error=e_fp8, nbytes=None,
                                   config=BG.ours_config(via_fp8), ratio_vs_bf16=r,
                                   ratio_vs_bf16_lower_bound=BG.ratio(t_floor, t_fp8),
                                   grad_diff=diff, **perf(t_fp8), **kt, **common))
+    if mb > 1:
+      t_once, via_once, e_once = results[CAST_ONCE]
+      records.append(BG.impl_record(impl=CAST_ONCE, timing=t_once, error=e_once, nbytes=None,
+                                    config=BG.ours_config(via_once),
+                                    ratio_vs_bf16=BG.ratio(t_bf16, t_once),
+                                    ratio_vs_per_call_casts=BG.ratio(t_fp8, t_once),
+                                    **perf(t_once), **common))
+      if t_once is not None:
+        print(f"[{name}] fp8 with the weights cast once per step: {t_once.time_us / 1e3:.1f} ms "
+              f"({BG.ratio(t_fp8, t_once) or float('nan'):.3f}x the step casting them in every "
+              f"micro-batch)", flush=True)
     if not args.skip_baseline:
       records.append(BG.impl_record(impl="bf16", timing=t_bf16, error=e_bf16, nbytes=None,
                                     config=via_bf16, **perf(t_bf16), **common))
 
     def tok_s(t):
-      return tokens / (t.time_us * 1e-6) if t else None
+      return mb * tokens / (t.time_us * 1e-6) if t else None
     row = [name,
            BG.cell(t_fp8, t_fp8 and t_fp8.time_us / 1e3, e_fp8),
            BG.cell(t_fp8, tok_s(t_fp8), e_fp8),

@@ -41,6 +41,39 @@ def test_bench_moe():
   assert "T64 H256 W128 E8 top2" in out
 
 
+def test_bench_moe_micro_batches():
+  # Gradient accumulation: the FP8 step also with the experts' weights cast once per step.
+  out = run("bench_moe.py", "--tokens", "64", "--micro-batches", "2")
+  assert "T64 H256 W128 E8 top2 x2" in out
+  assert "fp8 with the weights cast once per step" in out
+
+
+def test_bench_moe_cast_once_step_is_the_accumulated_step():
+  # The cast-once step sums the same gradients (bitwise) and runs no weight cast in its loop.
+  B = bench_module("bench_moe")
+  from flax import nnx  # noqa: PLC0415
+  from jax.extend.core import jaxprs_in_params  # noqa: PLC0415
+  cfg = argparse.Namespace(hidden=256, expert_width=128, experts=8, top_k=2)
+  graphdef, params, rest = nnx.split(B.make_moe(cfg, "fp8"), nnx.Param, ...)
+  _, x, ct = B.make_inputs_fn(params, 64, 256, micro_batches=3)(jax.random.PRNGKey(0))
+  assert x.shape == (3, 64, 256)
+  plain, once = (jax.jit(B.make_step(graphdef, rest, False, 3, cast_once=c)) for c in (0, 1))
+  for a, b in zip(jax.tree.leaves(plain(params, x, ct)), jax.tree.leaves(once(params, x, ct))):
+    assert bool(jax.numpy.array_equal(a, b))
+
+  def casts_in_scan(step):
+    def walk(j, inside):
+      n = 0
+      for eqn in j.eqns:
+        n += inside and eqn.primitive.name == "jax_deepgemm_per_block_dual_cast"
+        for sub in jaxprs_in_params(eqn.params):
+          n += walk(sub, inside or eqn.primitive.name == "scan")
+      return n
+    return walk(jax.make_jaxpr(step)(params, x, ct).jaxpr, False)
+  assert casts_in_scan(B.make_step(graphdef, rest, False, 3)) == 2  # gate|up and down
+  assert casts_in_scan(B.make_step(graphdef, rest, False, 3, cast_once=True)) == 0
+
+
 def test_bench_moe_floor_gemm_matches_layer_routing():
   B = bench_module("bench_moe")
   from flax import nnx  # noqa: PLC0415

@@ -38,7 +38,8 @@ def test_linear_with_w_fp8_is_bitwise_the_plain_layer(rng, dtype):
   r = randn(rng, (m, n), jnp.float32)
   wq = jd.quantize_weight(w)
   assert isinstance(wq, jd.Fp8Weight)
-  assert wq.q.shape == (k, n) and wq.qt.shape == (n, k) and wq.s.shape == wq.st.shape[::-1] == (3, 3)
+  assert wq.q.shape == (k, n) and wq.qt.shape == (n, k)
+  assert wq.s.shape == wq.st.shape[::-1] == (3, 3)
 
   def loss(x, w, b, w_fp8=None):
     return jnp.sum(jd.fp8_linear(x, w, b, w_fp8=w_fp8).astype(jnp.float32) * r)

@@ -222,7 +222,8 @@ class Fp8Linear(nnx.Linear):
   ``precision`` may only be the default (``None`` or ``Precision.DEFAULT``, in any spelling
   ``lax.dot_general`` takes), as an FP8 GEMM cannot honour a higher one; a ``dot_general`` is
   refused. A call's ``out_sharding`` types the result as ``nnx.Linear``'s does (the GEMM runs
-  on the operands' shardings, then the result is resharded to it).
+  on the operands' shardings, then the result is resharded to it). ``w_fp8``: optional
+  ``self.quantize_weight()``, the kernel cast once for several calls (micro-batches).
   """
 
   def __init__(self, in_features: int, out_features: int, **kwargs):
@@ -235,7 +236,20 @@ class Fp8Linear(nnx.Linear):
       raise ValueError("Fp8Linear: dot_general is not supported (the matmul is the FP8 GEMM)")
     super().__init__(in_features, out_features, **kwargs)
 
-  def __call__(self, inputs, out_sharding=None):
+  def quantize_weight(self, x_dtype=None):
+    """The kernel's FP8 casts for ``__call__(inputs, w_fp8=...)``, made once for several calls
+    with the same kernel (micro-batches; see ``jax_deepgemm.quantize_weight``). ``x_dtype``: the
+    inputs' dtype, needed only when ``dtype`` is None (the kernel is cast to the dtype the call
+    promotes to first)."""
+    if self.dtype is None and x_dtype is None:
+      raise ValueError("Fp8Linear.quantize_weight: dtype is None, so the call's dtype follows "
+                       "the inputs': pass x_dtype, the dtype of the inputs it will be called with")
+    x = jnp.zeros((), self.dtype or x_dtype)
+    bias = self.bias[...] if self.bias is not None else None
+    _, kernel, _ = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+    return quantize_weight(kernel)
+
+  def __call__(self, inputs, out_sharding=None, *, w_fp8=None):
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
@@ -246,7 +260,7 @@ class Fp8Linear(nnx.Linear):
       # written by the GEMM itself (an f32 result from bf16 inputs is not rounded to bf16).
       out = self.preferred_element_type
       out = out if bias is None else jnp.promote_types(out, bias.dtype)
-    y = fp8_linear(inputs, kernel, bias, preferred_element_type=out)
+    y = fp8_linear(inputs, kernel, bias, preferred_element_type=out, w_fp8=w_fp8)
     # nnx.Linear hands out_sharding to its dot_general, whose result takes that type (e.g.
     # row-parallel under Explicit axes, where a split contraction leaves it ambiguous). Our op
     # types its result from the operands' shardings, so it is resharded; reshard checks the

@@ -190,3 +190,23 @@ def test_moe_weights_fp8_not_yet_expert_parallel(rng):
   plain = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
   with pytest.raises(NotImplementedError, match="weights_fp8 is not supported with mesh="):
     moe(randn(rng, (16, 256), jnp.bfloat16), weights_fp8=plain.quantize_weights())
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.float32), (None, jnp.float32)])
+def test_fp8_linear_module_with_w_fp8(rng, dtype, param_dtype):
+  from flax import nnx
+  from jax_deepgemm.flax import Fp8Linear
+  layer = Fp8Linear(300, 200, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+  x = randn(rng, (2, 24, 300), jnp.bfloat16)
+  if dtype is None:
+    with pytest.raises(ValueError, match="pass x_dtype"):
+      layer.quantize_weight()
+  w8 = layer.quantize_weight(x_dtype=x.dtype)  # (f32 here when dtype is None: x promotes)
+
+  def loss(layer, x, w8):
+    return jnp.sum(layer(x, w_fp8=w8).astype(jnp.float32) ** 2)
+
+  grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  (l0, (g0, dx0)), (l1, (g1, dx1)) = grad(layer, x, None), grad(layer, x, w8)
+  assert same((l0, dx0), (l1, dx1)) and same(nnx.state(g0), nnx.state(g1))
+  assert casts_of_w(lambda x: layer(x, w_fp8=w8), x) == 0

@@ -192,8 +192,8 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
       raise TypeError(f"fp8_linear: preferred_element_type must be bf16, f16, f32 or f64, got "
                       f"{out_dtype}")
   w_fp8 = _check_w_fp8("fp8_linear", w_fp8, w)
-  x, w, bias, *packed = _primitive.match_vma(x, w, bias, *(w_fp8 or ()))
-  w_fp8 = Fp8Weight(*packed) if packed else None
+  # (w_fp8 gets no cotangent, so its arrays need not vary like x's in a shard_map.)
+  x, w, bias = _primitive.match_vma(x, w, bias)
   order = _primitive.split_first(x, x.ndim - 1)
   x2 = _primitive.fold(x, order)
   y = _linear(x2, w, bias, w_fp8, _primitive.primal_types(x2, w, bias), out_dtype)
@@ -288,8 +288,7 @@ def fp8_grouped_linear(x, w, group_sizes, *, w_fp8=None):
                      f"{x.shape}, {w.shape}")
   _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
   w_fp8 = _check_w_fp8("fp8_grouped_linear", w_fp8, w)
-  x, w, group_sizes, *packed = _primitive.match_vma(x, w, group_sizes, *(w_fp8 or ()))
-  w_fp8 = Fp8Weight(*packed) if packed else None
+  x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.

@@ -8,6 +8,7 @@ import pytest
 from jax.extend.core import jaxprs_in_params
 
 import jax_deepgemm as jd
+import multidevice
 import oracle
 from helpers import randn
 
@@ -210,3 +211,32 @@ def test_fp8_linear_module_with_w_fp8(rng, dtype, param_dtype):
   (l0, (g0, dx0)), (l1, (g1, dx1)) = grad(layer, x, None), grad(layer, x, w8)
   assert same((l0, dx0), (l1, dx1)) and same(nnx.state(g0), nnx.state(g1))
   assert casts_of_w(lambda x: layer(x, w_fp8=w8), x) == 0
+
+
+def test_w_fp8_in_shard_map():
+  # Tokens split over a mesh axis, W and its casts replicated (not varying like x: they get no
+  # cotangent): W's gradient sums over the shards as without w_fp8.
+  multidevice.run(__file__, "case_w_fp8_in_shard_map", devices=2)
+
+
+def case_w_fp8_in_shard_map():
+  from jax.sharding import PartitionSpec as P
+  rng = np.random.default_rng(7)
+  mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, w = randn(rng, (256, 256), jnp.bfloat16), randn(rng, (256, 200), jnp.bfloat16, 0.06)
+  wg, sizes = randn(rng, (2, 256, 200), jnp.bfloat16, 0.06), jnp.array([[50, 60], [0, 128]])
+  dense = lambda x, w, s, p: jd.fp8_linear(x, w, w_fp8=p)
+  grouped = lambda x, w, s, p: jd.fp8_grouped_linear(x, w, s[0], w_fp8=p)
+  for lin, weight in ((dense, w), (grouped, wg)):
+    def loss(x, w, s, p, lin=lin):
+      return jax.lax.psum(jnp.sum(lin(x, w, s, p).astype(jnp.float32) ** 2), "x")
+    f = jax.shard_map(loss, mesh=mesh, in_specs=(P("x"), P(), P("x"), P()), out_specs=P())
+    grad = jax.jit(jax.grad(f, (0, 1)))
+    got = grad(x, weight, sizes, jd.quantize_weight(weight))
+    want = grad(x, weight, sizes, None)
+    assert same(got, want), "w_fp8 changed the gradients in shard_map"
+  print("ok")
+
+
+if __name__ == "__main__":
+  multidevice.main(globals())

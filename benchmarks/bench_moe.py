@@ -307,9 +307,10 @@ def main(argv=None) -> int:
 
     # The whole bf16 layer failed (XLA's default ragged_dot lowering expands into dense dots
     # over all experts and runs out of memory; its experimental emitters fail or OOM on the
-    # backward): time its first expert GEMM alone for a lower bound of the ratio.
+    # backward): time its first expert GEMM alone for a lower bound of the ratio (of one
+    # micro-batch's step: not with --micro-batches).
     t_floor = e_floor = None
-    if t_fp8 is not None and t_bf16 is None and not args.skip_baseline:
+    if t_fp8 is not None and t_bf16 is None and not args.skip_baseline and mb == 1:
       gemm, make_gemm = make_floor(graphdef_fp8, params, rest, tokens, h, k)
       t_floor, via_floor, e_floor = runner.time_impl(f"{name}] [bf16 gate GEMM", gemm,
                                                      make_gemm, timing, args.budget)

@@ -29,7 +29,9 @@ def casts_of_w(fn, *args, under=None):
 
 
 def same(a, b):
-  return all(bool(jnp.array_equal(u, v)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  """Bitwise equal pytrees (the same number of leaves, each equal)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(bool(jnp.array_equal(u, v)) for u, v in zip(la, lb))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -111,12 +111,13 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 # ----------------------------------------------------------------------------- the layer
-def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
+def moe_forward(moe, x2, params, mesh, expert_axis, dtype, weights_fp8=None):
   """The expert-parallel forward of ``moe`` (a ``flax.MoE``) on ``x2 [T, H]``.
 
   ``params``: the module's parameter arrays by name (``router``, ``w_gate_up``,
   ``w_down`` and, with shared experts, ``shared_*``); ``dtype``: the call's compute dtype (the
-  layer's, or with its ``dtype=None`` the promotion of x's and the parameters').
+  layer's, or with its ``dtype=None`` the promotion of x's and the parameters');
+  ``weights_fp8``: optional ``moe.quantize_weights()`` (split over the experts like the weights).
   Returns ``(y [T, H], aux)``.
   """
   shards = math.prod(mesh.shape.values())
@@ -128,7 +129,8 @@ def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
     # operands are all empty fails inside Shardy). The single-device layer's result: an empty
     # y and aux = 0, so every gradient is 0.
     return jnp.zeros_like(x2), jnp.zeros((), jnp.float32)
-  return _sharded(moe, x2, params, mesh=mesh, expert_axis=expert_axis, dtype=dtype)
+  return _sharded(moe, x2, params, weights_fp8 or {}, mesh=mesh, expert_axis=expert_axis,
+                  dtype=dtype)
 
 
 # Jitted: called eagerly, a shard_map runs (and differentiates) op by op, and jax 0.11.2's
@@ -136,16 +138,19 @@ def moe_forward(moe, x2, params, mesh, expert_axis, dtype):
 # group sizes' running sum of the backward): eager nnx.grad ended in a segfault. The layer is
 # a pytree argument, so calls with the same configuration reuse the compiled function.
 @functools.partial(jax.jit, static_argnames=("mesh", "expert_axis", "dtype"))
-def _sharded(moe, x2, params, *, mesh, expert_axis, dtype):
+def _sharded(moe, x2, params, weights_fp8, *, mesh, expert_axis, dtype):
   token_axes = tuple(mesh.axis_names)
   names = sorted(params)
   specs = {n: P(expert_axis) if n.startswith("w_") else P() for n in names}
+  # A weight's FP8 casts split as the weight (each array's leading axis is the expert's).
+  specs_fp8 = {n: type(wf)(*(specs[n],) * len(wf)) for n, wf in weights_fp8.items()}
   body = functools.partial(_local_moe, moe, names=names, dtype=dtype, expert_axis=expert_axis,
                            token_axes=token_axes, ep=mesh.shape[expert_axis],
                            total=x2.shape[0])
-  run = jax.shard_map(body, mesh=mesh, in_specs=(P(token_axes), [specs[n] for n in names]),
+  run = jax.shard_map(body, mesh=mesh,
+                      in_specs=(P(token_axes), [specs[n] for n in names], specs_fp8),
                       out_specs=(P(token_axes), P()))
-  args = (x2, [params[n] for n in names])
+  args = (x2, [params[n] for n in names], weights_fp8)
   explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
   if not explicit:
     return run(*args)
@@ -154,8 +159,9 @@ def _sharded(moe, x2, params, *, mesh, expert_axis, dtype):
   on_explicit = lambda spec: NamedSharding(mesh, P(*(
       tuple(a for a in _primitive.spec_axes(e) if a in explicit) or None for e in spec)))
   x_type = on_explicit(jax.typeof(x2).sharding.spec)
-  args = (_cotangent_as(x2, x_type), args[1])
-  args = jax.reshard(args, (on_explicit(P(token_axes)), [on_explicit(specs[n]) for n in names]))
+  args = (_cotangent_as(x2, x_type),) + args[1:]
+  args = jax.reshard(args, (on_explicit(P(token_axes)), [on_explicit(specs[n]) for n in names],
+                            jax.tree.map(on_explicit, specs_fp8)))
   y, aux = run(*args)
   return jax.reshard(y, x_type), aux
 
@@ -172,8 +178,9 @@ _cotangent_as.defvjp(lambda x, sharding: (x, None),
                      lambda sharding, _, ct: (jax.sharding.reshard(ct, sharding),))
 
 
-def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep, total):
-  """One device: ``x [t, H]`` local tokens, ``w_* [E/ep, ...]`` local experts."""
+def _local_moe(moe, x, param_list, wf, *, names, dtype, expert_axis, token_axes, ep, total):
+  """One device: ``x [t, H]`` local tokens, ``w_* [E/ep, ...]`` local experts (and ``wf``
+  their FP8 casts, if given: ``{name: Fp8Weight}``)."""
   p = dict(zip(names, param_list))
   t, h, k, e = x.shape[0], x.shape[1], moe.top_k, moe.num_experts
   e_local = e // ep
@@ -213,16 +220,16 @@ def _local_moe(moe, x, param_list, *, names, dtype, expert_axis, token_axes, ep,
   group_sizes = group_sizes[:e_local]
 
   xs = _gather(x_recv.reshape(ep * cap, h), lorder, linverse, 1)
-  hid = moe._silu_glu(moe._grouped(xs, p["w_gate_up"], group_sizes))
-  ys = moe._grouped(hid, p["w_down"], group_sizes)
+  hid = moe._silu_glu(moe._grouped(xs, p["w_gate_up"], group_sizes, wf.get("w_gate_up")))
+  ys = moe._grouped(hid, p["w_down"], group_sizes, wf.get("w_down"))
   y_recv = _gather(ys, linverse, lorder, 1)
   y_back = jax.lax.all_to_all(y_recv.reshape(ep, cap, h), expert_axis, 0, 0)
   y_tk = _gather(y_back.reshape(ep * cap, h), slot, choice_at, 1).reshape(t, k, h)
   y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
   if moe.num_shared_experts:
-    hs = moe._silu_glu(moe._dense(xc, p["shared_gate_up"]))
-    y = y + moe._dense(hs, p["shared_down"]).astype(jnp.float32)
+    hs = moe._silu_glu(moe._dense(xc, p["shared_gate_up"], wf.get("shared_gate_up")))
+    y = y + moe._dense(hs, p["shared_down"], wf.get("shared_down")).astype(jnp.float32)
 
   # The single-device layer's load-balancing loss, from global counts and probabilities.
   f = jax.lax.stop_gradient(jax.lax.psum(counts, token_axes).astype(jnp.float32)

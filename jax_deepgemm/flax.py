@@ -471,8 +471,6 @@ class MoE(nnx.Module):
     """
     if self.experts_impl != "fp8":
       raise ValueError("MoE.quantize_weights: experts_impl='bf16' has no FP8 weights")
-    if self.mesh is not None:
-      raise NotImplementedError("MoE.quantize_weights: not with mesh= (expert-parallel) yet")
     if self.dtype is None and x_dtype is None:
       raise ValueError("MoE.quantize_weights: the layer's dtype is None, so its compute dtype "
                        "follows x: pass x_dtype, the dtype of the x it will be called with")
@@ -491,8 +489,6 @@ class MoE(nnx.Module):
       return {}
     if self.experts_impl != "fp8":
       raise ValueError("MoE: weights_fp8 needs experts_impl='fp8'")
-    if self.mesh is not None:
-      raise NotImplementedError("MoE: weights_fp8 is not supported with mesh= (expert-parallel)")
     want = sorted(n for n in params if n != "router")
     if not isinstance(weights_fp8, dict) or sorted(weights_fp8) != want:
       got = sorted(weights_fp8) if isinstance(weights_fp8, dict) else type(weights_fp8).__name__
@@ -549,7 +545,8 @@ class MoE(nnx.Module):
     dtype = self._compute_dtype(x2, params.values())
     wf = self._check_weights_fp8(weights_fp8, params)
     if self.mesh is not None:
-      y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis, dtype)
+      y, aux = expert_parallel.moe_forward(self, x2, params, self.mesh, self.expert_axis, dtype,
+                                           wf)
       return _primitive.unfold_like(y, x, fold), aux
 
     probs, ids, weights = self._route(x2)

@@ -183,18 +183,6 @@ def test_moe_bad_weights_fp8(rng):
   assert same(promoting(x, weights_fp8=wf32), promoting(x))
 
 
-def test_moe_weights_fp8_not_yet_expert_parallel(rng):
-  from flax import nnx
-  from jax_deepgemm.flax import MoE
-  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-  moe = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0), mesh=mesh)
-  with pytest.raises(NotImplementedError, match="not with mesh="):
-    moe.quantize_weights()
-  plain = MoE(hidden=256, expert_width=128, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="weights_fp8 is not supported with mesh="):
-    moe(randn(rng, (16, 256), jnp.bfloat16), weights_fp8=plain.quantize_weights())
-
-
 @pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.float32), (None, jnp.float32)])
 def test_fp8_linear_module_with_w_fp8(rng, dtype, param_dtype):
   from flax import nnx
@@ -213,6 +201,37 @@ def test_fp8_linear_module_with_w_fp8(rng, dtype, param_dtype):
   (l0, (g0, dx0)), (l1, (g1, dx1)) = grad(layer, x, None), grad(layer, x, w8)
   assert same((l0, dx0), (l1, dx1)) and same(nnx.state(g0), nnx.state(g1))
   assert casts_of_w(lambda x: layer(x, w_fp8=w8), x) == 0
+
+
+@pytest.mark.parametrize("axes", ["auto", "explicit"])
+def test_moe_weights_fp8_expert_parallel(axes):
+  # MoE(mesh=...): the casts split over the experts like the weights, bitwise the plain call.
+  multidevice.run(__file__, "case_moe_expert_parallel", axes, devices=8)
+
+
+def case_moe_expert_parallel(axes):
+  from flax import nnx
+  from jax.sharding import AxisType
+  from jax_deepgemm.flax import MoE
+  kind = AxisType.Auto if axes == "auto" else AxisType.Explicit
+  mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(kind, kind))
+  moe = MoE(hidden=256, expert_width=128, num_experts=8, top_k=2, rngs=nnx.Rngs(0), mesh=mesh,
+            num_shared_experts=1)
+  x = randn(np.random.default_rng(3), (64, 256), jnp.bfloat16)
+  wf = moe.quantize_weights()
+  assert wf["w_down"].q.sharding.spec[0] == "expert", wf["w_down"].q.sharding
+
+  def loss(moe, x, wf):
+    y, aux = moe(x, weights_fp8=wf)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + aux
+
+  grad = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  (l0, (g0, dx0)), (l1, (g1, dx1)) = grad(moe, x, None), grad(moe, x, wf)
+  assert same((l0, dx0), (l1, dx1)) and same(nnx.state(g0), nnx.state(g1))
+  assert float(jnp.abs(nnx.state(g1)["w_down"][...]).max()) > 0
+  assert casts_of_w(lambda x: moe(x, weights_fp8=wf)[0], x) == 0
+  assert casts_of_w(lambda x: moe(x)[0], x) == 4  # gate|up, down, and the shared pair
+  print("ok")
 
 
 def test_w_fp8_in_shard_map():

@@ -7,12 +7,15 @@ best achievable loss, so a run shows how close the model gets. Everything runs u
 with optax AdamW; ``--experts both`` (default) trains the FP8 and the bf16 (``ragged_dot``)
 experts from the same init and compares their losses. Writes a loss-curve PNG at the end and,
 with ``--ckpt-dir``, an orbax checkpoint of the last model trained (``--restore`` starts from
-its weights; the optimizer state and the data stream start afresh).
+its weights; the optimizer state and the data stream start afresh). ``--micro-batches N`` takes
+each step's batch in N micro-batches (gradient accumulation), the FP8 experts' weights cast once
+per step.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -44,6 +47,7 @@ class Config:
   steps: int = 150
   lr: float = 3e-3
   dtype: str = "float32"
+  micro_batches: int = 1  # gradient accumulation: each step's batch in this many pieces
 
 
 PRESETS = {
@@ -89,9 +93,9 @@ class Block(nnx.Module):
     self.moe = MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=rngs,
                    experts_impl=impl, dtype=dtype, mesh=mesh)
 
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, weights_fp8=None):
     x = x + self.attn(self.norm1(x), mask=mask)
-    y, aux = self.moe(self.norm2(x))
+    y, aux = self.moe(self.norm2(x), weights_fp8=weights_fp8)
     return x + y, aux
 
 
@@ -103,12 +107,19 @@ class MoELM(nnx.Module):
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
     self.norm = nnx.RMSNorm(cfg.hidden, rngs=rngs)
 
-  def __call__(self, tokens):
+  def quantize_weights(self):
+    """Every block's FP8 expert weights (``MoE.quantize_weights``) for ``__call__``; None
+    with bf16 experts."""
+    if self.blocks[0].moe.experts_impl != "fp8":
+      return None
+    return [block.moe.quantize_weights() for block in self.blocks]
+
+  def __call__(self, tokens, weights_fp8=None):
     x = self.embed(tokens)
     mask = nnx.make_causal_mask(tokens)
     aux = jnp.zeros((), jnp.float32)
-    for block in self.blocks:
-      x, a = block(x, mask)
+    for i, block in enumerate(self.blocks):
+      x, a = block(x, mask, None if weights_fp8 is None else weights_fp8[i])
       aux = aux + a
     return self.embed.attend(self.norm(x)).astype(jnp.float32), aux
 
@@ -148,13 +159,43 @@ def parse_mesh(spec: str, cfg: Config):
   return expert_parallel.make_mesh(**sizes)
 
 
-@nnx.jit
-def train_step(model, optimizer, tokens):
-  def loss_fn(model):
-    logits, aux = model(tokens[:, :-1])
+def micro_batch_grads(model, tokens, micro_batches=1):
+  """``(cross-entropy, parameter gradients)`` of the loss on ``tokens [B, L + 1]``.
+
+  ``micro_batches`` > 1: gradient accumulation, both averaged over that many micro-batches of
+  ``B / micro_batches`` rows (a ``scan``: one micro-batch's activations live at a time). The
+  parameters do not change within the step, so FP8 experts cast their weights once, before
+  the scan (``MoELM.quantize_weights``), instead of in every micro-batch's call.
+  """
+  b = tokens.shape[0]
+  if micro_batches < 1 or b % micro_batches:
+    raise ValueError(f"micro_batch_grads: the batch ({b}) must split into {micro_batches} "
+                     "equal micro-batches")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, tokens, weights_fp8):
+    logits, aux = nnx.merge(graphdef, params, rest)(tokens[:, :-1], weights_fp8)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return ce + aux, ce
-  (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  grad = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    (_, ce), grads = grad(params, tokens, None)
+    return ce, grads
+  weights_fp8 = model.quantize_weights()
+  # Micro-batch j holds rows j, j + n, j + 2n, ...: rows split over devices stay there.
+  pieces = jnp.swapaxes(tokens.reshape(b // micro_batches, micro_batches, -1), 0, 1)
+
+  def body(acc, piece):
+    (_, ce), g = grad(params, piece, weights_fp8)
+    return jax.tree.map(jnp.add, acc, (ce, g)), None
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(body, zero, pieces)
+  return jax.tree.map(lambda t: t / micro_batches, total)
+
+
+@functools.partial(nnx.jit, static_argnames="micro_batches")
+def train_step(model, optimizer, tokens, micro_batches=1):
+  ce, grads = micro_batch_grads(model, tokens, micro_batches)
   optimizer.update(model, grads)
   return ce
 
@@ -183,9 +224,8 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
   ``mesh`` (see ``parse_mesh``) the run is data- and expert-parallel over it; every process
   draws the same global batches and feeds its devices their rows.
   """
-  if mesh is not None and cfg.batch % mesh.size:
-    raise ValueError(f"train: the batch ({cfg.batch}) must split evenly over the mesh's "
-                     f"{mesh.size} devices")
+  if (why := batch_split_error(cfg, mesh)) is not None:
+    raise ValueError(f"train: {why}")
   lang = MarkovLanguage(cfg.vocab, data_seed)
   model = model if model is not None else make_model(cfg, impl, seed, mesh)
   optimizer = make_optimizer(model, cfg)
@@ -200,8 +240,9 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
 
   tokens = next_batch()
   for step in range(1, cfg.steps + 1):
-    loss = train_step(model, optimizer, tokens)  # dispatched: the device runs it while
-    if step < cfg.steps:                         # the host draws the next batch
+    # Dispatched: the device runs the step while the host draws the next batch.
+    loss = train_step(model, optimizer, tokens, micro_batches=cfg.micro_batches)
+    if step < cfg.steps:
       tokens = next_batch()
     loss = float(loss)
     if step == 1:  # it compiled: the time is taken from here (tokens/s counted compiling)
@@ -214,6 +255,19 @@ def train(cfg: Config, impl: str, data_seed=0, seed=0, log_every=25, model=None,
       print(f"[{impl}] step {step:5d}  loss {loss:.4f}  (floor {lang.entropy:.4f})  "
             f"{time.time() - t0:.1f}s", flush=True)
   return model, losses, (time.time() - t1 if cfg.steps > 1 else None)
+
+
+def batch_split_error(cfg: Config, mesh=None):
+  """Why ``cfg.batch`` cannot be split into its micro-batches and each of those over the
+  mesh's devices, or None."""
+  if cfg.micro_batches < 1 or cfg.batch % cfg.micro_batches:
+    return (f"the batch ({cfg.batch}) must split into micro_batches ({cfg.micro_batches}) "
+            "equal micro-batches")
+  rows = cfg.batch // cfg.micro_batches
+  if mesh is not None and rows % mesh.size:
+    what = "the batch" if cfg.micro_batches == 1 else "each micro-batch"
+    return f"{what} ({rows}) must split evenly over the mesh's {mesh.size} devices"
+  return None
 
 
 def check_ckpt_dir(path):
@@ -255,6 +309,9 @@ def main(argv=None):
   p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   p.add_argument("--experts", choices=("fp8", "bf16", "both"), default="both")
   p.add_argument("--steps", type=int, help="override the preset's step count")
+  p.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                 help="take each step's batch in N micro-batches (gradient accumulation; FP8 "
+                      "expert weights cast once per step)")
   p.add_argument("--plot", default="loss_curve.png", help="where to write the loss curve")
   p.add_argument("--log-every", type=int, default=25, help="print the loss every N steps")
   p.add_argument("--ckpt-dir", help="save the (last trained) model here with orbax (a new or "
@@ -276,7 +333,7 @@ def main(argv=None):
                    help="CPU only: devices per process (for trying the parallel paths on CPU)")
   args = p.parse_args(argv)
   for flag, value in (("--steps", args.steps), ("--log-every", args.log_every),
-                      ("--cpu-devices", args.cpu_devices)):
+                      ("--cpu-devices", args.cpu_devices), ("--micro-batches", args.micro_batches)):
     if value is not None and value < 1:
       p.error(f"{flag} must be at least 1, got {value}")
   # Checked before training, not after it (a bad path would lose the run).
@@ -289,9 +346,11 @@ def main(argv=None):
     p.error(f"--ckpt-dir: {why}")
   if args.restore and not os.path.isdir(args.restore):  # (orbax's traceback, model built)
     p.error(f"--restore: {args.restore} is not a directory (an earlier run's --ckpt-dir)")
-  cfg = PRESETS[args.preset]
+  cfg = dataclasses.replace(PRESETS[args.preset], micro_batches=args.micro_batches)
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
+  if (why := batch_split_error(cfg)) is not None:  # (before the devices start)
+    p.error(f"--micro-batches: {why}")
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   if args.distributed:
@@ -302,9 +361,8 @@ def main(argv=None):
         if (args.parallel or args.mesh) else None
   except ValueError as e:
     p.error(str(e))
-  if mesh is not None and cfg.batch % mesh.size:  # (train's ValueError came as a traceback)
-    p.error(f"--mesh: the batch ({cfg.batch}) must split evenly over the mesh's {mesh.size} "
-            "devices")
+  if (why := batch_split_error(cfg, mesh)) is not None:  # (train's ValueError: a traceback)
+    p.error(f"--mesh: {why}")
   if mesh is not None and cfg.experts % mesh.shape["expert"]:  # (MoE's ValueError, likewise)
     p.error(f"--mesh: the {cfg.experts} experts must split evenly over the expert axis "
             f"({mesh.shape['expert']})")

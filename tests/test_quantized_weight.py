@@ -5,28 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import jaxprs_in_params
 
 import jax_deepgemm as jd
 import multidevice
 import oracle
-from helpers import randn
-
-W_CASTS = ("jax_deepgemm_per_block_cast", "jax_deepgemm_per_block_dual_cast")
-
-
-def casts_of_w(fn, *args, under=None):
-  """How many block casts (W's casts: X and dY take the per-token ones) ``fn``'s jaxpr holds;
-  with ``under``, only those inside an equation of that primitive (e.g. a scan's body)."""
-  def count(jaxpr, inside):
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += inside and eqn.primitive.name in W_CASTS
-      for sub in jaxprs_in_params(eqn.params):
-        n += count(sub, inside or eqn.primitive.name == under)
-    return n
-  return count(jax.make_jaxpr(fn)(*args).jaxpr, under is None)
-
+from helpers import casts_of_w, randn
 
 def same(a, b):
   """Bitwise equal pytrees (the same number of leaves, each equal)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import casts_of_w
 from jax_deepgemm import train
 
 TINY = dataclasses.replace(train.Config(), hidden=32, heads=2, layers=1, experts=4,
@@ -28,7 +29,7 @@ def test_tokens_per_second_leaves_out_the_compiling_step(monkeypatch, capsys, tm
   # 3-step run reported a third of the tokens/s of a 5-step one.) A first step that takes
   # 2 s, as a compilation does: the steps after it are timed alone.
   calls = []
-  def step(model, optimizer, tokens):
+  def step(model, optimizer, tokens, micro_batches=1):
     calls.append(1)
     time.sleep(2.0 if len(calls) == 1 else 0.0)
     return jnp.float32(1.0)
@@ -38,6 +39,46 @@ def test_tokens_per_second_leaves_out_the_compiling_step(monkeypatch, capsys, tm
   assert train.train(dataclasses.replace(TINY, steps=1), "fp8")[2] is None
   train.main(["--experts", "fp8", "--steps", "1", "--plot", str(tmp_path / "c.png")])
   assert "tokens/s" not in capsys.readouterr().out  # (nothing timed after the first step)
+
+
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+def test_micro_batches_average_the_micro_batch_gradients(impl):
+  # 3 micro-batches of 2 rows (rows j, j + 3 in micro-batch j): the loss and gradients are the
+  # mean of the three micro-batches' own, each as a plain step computes them.
+  cfg = dataclasses.replace(TINY, batch=6)
+  model = train.make_model(cfg, impl)
+  tokens = jnp.asarray(train.MarkovLanguage(cfg.vocab).batch(6, cfg.seq + 1))
+  grads = nnx.jit(train.micro_batch_grads, static_argnums=2)
+  ce, g = grads(model, tokens, 3)
+  parts = [grads(model, tokens[j::3], 1) for j in range(3)]
+  want_ce, want_g = jax.tree.map(lambda *p: sum(p) / 3, *parts)
+  np.testing.assert_allclose(ce, want_ce, rtol=1e-6)
+  assert jax.tree.structure(g) == jax.tree.structure(want_g)
+
+  def worst(a, b):  # the largest difference of a leaf, relative to that leaf's largest entry
+    return max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v)))
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert worst(g, want_g) < 1e-5
+  # Not a plain step's (each micro-batch has its own load-balancing loss and routing).
+  assert worst(grads(model, tokens, 1)[1], want_g) > 1e-3
+  # FP8: the experts' weights are cast once per step, outside the micro-batch scan.
+  graphdef, state = nnx.split(model)
+  step = lambda state, tokens: train.micro_batch_grads(nnx.merge(graphdef, state), tokens, 3)
+  casts = 2 * cfg.layers if impl == "fp8" else 0  # w_gate_up, w_down: one dual cast each
+  assert casts_of_w(step, state, tokens) == casts
+  assert casts_of_w(step, state, tokens, under="scan") == 0
+
+
+def test_micro_batches_train_and_reject_uneven_batches(tmp_path, capsys):
+  cfg = dataclasses.replace(TINY, micro_batches=2, steps=3)
+  _, losses, _ = train.train(cfg, "fp8", log_every=1000)
+  assert len(losses) == 3 and all(np.isfinite(l) for _, l in losses)
+  with pytest.raises(ValueError, match=r"batch \(8\) must split into micro_batches \(3\)"):
+    train.train(dataclasses.replace(TINY, micro_batches=3), "fp8")
+  with pytest.raises(SystemExit):
+    train.main(["--micro-batches", "3", "--steps", "1", "--plot", str(tmp_path / "c.png")])
+  assert "--micro-batches: the batch (16) must split into micro_batches (3)" in \
+      capsys.readouterr().err
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -58,7 +99,8 @@ def test_cli_writes_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--log-every", "0"],
-                                   ["--cpu-devices", "0"], ["--cpu-devices", "-2"]])
+                                   ["--cpu-devices", "0"], ["--cpu-devices", "-2"],
+                                   ["--micro-batches", "0"]])
 def test_cli_rejects_step_counts_below_one(flags, capsys):
   # (--steps 0 ran the preset's count; -3 crashed after training with an IndexError;
   # --cpu-devices 0 or -2 was ignored: the run went on with JAX's default device count.)

@@ -21,12 +21,13 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(KGroupedFp8GemmTn);
 // Typed-FFI handlers of the FP8 quantization kernels (quant_ffi.cu):
 // "jax_deepgemm_per_token_cast", "jax_deepgemm_per_block_cast",
 // "jax_deepgemm_per_block_dual_cast", "jax_deepgemm_token_axis_cast",
-// "jax_deepgemm_dual_cast".
+// "jax_deepgemm_dual_cast", "jax_deepgemm_gathered_dual_cast".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PerTokenCastFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PerBlockCastFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PerBlockDualCastFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(TokenAxisCastFp8);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(DualCastFp8);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatheredDualCastFp8);
 
 namespace jax_deepgemm {
 

@@ -30,6 +30,8 @@ NB_MODULE(_C, m) {
             nb::capsule(reinterpret_cast<void*>(&TokenAxisCastFp8));
         d["jax_deepgemm_dual_cast"] =
             nb::capsule(reinterpret_cast<void*>(&DualCastFp8));
+        d["jax_deepgemm_gathered_dual_cast"] =
+            nb::capsule(reinterpret_cast<void*>(&GatheredDualCastFp8));
         d["jax_deepgemm_m_grouped_fp8_gemm_nt"] =
             nb::capsule(reinterpret_cast<void*>(&MGroupedFp8GemmNt));
         d["jax_deepgemm_m_grouped_fp8_gemm_nt_into"] =

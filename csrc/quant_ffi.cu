@@ -29,11 +29,19 @@
 //                                   attrs use_ue8m0, recip_token, recip_axis (the recip
 //                                   flags of the per-token and the token-axis cast),
 //                                   s_mn_major (s's bytes are [ceil(C/128), A, T])
+//   "jax_deepgemm_gathered_dual_cast"
+//                                   x [A, S, C], rows int32 [A, T], keep_rows int32 [A]
+//                                               -> the dual cast's four results of the
+//                                                  [A, T, C] whose row t of slice a is
+//                                                  x[a, rows[a, t]] (zeros where that is
+//                                                  outside [0, S)), x read in place
+//                                   attrs as the dual cast's
 // Every size may be 0 (nothing is launched). The handlers check shapes and
 // launch one kernel: no host synchronization, no allocation (CUDA-graph safe).
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -283,30 +291,41 @@ ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
 // ---------------------------------------------------------------------------
 constexpr char kDualOp[] = "jax_deepgemm_dual_cast";
 
-ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                        ffi::AnyBuffer keep_rows, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
-                        ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
-                        int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
-                        int32_t s_mn_major) {
-  if (ffi::Error e = CheckInput(kDualOp, x, 3, "[A, T, C]"); e.failure()) return e;
-  const int64_t batch = x.dimensions()[0], t = x.dimensions()[1], c = x.dimensions()[2];
-  const int64_t tg = CeilDiv(t, kGroup), cg = CeilDiv(c, kGroup);
-  if (ffi::Error e = CheckOutputs(kDualOp, *q, {batch, t, c}, *s, {batch, t, cg}); e.failure()) {
+// rows: the gathered cast's row indices (int32 [A, T]), or nullptr (row t is x's row t).
+ffi::Error DualCast(cudaStream_t stream, int32_t device, const char* op, ffi::AnyBuffer x,
+                    const ffi::AnyBuffer* rows, ffi::AnyBuffer keep_rows,
+                    ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                    ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
+                    int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
+                    int32_t s_mn_major) {
+  if (ffi::Error e = CheckInput(op, x, 3, rows ? "[A, S, C]" : "[A, T, C]"); e.failure()) {
     return e;
   }
-  if (ffi::Error e = CheckOutputs(kDualOp, *qt, {batch, c, t}, *st, {batch, tg, c});
-      e.failure()) {
+  const int64_t batch = x.dimensions()[0], c = x.dimensions()[2];
+  const int64_t src_t = x.dimensions()[1];
+  if (rows && (rows->element_type() != ffi::DataType::S32 || rows->dimensions().size() != 2 ||
+               rows->dimensions()[0] != batch)) {
+    return InvalidArg(op, "rows must be int32 [" + std::to_string(batch) + ", T], got " +
+                              Dims(*rows));
+  }
+  const int64_t t = rows ? rows->dimensions()[1] : src_t;
+  const int64_t tg = CeilDiv(t, kGroup), cg = CeilDiv(c, kGroup);
+  if (ffi::Error e = CheckOutputs(op, *q, {batch, t, c}, *s, {batch, t, cg}); e.failure()) {
+    return e;
+  }
+  if (ffi::Error e = CheckOutputs(op, *qt, {batch, c, t}, *st, {batch, tg, c}); e.failure()) {
     return e;
   }
   if (keep_rows.element_type() != ffi::DataType::S32 || !HasDims(keep_rows, {batch})) {
-    return InvalidArg(kDualOp, "keep_rows must be int32 [" + std::to_string(batch) + "], got " +
-                                   Dims(keep_rows));
+    return InvalidArg(op, "keep_rows must be int32 [" + std::to_string(batch) + "], got " +
+                              Dims(keep_rows));
   }
   if (batch == 0 || t == 0 || c == 0) return ffi::Error::Success();
   // The kernel addresses a tile's elements with 32-bit offsets (row * c, and
-  // transposed row * t).
-  if (t * kGroup >= INT32_MAX || c * kGroup >= INT32_MAX || batch * tg * cg >= INT32_MAX) {
-    return InvalidArg(kDualOp, "x " + Dims(x) + " is too large");
+  // transposed row * t; gathered rows' offsets are 64-bit).
+  if (t * kGroup >= INT32_MAX || c * kGroup >= INT32_MAX || batch * tg * cg >= INT32_MAX ||
+      src_t >= INT32_MAX) {
+    return InvalidArg(op, "x " + Dims(x) + " is too large");
   }
 
   ScopedDevice scoped(device);
@@ -323,16 +342,43 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     // 16-byte pieces along T when whole pieces fit.
     const bool aligned = c % S::kVec == 0 && Aligned(xp, 16) && Aligned(qp, S::kVec);
     const int vec_store_t = t % 16 == 0 && Aligned(qtp, 16);
-    auto* kernel = s_mn_major ? (aligned ? &quant::dual_cast_kernel<T, true, true>
-                                         : &quant::dual_cast_kernel<T, false, true>)
-                              : (aligned ? &quant::dual_cast_kernel<T, true, false>
-                                         : &quant::dual_cast_kernel<T, false, false>);
+    auto pick = [&](auto gather) {
+      constexpr bool kGather = decltype(gather)::value;
+      return s_mn_major ? (aligned ? &quant::dual_cast_kernel<T, true, true, kGather>
+                                   : &quant::dual_cast_kernel<T, false, true, kGather>)
+                        : (aligned ? &quant::dual_cast_kernel<T, true, false, kGather>
+                                   : &quant::dual_cast_kernel<T, false, false, kGather>);
+    };
+    auto* kernel = rows ? pick(std::true_type{}) : pick(std::false_type{});
     kernel<<<static_cast<int>(batch * tg * cg), S::kThreads, 0, stream>>>(
         xp, static_cast<const int*>(keep_rows.untyped_data()), qp, sp, qtp, stp,
         static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
-        static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t, batch * t);
-    return LaunchStatus(kDualOp);
+        static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t, batch * t,
+        rows ? static_cast<const int*>(rows->untyped_data()) : nullptr,
+        static_cast<int>(src_t));
+    return LaunchStatus(op);
   });
+}
+
+ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                        ffi::AnyBuffer keep_rows, ffi::Result<ffi::AnyBuffer> q,
+                        ffi::Result<ffi::AnyBuffer> s, ffi::Result<ffi::AnyBuffer> qt,
+                        ffi::Result<ffi::AnyBuffer> st, int32_t use_ue8m0, int32_t recip_token,
+                        int32_t recip_axis, int32_t s_mn_major) {
+  return DualCast(stream, device, kDualOp, x, nullptr, keep_rows, q, s, qt, st, use_ue8m0,
+                  recip_token, recip_axis, s_mn_major);
+}
+
+constexpr char kGatheredDualOp[] = "jax_deepgemm_gathered_dual_cast";
+
+ffi::Error GatheredDualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                                ffi::AnyBuffer rows, ffi::AnyBuffer keep_rows,
+                                ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
+                                ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
+                                int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
+                                int32_t s_mn_major) {
+  return DualCast(stream, device, kGatheredDualOp, x, &rows, keep_rows, q, s, qt, st,
+                  use_ue8m0, recip_token, recip_axis, s_mn_major);
 }
 
 }  // namespace
@@ -396,6 +442,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
         .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // x
+        .Arg<xla::ffi::AnyBuffer>()  // keep_rows
+        .Ret<xla::ffi::AnyBuffer>()  // q
+        .Ret<xla::ffi::AnyBuffer>()  // s
+        .Ret<xla::ffi::AnyBuffer>()  // qt
+        .Ret<xla::ffi::AnyBuffer>()  // st
+        .Attr<int32_t>("use_ue8m0")
+        .Attr<int32_t>("recip_token")
+        .Attr<int32_t>("recip_axis")
+        .Attr<int32_t>("s_mn_major"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    GatheredDualCastFp8, jax_deepgemm::GatheredDualCastImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // x
+        .Arg<xla::ffi::AnyBuffer>()  // rows
         .Arg<xla::ffi::AnyBuffer>()  // keep_rows
         .Ret<xla::ffi::AnyBuffer>()  // q
         .Ret<xla::ffi::AnyBuffer>()  // s

@@ -1,6 +1,6 @@
 """The FP8 casts as primitives: fused CUDA kernels on Hopper, plain JAX everywhere else.
 
-Five primitives, three with two outputs ``(q, scale)`` (``quant.py`` is the public API):
+Six primitives, three with two outputs ``(q, scale)`` (``quant.py`` is the public API):
 
 ====================================  ========================  ==================================
 primitive                             x                         q, scale
@@ -21,6 +21,9 @@ primitive                             x                         q, scale
                                                                 token-axis ``qt [..., C, T]``,
                                                                 ``st [..., ceil(T/128), C]``
 ====================================  ========================  ==================================
+
+``jax_deepgemm_gathered_dual_cast(x [..., S, C], rows [..., T], keep_rows)`` is the dual cast of
+the rows ``rows`` of ``x`` (the MoE's dispatch gather, read in place instead of written first).
 
 The dual cast's optional second operand, int32 ``keep_rows`` (``x``'s leading axes), casts rows
 ``t >= keep_rows`` as zeros: ``fp8_grouped_linear``'s rows past its groups, whatever they hold,
@@ -380,31 +383,78 @@ def _dual_cuda(x, keep_rows=None, *, use_ue8m0):
   a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
   if not _kernel_ok(x, t * BLOCK, c * BLOCK, a * tg * cg):
     return dual_cast_reference(x, keep_rows, use_ue8m0=use_ue8m0)
+  if keep_rows is None:  # every row: a constant (jnp.full for symbolic sizes, export's)
+    static = _primitive.known(a) and _primitive.known(t)
+    keep_rows = np.full(a, t, np.int32) if static else jnp.full((a,), t, jnp.int32)
+  return _dual_call("jax_deepgemm_dual_cast", lead, t, c, use_ue8m0,
+                    x.reshape(a, t, c), keep_rows.reshape(a))
+
+
+def _dual_call(target, lead, t, c, use_ue8m0, *operands):
+  """The dual cast kernel's call (``target``: plain or gathered) for ``[*lead, t, c]``
+  results, its operands folded to one leading axis."""
+  a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
   # MN-major s: its bytes are [cg, a, t], so that the [a * t, cg] the GEMMs take is a bitcast.
   mn_major = _ffi.mn_major_scales()
-  call = jax.ffi.ffi_call("jax_deepgemm_dual_cast",
+  call = jax.ffi.ffi_call(target,
                           (jax.ShapeDtypeStruct((a, t, c), FP8_DTYPE),
                            jax.ShapeDtypeStruct((a, t, cg), F32),
                            jax.ShapeDtypeStruct((a, c, t), FP8_DTYPE),
                            jax.ShapeDtypeStruct((a, tg, c), F32)),
                           output_layouts=(None, (2, 0, 1) if mn_major else None, None, None))
   # Each half quantizes as its own op does: the two references are probed separately.
-  if keep_rows is None:  # every row: a constant (jnp.full for symbolic sizes, export's)
-    static = _primitive.known(a) and _primitive.known(t)
-    keep_rows = np.full(a, t, np.int32) if static else jnp.full((a,), t, jnp.int32)
-  keep_rows = keep_rows.reshape(a)
-  q, s, qt, st = call(x.reshape(a, t, c), keep_rows,
-                      use_ue8m0=np.int32(bool(use_ue8m0)),
+  q, s, qt, st = call(*operands, use_ue8m0=np.int32(bool(use_ue8m0)),
                       recip_token=np.int32(_kernel_recip("token")),
                       recip_axis=np.int32(_kernel_recip("token_axis")),
                       s_mn_major=np.int32(mn_major))
-  return (q.reshape(x.shape), s.reshape(*lead, t, cg), qt.reshape(*lead, c, t),
+  return (q.reshape(*lead, t, c), s.reshape(*lead, t, cg), qt.reshape(*lead, c, t),
           st.reshape(*lead, tg, c))
 
 
 dual_cast_p = _define(
     "jax_deepgemm_dual_cast", abstract_eval=_dual_abstract, reference=dual_cast_reference,
     cuda=_dual_cuda, outputs=4)
+
+
+# --- the dual cast of rows gathered from x [..., S, C] (the MoE's dispatch, read in place)
+
+def gathered_dual_cast_reference(x, rows, keep_rows, *, use_ue8m0=False):
+  """``dual_cast_reference`` of the rows ``rows [..., T]`` (int32) of ``x [..., S, C]``: row
+  ``t`` is ``x[..., rows[t], :]``, a zero row where ``rows[t]`` is outside ``[0, S)``."""
+  s = x.shape[-2]
+  idx = jnp.where((rows >= 0) & (rows < s), rows, s)[..., None]
+  xg = jnp.take_along_axis(x, idx, axis=-2, mode="fill", fill_value=0)
+  return dual_cast_reference(xg, keep_rows, use_ue8m0=use_ue8m0)
+
+
+def _gathered_dual_abstract(x, rows, keep_rows, *, use_ue8m0):
+  del use_ue8m0
+  lead, c = tuple(x.shape[:-2]), x.shape[-1]
+  if x.ndim < 2 or rows.dtype != jnp.int32 or rows.shape[:-1] != lead or rows.ndim < 1:
+    raise ValueError(f"jax_deepgemm_gathered_dual_cast: rows must be int32 [*lead, T] for x "
+                     f"[*lead, S, C] {x.shape}, got {rows.dtype} {rows.shape}")
+  if keep_rows.shape != lead or keep_rows.dtype != jnp.int32:
+    raise ValueError(f"jax_deepgemm_gathered_dual_cast: keep_rows must be int32 {lead} (x's "
+                     f"leading axes), got {keep_rows.dtype} {keep_rows.shape}")
+  t = rows.shape[-1]
+  # (x, rows and keep_rows vary alike inside shard_map: the callers match them.)
+  return _out_avals(x, (lead + (t, c), FP8_DTYPE), (lead + (t, ceil_div(c, BLOCK)), F32),
+                    (lead + (c, t), FP8_DTYPE), (lead + (ceil_div(t, BLOCK), c), F32))
+
+
+def _gathered_dual_cuda(x, rows, keep_rows, *, use_ue8m0):
+  *lead, s, c = x.shape
+  t = rows.shape[-1]
+  a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
+  if rows.size == 0 or not _kernel_ok(x, t * BLOCK, c * BLOCK, a * tg * cg, s):
+    return gathered_dual_cast_reference(x, rows, keep_rows, use_ue8m0=use_ue8m0)
+  return _dual_call("jax_deepgemm_gathered_dual_cast", lead, t, c, use_ue8m0,
+                    x.reshape(a, s, c), rows.reshape(a, t), keep_rows.reshape(a))
+
+
+gathered_dual_cast_p = _define(
+    "jax_deepgemm_gathered_dual_cast", abstract_eval=_gathered_dual_abstract,
+    reference=gathered_dual_cast_reference, cuda=_gathered_dual_cuda, outputs=4)
 
 
 # --- both block casts of w [..., N, K] from one read (fp8_linear's forward: qt feeds the

@@ -2,7 +2,7 @@
 
 Ragged shapes (aligned and unaligned rows, 1-element edges) in bf16, f16 and f32, each cast
 (per-token, per-block, its transpose and both at once, token axis and its transpose, the
-dual cast, with keep_rows too):
+dual cast, with keep_rows too, and gathered):
 
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     compute-sanitizer --tool memcheck python3 tests/sanitize_quant_case.py
@@ -31,4 +31,9 @@ for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
   x = jnp.asarray(rng.standard_normal((3, 257, 129)), dtype)
   keep = jnp.asarray([0, 130, 400], jnp.int32)
   jax.block_until_ready(jax.jit(lambda x, k: dual_cast_p.bind(x, k, use_ue8m0=False))(x, keep))
+  # The gathered dual cast: repeated, negative and past-the-end row indices, keep_rows.
+  from jax_deepgemm.quant_kernels import gathered_dual_cast_p
+  rows = jnp.asarray(rng.integers(-3, 260, size=(3, 300)), jnp.int32)
+  jax.block_until_ready(jax.jit(lambda x, r, k: gathered_dual_cast_p.bind(
+      x, r, k, use_ue8m0=False))(x, rows, keep))
 print("sanitize quant case done; kernels used:", jd.use_kernels())

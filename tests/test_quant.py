@@ -473,6 +473,39 @@ def test_dual_cast_cuda_lowering(monkeypatch):
     quant_kernels._kernel_recip.cache_clear()
 
 
+def test_gathered_dual_cast(rng, monkeypatch):
+  # The dual cast of x's rows `rows` (a zero row where an index is outside [0, S)), vmapped;
+  # on CUDA one custom call taking x, rows and keep_rows (no GPU needed); its type checks.
+  from jax_deepgemm import _ffi, quant_kernels as qk
+  x = randn(rng, (2, 40, 300), jnp.bfloat16)
+  rows = jnp.asarray(rng.integers(-3, 45, size=(2, 130)), jnp.int32)
+  keep = jnp.asarray([130, 100], jnp.int32)
+  bind = jax.jit(lambda x, r, k: qk.gathered_dual_cast_p.bind(x, r, k, use_ue8m0=False))
+  got = bind(x, rows, keep)
+  xg = jnp.where(((rows >= 0) & (rows < 40))[..., None],
+                 jnp.take_along_axis(x, jnp.clip(rows, 0, 39)[..., None], axis=1), 0)
+  want = qk.dual_cast_reference(xg, keep)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                  np.asarray(w.astype(jnp.float32)))
+  many = jax.vmap(bind, in_axes=(None, 0, 0))(x[0], rows, keep)
+  for g, w in zip(many, bind(jnp.stack([x[0], x[0]]), rows, keep)):
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                  np.asarray(w.astype(jnp.float32)))
+  with pytest.raises(ValueError, match="rows must be int32"):
+    bind(x, rows.astype(jnp.int16), keep)
+  with pytest.raises(ValueError, match="rows must be int32"):
+    bind(x, rows[0], keep)
+  with pytest.raises(ValueError, match="keep_rows must be int32"):
+    bind(x, rows, keep[0])
+  monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
+  text = bind.trace(x, rows, keep).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+  assert len(calls) == 1 and "@jax_deepgemm_gathered_dual_cast(" in calls[0], calls
+  for part in ("tensor<2x40x300xbf16>", "tensor<2x130xi32>", "tensor<2xi32>"):
+    assert part in calls[0], (part, calls[0])
+
+
 def test_fp8_linear_casts_each_operand_once(monkeypatch):
   # fp8_linear's forward casts X and W, its backward dY, each with one dual cast; the
   # backward does not cast W again (no GPU needed). Likewise fp8_grouped_linear.

@@ -756,7 +756,9 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
 //     along n (q [batch, t, n], s [batch, t, ceil(n/128)], as (a)) and 128x1
 //     groups along t written transposed (qt [batch, n, t], st [batch,
 //     ceil(t/128), n], as (c) with kTranspose); rows t >= keep_rows[batch]
-//     are cast as zeros
+//     are cast as zeros. kGather: row t of slice a is x's row rows[a][t] of
+//     that slice's src_t rows (outside [0, src_t): zeros), the MoE's dispatch
+//     gather read in place instead of materialized first
 // ---------------------------------------------------------------------------
 // fp8_linear needs both casts of X (forward GEMM operand, wgrad residual) and
 // of dY (dgrad, wgrad); two kernels read x twice. One CTA per tile of 128
@@ -794,13 +796,13 @@ struct DualCastShape {
 
 // kMnMajor: s is written MN-major, [nt][s_rows] with s_rows = batch * t_len (the
 // per-token scales' layout that the GEMMs read).
-template <typename T, bool kAligned, bool kMnMajor>
+template <typename T, bool kAligned, bool kMnMajor, bool kGather = false>
 __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::kMinBlocks)
     dual_cast_kernel(const T* __restrict__ x, const int* __restrict__ keep_rows,
                      uint8_t* __restrict__ q, float* __restrict__ s,
                      uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
                      int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t,
-                     int64_t s_rows) {
+                     int64_t s_rows, const int* __restrict__ rows_of = nullptr, int src_t = 0) {
   using S = DualCastShape<T>;
   __shared__ float col_amax[S::kWarps][kGroup];
   __shared__ float col_scale[kGroup];
@@ -813,7 +815,6 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
   // The tile's first element; offsets inside the tile fit in 32 bits (the host
   // checks 128 * n < 2^31 and 128 * t_len < 2^31).
   const int64_t origin = (static_cast<int64_t>(a) * t_len + g * kGroup) * n + j * kGroup;
-  const T* xt = x + origin;
   const int vc = threadIdx.x % S::kLanesPerRow;
   const int rg = threadIdx.x / S::kLanesPerRow;
   const int c0 = vc * S::kVec;                  // first column of this thread in the tile
@@ -822,7 +823,20 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
   const int valid_cols = n - j * kGroup - c0;   // elements of this thread's chunks inside x
 
   uint4 chunk[S::kRowsPerThread];
-  load_column_chunks<T, kAligned>(chunk, xt, r0, rows, n, c0, valid_cols);
+  if constexpr (kGather) {
+    // Each row from where rows_of points: x's row rows_of[a][t] of slice a.
+    const int* idx = rows_of + static_cast<int64_t>(a) * t_len + g * kGroup;
+    const T* xa = x + static_cast<int64_t>(a) * src_t * n + j * kGroup + c0;
+#pragma unroll
+    for (int i = 0; i < S::kRowsPerThread; ++i) {
+      const int src = r0 + i < rows ? __ldg(idx + r0 + i) : -1;
+      const bool in = src >= 0 && src < src_t;
+      chunk[i] = load_chunk<T, kAligned>(xa + (in ? static_cast<int64_t>(src) * n : 0),
+                                         in ? valid_cols : 0);
+    }
+  } else {
+    load_column_chunks<T, kAligned>(chunk, x + origin, r0, rows, n, c0, valid_cols);
+  }
   // Rows of slice a at or past keep_rows[a] are cast as zeros (fp8_grouped_linear's rows
   // past its groups: whatever they hold must not reach the token-axis scales that valid
   // rows share). Masked after the loads, not instead of them: the limit's load then

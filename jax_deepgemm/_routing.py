@@ -1,5 +1,8 @@
 """The routed rows' layout of the MoE layers: token-choices sorted by expert, optionally with
 each expert's rows padded to whole 128-token blocks."""
+import functools
+
+import jax
 import jax.numpy as jnp
 
 
@@ -33,3 +36,41 @@ def expert_rows(flat_ids, num_experts, align):
   order_padded = jnp.full((rows,), tk, jnp.int32).at[row].set(order)
   inverse = jnp.zeros((tk,), jnp.int32).at[order].set(row)
   return order_padded, inverse, padded, group_sizes
+
+
+# Every move of routed rows is a gather ``out[i] = x[idx[i]]`` whose transpose is again a
+# gather: each row of x is read ``k`` times, by the rows ``inv[j, :]`` of out (``idx``'s
+# inverse). Autodiff of the gather would give a scatter-add instead.
+def gather_rows(x, idx):
+  """``x[idx]`` along rows, a zero row where ``idx`` is outside ``[0, len(x))``."""
+  return jnp.take(x, jnp.where((idx >= 0) & (idx < x.shape[0]), idx, x.shape[0]), axis=0,
+                  mode="fill", fill_value=0)
+
+
+def gather_rows_transpose(dy, inv, k):
+  """The transpose of ``gather_rows(x, idx)``: x's row ``j`` gets the sum (in f32) of the
+  rows ``inv [len(x), k]`` of ``dy``. With ``k == 1`` an index outside ``[0, len(dy))`` adds
+  nothing (a row no row reads); with ``k > 1`` every row of x is read ``k`` times, so ``inv``
+  must be in range (a plain gather: XLA's reduce over k fused with a bounds-checked one took
+  1211 instead of 743 us in the MoE's backward, H100)."""
+  if k == 1:
+    return gather_rows(dy, inv.reshape(-1))
+  dx = dy[inv.reshape(-1)].reshape(-1, k, dy.shape[-1])
+  return jnp.sum(dx.astype(jnp.float32), axis=1).astype(dy.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather(x, idx, inv, k):
+  """``gather_rows(x, idx)``, differentiable in x through ``gather_rows_transpose``."""
+  return gather_rows(x, idx)
+
+
+def _gather_fwd(x, idx, inv, k):
+  return gather_rows(x, idx), inv
+
+
+def _gather_bwd(k, inv, dy):
+  return gather_rows_transpose(dy, inv, k), None, None
+
+
+gather.defvjp(_gather_fwd, _gather_bwd)

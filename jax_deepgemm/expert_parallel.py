@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive
-from jax_deepgemm._routing import expert_rows
+from jax_deepgemm._routing import expert_rows, gather
 
 
 def make_mesh(data: int | None = None, expert: int | None = None, *, devices=None):
@@ -85,29 +85,6 @@ def shard_expert_weights(w, mesh, expert_axis):
   if mesh.axis_types[mesh.axis_names.index(expert_axis)] == AxisType.Explicit:
     return jax.sharding.reshard(w, sharding)
   return jax.lax.with_sharding_constraint(w, sharding)
-
-
-# ----------------------------------------------------------------------------- row gathers
-# Every move of rows here is a gather ``out[i] = x[idx[i]]`` (index ``len(x)`` reads a zero
-# row) whose transpose is again a gather: each row of x is read ``k`` times, by the rows
-# ``inv[j, :]`` of out. Autodiff of the forward gather would give a scatter-add instead.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gather(x, idx, inv, k):
-  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
-
-
-def _gather_fwd(x, idx, inv, k):
-  return _gather(x, idx, inv, k), inv
-
-
-def _gather_bwd(k, inv, dy):
-  dx = jnp.take(dy, inv.reshape(-1), axis=0, mode="fill", fill_value=0)
-  if k > 1:
-    dx = jnp.sum(dx.reshape(-1, k, dy.shape[-1]).astype(jnp.float32), axis=1).astype(dy.dtype)
-  return dx, None, None
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -203,7 +180,7 @@ def _local_moe(moe, x, param_list, wf, *, names, dtype, expert_axis, token_axes,
   token_at = jnp.where(choice_at < t * k, choice_at // k, t)                # fill: t
 
   xc = x.astype(dtype)
-  x_send = _gather(xc, token_at, slot.reshape(t, k), k)
+  x_send = gather(xc, token_at, slot.reshape(t, k), k)
   x_recv = jax.lax.all_to_all(x_send.reshape(ep, cap, h), expert_axis, 0, 0)
   recv = jax.lax.all_to_all(per_dest, expert_axis, 0, 0)  # [source, local expert] rows
 
@@ -219,12 +196,13 @@ def _local_moe(moe, x, param_list, wf, *, names, dtype, expert_axis, token_axes,
                                                  moe._row_align(t * k, e_local))
   group_sizes = group_sizes[:e_local]
 
-  xs = _gather(x_recv.reshape(ep * cap, h), lorder, linverse, 1)
-  hid = moe._silu_glu(moe._grouped(xs, p["w_gate_up"], group_sizes, wf.get("w_gate_up")))
+  # (The gather into expert order is read in place by the FP8 layer's cast.)
+  hid = moe._silu_glu(moe._grouped(x_recv.reshape(ep * cap, h), p["w_gate_up"], group_sizes,
+                                   wf.get("w_gate_up"), rows=(lorder, linverse[:, None], 1)))
   ys = moe._grouped(hid, p["w_down"], group_sizes, wf.get("w_down"))
-  y_recv = _gather(ys, linverse, lorder, 1)
+  y_recv = gather(ys, linverse, lorder[:, None], 1)
   y_back = jax.lax.all_to_all(y_recv.reshape(ep, cap, h), expert_axis, 0, 0)
-  y_tk = _gather(y_back.reshape(ep * cap, h), slot, choice_at, 1).reshape(t, k, h)
+  y_tk = gather(y_back.reshape(ep * cap, h), slot, choice_at[:, None], 1).reshape(t, k, h)
   y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
   if moe.num_shared_experts:

@@ -9,6 +9,7 @@ Layout (no capacity factor, no token dropping, static shapes throughout)::
 
   x [T, H] --router (f32)--> scores [T, E] --top_k--> ids, weights [T, k]
   token-choices [T*k] sorted by expert id (stable) --gather--> x_sorted [R, H]
+                                   (FP8: read in place by x_sorted's cast, never written)
   group_sizes [E]: rows per expert           (a device array: nothing syncs with the host)
   x_sorted --grouped GEMM (gate|up)--> [R, 2W] --silu(gate) * up--> [R, W]
            --grouped GEMM (down)--> y_sorted [R, H]
@@ -59,56 +60,13 @@ from jax import custom_batching
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
-from jax_deepgemm._routing import expert_rows
-from jax_deepgemm.linear import fp8_grouped_linear, fp8_linear, quantize_weight
+from jax_deepgemm._routing import expert_rows, gather
+from jax_deepgemm.linear import (fp8_grouped_linear, fp8_grouped_linear_of_rows, fp8_linear,
+                                 quantize_weight)
 from jax_deepgemm.quant import is_wide_float
 
 _SCORES = ("softmax", "sigmoid")
 _IMPLS = ("fp8", "bf16")
-
-
-# ----------------------------------------------------------------------------- permutation
-# Both directions are plain row gathers. Autodiff of a gather would produce a scatter-add (and
-# of the unpermute a scatter into a [T*k, H] zero buffer); since ``order`` is a permutation we
-# know its inverse, so each backward is again just a gather.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dispatch(x, order, inverse, k):
-  """``x [T, H]`` -> ``[R, H]``: row ``i`` is token ``order[i] // k``, or zeros where
-  ``order[i] == T*k`` (a padding row of the aligned layout, see ``_routing.expert_rows``)."""
-  return x.at[order // k].get(mode="fill", fill_value=0)
-
-
-def _dispatch_fwd(x, order, inverse, k):
-  return _dispatch(x, order, inverse, k), (order, inverse)
-
-
-def _dispatch_bwd(k, res, dy):
-  order, inverse = res
-  # Back to token-choice order, then each token sums the cotangents of its k copies.
-  dx = dy[inverse].reshape(-1, k, dy.shape[-1])
-  dx = jnp.sum(dx.astype(jnp.float32), axis=1).astype(dy.dtype)
-  return dx, None, None
-
-
-_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def _combine_gather(y_sorted, order, inverse):
-  """``y_sorted [R, H]`` (expert order) -> ``[T*k, H]`` in token-choice order."""
-  return y_sorted[inverse]
-
-
-def _combine_gather_fwd(y_sorted, order, inverse):
-  return _combine_gather(y_sorted, order, inverse), (order, inverse)
-
-
-def _combine_gather_bwd(res, dy):
-  order, _ = res
-  return dy.at[order].get(mode="fill", fill_value=0), None, None  # padding rows: 0
-
-
-_combine_gather.defvjp(_combine_gather_fwd, _combine_gather_bwd)
 
 
 def _specs(*xs):
@@ -401,8 +359,15 @@ class MoE(nnx.Module):
 
   # --------------------------------------------------------------------------- GEMMs
   # x comes in the compute dtype (cast once, before the expert GEMMs): the GEMMs run in it.
-  def _grouped(self, x, w, group_sizes, w_fp8=None):
+  # rows: None, or (idx, inv, k): the GEMM of the rows _routing.gather(x, idx, inv, k), which
+  # the FP8 layer's cast reads in place (no gathered copy written and read again).
+  def _grouped(self, x, w, group_sizes, w_fp8=None, rows=None):
     w = w.astype(x.dtype)
+    if self.experts_impl == "fp8" and rows is not None and \
+        _primitive.explicit_spec(jax.typeof(x)) is None:  # (the gathered cast: no typed rule)
+      return fp8_grouped_linear_of_rows(x, *rows, w, group_sizes, w_fp8=w_fp8)
+    if rows is not None:
+      x = gather(x, *rows)
     if self.experts_impl == "fp8":
       return fp8_grouped_linear(x, w, group_sizes, w_fp8=w_fp8)
     mesh = jax.sharding.get_abstract_mesh()
@@ -557,14 +522,14 @@ class MoE(nnx.Module):
                                                       self._row_align(t * k))
 
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
-    x_sorted = _dispatch(xc, order, inverse, k)
-    h = self._silu_glu(self._grouped(x_sorted, params["w_gate_up"], group_sizes,
-                                     wf.get("w_gate_up")))
+    # Row r of the sorted layout is token order[r] // k (a zero row for padding, order T*k).
+    h = self._silu_glu(self._grouped(xc, params["w_gate_up"], group_sizes, wf.get("w_gate_up"),
+                                     rows=(order // k, inverse.reshape(t, k), k)))
     y_sorted = self._grouped(h, params["w_down"], group_sizes, wf.get("w_down"))
 
     # Back to [T, k, H]; the weighted sum over the k choices accumulates in f32 (elementwise,
     # not a dot, so no TF32/bf16 matmul precision applies to it on GPU).
-    y_tk = _combine_gather(y_sorted, order, inverse).reshape(t, k, self.hidden)
+    y_tk = gather(y_sorted, inverse, order[:, None], 1).reshape(t, k, self.hidden)
     y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
     if self.num_shared_experts:

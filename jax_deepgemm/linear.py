@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jax_deepgemm import _checks, _primitive
+from jax_deepgemm._routing import gather_rows, gather_rows_transpose
 from jax_deepgemm.gemm import fp8_gemm_nt
 from jax_deepgemm.grouped_contiguous import (m_grouped_fp8_gemm_nt_contiguous,
                                              sanitize_group_sizes)
@@ -25,7 +26,7 @@ from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose)
-from jax_deepgemm.quant_kernels import ceil_div, dual_cast_p
+from jax_deepgemm.quant_kernels import ceil_div, dual_cast_p, gathered_dual_cast_p
 
 
 # Names for remat policies (``jax.checkpoint_policies.save_only_these_names``): what the
@@ -202,9 +203,13 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
 
 
 # ----------------------------------------------------------------------------- grouped
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped(x, w, group_sizes, w_fp8, types):
-  del types
+# ``rows``: None, or ``(idx, inv)`` with the static ``k`` for the layer of the gathered rows
+# ``x[idx]`` (``gather_rows``), the gather read in place by X's cast kernel.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped(x, w, group_sizes, w_fp8, rows, types, k):
+  del types, k
+  if rows is not None:
+    x = gather_rows(x, rows[0])
   xq, xs = per_token_cast_to_fp8(x)
   # [G, N, K], written so by the cast
   wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
@@ -222,39 +227,44 @@ def _rows_in_groups(group_sizes, m):
   return jnp.sum(sanitize_group_sizes(group_sizes, m, "fp8_grouped_linear"), dtype=jnp.int32)
 
 
-def _grouped_cast(x, keep):
-  """Both casts of X or dY ``[M, ·]`` (as ``per_token_cast_to_fp8_and_transpose``) with the rows
-  at or past ``keep`` (those in no group) cast as zeros: whatever those hold (``jnp.take``'s NaN
-  fill, garbage) would otherwise set the token-axis scale of the 128-row block the last group
-  ends in, and so that group's dW."""
-  return dual_cast_p.bind(x, keep, use_ue8m0=False)
+def _grouped_cast(x, keep, idx=None):
+  """Both casts of X or dY ``[M, ·]`` (as ``per_token_cast_to_fp8_and_transpose``; with ``idx``,
+  of ``gather_rows(x, idx)``) with the rows at or past ``keep`` (those in no group) cast as
+  zeros: whatever those hold (``jnp.take``'s NaN fill, garbage) would otherwise set the
+  token-axis scale of the 128-row block the last group ends in, and so that group's dW."""
+  if idx is None:
+    return dual_cast_p.bind(x, keep, use_ue8m0=False)
+  return gathered_dual_cast_p.bind(x, idx, keep, use_ue8m0=False)
 
 
-def _grouped_fwd(x, w, group_sizes, w_fp8, types):
+def _grouped_fwd(x, w, group_sizes, w_fp8, rows, types, k):
   del types
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read (W's: or given).
   # The row count in groups rides in the residuals: dY's cast needs it again.
-  keep = _rows_in_groups(group_sizes, x.shape[0])
-  xq, xs, xt, xts = _grouped_cast(x, keep)
+  idx, inv = (None, None) if rows is None else rows
+  keep = _rows_in_groups(group_sizes, x.shape[0] if idx is None else idx.shape[0])
+  xq, xs, xt, xts = _grouped_cast(x, keep, idx)
   wq, ws, wtq, wts = w_fp8 or per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
-  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep, inv)
 
 
-def _grouped_bwd(types, res, dy):
-  xt, xts, wq, ws, w_like, group_sizes, keep = res  # dy has X's dtype
+def _grouped_bwd(types, k, res, dy):
+  xt, xts, wq, ws, w_like, group_sizes, keep, inv = res  # dy has X's dtype
   # dY's two casts from one read (as in _linear_bwd).
   dyq, dys, dyt, dyts = _grouped_cast(dy, keep)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
+  if inv is not None:  # back to x's rows
+    dx = gather_rows_transpose(dx, inv, k)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None)
+  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -279,18 +289,47 @@ def fp8_grouped_linear(x, w, group_sizes, *, w_fp8=None):
   Returns:
     ``[M, N]`` in ``x.dtype``.
   """
-  x, w = _checks.arrays("fp8_grouped_linear", "x w", x, w)
-  group_sizes = _checks.sizes_array("fp8_grouped_linear", "group_sizes", group_sizes)
-  _check_float("fp8_grouped_linear", "x", x)
-  _check_float("fp8_grouped_linear", "w", w)
+  return _fp8_grouped_linear("fp8_grouped_linear", x, w, group_sizes, w_fp8)
+
+
+def fp8_grouped_linear_of_rows(x, idx, inv, k, w, group_sizes, *, w_fp8=None):
+  """``fp8_grouped_linear(gather_rows(x, idx), w, group_sizes, w_fp8=w_fp8)`` with the row
+  gather read in place by X's cast kernel instead of written first (the MoE's dispatch).
+
+  Args:
+    x: ``[S, K]``, the rows to gather from.
+    idx: int32 ``[M]``, x's row for each row of the layer (outside ``[0, S)``: a zero row).
+    inv: int32 ``[S, k]``, its inverse: the ``k`` rows that read each row of x (an index
+      outside ``[0, M)`` stands for none); x's gradient is the sum over them.
+    k: how many rows read each row of x (static).
+  """
+  op = "fp8_grouped_linear_of_rows"
+  x = _checks.array(op, "x", x)
+  idx, inv = _checks.arrays(op, "idx inv", idx, inv)
+  if idx.ndim != 1 or idx.dtype != jnp.int32 or x.ndim != 2 or inv.dtype != jnp.int32 or \
+      inv.shape != (x.shape[0], k):
+    raise ValueError(f"{op}: idx must be int32 [M] and inv int32 [S, k] = [{x.shape[0]}, {k}] "
+                     f"for x [S, K] {x.shape}, got {idx.dtype} {idx.shape}, {inv.dtype} "
+                     f"{inv.shape}")
+  return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, (idx, inv), k)
+
+
+def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, rows=None, k=1):
+  x, w = _checks.arrays(op, "x w", x, w)
+  group_sizes = _checks.sizes_array(op, "group_sizes", group_sizes)
+  _check_float(op, "x", x)
+  _check_float(op, "w", w)
   if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-    raise ValueError(f"fp8_grouped_linear: x [M, K] and w [G, K, N] disagree: "
-                     f"{x.shape}, {w.shape}")
-  _checks.group_sizes("fp8_grouped_linear", "group_sizes", group_sizes, w.shape[0])
-  w_fp8 = _check_w_fp8("fp8_grouped_linear", w_fp8, w)
-  x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
+    raise ValueError(f"{op}: x [M, K] and w [G, K, N] disagree: {x.shape}, {w.shape}")
+  _checks.group_sizes(op, "group_sizes", group_sizes, w.shape[0])
+  w_fp8 = _check_w_fp8(op, w_fp8, w)
+  if rows is None:
+    x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
+  else:  # (the gathered cast's results vary as x does: its operands vary alike)
+    x, w, group_sizes, *rows = _primitive.match_vma(x, w, group_sizes, *rows)
+    rows = tuple(rows)
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
-  return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, _primitive.primal_types(x, w)),
-                         OUT)
+  return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, rows,
+                                  _primitive.primal_types(x, w), k), OUT)

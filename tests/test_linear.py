@@ -264,6 +264,40 @@ def test_grouped_rows_past_the_groups_may_hold_anything(rng, fill):
   assert oracle.calc_diff(dw0[5], xx[160:200].T @ rr[160:200]) < 2e-3
 
 
+@pytest.mark.parametrize("align", [1, 128])
+def test_grouped_of_rows_is_the_layer_of_the_gathered_rows(rng, align):
+  # fp8_grouped_linear_of_rows (the MoE's dispatch read in place by X's cast): values and
+  # gradients bitwise those of the gather (with its custom transpose) and the plain layer;
+  # k = 3 choices per token, an empty expert, padding rows (align 128) and rows past the
+  # groups; with w_fp8 too. Its jaxpr casts x once, gathered.
+  from jax_deepgemm._routing import expert_rows, gather
+  from jax_deepgemm.linear import fp8_grouped_linear_of_rows
+  t, k, e, kk, n = 150, 3, 5, 260, 200
+  ids = jnp.asarray(rng.choice([0, 1, 3, 4], size=t * k), jnp.int32)  # expert 2: empty
+  order, inverse, gs, _ = expert_rows(ids, e, align)
+  idx, inv = order // k, inverse.reshape(t, k)
+  x = randn(rng, (t, kk), jnp.bfloat16)
+  w = randn(rng, (e, kk, n), jnp.float32, scale=kk ** -0.5)
+  ct = randn(rng, (idx.shape[0], n), jnp.bfloat16)
+  plain = lambda x, w, w8=None: jd.fp8_grouped_linear(gather(x, idx, inv, k), w, gs, w_fp8=w8)
+  fused = lambda x, w, w8=None: fp8_grouped_linear_of_rows(x, idx, inv, k, w, gs, w_fp8=w8)
+  w8 = jd.quantize_weight(w)
+  for args in [(x, w), (x, w, w8)]:
+    want = jax.jit(lambda *a: (lambda y, f: (y, f(ct)))(*jax.vjp(plain, *a)))(*args)
+    got = jax.jit(lambda *a: (lambda y, f: (y, f(ct)))(*jax.vjp(fused, *a)))(*args)
+    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                    np.asarray(v.astype(jnp.float32)))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: fused(x, w).astype(jnp.float32).sum()))(x))
+  assert jaxpr.count("jax_deepgemm_gathered_dual_cast") == 1
+  with pytest.raises(ValueError, match="idx must be int32 \\[M\\] and inv int32 \\[S, k\\]"):
+    fp8_grouped_linear_of_rows(x, idx.astype(jnp.int16), inv, k, w, gs)
+  with pytest.raises(ValueError, match=r"inv int32 \[S, k\] = \[150, 2\]"):
+    fp8_grouped_linear_of_rows(x, idx, inv, 2, w, gs)
+  with pytest.raises(ValueError, match="fp8_grouped_linear_of_rows: x \\[M, K\\] and w"):
+    fp8_grouped_linear_of_rows(x, idx, inv, k, w[:, :7], gs)
+
+
 def test_grouped_groups_of_whole_blocks_keep_a_nan_to_their_own_dw(rng):
   # The token-axis scales are per 128 rows: groups of whole blocks (the MoE layer's padded
   # layout) share none, so a NaN row reaches only its own group's dW; a group ending inside

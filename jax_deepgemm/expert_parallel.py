@@ -196,11 +196,11 @@ def _local_moe(moe, x, param_list, wf, *, names, dtype, expert_axis, token_axes,
                                                  moe._row_align(t * k, e_local))
   group_sizes = group_sizes[:e_local]
 
-  # (The gather into expert order is read in place by the FP8 layer's cast.)
+  # (Both gathers, into expert order and back, are read in place by the FP8 layers' casts.)
   hid = moe._silu_glu(moe._grouped(x_recv.reshape(ep * cap, h), p["w_gate_up"], group_sizes,
-                                   wf.get("w_gate_up"), rows=(lorder, linverse[:, None], 1)))
-  ys = moe._grouped(hid, p["w_down"], group_sizes, wf.get("w_down"))
-  y_recv = gather(ys, linverse, lorder[:, None], 1)
+                                   wf.get("w_gate_up"), in_rows=(lorder, linverse[:, None], 1)))
+  y_recv = moe._grouped(hid, p["w_down"], group_sizes, wf.get("w_down"),
+                        out_rows=(linverse, lorder))
   y_back = jax.lax.all_to_all(y_recv.reshape(ep, cap, h), expert_axis, 0, 0)
   y_tk = gather(y_back.reshape(ep * cap, h), slot, choice_at[:, None], 1).reshape(t, k, h)
   y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)

@@ -359,15 +359,21 @@ class MoE(nnx.Module):
 
   # --------------------------------------------------------------------------- GEMMs
   # x comes in the compute dtype (cast once, before the expert GEMMs): the GEMMs run in it.
-  # rows: None, or (idx, inv, k): the GEMM of the rows _routing.gather(x, idx, inv, k), which
-  # the FP8 layer's cast reads in place (no gathered copy written and read again).
-  def _grouped(self, x, w, group_sizes, w_fp8=None, rows=None):
+  # in_rows / out_rows (fp8_grouped_linear_of_rows): the GEMM of the rows gather(x, *in_rows),
+  # its result gathered by out_rows (the dispatch and the combine); the FP8 layer's casts read
+  # both in place (no gathered copy of x or of the result's cotangent written and read again).
+  def _grouped(self, x, w, group_sizes, w_fp8=None, in_rows=None, out_rows=None):
     w = w.astype(x.dtype)
-    if self.experts_impl == "fp8" and rows is not None and \
-        _primitive.explicit_spec(jax.typeof(x)) is None:  # (the gathered cast: no typed rule)
-      return fp8_grouped_linear_of_rows(x, *rows, w, group_sizes, w_fp8=w_fp8)
-    if rows is not None:
-      x = gather(x, *rows)
+    if self.experts_impl == "fp8" and _primitive.explicit_spec(jax.typeof(x)) is None:
+      # (Typed over Explicit axes, below: the gathered casts have no typed sharding rule.)
+      return fp8_grouped_linear_of_rows(x, w, group_sizes, w_fp8=w_fp8, in_rows=in_rows,
+                                        out_rows=out_rows)
+    if in_rows is not None:
+      x = gather(x, *in_rows)
+    y = self._grouped_plain(x, w, group_sizes, w_fp8)
+    return y if out_rows is None else gather(y, out_rows[0], out_rows[1][:, None], 1)
+
+  def _grouped_plain(self, x, w, group_sizes, w_fp8):
     if self.experts_impl == "fp8":
       return fp8_grouped_linear(x, w, group_sizes, w_fp8=w_fp8)
     mesh = jax.sharding.get_abstract_mesh()
@@ -524,12 +530,12 @@ class MoE(nnx.Module):
     xc = x2.astype(dtype)  # cast before the gather: k copies of fewer bytes
     # Row r of the sorted layout is token order[r] // k (a zero row for padding, order T*k).
     h = self._silu_glu(self._grouped(xc, params["w_gate_up"], group_sizes, wf.get("w_gate_up"),
-                                     rows=(order // k, inverse.reshape(t, k), k)))
-    y_sorted = self._grouped(h, params["w_down"], group_sizes, wf.get("w_down"))
-
-    # Back to [T, k, H]; the weighted sum over the k choices accumulates in f32 (elementwise,
-    # not a dot, so no TF32/bf16 matmul precision applies to it on GPU).
-    y_tk = gather(y_sorted, inverse, order[:, None], 1).reshape(t, k, self.hidden)
+                                     in_rows=(order // k, inverse.reshape(t, k), k)))
+    # Back to token-choice order [T, k, H] (row i: the sorted row inverse[i]); the weighted sum
+    # over the k choices accumulates in f32 (elementwise, not a dot, so no TF32/bf16 matmul
+    # precision applies to it on GPU).
+    y_tk = self._grouped(h, params["w_down"], group_sizes, wf.get("w_down"),
+                         out_rows=(inverse, order)).reshape(t, k, self.hidden)
     y = jnp.sum(weights[:, :, None] * y_tk.astype(jnp.float32), axis=1)
 
     if self.num_shared_experts:

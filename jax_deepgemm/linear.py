@@ -203,17 +203,20 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
 
 
 # ----------------------------------------------------------------------------- grouped
-# ``rows``: None, or ``(idx, inv)`` with the static ``k`` for the layer of the gathered rows
-# ``x[idx]`` (``gather_rows``), the gather read in place by X's cast kernel.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _grouped(x, w, group_sizes, w_fp8, rows, types, k):
+# in_rows: None, or (idx, inv) with the static k: the layer of the rows gather_rows(x, idx),
+#   which X's cast reads in place (x's gradient: gather_rows_transpose(dx, inv, k)).
+# out_rows: None, or (idx, inv): the layer's result is gather_rows(y, idx), and dY's cast reads
+#   the rows gather_rows(dy, inv) of that result's cotangent in place.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _grouped(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
   del types, k
-  if rows is not None:
-    x = gather_rows(x, rows[0])
+  if in_rows is not None:
+    x = gather_rows(x, in_rows[0])
   xq, xs = per_token_cast_to_fp8(x)
   # [G, N, K], written so by the cast
   wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
-  return _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  return y if out_rows is None else gather_rows(y, out_rows[0])
 
 
 def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
@@ -237,34 +240,37 @@ def _grouped_cast(x, keep, idx=None):
   return gathered_dual_cast_p.bind(x, idx, keep, use_ue8m0=False)
 
 
-def _grouped_fwd(x, w, group_sizes, w_fp8, rows, types, k):
-  del types
+def _grouped_fwd(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
+  del types, k
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read (W's: or given).
   # The row count in groups rides in the residuals: dY's cast needs it again.
-  idx, inv = (None, None) if rows is None else rows
+  idx = None if in_rows is None else in_rows[0]
   keep = _rows_in_groups(group_sizes, x.shape[0] if idx is None else idx.shape[0])
   xq, xs, xt, xts = _grouped_cast(x, keep, idx)
   wq, ws, wtq, wts = w_fp8 or per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  if out_rows is not None:
+    y = gather_rows(y, out_rows[0])
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
-  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep, inv)
+  invs = tuple(None if r is None else r[1] for r in (in_rows, out_rows))
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep, invs)
 
 
 def _grouped_bwd(types, k, res, dy):
-  xt, xts, wq, ws, w_like, group_sizes, keep, inv = res  # dy has X's dtype
-  # dY's two casts from one read (as in _linear_bwd).
-  dyq, dys, dyt, dyts = _grouped_cast(dy, keep)
+  xt, xts, wq, ws, w_like, group_sizes, keep, (x_inv, y_inv) = res  # dy has X's dtype
+  # dY's two casts from one read (as in _linear_bwd; with out_rows, of its rows y_inv).
+  dyq, dys, dyt, dyts = _grouped_cast(dy, keep, y_inv)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
-  if inv is not None:  # back to x's rows
-    dx = gather_rows_transpose(dx, inv, k)
+  if x_inv is not None:  # back to x's rows
+    dx = gather_rows_transpose(dx, x_inv, k)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None)
+  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None, None)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -292,29 +298,47 @@ def fp8_grouped_linear(x, w, group_sizes, *, w_fp8=None):
   return _fp8_grouped_linear("fp8_grouped_linear", x, w, group_sizes, w_fp8)
 
 
-def fp8_grouped_linear_of_rows(x, idx, inv, k, w, group_sizes, *, w_fp8=None):
-  """``fp8_grouped_linear(gather_rows(x, idx), w, group_sizes, w_fp8=w_fp8)`` with the row
-  gather read in place by X's cast kernel instead of written first (the MoE's dispatch).
+def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, out_rows=None):
+  """``fp8_grouped_linear`` between row gathers (a MoE layer's dispatch and combine), each read
+  in place by a cast kernel instead of written first: the result is
+
+      gather_rows(fp8_grouped_linear(gather_rows(x, in_idx), w, group_sizes), out_idx)
+
+  (``_routing.gather_rows``: a zero row where an index is outside the rows), differentiable
+  in x and w. The gradients go back through the inverses, as ``_routing.gather`` takes them.
 
   Args:
-    x: ``[S, K]``, the rows to gather from.
-    idx: int32 ``[M]``, x's row for each row of the layer (outside ``[0, S)``: a zero row).
-    inv: int32 ``[S, k]``, its inverse: the ``k`` rows that read each row of x (an index
-      outside ``[0, M)`` stands for none); x's gradient is the sum over them.
-    k: how many rows read each row of x (static).
+    x: ``[S, K]``, or ``[M, K]`` without ``in_rows``.
+    in_rows: optional ``(in_idx, in_inv, k)``: int32 ``in_idx [M]`` (x's row for each of the
+      layer's M rows), int32 ``in_inv [S, k]`` (the k rows that read each row of x; x's
+      gradient is their sum) and the static int ``k``.
+    out_rows: optional ``(out_idx, out_inv)``: int32 ``out_idx [P]`` (the layer's row for each
+      row of the result) and int32 ``out_inv [M]`` (the result's row that reads each of the
+      layer's rows; outside ``[0, P)``: none).
   """
   op = "fp8_grouped_linear_of_rows"
   x = _checks.array(op, "x", x)
-  idx, inv = _checks.arrays(op, "idx inv", idx, inv)
-  if idx.ndim != 1 or idx.dtype != jnp.int32 or x.ndim != 2 or inv.dtype != jnp.int32 or \
-      inv.shape != (x.shape[0], k):
-    raise ValueError(f"{op}: idx must be int32 [M] and inv int32 [S, k] = [{x.shape[0]}, {k}] "
-                     f"for x [S, K] {x.shape}, got {idx.dtype} {idx.shape}, {inv.dtype} "
-                     f"{inv.shape}")
-  return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, (idx, inv), k)
+  if in_rows is not None:
+    idx, inv, k = in_rows
+    idx, inv = _checks.arrays(op, "in_idx in_inv", idx, inv)
+    if idx.ndim != 1 or idx.dtype != jnp.int32 or x.ndim != 2 or inv.dtype != jnp.int32 or \
+        inv.shape != (x.shape[0], k):
+      raise ValueError(f"{op}: in_rows must be int32 in_idx [M] and in_inv [S, k] = "
+                       f"[{x.shape[0]}, {k}] for x [S, K] {x.shape}, got {idx.dtype} "
+                       f"{idx.shape}, {inv.dtype} {inv.shape}")
+    in_rows, m = (idx, inv), idx.shape[0]
+  else:
+    k, m = 1, x.shape[0] if x.ndim else 0
+  if out_rows is not None:
+    idx, inv = _checks.arrays(op, "out_idx out_inv", *out_rows)
+    if idx.ndim != 1 or idx.dtype != jnp.int32 or inv.shape != (m,) or inv.dtype != jnp.int32:
+      raise ValueError(f"{op}: out_rows must be int32 out_idx [P] and out_inv [M] = [{m}], "
+                       f"got {idx.dtype} {idx.shape}, {inv.dtype} {inv.shape}")
+    out_rows = (idx, inv)
+  return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows, out_rows, k)
 
 
-def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, rows=None, k=1):
+def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows=None, out_rows=None, k=1):
   x, w = _checks.arrays(op, "x w", x, w)
   group_sizes = _checks.sizes_array(op, "group_sizes", group_sizes)
   _check_float(op, "x", x)
@@ -323,13 +347,12 @@ def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, rows=None, k=1):
     raise ValueError(f"{op}: x [M, K] and w [G, K, N] disagree: {x.shape}, {w.shape}")
   _checks.group_sizes(op, "group_sizes", group_sizes, w.shape[0])
   w_fp8 = _check_w_fp8(op, w_fp8, w)
-  if rows is None:
-    x, w, group_sizes = _primitive.match_vma(x, w, group_sizes)
-  else:  # (the gathered cast's results vary as x does: its operands vary alike)
-    x, w, group_sizes, *rows = _primitive.match_vma(x, w, group_sizes, *rows)
-    rows = tuple(rows)
+  # (The gathered casts' results vary as x does: their index operands vary alike.)
+  rows, tree = jax.tree.flatten((in_rows, out_rows))
+  x, w, group_sizes, *rows = _primitive.match_vma(x, w, group_sizes, *rows)
+  in_rows, out_rows = jax.tree.unflatten(tree, rows)
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
-  return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, rows,
+  return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, in_rows, out_rows,
                                   _primitive.primal_types(x, w), k), OUT)

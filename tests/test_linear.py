@@ -265,37 +265,45 @@ def test_grouped_rows_past_the_groups_may_hold_anything(rng, fill):
 
 
 @pytest.mark.parametrize("align", [1, 128])
-def test_grouped_of_rows_is_the_layer_of_the_gathered_rows(rng, align):
-  # fp8_grouped_linear_of_rows (the MoE's dispatch read in place by X's cast): values and
-  # gradients bitwise those of the gather (with its custom transpose) and the plain layer;
-  # k = 3 choices per token, an empty expert, padding rows (align 128) and rows past the
-  # groups; with w_fp8 too. Its jaxpr casts x once, gathered.
+def test_grouped_of_rows_is_the_layer_between_the_gathers(rng, align):
+  # fp8_grouped_linear_of_rows (a MoE's dispatch and combine gathers, read in place by X's and
+  # dY's casts): values and gradients bitwise those of the gathers (with their custom
+  # transposes) around the plain layer; k = 3 choices per token, an empty expert, padding rows
+  # (align 128) and rows past the groups; with w_fp8 too. Its jaxpr casts x and dy gathered.
   from jax_deepgemm._routing import expert_rows, gather
   from jax_deepgemm.linear import fp8_grouped_linear_of_rows
   t, k, e, kk, n = 150, 3, 5, 260, 200
   ids = jnp.asarray(rng.choice([0, 1, 3, 4], size=t * k), jnp.int32)  # expert 2: empty
   order, inverse, gs, _ = expert_rows(ids, e, align)
-  idx, inv = order // k, inverse.reshape(t, k)
+  ins, outs = (order // k, inverse.reshape(t, k), k), (inverse, order)
   x = randn(rng, (t, kk), jnp.bfloat16)
   w = randn(rng, (e, kk, n), jnp.float32, scale=kk ** -0.5)
-  ct = randn(rng, (idx.shape[0], n), jnp.bfloat16)
-  plain = lambda x, w, w8=None: jd.fp8_grouped_linear(gather(x, idx, inv, k), w, gs, w_fp8=w8)
-  fused = lambda x, w, w8=None: fp8_grouped_linear_of_rows(x, idx, inv, k, w, gs, w_fp8=w8)
+  ct = randn(rng, (max(t * k, order.shape[0]), n), jnp.bfloat16)  # (its first rows: dY)
+  def plain(x, w, w8=None, i=ins, o=outs):
+    y = jd.fp8_grouped_linear(x if i is None else gather(x, *i), w, gs, w_fp8=w8)
+    return y if o is None else gather(y, o[0], o[1][:, None], 1)
+  def fused(x, w, w8=None, i=ins, o=outs):
+    return fp8_grouped_linear_of_rows(x, w, gs, w_fp8=w8, in_rows=i, out_rows=o)
+  run = lambda f, *a, **kw: jax.jit(lambda *a: (lambda y, b: (y, b(ct[:y.shape[0]])))(
+      *jax.vjp(lambda *a: f(*a, **kw), *a)))(*a)
   w8 = jd.quantize_weight(w)
-  for args in [(x, w), (x, w, w8)]:
-    want = jax.jit(lambda *a: (lambda y, f: (y, f(ct)))(*jax.vjp(plain, *a)))(*args)
-    got = jax.jit(lambda *a: (lambda y, f: (y, f(ct)))(*jax.vjp(fused, *a)))(*args)
+  xs = randn(rng, (order.shape[0], kk), jnp.bfloat16)  # (in_rows=None: the sorted rows)
+  for f_args, kw in [((x, w), {}), ((x, w, w8), {}), ((x, w), dict(o=None)),
+                     ((xs, w), dict(i=None))]:
+    got, want = run(fused, *f_args, **kw), run(plain, *f_args, **kw)
     for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
                                     np.asarray(v.astype(jnp.float32)))
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: fused(x, w).astype(jnp.float32).sum()))(x))
-  assert jaxpr.count("jax_deepgemm_gathered_dual_cast") == 1
-  with pytest.raises(ValueError, match="idx must be int32 \\[M\\] and inv int32 \\[S, k\\]"):
-    fp8_grouped_linear_of_rows(x, idx.astype(jnp.int16), inv, k, w, gs)
-  with pytest.raises(ValueError, match=r"inv int32 \[S, k\] = \[150, 2\]"):
-    fp8_grouped_linear_of_rows(x, idx, inv, 2, w, gs)
-  with pytest.raises(ValueError, match="fp8_grouped_linear_of_rows: x \\[M, K\\] and w"):
-    fp8_grouped_linear_of_rows(x, idx, inv, k, w[:, :7], gs)
+  assert jaxpr.count("jax_deepgemm_gathered_dual_cast") == 2
+  with pytest.raises(ValueError, match=r"in_rows must be int32 in_idx \[M\] and in_inv"):
+    fused(x, w, i=(ins[0].astype(jnp.int16), ins[1], k))
+  with pytest.raises(ValueError, match=r"in_inv \[S, k\] = \[150, 2\]"):
+    fused(x, w, i=(ins[0], ins[1], 2))
+  with pytest.raises(ValueError, match=r"out_rows must be int32 out_idx \[P\] and out_inv"):
+    fused(x, w, o=(inverse, order[:-1]))
+  with pytest.raises(ValueError, match=r"fp8_grouped_linear_of_rows: x \[M, K\] and w"):
+    fused(x, w[:, :7])
 
 
 def test_grouped_groups_of_whole_blocks_keep_a_nan_to_their_own_dw(rng):

@@ -171,16 +171,18 @@ def micro_batch_grads(model, tokens, micro_batches=1):
   if micro_batches < 1 or b % micro_batches:
     raise ValueError(f"micro_batch_grads: the batch ({b}) must split into {micro_batches} "
                      "equal micro-batches")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def loss_fn(params, tokens, weights_fp8):
-    logits, aux = nnx.merge(graphdef, params, rest)(tokens[:, :-1], weights_fp8)
+  def loss_fn(model, tokens, weights_fp8=None):
+    logits, aux = model(tokens[:, :-1], weights_fp8)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return ce + aux, ce
-  grad = jax.value_and_grad(loss_fn, has_aux=True)
   if micro_batches == 1:
-    (_, ce), grads = grad(params, tokens, None)
+    (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens)
     return ce, grads
+  # A scan body takes arrays: the parameters as a state, merged back into the model inside.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grad = jax.value_and_grad(lambda p, *a: loss_fn(nnx.merge(graphdef, p, rest), *a),
+                            has_aux=True)
   weights_fp8 = model.quantize_weights()
   # Micro-batch j holds rows j, j + n, j + 2n, ...: rows split over devices stay there.
   pieces = jnp.swapaxes(tokens.reshape(b // micro_batches, micro_batches, -1), 0, 1)

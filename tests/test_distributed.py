@@ -56,6 +56,11 @@ def test_two_processes_match_one_process(tmp_path):
   got = _losses(lead)
   assert [s for s, _ in want] == [1, 2, 3], single.stdout
   assert [s for s, _ in got] == [1, 2, 3], lead
-  for (_, l1), (_, l2) in zip(want, got):
-    assert abs(l1 - l2) <= 2e-4, (want, got)  # printed with 4 decimals
+  # Printed with 4 decimals. The first loss (before any update) agrees to that; the updates
+  # then differ by the two runs' f32 reduction orders (gloo's all-reduce across processes, XLA's
+  # within one), which flip FP8 roundings: 4e-4 apart at step 3 on a 2-core machine
+  # (2026-12-07, jax 0.10.2), where an earlier machine printed equal losses.
+  tol = [2e-4, 1e-3, 1e-3]
+  for (_, l1), (_, l2), t in zip(want, got, tol):
+    assert abs(l1 - l2) <= t, (want, got)
   assert (tmp_path / "0.png").exists() and not (tmp_path / "1.png").exists()

@@ -37,6 +37,7 @@ FFI_TARGETS = (
     "jax_deepgemm_per_block_cast",
     "jax_deepgemm_token_axis_cast",
     "jax_deepgemm_dual_cast",
+    "jax_deepgemm_gathered_dual_cast",
     "jax_deepgemm_per_block_dual_cast",
 )
 

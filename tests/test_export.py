@@ -37,6 +37,11 @@ def _cases(rng):
   bm, sbm = quant_w(rng, 4, 384, 256)
   am, sam = a.reshape(4, 128, 256), sa.reshape(4, 128, -1)
   mm = jnp.asarray([128, 0, 7, 100], jnp.int32)
+  # The MoE layer's gradient: its dispatch and combine gathers are read by gathered casts.
+  from flax import nnx
+  from jax_deepgemm.flax import MoE
+  graph, params, rest = nnx.split(MoE(256, 128, 4, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  moe_loss = lambda p, x: jnp.sum(nnx.merge(graph, p, rest)(x)[0].astype(jnp.float32) ** 2)
   return [
       (jax.jit(jax.value_and_grad(_loss_linear, argnums=(0, 1, 2))), (x, w, b)),
       (jax.jit(jax.value_and_grad(_loss_grouped, argnums=(0, 1))), (xg, wg, gs)),
@@ -47,6 +52,7 @@ def _cases(rng):
       (jax.jit(jd.per_token_cast_to_fp8), (x,)),
       (jax.jit(jd.per_block_cast_to_fp8), (w,)),
       (jax.jit(jd.per_token_cast_transpose_to_fp8), (x,)),
+      (jax.jit(jax.grad(moe_loss)), (params, randn(rng, (64, 256), jnp.bfloat16))),
   ]
 
 

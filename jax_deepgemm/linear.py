@@ -320,6 +320,8 @@ def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, o
   x = _checks.array(op, "x", x)
   if in_rows is not None:
     idx, inv, k = in_rows
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(f"{op}: in_rows' k must be a positive int (static), got {k!r}")
     idx, inv = _checks.arrays(op, "in_idx in_inv", idx, inv)
     if idx.ndim != 1 or idx.dtype != jnp.int32 or x.ndim != 2 or inv.dtype != jnp.int32 or \
         inv.shape != (x.shape[0], k):

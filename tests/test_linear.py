@@ -298,6 +298,8 @@ def test_grouped_of_rows_is_the_layer_between_the_gathers(rng, align):
   assert jaxpr.count("jax_deepgemm_gathered_dual_cast") == 2
   with pytest.raises(ValueError, match=r"in_rows must be int32 in_idx \[M\] and in_inv"):
     fused(x, w, i=(ins[0].astype(jnp.int16), ins[1], k))
+  with pytest.raises(ValueError, match=r"in_rows' k must be a positive int"):
+    fused(x, w, i=(ins[0], ins[1], 0))
   with pytest.raises(ValueError, match=r"in_inv \[S, k\] = \[150, 2\]"):
     fused(x, w, i=(ins[0], ins[1], 2))
   with pytest.raises(ValueError, match=r"out_rows must be int32 out_idx \[P\] and out_inv"):

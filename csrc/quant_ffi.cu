@@ -291,9 +291,11 @@ ffi::Error TokenAxisCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
 // ---------------------------------------------------------------------------
 constexpr char kDualOp[] = "jax_deepgemm_dual_cast";
 
-// rows: the gathered cast's row indices (int32 [A, T]), or nullptr (row t is x's row t).
+// rows: the gathered cast's row indices (int32 [A, T]), or nullptr (row t is x's row t);
+// row_scale: with rows, f32 [A, T] (each gathered row's factor) or [A, 0] (none).
 ffi::Error DualCast(cudaStream_t stream, int32_t device, const char* op, ffi::AnyBuffer x,
-                    const ffi::AnyBuffer* rows, ffi::AnyBuffer keep_rows,
+                    const ffi::AnyBuffer* rows, const ffi::AnyBuffer* row_scale,
+                    ffi::AnyBuffer keep_rows,
                     ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
                     ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
                     int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
@@ -309,6 +311,13 @@ ffi::Error DualCast(cudaStream_t stream, int32_t device, const char* op, ffi::An
                               Dims(*rows));
   }
   const int64_t t = rows ? rows->dimensions()[1] : src_t;
+  if (row_scale && (row_scale->element_type() != ffi::DataType::F32 ||
+                    !(HasDims(*row_scale, {batch, t}) || HasDims(*row_scale, {batch, 0})))) {
+    return InvalidArg(op, "row_scale must be f32 [" + std::to_string(batch) + ", " +
+                              std::to_string(t) + "] or [" + std::to_string(batch) +
+                              ", 0], got " + Dims(*row_scale));
+  }
+  const bool scaled = row_scale && row_scale->element_count() > 0;
   const int64_t tg = CeilDiv(t, kGroup), cg = CeilDiv(c, kGroup);
   if (ffi::Error e = CheckOutputs(op, *q, {batch, t, c}, *s, {batch, t, cg}); e.failure()) {
     return e;
@@ -355,7 +364,8 @@ ffi::Error DualCast(cudaStream_t stream, int32_t device, const char* op, ffi::An
         static_cast<int>(t), static_cast<int>(c), static_cast<int>(tg),
         static_cast<int>(cg), use_ue8m0, recip_token, recip_axis, vec_store_t, batch * t,
         rows ? static_cast<const int*>(rows->untyped_data()) : nullptr,
-        static_cast<int>(src_t));
+        static_cast<int>(src_t),
+        scaled ? static_cast<const float*>(row_scale->untyped_data()) : nullptr);
     return LaunchStatus(op);
   });
 }
@@ -365,20 +375,20 @@ ffi::Error DualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Result<ffi::AnyBuffer> s, ffi::Result<ffi::AnyBuffer> qt,
                         ffi::Result<ffi::AnyBuffer> st, int32_t use_ue8m0, int32_t recip_token,
                         int32_t recip_axis, int32_t s_mn_major) {
-  return DualCast(stream, device, kDualOp, x, nullptr, keep_rows, q, s, qt, st, use_ue8m0,
-                  recip_token, recip_axis, s_mn_major);
+  return DualCast(stream, device, kDualOp, x, nullptr, nullptr, keep_rows, q, s, qt, st,
+                  use_ue8m0, recip_token, recip_axis, s_mn_major);
 }
 
 constexpr char kGatheredDualOp[] = "jax_deepgemm_gathered_dual_cast";
 
 ffi::Error GatheredDualCastImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                                ffi::AnyBuffer rows, ffi::AnyBuffer keep_rows,
-                                ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> s,
-                                ffi::Result<ffi::AnyBuffer> qt, ffi::Result<ffi::AnyBuffer> st,
-                                int32_t use_ue8m0, int32_t recip_token, int32_t recip_axis,
-                                int32_t s_mn_major) {
-  return DualCast(stream, device, kGatheredDualOp, x, &rows, keep_rows, q, s, qt, st,
-                  use_ue8m0, recip_token, recip_axis, s_mn_major);
+                                ffi::AnyBuffer rows, ffi::AnyBuffer row_scale,
+                                ffi::AnyBuffer keep_rows, ffi::Result<ffi::AnyBuffer> q,
+                                ffi::Result<ffi::AnyBuffer> s, ffi::Result<ffi::AnyBuffer> qt,
+                                ffi::Result<ffi::AnyBuffer> st, int32_t use_ue8m0,
+                                int32_t recip_token, int32_t recip_axis, int32_t s_mn_major) {
+  return DualCast(stream, device, kGatheredDualOp, x, &rows, &row_scale, keep_rows, q, s, qt,
+                  st, use_ue8m0, recip_token, recip_axis, s_mn_major);
 }
 
 }  // namespace
@@ -460,6 +470,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // x
         .Arg<xla::ffi::AnyBuffer>()  // rows
+        .Arg<xla::ffi::AnyBuffer>()  // row_scale
         .Arg<xla::ffi::AnyBuffer>()  // keep_rows
         .Ret<xla::ffi::AnyBuffer>()  // q
         .Ret<xla::ffi::AnyBuffer>()  // s

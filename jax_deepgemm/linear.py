@@ -206,7 +206,9 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
 # in_rows: None, or (idx, inv) with the static k: the layer of the rows gather_rows(x, idx),
 #   which X's cast reads in place (x's gradient: gather_rows_transpose(dx, inv, k)).
 # out_rows: None, or (idx, inv): the layer's result is gather_rows(y, idx), and dY's cast reads
-#   the rows gather_rows(dy, inv) of that result's cotangent in place.
+#   the rows gather_rows(dy, inv) of that result's cotangent in place; or (idx, inv, weights):
+#   the result is combine_rows(y, idx, weights), and dY's cast reads each row's source row of
+#   the cotangent times its weight in place.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _grouped(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
   del types, k
@@ -216,7 +218,26 @@ def _grouped(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
   # [G, N, K], written so by the cast
   wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
-  return y if out_rows is None else gather_rows(y, out_rows[0])
+  return y if out_rows is None else _out_rows(y, out_rows)
+
+
+def _out_rows(y, out_rows):
+  if len(out_rows) == 2:
+    return gather_rows(y, out_rows[0])
+  return combine_rows(y, out_rows[0], out_rows[2])
+
+
+def combine_rows(y, idx, weights):
+  """``Σ_j weights[:, j] · gather_rows(y, idx)[t·k + j]`` for ``weights [T, k]``: the MoE's
+  combine, summed in f32 (the k gathered rows added one after another: an elementwise
+  fusion), in y's dtype."""
+  t, k = weights.shape
+  rows = idx.reshape(t, k)
+  weights = weights.astype(jnp.float32)
+  acc = weights[:, :1] * gather_rows(y, rows[:, 0]).astype(jnp.float32)
+  for j in range(1, k):
+    acc = acc + weights[:, j:j + 1] * gather_rows(y, rows[:, j]).astype(jnp.float32)
+  return acc.astype(y.dtype)
 
 
 def _grouped_gemm(xq, xs, wtq, wts, dtype, group_sizes):
@@ -230,14 +251,16 @@ def _rows_in_groups(group_sizes, m):
   return jnp.sum(sanitize_group_sizes(group_sizes, m, "fp8_grouped_linear"), dtype=jnp.int32)
 
 
-def _grouped_cast(x, keep, idx=None):
+def _grouped_cast(x, keep, idx=None, scale=None):
   """Both casts of X or dY ``[M, ·]`` (as ``per_token_cast_to_fp8_and_transpose``; with ``idx``,
-  of ``gather_rows(x, idx)``) with the rows at or past ``keep`` (those in no group) cast as
-  zeros: whatever those hold (``jnp.take``'s NaN fill, garbage) would otherwise set the
-  token-axis scale of the 128-row block the last group ends in, and so that group's dW."""
+  of ``gather_rows(x, idx)``, each row times its f32 ``scale`` if given) with the rows at or
+  past ``keep`` (those in no group) cast as zeros: whatever those hold (``jnp.take``'s NaN
+  fill, garbage) would otherwise set the token-axis scale of the 128-row block the last group
+  ends in, and so that group's dW."""
   if idx is None:
     return dual_cast_p.bind(x, keep, use_ue8m0=False)
-  return gathered_dual_cast_p.bind(x, idx, keep, use_ue8m0=False)
+  scale = jnp.zeros((0,), jnp.float32) if scale is None else scale
+  return gathered_dual_cast_p.bind(x, idx, scale, keep, use_ue8m0=False)
 
 
 def _grouped_fwd(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
@@ -250,17 +273,41 @@ def _grouped_fwd(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
   xq, xs, xt, xts = _grouped_cast(x, keep, idx)
   wq, ws, wtq, wts = w_fp8 or per_block_cast_to_fp8_and_transpose(w)
   y = _grouped_gemm(xq, xs, wtq, wts, x.dtype, group_sizes)
+  # A combine's residuals: y and its gather and weights (the weights' gradient reads y's rows).
+  comb = None if out_rows is None or len(out_rows) == 2 else (y, out_rows[0], out_rows[2])
   if out_rows is not None:
-    y = gather_rows(y, out_rows[0])
+    y = _out_rows(y, out_rows)
   xt, xts, wq, ws = _name_residuals(xt, xts, wq, ws)
   invs = tuple(None if r is None else r[1] for r in (in_rows, out_rows))
-  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep, invs)
+  return y, (xt, xts, wq, ws, jnp.zeros((0,), w.dtype), group_sizes, keep, invs, comb)
+
+
+def _combine_bwd(dy, y_inv, comb):
+  """A combine's backward: the dY cast's source rows and row scales (each layer row's
+  token-choice ``y_inv``: its token's row of dy, times its weight; outside ``[0, T·k)``: a
+  zero row), and the weights' gradient ``<dy[t], y[idx[t·k + j]]>`` (in f32)."""
+  y, idx, weights = comb
+  t, k = weights.shape
+  inside = (y_inv >= 0) & (y_inv < t * k)
+  rows = jnp.where(inside, y_inv // k, -1)
+  scale = jnp.take(weights.astype(jnp.float32).reshape(-1), jnp.where(inside, y_inv, 0))
+  dyf, rows_of = dy.astype(jnp.float32), idx.reshape(t, k)
+  dweights = jnp.stack([jnp.sum(dyf * gather_rows(y, rows_of[:, j]).astype(jnp.float32), axis=-1)
+                        for j in range(k)], axis=1)
+  return rows, scale, dweights.astype(weights.dtype)
 
 
 def _grouped_bwd(types, k, res, dy):
-  xt, xts, wq, ws, w_like, group_sizes, keep, (x_inv, y_inv) = res  # dy has X's dtype
-  # dY's two casts from one read (as in _linear_bwd; with out_rows, of its rows y_inv).
-  dyq, dys, dyt, dyts = _grouped_cast(dy, keep, y_inv)
+  xt, xts, wq, ws, w_like, group_sizes, keep, (x_inv, y_inv), comb = res  # dy: X's dtype
+  # dY's two casts from one read (as in _linear_bwd; with out_rows, of its rows y_inv; of a
+  # combine, its rows' tokens' rows of dy times their weights).
+  d_out_rows = None
+  if comb is None:
+    dyq, dys, dyt, dyts = _grouped_cast(dy, keep, y_inv)
+  else:
+    rows, scale, dweights = _combine_bwd(dy, y_inv, comb)
+    dyq, dys, dyt, dyts = _grouped_cast(dy, keep, rows, scale)
+    d_out_rows = (None, None, dweights)
   # dgrad per group: dX_g = dY_g · W[g]ᵀ, W[g] [K, N] quantized in 128x128 blocks as is.
   dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wq, ws, group_sizes,
                                         out_dtype=_gemm_dtype(dy.dtype)).astype(dy.dtype)
@@ -270,7 +317,8 @@ def _grouped_bwd(types, k, res, dy):
   # operands cast token-major (X's in the forward).
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
                                         out_dtype=_gemm_dtype(w_like.dtype))
-  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None, None)
+  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None,
+                                                                      d_out_rows)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -314,7 +362,14 @@ def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, o
       gradient is their sum) and the static int ``k``.
     out_rows: optional ``(out_idx, out_inv)``: int32 ``out_idx [P]`` (the layer's row for each
       row of the result) and int32 ``out_inv [M]`` (the result's row that reads each of the
-      layer's rows; outside ``[0, P)``: none).
+      layer's rows; outside ``[0, P)``: none). Or ``(out_idx, out_inv, weights)`` with float
+      ``weights [T, k]``, ``T·k = P`` (a MoE's combine): the result is then ``[T, N]``,
+
+          y[t] = Σ_j weights[t, j] · gather_rows(y_layer, out_idx)[t·k + j]
+
+      summed in f32 and rounded to x's dtype, differentiable in ``weights`` too; dY's cast
+      reads each row's token's row of the cotangent times its weight in place (the weighted
+      ``[P, N]`` cotangent is never written). The weights must be finite.
   """
   op = "fp8_grouped_linear_of_rows"
   x = _checks.array(op, "x", x)
@@ -332,11 +387,24 @@ def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, o
   else:
     k, m = 1, x.shape[0] if x.ndim else 0
   if out_rows is not None:
-    idx, inv = _checks.arrays(op, "out_idx out_inv", *out_rows)
+    if not isinstance(out_rows, (tuple, list)) or len(out_rows) not in (2, 3):
+      raise ValueError(f"{op}: out_rows must be (out_idx, out_inv) or (out_idx, out_inv, "
+                       f"weights), got {type(out_rows).__name__} of "
+                       f"{len(out_rows) if isinstance(out_rows, (tuple, list)) else '?'}")
+    idx, inv = _checks.arrays(op, "out_idx out_inv", *out_rows[:2])
     if idx.ndim != 1 or idx.dtype != jnp.int32 or inv.shape != (m,) or inv.dtype != jnp.int32:
       raise ValueError(f"{op}: out_rows must be int32 out_idx [P] and out_inv [M] = [{m}], "
                        f"got {idx.dtype} {idx.shape}, {inv.dtype} {inv.shape}")
-    out_rows = (idx, inv)
+    if len(out_rows) == 3:
+      (weights,) = _checks.arrays(op, "weights", out_rows[2])
+      if weights.ndim != 2 or weights.shape[0] * weights.shape[1] != idx.shape[0] or \
+          weights.shape[1] < 1 or not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise ValueError(f"{op}: out_rows' weights must be float [T, k] with T·k = "
+                         f"{idx.shape[0]} (out_idx's length), got {weights.dtype} "
+                         f"{weights.shape}")
+      out_rows = (idx, inv, weights)
+    else:
+      out_rows = (idx, inv)
   return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows, out_rows, k)
 
 

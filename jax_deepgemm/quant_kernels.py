@@ -22,8 +22,10 @@ primitive                             x                         q, scale
                                                                 ``st [..., ceil(T/128), C]``
 ====================================  ========================  ==================================
 
-``jax_deepgemm_gathered_dual_cast(x [..., S, C], rows [..., T], keep_rows)`` is the dual cast of
-the rows ``rows`` of ``x`` (the MoE's dispatch gather, read in place instead of written first).
+``jax_deepgemm_gathered_dual_cast(x [..., S, C], rows [..., T], row_scale, keep_rows)`` is the
+dual cast of the rows ``rows`` of ``x`` (the MoE's dispatch gather, read in place instead of
+written first), each optionally times its f32 ``row_scale [..., T]`` first (the combine's
+routing weights, in the backward; ``[..., 0]``: none).
 
 The dual cast's optional second operand, int32 ``keep_rows`` (``x``'s leading axes), casts rows
 ``t >= keep_rows`` as zeros: ``fp8_grouped_linear``'s rows past its groups, whatever they hold,
@@ -418,21 +420,32 @@ dual_cast_p = _define(
 
 # --- the dual cast of rows gathered from x [..., S, C] (the MoE's dispatch, read in place)
 
-def gathered_dual_cast_reference(x, rows, keep_rows, *, use_ue8m0=False):
+def gathered_dual_cast_reference(x, rows, row_scale, keep_rows, *, use_ue8m0=False):
   """``dual_cast_reference`` of the rows ``rows [..., T]`` (int32) of ``x [..., S, C]``: row
-  ``t`` is ``x[..., rows[t], :]``, a zero row where ``rows[t]`` is outside ``[0, S)``."""
+  ``t`` is ``x[..., rows[t], :]``, a zero row where ``rows[t]`` is outside ``[0, S)``; with
+  ``row_scale [..., T]`` (f32; ``[..., 0]``: none), that row times ``row_scale[t]`` in f32,
+  rounded to x's dtype (a finite scale: an infinite one may also turn x's padding columns into
+  NaN in the kernel)."""
   s = x.shape[-2]
-  idx = jnp.where((rows >= 0) & (rows < s), rows, s)[..., None]
+  inside = (rows >= 0) & (rows < s)
+  idx = jnp.where(inside, rows, s)[..., None]
   xg = jnp.take_along_axis(x, idx, axis=-2, mode="fill", fill_value=0)
+  if row_scale.shape[-1]:
+    f = jnp.where(inside, row_scale, 1.0)[..., None]
+    xg = (f * xg.astype(jnp.float32)).astype(x.dtype)
   return dual_cast_reference(xg, keep_rows, use_ue8m0=use_ue8m0)
 
 
-def _gathered_dual_abstract(x, rows, keep_rows, *, use_ue8m0):
+def _gathered_dual_abstract(x, rows, row_scale, keep_rows, *, use_ue8m0):
   del use_ue8m0
   lead, c = tuple(x.shape[:-2]), x.shape[-1]
   if x.ndim < 2 or rows.dtype != jnp.int32 or rows.shape[:-1] != lead or rows.ndim < 1:
     raise ValueError(f"jax_deepgemm_gathered_dual_cast: rows must be int32 [*lead, T] for x "
                      f"[*lead, S, C] {x.shape}, got {rows.dtype} {rows.shape}")
+  if row_scale.dtype != F32 or row_scale.shape not in (rows.shape, lead + (0,)):
+    raise ValueError(f"jax_deepgemm_gathered_dual_cast: row_scale must be f32 {rows.shape} "
+                     f"(rows' shape) or {lead + (0,)} (none), got {row_scale.dtype} "
+                     f"{row_scale.shape}")
   if keep_rows.shape != lead or keep_rows.dtype != jnp.int32:
     raise ValueError(f"jax_deepgemm_gathered_dual_cast: keep_rows must be int32 {lead} (x's "
                      f"leading axes), got {keep_rows.dtype} {keep_rows.shape}")
@@ -442,14 +455,15 @@ def _gathered_dual_abstract(x, rows, keep_rows, *, use_ue8m0):
                     (lead + (c, t), FP8_DTYPE), (lead + (ceil_div(t, BLOCK), c), F32))
 
 
-def _gathered_dual_cuda(x, rows, keep_rows, *, use_ue8m0):
+def _gathered_dual_cuda(x, rows, row_scale, keep_rows, *, use_ue8m0):
   *lead, s, c = x.shape
   t = rows.shape[-1]
   a, tg, cg = math.prod(lead), ceil_div(t, BLOCK), ceil_div(c, BLOCK)
   if rows.size == 0 or not _kernel_ok(x, t * BLOCK, c * BLOCK, a * tg * cg, s):
-    return gathered_dual_cast_reference(x, rows, keep_rows, use_ue8m0=use_ue8m0)
+    return gathered_dual_cast_reference(x, rows, row_scale, keep_rows, use_ue8m0=use_ue8m0)
   return _dual_call("jax_deepgemm_gathered_dual_cast", lead, t, c, use_ue8m0,
-                    x.reshape(a, s, c), rows.reshape(a, t), keep_rows.reshape(a))
+                    x.reshape(a, s, c), rows.reshape(a, t),
+                    row_scale.reshape(a, row_scale.shape[-1]), keep_rows.reshape(a))
 
 
 gathered_dual_cast_p = _define(

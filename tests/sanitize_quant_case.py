@@ -31,9 +31,12 @@ for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
   x = jnp.asarray(rng.standard_normal((3, 257, 129)), dtype)
   keep = jnp.asarray([0, 130, 400], jnp.int32)
   jax.block_until_ready(jax.jit(lambda x, k: dual_cast_p.bind(x, k, use_ue8m0=False))(x, keep))
-  # The gathered dual cast: repeated, negative and past-the-end row indices, keep_rows.
+  # The gathered dual cast: repeated, negative and past-the-end row indices, keep_rows; with
+  # and without row scales.
   from jax_deepgemm.quant_kernels import gathered_dual_cast_p
   rows = jnp.asarray(rng.integers(-3, 260, size=(3, 300)), jnp.int32)
-  jax.block_until_ready(jax.jit(lambda x, r, k: gathered_dual_cast_p.bind(
-      x, r, k, use_ue8m0=False))(x, rows, keep))
+  for scale in (jnp.zeros((3, 0), jnp.float32),
+                jnp.asarray(rng.uniform(0, 1, size=(3, 300)), jnp.float32)):
+    jax.block_until_ready(jax.jit(lambda x, r, f, k: gathered_dual_cast_p.bind(
+        x, r, f, k, use_ue8m0=False))(x, rows, scale, keep))
 print("sanitize quant case done; kernels used:", jd.use_kernels())

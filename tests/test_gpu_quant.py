@@ -340,34 +340,47 @@ def test_dual_cast_keep_rows(rng, dtype):
     _assert_dual([o[i] for o in many], want, f"{what} vmapped keep {k}")
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("s,t,c", [(300, 1000, 1000), (7, 129, 130), (1, 5, 7168),
                                    (4096, 300, 7168), (0, 130, 256)])
-def test_gathered_dual_cast(rng, dtype, s, t, c):
+def test_gathered_dual_cast(rng, dtype, s, t, c, scaled):
   # The dual cast of rows read through an index (the MoE's dispatch): bitwise the dual cast
   # of the gathered rows, with repeated, out-of-range (>= S, negative: zero rows) indices and
-  # rows past keep_rows; in slices of a leading axis, and under vmap (rows batched).
+  # rows past keep_rows; in slices of a leading axis, and under vmap (rows batched). scaled:
+  # each row times its row_scale first (the combine's routing weights; zeros among them, and
+  # NaN at rows outside x, which must stay zero rows), rounded to x's dtype as XLA rounds.
   x = _data(rng, (2, max(s, 1), c), dtype)[:, :s]
   rows = rng.integers(-2, s + 3, size=(2, t)).astype(np.int32)
   rows[:, : t // 2] = np.sort(rows[:, : t // 2])  # (sorted runs, as experts' tokens are)
   keep = np.array([t, max(t - 70, 0)], np.int32)
-  bind = jax.jit(lambda x, r, k: qk.gathered_dual_cast_p.bind(x, r, k, use_ue8m0=False))
-  f = bind.lower(x, rows, keep).compile().as_text()
+  valid = (rows >= 0) & (rows < s)
+  if scaled:
+    scale = rng.uniform(0.0, 1.5, size=(2, t)).astype(np.float32)
+    scale[:, ::7] = 0.0
+    scale = np.where(valid, scale, np.nan).astype(np.float32)
+  else:
+    scale = np.zeros((2, 0), np.float32)
+  bind = jax.jit(lambda x, r, f, k: qk.gathered_dual_cast_p.bind(x, r, f, k, use_ue8m0=False))
+  f = bind.lower(x, rows, scale, keep).compile().as_text()
   if s:
     assert 'custom_call_target="jax_deepgemm_gathered_dual_cast"' in f
-  got = bind(x, rows, keep)
-  valid = (rows >= 0) & (rows < s)
+  got = bind(x, rows, scale, keep)
   xg = np.asarray(x.astype(jnp.float32))[np.arange(2)[:, None], np.where(valid, rows, 0)] \
       if s else np.zeros((2, t, c), np.float32)
   xg = jnp.asarray(np.where(valid[..., None], xg, 0), dtype)
-  what = f"gathered dual {dtype.__name__} S {s} T {t} C {c}"
+  if scaled:  # (XLA's f32 multiply and round, as the backward of the MoE's combine has it)
+    xg = jax.jit(lambda f, v: (f[..., None] * v.astype(jnp.float32)).astype(dtype))(
+        np.where(valid, scale, 1.0).astype(np.float32), xg)
+  what = f"gathered dual {dtype.__name__} S {s} T {t} C {c} scaled {scaled}"
   _assert_dual(got, jax.jit(qk.dual_cast_p.bind, static_argnames="use_ue8m0")(
       xg, jnp.asarray(keep), use_ue8m0=False), what)
-  _assert_dual(got, jax.jit(qk.gathered_dual_cast_reference)(x, rows, keep), what + " vs ref")
-  many = jax.jit(jax.vmap(lambda r: qk.gathered_dual_cast_p.bind(
-      x[0], r, jnp.int32(t), use_ue8m0=False)))(rows)
+  _assert_dual(got, jax.jit(qk.gathered_dual_cast_reference)(x, rows, scale, keep),
+               what + " vs ref")
+  many = jax.jit(jax.vmap(lambda r, f: qk.gathered_dual_cast_p.bind(
+      x[0], r, f, jnp.int32(t), use_ue8m0=False)))(rows, scale)
   for i in range(2):
-    want = bind(x[:1], rows[i][None], jnp.asarray([t], jnp.int32))
+    want = bind(x[:1], rows[i][None], scale[i][None], jnp.asarray([t], jnp.int32))
     _assert_dual([o[i] for o in many], [o[0] for o in want], f"{what} vmapped rows {i}")
 
 

@@ -308,6 +308,52 @@ def test_grouped_of_rows_is_the_layer_between_the_gathers(rng, align):
     fused(x, w[:, :7])
 
 
+@pytest.mark.parametrize("align", [1, 128])
+def test_grouped_of_rows_combine_is_the_weighted_sum_of_the_gathered_rows(rng, align):
+  # out_rows with weights (a MoE's combine): y[t] = sum_j weights[t, j] * Y[idx[t*k + j]] in
+  # f32, rounded to x's dtype; dY's cast reads dy's rows times their weights in place. Values
+  # and x's and w's gradients bitwise those of the gather and an explicit weighted sum (XLA's
+  # f32 multiply and round of the weighted cotangent, as the kernel has it); the weights'
+  # gradient to f32 rounding (its reduce is XLA's in both). An empty expert, padding rows.
+  from jax_deepgemm._routing import expert_rows, gather
+  from jax_deepgemm.linear import fp8_grouped_linear_of_rows
+  t, k, e, kk, n = 150, 3, 5, 260, 200
+  ids = jnp.asarray(rng.choice([0, 1, 3, 4], size=t * k), jnp.int32)  # expert 2: empty
+  order, inverse, gs, _ = expert_rows(ids, e, align)
+  ins = (order // k, inverse.reshape(t, k), k)
+  x = randn(rng, (t, kk), jnp.bfloat16)
+  w = randn(rng, (e, kk, n), jnp.float32, scale=kk ** -0.5)
+  weights = jax.nn.softmax(randn(rng, (t, k), jnp.float32), axis=-1)
+  ct = randn(rng, (t, n), jnp.bfloat16)
+  def plain(x, w, weights):
+    y = jd.fp8_grouped_linear(gather(x, *ins), w, gs)
+    y_tk = gather(y, inverse, order[:, None], 1).reshape(t, k, n).astype(jnp.float32)
+    acc = weights[:, :1] * y_tk[:, 0]
+    for j in range(1, k):
+      acc = acc + weights[:, j:j + 1] * y_tk[:, j]
+    return acc.astype(x.dtype)
+  def fused(x, w, weights):
+    return fp8_grouped_linear_of_rows(x, w, gs, in_rows=ins, out_rows=(inverse, order, weights))
+  run = lambda f: jax.jit(lambda *a: (lambda y, b: (y, b(ct)))(*jax.vjp(f, *a)))(x, w, weights)
+  (y0, (dx0, dw0, dp0)), (y1, (dx1, dw1, dp1)) = run(fused), run(plain)
+  assert y0.shape == (t, n) and y0.dtype == x.dtype and dp0.dtype == jnp.float32
+  for g, v in ((y0, y1), (dx0, dx1), (dw0, dw1)):
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                  np.asarray(v.astype(jnp.float32)))
+  np.testing.assert_allclose(np.asarray(dp0), np.asarray(dp1), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(dp0).max()) > 0
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: fused(x, w, weights).astype(
+      jnp.float32).sum()))(x))
+  assert jaxpr.count("jax_deepgemm_gathered_dual_cast") == 2
+  with pytest.raises(ValueError, match=r"out_rows' weights must be float \[T, k\] with "
+                                       r"T·k = 450"):
+    fused(x, w, weights[:, :2])
+  with pytest.raises(ValueError, match=r"out_rows' weights must be float"):
+    fused(x, w, (weights > 0.3).astype(jnp.int32))
+  with pytest.raises(ValueError, match=r"out_rows must be \(out_idx, out_inv\) or"):
+    fp8_grouped_linear_of_rows(x, w, gs, in_rows=ins, out_rows=(inverse,))
+
+
 def test_grouped_groups_of_whole_blocks_keep_a_nan_to_their_own_dw(rng):
   # The token-axis scales are per 128 rows: groups of whole blocks (the MoE layer's padded
   # layout) share none, so a NaN row reaches only its own group's dW; a group ending inside

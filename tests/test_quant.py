@@ -474,36 +474,49 @@ def test_dual_cast_cuda_lowering(monkeypatch):
 
 
 def test_gathered_dual_cast(rng, monkeypatch):
-  # The dual cast of x's rows `rows` (a zero row where an index is outside [0, S)), vmapped;
-  # on CUDA one custom call taking x, rows and keep_rows (no GPU needed); its type checks.
+  # The dual cast of x's rows `rows` (a zero row where an index is outside [0, S)), each
+  # optionally times its row_scale (rounded to x's dtype), vmapped; on CUDA one custom call
+  # taking x, rows, row_scale and keep_rows (no GPU needed); its type checks.
   from jax_deepgemm import _ffi, quant_kernels as qk
   x = randn(rng, (2, 40, 300), jnp.bfloat16)
   rows = jnp.asarray(rng.integers(-3, 45, size=(2, 130)), jnp.int32)
   keep = jnp.asarray([130, 100], jnp.int32)
-  bind = jax.jit(lambda x, r, k: qk.gathered_dual_cast_p.bind(x, r, k, use_ue8m0=False))
-  got = bind(x, rows, keep)
-  xg = jnp.where(((rows >= 0) & (rows < 40))[..., None],
-                 jnp.take_along_axis(x, jnp.clip(rows, 0, 39)[..., None], axis=1), 0)
-  want = qk.dual_cast_reference(xg, keep)
-  for g, w in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
-                                  np.asarray(w.astype(jnp.float32)))
-  many = jax.vmap(bind, in_axes=(None, 0, 0))(x[0], rows, keep)
-  for g, w in zip(many, bind(jnp.stack([x[0], x[0]]), rows, keep)):
-    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
-                                  np.asarray(w.astype(jnp.float32)))
+  scale = jnp.asarray(rng.uniform(0.1, 1.0, size=(2, 130)), jnp.float32)
+  none = jnp.zeros((2, 0), jnp.float32)
+  bind = jax.jit(lambda x, r, f, k: qk.gathered_dual_cast_p.bind(x, r, f, k, use_ue8m0=False))
+  inside = ((rows >= 0) & (rows < 40))[..., None]
+  xg = jnp.where(inside, jnp.take_along_axis(x, jnp.clip(rows, 0, 39)[..., None], axis=1), 0)
+  for f, rows_x in ((none, xg), (scale, (scale[..., None] * xg.astype(jnp.float32)).astype(
+      x.dtype))):
+    got = bind(x, rows, f, keep)
+    want = qk.dual_cast_reference(rows_x, keep)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                    np.asarray(w.astype(jnp.float32)))
+    many = jax.vmap(bind, in_axes=(None, 0, 0, 0))(x[0], rows, f, keep)
+    for g, w in zip(many, bind(jnp.stack([x[0], x[0]]), rows, f, keep)):
+      np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                    np.asarray(w.astype(jnp.float32)))
+  assert not np.array_equal(np.asarray(bind(x, rows, scale, keep)[1]),
+                            np.asarray(bind(x, rows, none, keep)[1]))
   with pytest.raises(ValueError, match="rows must be int32"):
-    bind(x, rows.astype(jnp.int16), keep)
+    bind(x, rows.astype(jnp.int16), none, keep)
   with pytest.raises(ValueError, match="rows must be int32"):
-    bind(x, rows[0], keep)
+    bind(x, rows[0], none, keep)
   with pytest.raises(ValueError, match="keep_rows must be int32"):
-    bind(x, rows, keep[0])
+    bind(x, rows, none, keep[0])
+  with pytest.raises(ValueError, match=r"row_scale must be f32 \(2, 130\)"):
+    bind(x, rows, scale[:, :5], keep)
+  with pytest.raises(ValueError, match="row_scale must be f32"):
+    bind(x, rows, scale.astype(jnp.bfloat16), keep)
   monkeypatch.setattr(_ffi, "use_kernels", lambda: True)
-  text = bind.trace(x, rows, keep).lower(lowering_platforms=("cuda",)).as_text()
-  calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
-  assert len(calls) == 1 and "@jax_deepgemm_gathered_dual_cast(" in calls[0], calls
-  for part in ("tensor<2x40x300xbf16>", "tensor<2x130xi32>", "tensor<2xi32>"):
-    assert part in calls[0], (part, calls[0])
+  for f in (none, scale):
+    text = bind.trace(x, rows, f, keep).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [l for l in text.splitlines() if "stablehlo.custom_call" in l]
+    assert len(calls) == 1 and "@jax_deepgemm_gathered_dual_cast(" in calls[0], calls
+    for part in ("tensor<2x40x300xbf16>", "tensor<2x130xi32>", f"tensor<2x{f.shape[1]}xf32>",
+                 "tensor<2xi32>"):
+      assert part in calls[0], (part, calls[0])
 
 
 def test_fp8_linear_casts_each_operand_once(monkeypatch):

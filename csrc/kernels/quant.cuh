@@ -139,6 +139,12 @@ struct Elem<__nv_bfloat16> {
     asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a & 0x7FFF7FFFu), "r"(b & 0x7FFF7FFFu));
     return r;
   }
+  // Both elements of a word times s in f32, rounded to nearest even.
+  __device__ static uint32_t scaled(uint32_t w, float s) {
+    const __nv_bfloat162 r = __floats2bfloat162_rn(__uint_as_float(w << 16) * s,
+                                                   __uint_as_float(w & 0xFFFF0000u) * s);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
 };
 template <>
 struct Elem<__half> {
@@ -152,6 +158,11 @@ struct Elem<__half> {
     asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a & 0x7FFF7FFFu), "r"(b & 0x7FFF7FFFu));
     return r;
   }
+  __device__ static uint32_t scaled(uint32_t w, float s) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&w);
+    const __half2 r = __floats2half2_rn(__low2float(h) * s, __high2float(h) * s);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
 };
 template <>
 struct Elem<float> {
@@ -160,6 +171,9 @@ struct Elem<float> {
   __device__ static uint32_t abs_max(uint32_t a, uint32_t b) {
     return __float_as_uint(
         max_nan(__uint_as_float(a & 0x7FFFFFFFu), __uint_as_float(b & 0x7FFFFFFFu)));
+  }
+  __device__ static uint32_t scaled(uint32_t w, float s) {
+    return __float_as_uint(__uint_as_float(w) * s);
   }
 };
 
@@ -758,7 +772,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1024 / kCtaThreads)
 //     ceil(t/128), n], as (c) with kTranspose); rows t >= keep_rows[batch]
 //     are cast as zeros. kGather: row t of slice a is x's row rows[a][t] of
 //     that slice's src_t rows (outside [0, src_t): zeros), the MoE's dispatch
-//     gather read in place instead of materialized first
+//     gather read in place instead of materialized first; with row_scale, that
+//     row times row_scale[a][t] (rounded to T: the MoE's combine weights)
 // ---------------------------------------------------------------------------
 // fp8_linear needs both casts of X (forward GEMM operand, wgrad residual) and
 // of dY (dgrad, wgrad); two kernels read x twice. One CTA per tile of 128
@@ -802,7 +817,8 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
                      uint8_t* __restrict__ q, float* __restrict__ s,
                      uint8_t* __restrict__ qt, float* __restrict__ st, int t_len, int n, int tg,
                      int nt, int ue8m0, int recip_token, int recip_axis, int vec_store_t,
-                     int64_t s_rows, const int* __restrict__ rows_of = nullptr, int src_t = 0) {
+                     int64_t s_rows, const int* __restrict__ rows_of = nullptr, int src_t = 0,
+                     const float* __restrict__ row_scale = nullptr) {
   using S = DualCastShape<T>;
   __shared__ float col_amax[S::kWarps][kGroup];
   __shared__ float col_scale[kGroup];
@@ -828,11 +844,23 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
     const int* idx = rows_of + static_cast<int64_t>(a) * t_len + g * kGroup;
     const T* xa = x + static_cast<int64_t>(a) * src_t * n + j * kGroup + c0;
 #pragma unroll
+    const float* sc = row_scale + (idx - rows_of);  // (used only when row_scale is given)
+    float f[S::kRowsPerThread];
+#pragma unroll
     for (int i = 0; i < S::kRowsPerThread; ++i) {
       const int src = r0 + i < rows ? __ldg(idx + r0 + i) : -1;
       const bool in = src >= 0 && src < src_t;
       chunk[i] = load_chunk<T, kAligned>(xa + (in ? static_cast<int64_t>(src) * n : 0),
                                          in ? valid_cols : 0);
+      // A row outside x stays zero whatever its scale (0 * inf would be NaN).
+      f[i] = row_scale != nullptr && in ? __ldg(sc + r0 + i) : 1.0f;
+    }
+    if (row_scale != nullptr) {
+#pragma unroll
+      for (int i = 0; i < S::kRowsPerThread; ++i) {
+        chunk[i] = make_uint4(Elem<T>::scaled(chunk[i].x, f[i]), Elem<T>::scaled(chunk[i].y, f[i]),
+                              Elem<T>::scaled(chunk[i].z, f[i]), Elem<T>::scaled(chunk[i].w, f[i]));
+      }
     }
   } else {
     load_column_chunks<T, kAligned>(chunk, x + origin, r0, rows, n, c0, valid_cols);

@@ -264,9 +264,11 @@ class MoE(nnx.Module):
     num_shared_experts: if > 0, a dense SwiGLU of width ``num_shared_experts * expert_width``
       applied to every token and added to the routed output.
     experts_impl: ``"fp8"`` (jax_deepgemm's FP8 GEMMs) or ``"bf16"`` (``ragged_dot`` in ``dtype``).
-    dtype: compute dtype of the expert GEMMs (the router and the combine always run in f32);
-      ``None``, as in ``nnx.Linear``: the promotion of x's and the parameters' dtypes (bf16 x
-      and bf16 parameters compute in bf16, bf16 x and f32 parameters in f32).
+    dtype: compute dtype of the expert GEMMs (the router always runs at f32 accuracy and the
+      combine sums in f32; with FP8 experts on one device the combined routed output is
+      rounded to ``dtype`` before any shared experts' is added); ``None``, as in
+      ``nnx.Linear``: the promotion of x's and the parameters' dtypes (bf16 x and bf16
+      parameters compute in bf16, bf16 x and f32 parameters in f32).
     param_dtype: dtype of the parameters.
     aux_loss_coef: scale of the load-balancing loss returned next to the output.
     mesh: optional ``jax.sharding.Mesh``: run expert-parallel over it (experts split over

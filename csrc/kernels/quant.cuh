@@ -843,8 +843,7 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
     // Each row from where rows_of points: x's row rows_of[a][t] of slice a.
     const int* idx = rows_of + static_cast<int64_t>(a) * t_len + g * kGroup;
     const T* xa = x + static_cast<int64_t>(a) * src_t * n + j * kGroup + c0;
-#pragma unroll
-    const float* sc = row_scale + (idx - rows_of);  // (used only when row_scale is given)
+    const int64_t first = idx - rows_of;  // this tile's first row in rows_of (and row_scale)
     float f[S::kRowsPerThread];
 #pragma unroll
     for (int i = 0; i < S::kRowsPerThread; ++i) {
@@ -853,7 +852,7 @@ __global__ void __launch_bounds__(DualCastShape<T>::kThreads, DualCastShape<T>::
       chunk[i] = load_chunk<T, kAligned>(xa + (in ? static_cast<int64_t>(src) * n : 0),
                                          in ? valid_cols : 0);
       // A row outside x stays zero whatever its scale (0 * inf would be NaN).
-      f[i] = row_scale != nullptr && in ? __ldg(sc + r0 + i) : 1.0f;
+      f[i] = row_scale != nullptr && in ? __ldg(row_scale + first + r0 + i) : 1.0f;
     }
     if (row_scale != nullptr) {
 #pragma unroll

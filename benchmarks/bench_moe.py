@@ -15,7 +15,8 @@ bf16 normal, cotangent [T, hidden] bf16 normal).
 
 Defaults (DeepSeek-V3-like): hidden 7168, expert width 2048, 64 experts (``--experts``), top-8,
 tokens 8192 and 16384 (``--tokens``). Parameters are bf16 (``param_dtype``): 64 x 3 x 7168 x 2048
-x 2 B = 5.6 GB, plus as much again for the gradients.
+x 2 B = 5.6 GB, plus as much again for the gradients; ``--param-dtype float32`` (Flax's default,
+f32 master weights computing in bf16) twice that.
 
 Records: op "moe_layer_fwd_bwd", m = tokens, n = hidden, k = expert width, groups = experts;
 ``step_ms``, ``tokens_per_s``, ``ratio_vs_bf16`` = t_bf16 / t_fp8 (> 1: FP8 is faster).
@@ -106,7 +107,8 @@ PAD = {"auto": None, "on": True, "off": False}  # --pad-expert-rows -> MoE(pad_e
 def make_moe(cfg, experts_impl, abstract=False):
   def build():
     return MoE(cfg.hidden, cfg.expert_width, cfg.experts, cfg.top_k, rngs=nnx.Rngs(0),
-               experts_impl=experts_impl, dtype=BF16, param_dtype=BF16,
+               experts_impl=experts_impl, dtype=BF16,
+               param_dtype=jnp.dtype(getattr(cfg, "param_dtype", "bfloat16")),
                pad_expert_rows=PAD[getattr(cfg, "pad_expert_rows", "auto")])
   return nnx.eval_shape(build) if abstract else build()
 
@@ -237,6 +239,9 @@ def main(argv=None) -> int:
   p.add_argument("--pad-expert-rows", choices=tuple(PAD), default="auto",
                  help="MoE(pad_expert_rows=): each expert's rows padded to 128 (auto: the "
                       "layer's default)")
+  p.add_argument("--param-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="MoE(param_dtype=): float32 is Flax's default (master weights; the FP8 "
+                      "casts read them directly), twice the parameters' bytes")
   p.add_argument("--ragged-dot", choices=tuple(RAGGED_DOT_FLAGS), default="dense",
                  help="how XLA's GPU compiler lowers the bf16 layer's ragged_dot: 'dense' (its "
                       "default: dense masked dots, which run out of memory at large shapes), "
@@ -261,8 +266,8 @@ def main(argv=None) -> int:
   timing = BG.timing_config(args)
   T.print_header()
   h, w, e, k = args.hidden, args.expert_width, args.experts, args.top_k
-  param_gb = (3 * e * h * w + h * e) * 2 / 1e9
-  print(f"MoE: hidden {h}, expert width {w}, {e} experts, top-{k}, bf16 params "
+  param_gb = (3 * e * h * w + h * e) * jnp.dtype(args.param_dtype).itemsize / 1e9
+  print(f"MoE: hidden {h}, expert width {w}, {e} experts, top-{k}, {args.param_dtype} params "
         f"({param_gb:.1f} GB; as much again for the gradients)", flush=True)
 
   runner = BG.Runner()
@@ -333,7 +338,7 @@ def main(argv=None) -> int:
     r = BG.ratio(t_bf16, t_fp8)
     common = dict(op=OP, m=tokens, n=h, k=w, groups=e, flops=flops, top_k=k, tokens=tokens,
                   pad_expert_rows=args.pad_expert_rows, grad_x=args.grad_x,
-                  param_dtype="bfloat16", dtype="bfloat16", xla_ragged_dot=args.ragged_dot,
+                  param_dtype=args.param_dtype, dtype="bfloat16", xla_ragged_dot=args.ragged_dot,
                   micro_batches=mb)
 
     def perf(t):  # (tokens per second over all micro-batches)

@@ -61,7 +61,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_deepgemm import _primitive, expert_parallel
 from jax_deepgemm._routing import expert_rows, gather
-from jax_deepgemm.linear import (fp8_grouped_linear, fp8_grouped_linear_of_rows, fp8_linear,
+from jax_deepgemm.linear import (_cast_source, _fp8_grouped_linear, _fp8_linear, _of_rows,
                                  quantize_weight)
 from jax_deepgemm.quant import is_wide_float
 
@@ -172,8 +172,11 @@ class Fp8Linear(nnx.Linear):
   A drop-in: same arguments, initializers, parameters (``kernel [in, out]``, ``bias [out]``)
   and metadata as ``nnx.Linear``, so a model's state moves between the two unchanged (e.g. train
   in FP8, evaluate in bf16). The inputs and parameters are promoted to ``dtype`` as
-  ``nnx.Linear`` does; the FP8 GEMM then takes them (x per 1x128, the kernel per 128x128 block)
-  and returns the promoted dtype, or ``preferred_element_type`` (the GEMM writes it: f32 from
+  ``nnx.Linear`` does; the FP8 GEMM then takes them (x per 1x128, the kernel per 128x128 block,
+  cast from the parameter itself: f32 parameters are not first rounded to a bf16 copy, which
+  XLA would write and the cast read again; the kernel's gradient is still computed in the
+  promoted dtype, as ``nnx.Linear``'s is) and returns the promoted dtype, or
+  ``preferred_element_type`` (the GEMM writes it: f32 from
   bf16 inputs is the f32 accumulator, not a bf16 result cast up; as in ``nnx.Linear``, whose bias
   is added after the dot, the result promotes with the bias: ``preferred_element_type=bf16``
   with an f32 bias gives f32, the bias added in f32).
@@ -205,12 +208,12 @@ class Fp8Linear(nnx.Linear):
     x = jnp.zeros((), self.dtype or x_dtype)
     bias = self.bias[...] if self.bias is not None else None
     _, kernel, _ = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
-    return quantize_weight(kernel)
+    return quantize_weight(_cast_source(self.kernel[...], kernel.dtype))
 
   def __call__(self, inputs, out_sharding=None, *, w_fp8=None):
-    kernel = self.kernel[...]
+    param = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    inputs, kernel, bias = self.promote_dtype((inputs, param, bias), dtype=self.dtype)
     out = None
     if self.preferred_element_type is not None:
       # nnx.Linear adds the bias to its dot's preferred_element_type result, so its output
@@ -218,7 +221,10 @@ class Fp8Linear(nnx.Linear):
       # written by the GEMM itself (an f32 result from bf16 inputs is not rounded to bf16).
       out = self.preferred_element_type
       out = out if bias is None else jnp.promote_types(out, bias.dtype)
-    y = fp8_linear(inputs, kernel, bias, preferred_element_type=out, w_fp8=w_fp8)
+    # The cast reads the kernel in its parameter dtype, and W's gradient is computed in the
+    # promoted dtype, as for the promoted copy (see MoE._grouped).
+    y = _fp8_linear(inputs, _cast_source(param, kernel.dtype), bias, out, w_fp8,
+                    w_grad_dtype=kernel.dtype)
     # nnx.Linear hands out_sharding to its dot_general, whose result takes that type (e.g.
     # row-parallel under Explicit axes, where a split contraction leaves it ambiguous). Our op
     # types its result from the operands' shardings, so it is resharded; reshard checks the
@@ -269,7 +275,10 @@ class MoE(nnx.Module):
       rounded to ``dtype`` before any shared experts' is added); ``None``, as in
       ``nnx.Linear``: the promotion of x's and the parameters' dtypes (bf16 x and bf16
       parameters compute in bf16, bf16 x and f32 parameters in f32).
-    param_dtype: dtype of the parameters.
+    param_dtype: dtype of the parameters. The FP8 experts' weight casts read them as they are
+      (f32 parameters are not first converted to a ``dtype`` copy, which XLA would write and
+      the cast read again: 1.76 ms of an H100's step at H 7168, 32 experts); their
+      gradients are computed in ``dtype``, as that copy's were.
     aux_loss_coef: scale of the load-balancing loss returned next to the output.
     mesh: optional ``jax.sharding.Mesh``: run expert-parallel over it (experts split over
       ``expert_axis``, tokens over all its axes); ``num_experts`` must divide by the size of
@@ -366,12 +375,13 @@ class MoE(nnx.Module):
   # both in place (no gathered copy of x or of the result's cotangent written and read again).
   # out_rows (idx, inv, weights): the combine, y[t] = Σ_j weights[t, j] · y_rows[idx[t·k + j]]
   # (in f32; the FP8 layer's result is rounded to x's dtype).
+  # FP8 layers read W in its parameter dtype (_cast_source: f32 parameters are not converted
+  # to a bf16 copy first) and compute its gradient in x's dtype, as for that copy.
   def _grouped(self, x, w, group_sizes, w_fp8=None, in_rows=None, out_rows=None):
-    w = w.astype(x.dtype)
     if self.experts_impl == "fp8" and _primitive.explicit_spec(jax.typeof(x)) is None:
       # (Typed over Explicit axes, below: the gathered casts have no typed sharding rule.)
-      return fp8_grouped_linear_of_rows(x, w, group_sizes, w_fp8=w_fp8, in_rows=in_rows,
-                                        out_rows=out_rows)
+      return _of_rows(x, _cast_source(w, x.dtype), group_sizes, w_fp8, in_rows, out_rows,
+                      w_grad_dtype=x.dtype)
     if in_rows is not None:
       x = gather(x, *in_rows)
     y = self._grouped_plain(x, w, group_sizes, w_fp8)
@@ -386,7 +396,9 @@ class MoE(nnx.Module):
 
   def _grouped_plain(self, x, w, group_sizes, w_fp8):
     if self.experts_impl == "fp8":
-      return fp8_grouped_linear(x, w, group_sizes, w_fp8=w_fp8)
+      return _fp8_grouped_linear("fp8_grouped_linear", x, _cast_source(w, x.dtype),
+                                 group_sizes, w_fp8, w_grad_dtype=x.dtype)
+    w = w.astype(x.dtype)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and AxisType.Explicit in mesh.axis_types:
       return _ragged_dot_on_auto_axes(x, w, group_sizes).astype(x.dtype)
@@ -408,9 +420,9 @@ class MoE(nnx.Module):
     return jax.nn.silu(gate) * up
 
   def _dense(self, x, w, w_fp8=None):
-    w = w.astype(x.dtype)
     if self.experts_impl == "fp8":
-      return fp8_linear(x, w, w_fp8=w_fp8)
+      return _fp8_linear(x, _cast_source(w, x.dtype), None, None, w_fp8, w_grad_dtype=x.dtype)
+    w = w.astype(x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
   def _check_shapes(self, params):
@@ -458,7 +470,8 @@ class MoE(nnx.Module):
                        "follows x: pass x_dtype, the dtype of the x it will be called with")
     params = self._param_values()
     dtype = self._compute_dtype(jnp.zeros((), x_dtype or jnp.float32), params.values())
-    return {n: quantize_weight(p.astype(dtype)) for n, p in params.items() if n != "router"}
+    return {n: quantize_weight(_cast_source(p, dtype)) for n, p in params.items()
+            if n != "router"}
 
   def _compute_dtype(self, x, params):
     # dtype=None: nnx.Linear's rule (flax's promote_dtype), x with every parameter.

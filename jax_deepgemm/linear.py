@@ -97,10 +97,25 @@ def _check_float(op, name, x):
     raise TypeError(f"{op}: {name} must be bf16, f16, f32 or f64, got {x.dtype}")
 
 
+def _cast_source(w, dtype):
+  """W as a layer that computes in ``dtype`` hands it to the FP8 layers: as it is where the
+  cast kernels read its dtype (bf16, f16, f32), else converted to ``dtype``.
+
+  f32 parameters with bf16 compute (Flax's defaults) were converted to a bf16 copy first,
+  which XLA writes and the cast reads again (a custom call fuses nothing): for the MoE's
+  experts at H 7168, 64 experts, 5.6 GB written and read every step. Cast directly, W rounds
+  once, to e4m3, instead of twice. Pass the compute dtype as ``w_grad_dtype`` too, so that
+  W's gradient is computed in it, as for the converted copy."""
+  f = jnp.dtype(w.dtype)
+  return w if f in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                    jnp.dtype(jnp.float32)) else w.astype(dtype)
+
+
 # ----------------------------------------------------------------------------- dense
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _linear(x2, w, bias, w_fp8, types, out_dtype):
-  del types
+# w_grad_dtype: None, or the dtype W's gradient is computed in (then converted to W's).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _linear(x2, w, bias, w_fp8, types, out_dtype, w_grad_dtype):
+  del types, w_grad_dtype
   xq, xs = per_token_cast_to_fp8(x2)
   # W's 128x128 blocks transpose exactly: the cast writes the [N, K] operand directly.
   wtq, wts = (w_fp8.qt, w_fp8.st) if w_fp8 else per_block_cast_to_fp8(w, transpose=True)
@@ -113,8 +128,8 @@ def _linear_gemm(xq, xs, wtq, wts, dtype, bias):
   return y.astype(dtype)
 
 
-def _linear_fwd(x2, w, bias, w_fp8, types, out_dtype):
-  del types
+def _linear_fwd(x2, w, bias, w_fp8, types, out_dtype, w_grad_dtype):
+  del types, w_grad_dtype
   # The backward needs X only as the wgrad operand, cast along tokens: that cast is
   # saved instead of X (DeepSeek-V3 caches FP8 activations), half X's bytes when bf16.
   # Both casts of X come from one read (the per-token one feeds the GEMM here).
@@ -134,7 +149,7 @@ def _name_residuals(xt, xts, wq, ws):
           checkpoint_name(wq, W_FP8), checkpoint_name(ws, W_FP8))
 
 
-def _linear_bwd(types, out_dtype, res, dy):
+def _linear_bwd(types, out_dtype, w_grad_dtype, res, dy):
   del out_dtype
   xt, xts, wq, ws, x_like, w_like, bias = res  # dy has X's row count
   # dY's two casts from one read: per 1x128 for dgrad, along tokens (written token-major,
@@ -143,10 +158,12 @@ def _linear_bwd(types, out_dtype, res, dy):
   # dgrad: dX [M, K] = dY [M, N] · W[K, N]ᵀ; W's blocks quantized as [K, N] (forward).
   dx = fp8_gemm_nt(dyq, dys, wq, ws, out_dtype=_gemm_dtype(x_like.dtype)).astype(x_like.dtype)
   # wgrad: dW [K, N] = Xᵀ · dY, both quantized along tokens (one group of all tokens).
+  # (In w_grad_dtype if given, then converted to W's.)
   m = jnp.full((1,), dy.shape[0], jnp.int32)
+  gd = w_like.dtype if w_grad_dtype is None else w_grad_dtype
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, m, token_major=True,
-                                        out_dtype=_gemm_dtype(w_like.dtype))
-  dw = dw[0].astype(w_like.dtype)
+                                        out_dtype=_gemm_dtype(gd))
+  dw = dw[0].astype(gd).astype(w_like.dtype)
   db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
   return _primitive.retyped((dx, dw, db), types) + (None,)  # no gradient through w_fp8
 
@@ -172,6 +189,10 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
   Returns:
     ``[..., N]`` in ``preferred_element_type`` or ``x.dtype``.
   """
+  return _fp8_linear(x, w, bias, preferred_element_type, w_fp8)
+
+
+def _fp8_linear(x, w, bias, preferred_element_type, w_fp8, w_grad_dtype=None):
   x, w = _checks.arrays("fp8_linear", "x w", x, w)
   _check_float("fp8_linear", "x", x)
   _check_float("fp8_linear", "w", w)
@@ -197,7 +218,8 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
   x, w, bias = _primitive.match_vma(x, w, bias)
   order = _primitive.split_first(x, x.ndim - 1)
   x2 = _primitive.fold(x, order)
-  y = _linear(x2, w, bias, w_fp8, _primitive.primal_types(x2, w, bias), out_dtype)
+  y = _linear(x2, w, bias, w_fp8, _primitive.primal_types(x2, w, bias), out_dtype,
+              None if w_grad_dtype is None else jnp.dtype(w_grad_dtype))
   y = checkpoint_name(y, OUT)
   return _primitive.unfold_like(y, x, order)
 
@@ -209,9 +231,9 @@ def fp8_linear(x, w, bias=None, *, preferred_element_type=None, w_fp8=None):
 #   the rows gather_rows(dy, inv) of that result's cotangent in place; or (idx, inv, weights):
 #   the result is combine_rows(y, idx, weights), and dY's cast reads each row's source row of
 #   the cotangent times its weight in place.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _grouped(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
-  del types, k
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _grouped(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k, w_grad_dtype):
+  del types, k, w_grad_dtype
   if in_rows is not None:
     x = gather_rows(x, in_rows[0])
   xq, xs = per_token_cast_to_fp8(x)
@@ -263,8 +285,8 @@ def _grouped_cast(x, keep, idx=None, scale=None):
   return gathered_dual_cast_p.bind(x, idx, scale, keep, use_ue8m0=False)
 
 
-def _grouped_fwd(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k):
-  del types, k
+def _grouped_fwd(x, w, group_sizes, w_fp8, in_rows, out_rows, types, k, w_grad_dtype):
+  del types, k, w_grad_dtype
   # As _linear_fwd: X's token-axis cast and W's [G, K, N] cast are saved instead of X and
   # W, each cast pair from one read (W's: or given).
   # The row count in groups rides in the residuals: dY's cast needs it again.
@@ -297,7 +319,7 @@ def _combine_bwd(dy, y_inv, comb):
   return rows, scale, dweights.astype(weights.dtype)
 
 
-def _grouped_bwd(types, k, res, dy):
+def _grouped_bwd(types, k, w_grad_dtype, res, dy):
   xt, xts, wq, ws, w_like, group_sizes, keep, (x_inv, y_inv), comb = res  # dy: X's dtype
   # dY's two casts from one read (as in _linear_bwd; with out_rows, of its rows y_inv; of a
   # combine, its rows' tokens' rows of dy times their weights).
@@ -315,10 +337,12 @@ def _grouped_bwd(types, k, res, dy):
     dx = gather_rows_transpose(dx, x_inv, k)
   # wgrad per group: dW[g] = X_gᵀ · dY_g over the group's tokens (K-grouped GEMM), the
   # operands cast token-major (X's in the forward).
+  # (In w_grad_dtype if given, then converted to W's.)
+  gd = w_like.dtype if w_grad_dtype is None else w_grad_dtype
   dw = k_grouped_fp8_gemm_tn_contiguous(xt, xts, dyt, dyts, group_sizes, token_major=True,
-                                        out_dtype=_gemm_dtype(w_like.dtype))
-  return _primitive.retyped((dx, dw.astype(w_like.dtype)), types) + (None, None, None,
-                                                                      d_out_rows)
+                                        out_dtype=_gemm_dtype(gd))
+  return _primitive.retyped((dx, dw.astype(gd).astype(w_like.dtype)), types) + (
+      None, None, None, d_out_rows)
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -371,6 +395,10 @@ def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, o
       reads each row's token's row of the cotangent times its weight in place (the weighted
       ``[P, N]`` cotangent is never written). The weights must be finite.
   """
+  return _of_rows(x, w, group_sizes, w_fp8, in_rows, out_rows)
+
+
+def _of_rows(x, w, group_sizes, w_fp8, in_rows, out_rows, w_grad_dtype=None):
   op = "fp8_grouped_linear_of_rows"
   x = _checks.array(op, "x", x)
   if in_rows is not None:
@@ -405,10 +433,11 @@ def fp8_grouped_linear_of_rows(x, w, group_sizes, *, w_fp8=None, in_rows=None, o
       out_rows = (idx, inv, weights)
     else:
       out_rows = (idx, inv)
-  return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows, out_rows, k)
+  return _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows, out_rows, k, w_grad_dtype)
 
 
-def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows=None, out_rows=None, k=1):
+def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows=None, out_rows=None, k=1,
+                        w_grad_dtype=None):
   x, w = _checks.arrays(op, "x w", x, w)
   group_sizes = _checks.sizes_array(op, "group_sizes", group_sizes)
   _check_float(op, "x", x)
@@ -424,5 +453,6 @@ def _fp8_grouped_linear(op, x, w, group_sizes, w_fp8, in_rows=None, out_rows=Non
   # The sizes go to the ops as given: each clips them to [0, M] itself without wrapping
   # (the M-grouped kernel clips int32 sizes, the K-grouped op sanitizes its own), so a scan
   # here would only run twice.
+  gd = None if w_grad_dtype is None else jnp.dtype(w_grad_dtype)
   return checkpoint_name(_grouped(x, w, group_sizes, w_fp8, in_rows, out_rows,
-                                  _primitive.primal_types(x, w), k), OUT)
+                                  _primitive.primal_types(x, w), k, gd), OUT)

@@ -42,6 +42,17 @@ def casts_of_w(fn, *args, under=None):
   return count(jax.make_jaxpr(fn)(*args).jaxpr, under is None)
 
 
+def w_cast_dtypes(fn, *args):
+  """The dtypes of the arrays W's block casts read in ``fn``'s jaxpr, sorted."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in W_CASTS:
+        yield str(eqn.invars[0].aval.dtype)
+      for sub in jaxprs_in_params(eqn.params):
+        yield from walk(sub)
+  return sorted(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
 def run_script(script, env_extra, *args):
   """Runs `script` in a fresh Python with `env_extra` set (for settings read once per process,
   like JAX_DEEPGEMM_GEMM_CONFIG), from tests/ with tests/ importable. Returns the process."""

@@ -10,7 +10,7 @@ import multidevice
 import oracle
 import jax_deepgemm as jd
 from jax_deepgemm.flax import Fp8Linear
-from helpers import randn
+from helpers import randn, w_cast_dtypes
 
 
 def _pair(k, n, **kw):
@@ -84,12 +84,37 @@ def test_refuses_what_an_fp8_gemm_cannot_honour():
   x = jax.random.normal(jax.random.key(1), (4, 128))
   y = layer(x)
   assert y.dtype == jnp.float32
-  # The GEMM's f32 result from the bf16-promoted operands, not a bf16 one cast up.
+  # The GEMM's f32 result from the bf16-promoted operands, not a bf16 one cast up (the
+  # kernel's FP8 cast reads the f32 parameter itself: test_kernel_cast_reads_the_parameter).
   bf = lambda v: v.astype(jnp.bfloat16)
-  want = jd.fp8_linear(bf(x), bf(layer.kernel[...]), bf(layer.bias[...]),
+  want = jd.fp8_linear(bf(x), layer.kernel[...], bf(layer.bias[...]),
                        preferred_element_type=jnp.float32)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
   assert (np.asarray(y) != np.asarray(y.astype(jnp.bfloat16), np.float32)).any()
+
+
+@pytest.mark.parametrize("param_dtype,dtype", [(jnp.float32, jnp.bfloat16),
+                                                (jnp.bfloat16, jnp.float32)])
+def test_kernel_cast_reads_the_parameter(rng, param_dtype, dtype):
+  # The FP8 cast reads the kernel in its parameter dtype: f32 parameters computing in bf16
+  # are not converted to a bf16 copy first (XLA would write it and the cast read it again),
+  # and bf16 ones computing in f32 not to an f32 copy (the same values, twice the bytes).
+  # The kernel's gradient is still computed in the compute dtype, as for such a copy.
+  layer = Fp8Linear(256, 128, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+  x = randn(rng, (5, 256), dtype)
+  r = randn(rng, (5, 128), jnp.float32)
+  loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * r)
+  gdef, state = nnx.split(layer)
+  step = lambda state, x: jax.grad(lambda s: loss(nnx.merge(gdef, s), x))(state)
+  assert w_cast_dtypes(step, state, x) == [jnp.dtype(param_dtype).name]
+  kernel = layer.kernel[...]
+  np.testing.assert_array_equal(layer(x), jd.fp8_linear(x, kernel, layer.bias[...].astype(dtype)))
+  g = nnx.grad(loss)(layer, x).kernel[...]
+  # W's gradient depends on x and dy only: the same GEMM in the compute dtype, converted.
+  copy = jax.grad(lambda w: jnp.sum(jd.fp8_linear(x, w, layer.bias[...].astype(dtype))
+                                    .astype(jnp.float32) * r))(kernel.astype(dtype))
+  assert g.dtype == jnp.dtype(param_dtype)
+  np.testing.assert_array_equal(g, copy.astype(param_dtype))
 
 
 @pytest.mark.parametrize("precision", [

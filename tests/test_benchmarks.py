@@ -41,6 +41,16 @@ def test_bench_moe():
   assert "T64 H256 W128 E8 top2" in out
 
 
+def test_bench_moe_f32_params():
+  out = run("bench_moe.py", "--tokens", "64", "--param-dtype", "float32", "--skip-baseline")
+  assert "float32 params" in out and "T64 H256 W128 E8 top2" in out
+
+
+def test_moe_adamw_step(capsys):
+  bench_module("moe_adamw_step").main(experts=4, tokens=64, hidden=256, width=128, top_k=2)
+  assert "E4 adamw step" in capsys.readouterr().out
+
+
 def test_bench_moe_micro_batches():
   # Gradient accumulation: the FP8 step also with the experts' weights cast once per step.
   out = run("bench_moe.py", "--tokens", "64", "--micro-batches", "2")

@@ -200,8 +200,8 @@ class Fp8Linear(nnx.Linear):
   def quantize_weight(self, x_dtype=None):
     """The kernel's FP8 casts for ``__call__(inputs, w_fp8=...)``, made once for several calls
     with the same kernel (micro-batches; see ``jax_deepgemm.quantize_weight``). ``x_dtype``: the
-    inputs' dtype, needed only when ``dtype`` is None (the kernel is cast to the dtype the call
-    promotes to first)."""
+    inputs' dtype, needed only when ``dtype`` is None (the call casts a bf16, f16 or f32 kernel
+    as it is, an f64 one converted to the dtype the call promotes to first)."""
     if self.dtype is None and x_dtype is None:
       raise ValueError("Fp8Linear.quantize_weight: dtype is None, so the call's dtype follows "
                        "the inputs': pass x_dtype, the dtype of the inputs it will be called with")
@@ -457,8 +457,9 @@ class MoE(nnx.Module):
 
     Args:
       x_dtype: the dtype of the ``x`` the layer will be called with; needed only when the
-        layer's ``dtype`` is None (then the compute dtype, which the weights are cast to
-        first, follows x's and the parameters' dtypes).
+        layer's ``dtype`` is None (then the compute dtype follows x's and the parameters'
+        dtypes; the casts read bf16, f16 and f32 weights as they are, and f64 ones converted
+        to it first, as the call does).
     Returns:
       ``{name: Fp8Weight}`` for ``w_gate_up``, ``w_down`` (and ``shared_gate_up``,
       ``shared_down`` with shared experts).

@@ -94,21 +94,30 @@ def test_refuses_what_an_fp8_gemm_cannot_honour():
 
 
 @pytest.mark.parametrize("param_dtype,dtype", [(jnp.float32, jnp.bfloat16),
-                                                (jnp.bfloat16, jnp.float32)])
+                                                (jnp.bfloat16, jnp.float32),
+                                                (jnp.float64, jnp.bfloat16)])
 def test_kernel_cast_reads_the_parameter(rng, param_dtype, dtype):
+  with jax.enable_x64(param_dtype == jnp.float64):
+    _kernel_cast_reads_the_parameter(rng, param_dtype, dtype)
+
+
+def _kernel_cast_reads_the_parameter(rng, param_dtype, dtype):
   # The FP8 cast reads the kernel in its parameter dtype: f32 parameters computing in bf16
   # are not converted to a bf16 copy first (XLA would write it and the cast read it again),
   # and bf16 ones computing in f32 not to an f32 copy (the same values, twice the bytes).
-  # The kernel's gradient is still computed in the compute dtype, as for such a copy.
+  # f64 ones, which no cast kernel reads, are converted. The kernel's gradient is computed in
+  # the compute dtype, as for such a copy.
   layer = Fp8Linear(256, 128, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
   x = randn(rng, (5, 256), dtype)
   r = randn(rng, (5, 128), jnp.float32)
   loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * r)
   gdef, state = nnx.split(layer)
   step = lambda state, x: jax.grad(lambda s: loss(nnx.merge(gdef, s), x))(state)
-  assert w_cast_dtypes(step, state, x) == [jnp.dtype(param_dtype).name]
+  read = dtype if param_dtype == jnp.float64 else param_dtype
+  assert w_cast_dtypes(step, state, x) == [jnp.dtype(read).name]
   kernel = layer.kernel[...]
-  np.testing.assert_array_equal(layer(x), jd.fp8_linear(x, kernel, layer.bias[...].astype(dtype)))
+  np.testing.assert_array_equal(layer(x), jd.fp8_linear(x, kernel.astype(read),
+                                                        layer.bias[...].astype(dtype)))
   g = nnx.grad(loss)(layer, x).kernel[...]
   # W's gradient depends on x and dy only: the same GEMM in the compute dtype, converted.
   copy = jax.grad(lambda w: jnp.sum(jd.fp8_linear(x, w, layer.bias[...].astype(dtype))

@@ -169,7 +169,7 @@ def test_moe_bad_weights_fp8(rng):
                   dtype=None)
   with pytest.raises(ValueError, match="pass x_dtype"):
     promoting.quantize_weights()
-  # dtype=None: the weights are cast to the promoted compute dtype first, as the call does.
+  # dtype=None: the weights' casts follow the call's (f32 weights read as they are).
   wf32 = promoting.quantize_weights(x_dtype=jnp.bfloat16)
   assert same(promoting(x, weights_fp8=wf32), promoting(x))
 

@@ -26,7 +26,8 @@ from jax_deepgemm.k_grouped import k_grouped_fp8_gemm_tn_contiguous
 from jax_deepgemm.quant import (is_wide_float, per_block_cast_to_fp8,
                                 per_block_cast_to_fp8_and_transpose, per_token_cast_to_fp8,
                                 per_token_cast_to_fp8_and_transpose)
-from jax_deepgemm.quant_kernels import ceil_div, dual_cast_p, gathered_dual_cast_p
+from jax_deepgemm.quant_kernels import (KERNEL_DTYPES, ceil_div, dual_cast_p,
+                                         gathered_dual_cast_p)
 
 
 # Names for remat policies (``jax.checkpoint_policies.save_only_these_names``): what the
@@ -106,9 +107,7 @@ def _cast_source(w, dtype):
   experts at H 7168, 64 experts, 5.6 GB written and read every step. Cast directly, W rounds
   once, to e4m3, instead of twice. Pass the compute dtype as ``w_grad_dtype`` too, so that
   W's gradient is computed in it, as for the converted copy."""
-  f = jnp.dtype(w.dtype)
-  return w if f in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                    jnp.dtype(jnp.float32)) else w.astype(dtype)
+  return w if jnp.dtype(w.dtype) in KERNEL_DTYPES else w.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- dense

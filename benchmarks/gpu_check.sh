@@ -206,10 +206,12 @@ if has experiments; then
     [ -n "${EXP_ONLY:-}" ] && [[ " $EXP_ONLY " != *" $e "* ]] && continue
     found=1
     tiles=$(sed -n 's/^Tiles: *//p' "$patch" | head -1)
+    # A layer-level experiment (no kernel_bench A/B) names its own script instead.
+    [ -z "$tiles" ] && { echo "== experiment $e: no Tiles: line, see its header"; continue; }
     flags=$(sed -n 's/^Flags: *//p' "$patch" | head -1)
     pshapes=$(sed -n 's/^Shapes: *//p' "$patch" | head -1)
     envs=$(sed -n 's/^Envs: *//p' "$patch" | head -1)
-    echo "== experiment $e: ${tiles:=128x128} ${flags} ${envs}"
+    echo "== experiment $e: ${tiles} ${flags} ${envs}"
     OUT=$OUT/$e TILES="$tiles" SHAPES="${pshapes:-$shapes}" VARIANTS="cur:csrc $e:$patch" \
       TILE_FLAGS="${TILE_FLAGS:-} $flags" KB_ENVS="${envs:-${KB_ENVS:-}}" bash "$0" tiles | tail -80
   done

@@ -78,9 +78,10 @@ def _reference_one(a, sa, b, sb, masked_m, *out, expected_m, out_dtype, has_out)
 
 def keep_rows_past(d, masked_m, out):
   """``d [..., G, M_max, N]`` with rows ``>= masked_m[..., g]`` from ``out`` (zeros if None)."""
-  rows = jnp.arange(d.shape[-2], dtype=jnp.int32)
+  # Same-rank operands: no rank promotion, so jax_numpy_rank_promotion='raise' holds.
+  rows = jnp.arange(d.shape[-2], dtype=jnp.int32).reshape((1,) * (d.ndim - 2) + (-1, 1))
   past = jnp.zeros((), d.dtype) if out is None else out
-  return jnp.where(rows[:, None] < masked_m.astype(jnp.int32)[..., None, None], d, past)
+  return jnp.where(rows < masked_m.astype(jnp.int32)[..., None, None], d, past)
 
 
 def _batching_rule(args, dims, *, lead, **params):

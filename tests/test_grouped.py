@@ -79,6 +79,27 @@ def test_contiguous_errors(rng):
     f(a, sa, b, sb[:1], jnp.zeros((2,), jnp.int32))
 
 
+def test_masked_under_rank_promotion_raise(rng):
+  # The reference masked rows [M_max, 1] against masked_m [G, 1, 1] by rank promotion: under
+  # jax_numpy_rank_promotion='raise' every masked GEMM raised "could not be broadcast".
+  g, m_max, n, k = 3, 40, 136, 256
+  a, sa = quant_act(rng, g * m_max, k)
+  a, sa = a.reshape(g, m_max, k), sa.reshape(g, m_max, 2)
+  b, sb = quant_w(rng, g, n, k)
+  masked = [0, 17, 40]
+  out = randn(rng, (g, m_max, n)).astype(jnp.bfloat16)
+  f = jax.jit(jd.m_grouped_fp8_gemm_nt_masked, static_argnames="expected_m")
+  with jax.numpy_rank_promotion("raise"):
+    d = f(a, sa, b, sb, jnp.asarray(masked, jnp.int32), expected_m=16)
+    d_out = f(a, sa, b, sb, jnp.asarray(masked, jnp.int32), out=out, expected_m=16)
+  want = oracle.grouped_masked(a, sa, b, sb, masked)
+  assert oracle.calc_diff(d, want) < 1e-5
+  for gi, mi in enumerate(masked):
+    assert not np.asarray(d[gi, mi:], np.float32).any()
+    np.testing.assert_array_equal(np.asarray(d_out[gi, :mi]), np.asarray(d[gi, :mi]))
+    np.testing.assert_array_equal(np.asarray(d_out[gi, mi:]), np.asarray(out[gi, mi:]))
+
+
 @pytest.mark.parametrize("masked", [[0, 5, 64, 1], [64, 64, 64, 64], [0, 0, 0, 0], [3, 70, -1, 2]])
 def test_masked_matches_float64(rng, masked):
   g, m_max, n, k = 4, 64, 72, 256

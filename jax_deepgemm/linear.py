@@ -64,6 +64,8 @@ def quantize_weight(w) -> Fp8Weight:
     w: ``[K, N]`` (``fp8_linear``) or ``[G, K, N]`` (``fp8_grouped_linear``), bf16/f16/f32.
   """
   w = _checks.array("quantize_weight", "w", w)
+  if w.ndim < 2:  # (more leading axes are fine: a stack of layers' weights, cast at once)
+    raise ValueError(f"quantize_weight: w must be [K, N] or [G, K, N], got shape {w.shape}")
   _check_float("quantize_weight", "w", w)
   return Fp8Weight(*per_block_cast_to_fp8_and_transpose(jax.lax.stop_gradient(w)))
 

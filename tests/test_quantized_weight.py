@@ -118,6 +118,9 @@ def test_bad_w_fp8_is_a_clear_error(rng):
     jd.fp8_grouped_linear(x, w[None], sizes, w_fp8=wq)  # a dense layer's casts
   with pytest.raises(TypeError, match=r"quantize_weight: w must be"):
     jd.quantize_weight(wq.q)
+  for bad in (w[0], w[0, 0]):  # its own name and layout, not the cast's [..., N, K]
+    with pytest.raises(ValueError, match=r"quantize_weight: w must be \[K, N\] or \[G, K, N\]"):
+      jd.quantize_weight(bad)
 
 
 @pytest.mark.parametrize("shared", [0, 1])

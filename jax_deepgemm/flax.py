@@ -506,8 +506,13 @@ class MoE(nnx.Module):
       # result's type named: the tokens' rows, the experts whole (the sum is all-reduced).
       mesh = jax.typeof(x2 if xs is not None else router).sharding.mesh
       kw["out_sharding"] = NamedSharding(mesh, P(_rows_spec(x2), None))
-    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
-                     precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6, **kw)
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    if 1 in (x2.shape[0], *router.shape):
+      # XLA emits a dot with two unit dimensions elementwise, which has no X6 algorithm
+      # ("not supported by the ElementalIrEmitter"); such a dot is tiny, so plain f32.
+      precision = jax.lax.Precision.HIGHEST
+    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32), precision=precision,
+                     **kw)
     if self.score == "sigmoid":
       # s / sum(s) of sigmoid scores, taken in log space: sigmoid underflows to 0 below logits
       # of about -100, where it was 0 / 0 = NaN. (log_sigmoid is monotonic: the same top-k.)

@@ -210,6 +210,24 @@ def test_empty_batch(pad):
     assert not np.any(np.asarray(v)), name
 
 
+@pytest.mark.parametrize("impl", ["fp8", "bf16"])
+@pytest.mark.parametrize("experts,top_k", [(1, 1), (3, 2)])
+def test_single_token(rng, impl, experts, top_k):
+  # One token through one expert: the router dot [1, H] x [H, 1] has two unit dimensions,
+  # which XLA emits elementwise, with no BF16_BF16_F32_X6 algorithm (it raised "not supported
+  # by the ElementalIrEmitter" on CPU). The token's output is its row of a larger batch's.
+  m = MoE(256, 128, experts, top_k, rngs=nnx.Rngs(0), experts_impl=impl)
+  x = jnp.asarray(rng.standard_normal((5, 256)), jnp.float32)
+  y1, aux1 = jax.jit(lambda x: m(x))(x[:1])
+  y5, _ = m(x)
+  assert y1.shape == (1, 256) and np.isfinite(float(aux1))
+  np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y5[:1], np.float32),
+                             rtol=0, atol=1e-2 * float(jnp.abs(y5).max()))
+  g = nnx.grad(lambda m, x: m(x)[0].astype(jnp.float32).sum())(m, x[:1])
+  for name, v in nnx.to_pure_dict(g).items():
+    assert np.isfinite(np.asarray(v, np.float32)).all(), name
+
+
 def test_fp8_single_gemm_error_within_deepgemm_bound(rng):
   # The 2e-3 bound does hold for each FP8 GEMM inside the layer: one expert's gate|up projection.
   model = make("fp8", 64, 32, 1, 1, dtype=jnp.float32)

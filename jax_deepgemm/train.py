@@ -339,15 +339,17 @@ def main(argv=None):
     if value is not None and value < 1:
       p.error(f"{flag} must be at least 1, got {value}")
   # Checked before training, not after it (a bad path would lose the run).
+  if not args.plot or args.plot.endswith((os.sep, "/")) or os.path.isdir(args.plot):
+    # (opening it for the PNG failed after training; abspath drops a trailing "/")
+    p.error(f"--plot: {args.plot!r} names a directory, or nothing; name the PNG file to write")
   plot_dir = os.path.dirname(os.path.abspath(args.plot))
   if not os.path.isdir(plot_dir):
     p.error(f"--plot: directory {plot_dir} does not exist")
-  if os.path.isdir(args.plot):  # (opening it for the PNG failed after training)
-    p.error(f"--plot: {args.plot} is a directory; name the PNG file to write")
   if args.ckpt_dir and (why := check_ckpt_dir(os.path.abspath(args.ckpt_dir))) is not None:
     p.error(f"--ckpt-dir: {why}")
-  if args.restore and not os.path.isdir(args.restore):  # (orbax's traceback, model built)
-    p.error(f"--restore: {args.restore} is not a directory (an earlier run's --ckpt-dir)")
+  if args.restore is not None and not (  # (else orbax's traceback, after the model is built)
+      os.path.isdir(args.restore) and "_CHECKPOINT_METADATA" in os.listdir(args.restore)):
+    p.error(f"--restore: {args.restore!r} is not a checkpoint (an earlier run's --ckpt-dir)")
   cfg = dataclasses.replace(PRESETS[args.preset], micro_batches=args.micro_batches)
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
@@ -360,7 +362,7 @@ def main(argv=None):
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   try:
     mesh = parse_mesh("auto" if args.parallel else args.mesh, cfg) \
-        if (args.parallel or args.mesh) else None
+        if (args.parallel or args.mesh is not None) else None
   except ValueError as e:
     p.error(str(e))
   if (why := batch_split_error(cfg, mesh)) is not None:  # (train's ValueError: a traceback)

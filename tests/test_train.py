@@ -140,11 +140,16 @@ def test_checkpoint_never_deletes_other_files(tmp_path, capsys):
 @pytest.mark.parametrize("flags,msg", [
     (["--plot", "/nonexistent_dir_jdg/c.png"], "does not exist"),
     (["--mesh", "foo=2"], "expected 'auto'"),
-    (["--plot", "."], "is a directory"),  # (IsADirectoryError after training)
+    (["--plot", "."], "names a directory"),  # (IsADirectoryError after training)
     (["--restore", "/nonexistent_dir_jdg/ck"], "--restore"),  # (orbax's FileNotFoundError)
+    (["--restore", "EMPTY"], "is not a checkpoint"),  # (orbax's pytree structure error)
+    (["--plot", ""], "name the PNG file"),  # (FileNotFoundError after training)
+    (["--plot", "/nonexistent_dir_jdg/"], "name the PNG file"),  # (IsADirectoryError, likewise)
+    (["--mesh", ""], "expected 'auto'"),  # (was: no mesh, silently)
 ])
-def test_cli_rejects_bad_paths_and_meshes_before_training(flags, msg, capsys):
+def test_cli_rejects_bad_paths_and_meshes_before_training(flags, msg, capsys, tmp_path):
   # (A bad --plot directory failed after training, before the checkpoint was written.)
+  flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]  # an existing, empty directory
   with pytest.raises(SystemExit):
     train.main(["--experts", "fp8", "--steps", "1", *flags])
   err = capsys.readouterr()

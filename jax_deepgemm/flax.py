@@ -321,8 +321,16 @@ class MoE(nnx.Module):
       # (An 8-bit float passed as floating and failed in the FP8 GEMM's input check.)
       raise ValueError(f"MoE: dtype must be a floating dtype of 16 bits or more (the compute "
                        f"dtype: bf16, f16, f32 or f64), got {dtype!r}")
-    if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
-      raise ValueError(f"MoE: param_dtype must be a floating dtype, got {param_dtype!r}")
+    if not is_wide_float(jnp.dtype(param_dtype)):
+      # (8-bit float parameters initialised to NaN, silently.)
+      raise ValueError(f"MoE: param_dtype must be a floating dtype of 16 bits or more, got "
+                       f"{param_dtype!r}")
+    try:  # (a number, NumPy's or a 0-d array too; float() alone took "1" and True)
+      coef = None if isinstance(aux_loss_coef, (bool, str, bytes)) else float(aux_loss_coef)
+    except (TypeError, ValueError):
+      coef = None
+    if coef is None or not math.isfinite(coef):
+      raise ValueError(f"MoE: aux_loss_coef must be a finite number, got {aux_loss_coef!r}")
     if mesh is not None:
       expert_parallel.check_mesh(mesh, expert_axis, num_experts)
     if pad_expert_rows is not None and not isinstance(pad_expert_rows, bool):
@@ -337,7 +345,7 @@ class MoE(nnx.Module):
     self.normalize_topk = bool(normalize_topk) or score == "sigmoid"
     self.num_shared_experts = num_shared_experts
     self.dtype, self.param_dtype = dtype, param_dtype
-    self.aux_loss_coef = float(aux_loss_coef)
+    self.aux_loss_coef = coef
     self.mesh, self.expert_axis = mesh, expert_axis
     self.pad_expert_rows = pad_expert_rows
 

@@ -505,6 +505,14 @@ def test_argument_validation():
     for impl in ("fp8", "bf16"):
       with pytest.raises(ValueError, match="dtype must be a floating dtype of 16 bits or more"):
         MoE(64, 32, 4, 1, rngs=rngs, dtype=dtype, experts_impl=impl)
+  # (float8 parameters initialised to NaN silently; "a" raised float()'s unnamed error.)
+  with pytest.raises(ValueError, match="param_dtype must be a floating dtype of 16 bits or more"):
+    MoE(64, 32, 4, 1, rngs=rngs, param_dtype=jnp.float8_e4m3fn)
+  for coef in ("a", "1", None, float("nan"), True):
+    with pytest.raises(ValueError, match="aux_loss_coef must be a finite number"):
+      MoE(64, 32, 4, 1, rngs=rngs, aux_loss_coef=coef)
+  for coef in (np.float32(0.5), jnp.asarray(0.5), 1):
+    assert MoE(64, 32, 4, 1, rngs=rngs, aux_loss_coef=coef).aux_loss_coef == float(coef)
   with pytest.raises(ValueError, match="hidden must be a positive int, got 64.0"):
     MoE(64.0, 32, 4, 1, rngs=rngs)
   with pytest.raises(ValueError, match="top_k must be a positive int, got True"):

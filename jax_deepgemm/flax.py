@@ -516,8 +516,8 @@ class MoE(nnx.Module):
       kw["out_sharding"] = NamedSharding(mesh, P(_rows_spec(x2), None))
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
     if 1 in (x2.shape[0], *router.shape):
-      # XLA emits a dot with two unit dimensions elementwise, which has no X6 algorithm
-      # ("not supported by the ElementalIrEmitter"); such a dot is tiny, so plain f32.
+      # XLA may emit a dot with unit dimensions elementwise (two of them did on CPU), which
+      # has no X6 algorithm ("not supported by the ElementalIrEmitter"). It is tiny: plain f32.
       precision = jax.lax.Precision.HIGHEST
     logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32), precision=precision,
                      **kw)

@@ -272,6 +272,11 @@ def batch_split_error(cfg: Config, mesh=None):
   return None
 
 
+def _is_checkpoint(entries):
+  """Whether a directory's ``entries`` are an orbax checkpoint's (its metadata file)."""
+  return "_CHECKPOINT_METADATA" in entries
+
+
 def check_ckpt_dir(path):
   """Why `path` must not take a checkpoint, or None: saving replaces the directory (orbax's
   force=True), so only a missing or empty one, or an earlier checkpoint, is overwritten."""
@@ -280,7 +285,7 @@ def check_ckpt_dir(path):
   if not os.path.isdir(path):
     return f"{path} exists and is not a directory"
   entries = os.listdir(path)
-  if entries and "_CHECKPOINT_METADATA" not in entries:
+  if entries and not _is_checkpoint(entries):
     return (f"{path} holds files that are not an orbax checkpoint (saving would delete them): "
             "name a new or empty directory")
   return None
@@ -348,7 +353,7 @@ def main(argv=None):
   if args.ckpt_dir and (why := check_ckpt_dir(os.path.abspath(args.ckpt_dir))) is not None:
     p.error(f"--ckpt-dir: {why}")
   if args.restore is not None and not (  # (else orbax's traceback, after the model is built)
-      os.path.isdir(args.restore) and "_CHECKPOINT_METADATA" in os.listdir(args.restore)):
+      os.path.isdir(args.restore) and _is_checkpoint(os.listdir(args.restore))):
     p.error(f"--restore: {args.restore!r} is not a checkpoint (an earlier run's --ckpt-dir)")
   cfg = dataclasses.replace(PRESETS[args.preset], micro_batches=args.micro_batches)
   if args.steps is not None:

@@ -350,11 +350,13 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
                           std::to_string(static_cast<int>(res)) + ")");
   }
   // out is viewed as [G*N, K] (the kernel stores through TMA only where a
-  // warpgroup's rows stay inside one group).
+  // warpgroup's rows stay inside one group). The kernel's TMA row coordinate
+  // g*N + row is an int: past INT32_MAX rows it would wrap and the boxes be
+  // dropped, so such outputs store from registers (64-bit offsets).
+  const int64_t out_rows = static_cast<int64_t>(args.grp.num_groups) * args.n;
   CUtensorMap tmap_out;
-  const int store_mode =
-      PickStoreMode<OutT>(L::kBytesD > 0, args.out, args.c,
-                          static_cast<int64_t>(args.grp.num_groups) * args.n, args.k, &tmap_out);
+  const int store_mode = PickStoreMode<OutT>(L::kBytesD > 0 && out_rows <= INT32_MAX, args.out,
+                                             args.c, out_rows, args.k, &tmap_out);
   const int64_t num_tiles = static_cast<int64_t>(args.grp.num_groups) *
                             ((args.n + BM - 1) / BM) * ((args.k + BN - 1) / BN);
   if (num_tiles > INT32_MAX) {

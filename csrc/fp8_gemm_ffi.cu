@@ -102,15 +102,19 @@ inline cudaLaunchConfig_t ClusterLaunch(int grid, int threads, int smem, cudaStr
 }
 
 // The epilogue's store mode for out [rows, cols] (OutT), and *tmap_out for it.
-// The TMA-store epilogue needs 16-byte rows and base. An fp32 c is added by a
-// TMA reduce-add into out, so only when c is out itself (the ops alias them).
-// Anything else, or !enabled, stores from registers.
+// The TMA-store epilogue needs 16-byte rows and base, and rows the kernels'
+// int coordinates reach (the K-grouped one views [G, N, K] as [G*N, K]: past
+// INT32_MAX rows a coordinate would wrap and its box be dropped). An fp32 c is
+// added by a TMA reduce-add into out, so only when c is out itself (the ops
+// alias them). Anything else, or !enabled, stores from registers (64-bit
+// offsets).
 template <typename OutT>
 int PickStoreMode(bool enabled, void* out, const float* c, int64_t rows, int64_t cols,
                   CUtensorMap* tmap_out) {
   std::memset(tmap_out, 0, sizeof(*tmap_out));
   constexpr int kOutBytes = sizeof(OutT);
-  if (enabled && (cols * kOutBytes) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+  if (enabled && rows <= INT32_MAX && (cols * kOutBytes) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
       (c == nullptr || static_cast<const void*>(c) == out) &&
       tma::make_2d_tiled(tmap_out,
                          kOutBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
@@ -350,13 +354,11 @@ ffi::Error LaunchKGrouped(const KGroupedArgs& args, cudaStream_t stream, int dev
                           std::to_string(static_cast<int>(res)) + ")");
   }
   // out is viewed as [G*N, K] (the kernel stores through TMA only where a
-  // warpgroup's rows stay inside one group). The kernel's TMA row coordinate
-  // g*N + row is an int: past INT32_MAX rows it would wrap and the boxes be
-  // dropped, so such outputs store from registers (64-bit offsets).
-  const int64_t out_rows = static_cast<int64_t>(args.grp.num_groups) * args.n;
+  // warpgroup's rows stay inside one group).
   CUtensorMap tmap_out;
-  const int store_mode = PickStoreMode<OutT>(L::kBytesD > 0 && out_rows <= INT32_MAX, args.out,
-                                             args.c, out_rows, args.k, &tmap_out);
+  const int store_mode =
+      PickStoreMode<OutT>(L::kBytesD > 0, args.out, args.c,
+                          static_cast<int64_t>(args.grp.num_groups) * args.n, args.k, &tmap_out);
   const int64_t num_tiles = static_cast<int64_t>(args.grp.num_groups) *
                             ((args.n + BM - 1) / BM) * ((args.k + BN - 1) / BN);
   if (num_tiles > INT32_MAX) {
